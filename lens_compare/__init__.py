@@ -1,0 +1,38 @@
+"""lens_compare: what supervised fine-tuning did to a model's residual stream, layer by layer.
+
+>>> import lens_compare
+>>> result = lens_compare.compare("smollm2-sanity", prompts=["Hello"])   # doctest: +SKIP
+>>> result.summary(); result.to_dataframe()                             # doctest: +SKIP
+"""
+
+from lens_compare.api import compare
+from lens_compare.capture import ResidualStates
+from lens_compare.config import RunConfig
+from lens_compare.errors import (
+    CaptureError,
+    ConfigError,
+    HardwareError,
+    LensCompareError,
+    ModelLoadError,
+    PairError,
+    TokenizationError,
+)
+from lens_compare.pairs import PairSpec, builtin_pairs, get_pair
+from lens_compare.result import ComparisonResult
+
+__all__ = [
+    "CaptureError",
+    "ComparisonResult",
+    "ConfigError",
+    "HardwareError",
+    "LensCompareError",
+    "ModelLoadError",
+    "PairError",
+    "PairSpec",
+    "ResidualStates",
+    "RunConfig",
+    "TokenizationError",
+    "builtin_pairs",
+    "compare",
+    "get_pair",
+]

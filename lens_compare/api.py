@@ -1,0 +1,51 @@
+"""The notebook entry point: ``lens_compare.compare``."""
+
+from collections.abc import Sequence
+
+from lens_compare.compare import run_comparison
+from lens_compare.config import RunConfig
+from lens_compare.result import ComparisonResult
+
+
+def compare(
+    pair: str | None = None,
+    prompts: Sequence[str] | str = (),
+    *,
+    base: str | None = None,
+    sft: str | None = None,
+    tokens: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    layers: Sequence[int] | None = None,
+    skip_first: int = 0,
+    chat_template: str = "none",
+    include_first_token: bool = False,
+    batch_size: int = 8,
+    strategy: str = "auto",
+    filler_text: str | None = None,
+    keep_residuals: bool = False,
+    check_memory: bool = True,
+) -> ComparisonResult:
+    """Compare a base model and its SFT sibling on ``prompts``; nothing is written to disk.
+
+    >>> result = lens_compare.compare("smollm2-sanity", prompts=["The capital of France is"])
+    >>> result.summary().query("metric == 'cosine'")      # doctest: +SKIP
+    >>> result.to_dataframe()                               # doctest: +SKIP
+
+    ``check_memory`` asks the hardware planner first and refuses a run whose
+    weights cannot fit on this machine (instead of failing halfway through loading).
+    """
+    config = RunConfig.from_dict({
+        key: value for key, value in {
+            "pair": pair, "base_model": base, "sft_model": sft,
+            "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
+            "tokens": tokens, "dtype": dtype, "device": device,
+            "layers": list(layers) if layers is not None else None, "skip_first": skip_first,
+            "chat_template": chat_template, "include_first_token": include_first_token,
+            "batch_size": batch_size, "strategy": strategy, "filler_text": filler_text,
+        }.items() if value is not None
+    })
+    preflight = None
+    if check_memory:
+        from lens_compare.preflight import memory_preflight as preflight
+    return run_comparison(config, preflight=preflight, keep_residuals=keep_residuals)

@@ -1,0 +1,86 @@
+"""Capture every residual state of one model, for all prompts, with ``run_with_cache``.
+
+Only the hooks of the distinct states are cached (``names_filter``), never the
+full cache: attention patterns would dominate memory. States land on the CPU in
+the model's dtype as soon as each hook fires.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lens_compare.errors import CaptureError
+from lens_compare.hooks import HookKind, state_hook_name, state_index
+
+
+@dataclass(frozen=True)
+class ResidualStates:
+    """One model's distinct residual states; ``resid_pre``/``resid_post`` are views.
+
+    ``states[i]`` is the state index held in ``values[i]`` (state ``s`` is the input of
+    block ``s``; state ``n_layers`` is the output of the last block). Padding
+    positions hold zeros.
+    """
+
+    n_layers: int
+    states: tuple[int, ...]
+    values: Float[Tensor, "state prompt pos d_model"]
+
+    def view(self, kind: HookKind, layer: int) -> Float[Tensor, "prompt pos d_model"]:
+        state = state_index(kind, layer)
+        if state not in self.states:
+            raise CaptureError(f"{kind} of layer {layer} was not captured (states held: {self.states})")
+        return self.values[self.states.index(state)]
+
+    def resid_pre(self, layer: int) -> Float[Tensor, "prompt pos d_model"]:
+        return self.view("resid_pre", layer)
+
+    def resid_post(self, layer: int) -> Float[Tensor, "prompt pos d_model"]:
+        return self.view("resid_post", layer)
+
+
+def capture_states(
+    bridge,
+    token_ids: Int[Tensor, "prompt pos"],
+    mask: Bool[Tensor, "prompt pos"],
+    states: tuple[int, ...],
+    *,
+    batch_size: int,
+    label: str,
+) -> ResidualStates:
+    """Run all prompts through ``bridge`` in right-padded batches and keep ``states``."""
+    n_layers = bridge.cfg.n_layers
+    if not states or max(states) > n_layers or min(states) < 0:
+        raise CaptureError(f"{label}: states {states} outside 0..{n_layers}")
+    names = [state_hook_name(n_layers, state) for state in states]
+    device = next(bridge.parameters()).device
+    n_prompts, width = token_ids.shape
+    values: Tensor | None = None
+    batches = range(0, n_prompts, batch_size)
+    with torch.no_grad():
+        for start in tqdm(batches, desc=f"capture {label}", unit="batch", leave=False):
+            stop = min(start + batch_size, n_prompts)
+            batch_mask = mask[start:stop]
+            batch_width = int(batch_mask.sum(dim=1).max())
+            _, cache = bridge.run_with_cache(
+                token_ids[start:stop, :batch_width].to(device),
+                attention_mask=batch_mask[:, :batch_width].long().to(device),
+                names_filter=names,
+                return_cache_object=False,
+                device="cpu",
+            )
+            missing = [name for name in names if name not in cache]
+            if missing:
+                raise CaptureError(f"{label}: hooks did not fire: {missing}")
+            if values is None:
+                d_model = cache[names[0]].shape[-1]
+                values = torch.zeros(
+                    (len(states), n_prompts, width, d_model), dtype=cache[names[0]].dtype
+                )
+            for row, name in enumerate(names):
+                values[row, start:stop, :batch_width] = cache[name]
+    values[:, ~mask] = 0
+    return ResidualStates(n_layers=n_layers, states=states, values=values)

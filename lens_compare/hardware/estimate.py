@@ -1,0 +1,79 @@
+"""Everything the planner knows about one model of a pair, computed once from its config."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from lens_compare.hardware.architecture import Architecture
+from lens_compare.hardware.params import ParamCount, block_groups, count_params, model_groups
+from lens_compare.hardware.precision import PRECISIONS, WeightBytes, weight_bytes
+from lens_compare.hardware.run_memory import ModelRunTerms, Workload, model_run_terms
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """How the weights are stored on disk: ``precision`` is a PRECISIONS name or ``gguf``."""
+
+    precision: str
+    fp8_block: tuple[int, int] | None = None
+    gguf_file_bytes: int = 0
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelEstimate:
+    ref: str
+    arch: Architecture
+    params: ParamCount
+    checkpoint: Checkpoint
+    dtype: str
+    # Weight precision for 'resident' and 'sequential' (the activation dtype, or fp8).
+    precision: str
+    weights: dict[str, WeightBytes]
+    largest_block: dict[str, WeightBytes]
+    terms: ModelRunTerms
+
+    @property
+    def disk_gib(self) -> float:
+        if self.checkpoint.precision == "gguf":
+            return self.checkpoint.gguf_file_bytes / 2**30
+        return self.weights[self.checkpoint.precision].gib
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "model_type": self.arch.model_type,
+            "params": self.params.to_dict(),
+            "checkpoint_precision": self.checkpoint.precision,
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "weights_gib": {p: w.gib for p, w in self.weights.items()},
+            "run_gib": self.terms.to_dict(),
+        }
+
+
+def estimate_model(
+    ref: str, arch: Architecture, checkpoint: Checkpoint, dtype: str, precision: str,
+    workload: Workload, *, nf4_double_quant: bool = False,
+) -> ModelEstimate:
+    params = count_params(arch)
+    groups = model_groups(arch)
+    block = max(
+        (block_groups(arch, 1, moe) for moe in {False, arch.rule.moe}),
+        key=lambda gs: sum(g.numel for g in gs),
+    )
+    # Without a block size an FP8 checkpoint scales per output row (fbgemm).
+    fp8_block = checkpoint.fp8_block if checkpoint.precision == "fp8" else (128, 128)
+    kw = dict(fp8_block=fp8_block, nf4_double_quant=nf4_double_quant)
+    return ModelEstimate(
+        ref=ref,
+        arch=arch,
+        params=params,
+        checkpoint=checkpoint,
+        dtype=dtype,
+        precision=precision,
+        weights={p: weight_bytes(groups, p, **kw) for p in PRECISIONS},
+        largest_block={p: weight_bytes(block, p, **kw) for p in PRECISIONS},
+        terms=model_run_terms(
+            arch, dtype, workload, params=params.total, gguf_file_bytes=checkpoint.gguf_file_bytes
+        ),
+    )

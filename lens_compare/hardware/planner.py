@@ -1,0 +1,330 @@
+"""The plan: what a pair needs, every strategy on the machine at hand, and the choice.
+
+>>> plan = plan_pair("qwen7b", tokens=250, gpu="A100 80GB")
+>>> plan.strategy, plan.strategies["resident"].min_gpus
+('resident', 1)
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from lens_compare.errors import ConfigError, HardwareError
+from lens_compare.hardware.architecture import architecture_from_config
+from lens_compare.hardware.estimate import ModelEstimate, estimate_model
+from lens_compare.hardware.gpus import gpu_catalog
+from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE, Machine, catalog_machine, detect_machine
+from lens_compare.hardware.precision import check_precision
+from lens_compare.hardware.run_memory import Workload, skip_savings_gib
+from lens_compare.hardware.sources import ModelSource, checkpoint_of, pair_sources, resolve_source
+from lens_compare.hardware.strategies import (
+    STRATEGIES,
+    StrategyResult,
+    evaluate,
+    min_gpus_anywhere,
+)
+from lens_compare.pairs import get_pair
+
+NF4_CAVEAT = (
+    "nf4: 4-bit weights change the residual stream itself, so NF4 base-vs-SFT drift must be "
+    "read against an NF4-vs-bf16 noise floor of the same model (not measured by the planner)."
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    pair: str | None
+    base: ModelEstimate
+    sft: ModelEstimate
+    workload: Workload
+    machine: Machine
+    strategies: dict[str, StrategyResult]
+    strategy: str | None
+    beyond_one_machine: dict[str, int | None] | None
+    cheapest: dict[str, Any] | None
+    notes: tuple[str, ...]
+
+    @property
+    def chosen(self) -> StrategyResult | None:
+        return self.strategies[self.strategy] if self.strategy else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema": "lens_compare.plan/1",
+            "pair": self.pair,
+            "base": self.base.ref,
+            "sft": self.sft.ref,
+            "tokens": self.workload.tokens,
+            "batch": self.workload.batch,
+            "dtype": {"base": self.base.dtype, "sft": self.sft.dtype},
+            "base_params": self.base.params.total,
+            "sft_params": self.sft.params.total,
+        }
+        for side, m in (("base", self.base), ("sft", self.sft)):
+            if m.arch.rule.moe:
+                out[f"{side}_active_params"] = m.params.active
+            if m.params.mtp:
+                out[f"{side}_mtp_params"] = m.params.mtp
+        out["weights_gib"] = {
+            side: {p: round(w.gib, 4) for p, w in m.weights.items()}
+            for side, m in (("base", self.base), ("sft", self.sft))
+        }
+        out["run_gib"] = {
+            side: {k: round(v, 5) for k, v in m.terms.to_dict().items()}
+            for side, m in (("base", self.base), ("sft", self.sft))
+        }
+        out["strategies"] = {name: r.to_dict() for name, r in self.strategies.items()}
+        out["strategy"] = self.strategy
+        out["gpus"] = {**self.machine.to_dict()}
+        out["beyond_one_machine"] = self.beyond_one_machine
+        out["cheapest"] = self.cheapest
+        out["notes"] = list(self.notes)
+        return out
+
+    def explain(self) -> str:
+        """The plan as text: params, weights, run terms, each strategy, the choice."""
+        lines = [f"pair: {self.pair or '-'}  ({self.base.ref} vs {self.sft.ref})",
+                 f"workload: {self.workload.tokens} tokens x {self.workload.batch} prompt(s)",
+                 f"machine: {self.machine.label}"]
+        for side, m in (("base", self.base), ("sft", self.sft)):
+            active = f", {m.params.active / 1e9:.2f}B active" if m.arch.rule.moe else ""
+            mtp = f" (+{m.params.mtp / 1e9:.2f}B MTP in the checkpoint, not loaded)" if m.params.mtp else ""
+            lines.append(
+                f"{side}: {m.arch.model_type}, {m.params.total:,} params{active}{mtp}; "
+                f"weights {m.weights[m.precision].gib:.2f} GiB in {m.precision} "
+                f"(bf16 {m.weights['bfloat16'].gib:.2f}, fp8 {m.weights['fp8'].gib:.2f}, "
+                f"nf4 {m.weights['nf4'].gib:.2f})"
+            )
+            t = m.terms
+            lines.append(
+                f"  run terms (GiB, {m.dtype}): residuals {t.residuals:.4f}, metrics upcast "
+                f"{t.metrics_upcast:.4f}, logits {t.logits:.4f}, attention {t.attention_scores:.4f}, "
+                f"activations {t.activations:.4f}, load transient {t.load_transient:.4f}"
+            )
+        for name, r in self.strategies.items():
+            mark = "fits" if r.fits else "does not fit"
+            detail = r.reason or f"peak {r.peak_gib_per_gpu:.2f} GiB/device, headroom {r.headroom_gib:.2f}"
+            extra = f"; min GPUs {r.min_gpus}" if r.min_gpus else "; no count on one machine suffices"
+            cost = f", ~${r.est_cost_usd:.4f}" if r.est_cost_usd is not None else ""
+            secs = f", ~{r.est_seconds:.0f} s{cost}" if r.est_seconds is not None else ""
+            lines.append(f"  {name:<10} [{r.precision}] {mark}: {detail}{extra}{secs}")
+        if self.strategy:
+            lines.append(f"chosen: {self.strategy} on {self.machine.label}")
+        else:
+            lines.append(f"nothing fits on {self.machine.label}")
+        if self.beyond_one_machine:
+            need = ", ".join(f"{n if n else '>4096'} GPUs in {p}" for p, n in self.beyond_one_machine.items())
+            lines.append(f"beyond one machine of {self.machine.device_name}: resident needs {need}")
+        if self.cheapest:
+            c = self.cheapest
+            lines.append(f"cheapest priced choice: {c['count']}x {c['gpu']} ({c['strategy']}), "
+                         f"~{c['est_seconds']:.0f} s, ~${c['est_cost_usd']:.4f} per run")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _default_precision(source: ModelSource, dtype: str, machine: Machine, explicit: bool) -> str:
+    if explicit:
+        return dtype
+    if source.checkpoint.precision == "fp8" and machine.gpu is not None and machine.gpu.fp8:
+        return "fp8"
+    return dtype
+
+
+def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: Workload,
+           chosen: StrategyResult | None) -> list[str]:
+    notes = [NF4_CAVEAT]
+    for m in (base, sft):
+        if m.checkpoint.precision == "fp8" and m.precision != "fp8":
+            notes.append(
+                f"{m.ref} ships FP8 weights (block scales); {machine.device_name} "
+                f"{'has no FP8 support, so they' if machine.gpu and not machine.gpu.fp8 else 'weights'} "
+                f"are dequantized to {m.precision} at load."
+            )
+        if m.arch.rule.moe:
+            notes.append(
+                f"{m.ref}: bitsandbytes quantizes nn.Linear only; the fused routed-expert tensors "
+                "(most of the parameters) stay 16-bit under nf4."
+            )
+        if m.checkpoint.note:
+            notes.append(f"{m.ref}: {m.checkpoint.note}")
+    if machine.gpu is not None and not machine.gpu.bf16 and "bfloat16" in (base.dtype, sft.dtype):
+        notes.append(f"{machine.gpu.name} has no bf16 tensor cores; prefer --dtype float16 (same memory).")
+    half = base.arch.n_layers // 2
+    saved = skip_savings_gib(base.terms, base.arch, half) + skip_savings_gib(sft.terms, sft.arch, half)
+    if chosen is not None:
+        share = 100 * saved / max(chosen.peak_gib_per_gpu, 1e-9)
+        notes.append(
+            f"skipping capture of the first {half} layers saves only {saved:.4f} GiB "
+            f"({share:.2f}% of the {chosen.peak_gib_per_gpu:.2f} GiB peak): not a fix for weights that do not fit."
+        )
+    if machine.kind == "cuda" and not machine.detected:
+        notes.append(
+            f"host RAM assumed {machine.host_ram_gib:.0f} GiB (2x the GPUs' memory); pass --host-ram-gib."
+        )
+    notes.append(
+        "est_seconds: both checkpoints read from local disk at 2 GB/s plus one forward each "
+        "(max of weights/bandwidth and 2 x active params x tokens at 40% of dense peak); "
+        "cost = GPUs x hourly price x seconds, prices from the seed's notes."
+    )
+    return notes
+
+
+def _cheapest(models: tuple[ModelEstimate, ...], tokens: int, requested: Machine) -> dict[str, Any] | None:
+    best = None
+    for gpu in gpu_catalog().values():
+        if gpu.price_per_hour is None:
+            continue
+        machine = catalog_machine(gpu.name, 1)
+        for name in STRATEGIES:
+            precision = "nf4" if name == "nf4" else None
+            count = evaluate(name, models, precision, machine, tokens).min_gpus
+            if count is None:
+                continue
+            result = evaluate(name, models, precision, machine.with_count(count), tokens)
+            if result.est_cost_usd is not None and (best is None or result.est_cost_usd < best["est_cost_usd"]):
+                best = {"gpu": gpu.name, "count": count, "strategy": name,
+                        "est_seconds": result.est_seconds, "est_cost_usd": result.est_cost_usd}
+            break
+    return best
+
+
+def plan_models(
+    base: ModelSource,
+    sft: ModelSource,
+    workload: Workload,
+    machine: Machine,
+    *,
+    precision: str | None = None,
+    strategy: str | None = None,
+    pair: str | None = None,
+    with_cheapest: bool = True,
+) -> Plan:
+    """Plan two resolved models; ``precision`` forces the weights of resident/sequential."""
+    if precision is not None:
+        check_precision(precision)
+        if precision == "nf4":
+            raise ConfigError("--dtype nf4 is a strategy, not a precision: use --strategy nf4")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    estimates = []
+    for source, dtype in ((base, workload.base_dtype), (sft, workload.sft_dtype)):
+        arch = architecture_from_config(source.config)
+        chosen_precision = _default_precision(source, precision or dtype, machine, precision is not None)
+        if chosen_precision == "fp8" and machine.gpu is not None and not machine.gpu.fp8:
+            chosen_precision = "bfloat16"
+        estimates.append(estimate_model(source.ref, arch, source.checkpoint, dtype, chosen_precision, workload))
+    models = tuple(estimates)
+    results = {
+        name: evaluate(name, models, "nf4" if name == "nf4" else None, machine, workload.tokens)
+        for name in STRATEGIES
+    }
+    order = [strategy] if strategy else list(STRATEGIES)
+    chosen = next((n for n in order if results[n].fits), None)
+    beyond = None
+    if machine.kind == "cuda" and all(r.min_gpus is None for r in results.values()):
+        beyond = {}
+        for p in ("bfloat16", "fp8", "nf4"):
+            if p == "fp8" and machine.gpu is not None and not machine.gpu.fp8:
+                continue
+            forced = p if p != models[0].precision or p != models[1].precision else None
+            beyond[p] = min_gpus_anywhere(models, forced or p, machine)
+    return Plan(
+        pair=pair,
+        base=models[0],
+        sft=models[1],
+        workload=workload,
+        machine=machine,
+        strategies=results,
+        strategy=chosen,
+        beyond_one_machine=beyond,
+        cheapest=_cheapest(models, workload.tokens, machine) if with_cheapest else None,
+        notes=tuple(_notes(models[0], models[1], machine, workload, results[chosen] if chosen else None)),
+    )
+
+
+def sources_for(pair: str | None = None, base: str | None = None, sft: str | None = None,
+                base_config: Any = None, sft_config: Any = None) -> tuple[ModelSource, ModelSource]:
+    """Resolve what the caller has: loaded configs win, then refs, then the pair's entry."""
+    spec = get_pair(pair) if pair else None
+    if spec is not None:
+        base, sft = base or spec.base, sft or spec.sft
+    if base is None or sft is None:
+        raise ConfigError("name a pair (--pair KEY) or both models (--base REF --sft REF)")
+    if base_config is not None and sft_config is not None:
+        return (ModelSource(base, base_config, checkpoint_of(base_config)),
+                ModelSource(sft, sft_config, checkpoint_of(sft_config)))
+    if spec is not None and (base, sft) == (spec.base, spec.sft):
+        return pair_sources(spec)
+    return resolve_source(base), resolve_source(sft)
+
+
+def _workload(pair: str | None, tokens: int, batch: int, dtype: str | None,
+              base_dtype: str | None, sft_dtype: str | None, states: int | None) -> Workload:
+    spec = get_pair(pair) if pair else None
+    default = dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+    return Workload(
+        tokens=tokens,
+        batch=batch,
+        base_dtype=base_dtype or (spec.base_dtype if spec and spec.base_dtype else default),
+        sft_dtype=sft_dtype or (spec.sft_dtype if spec and spec.sft_dtype else default),
+        states=states,
+    )
+
+
+def plan_pair(
+    pair: str | None = None,
+    *,
+    base: str | None = None,
+    sft: str | None = None,
+    tokens: int = 250,
+    batch: int = 1,
+    gpu: str = "H100 SXM 80GB",
+    count: int = 1,
+    dtype: str | None = None,
+    strategy: str | None = None,
+    host_ram_gib: float | None = None,
+    states: int | None = None,
+    machine: Machine | None = None,
+    with_cheapest: bool = True,
+) -> Plan:
+    """Plan a registered pair (or two model refs) for ``count`` GPUs of type ``gpu``."""
+    machine = machine or catalog_machine(gpu, count, host_ram_gib)
+    workload = _workload(pair, tokens, batch, dtype, None, None, states)
+    precision = dtype if dtype in ("float32", "bfloat16", "float16", "fp8") else None
+    b, s = sources_for(pair, base, sft)
+    return plan_models(b, s, workload, machine, precision=precision, strategy=strategy,
+                       pair=pair, with_cheapest=with_cheapest)
+
+
+def plan_for_machine(
+    pair: str | None = None,
+    *,
+    base: str | None = None,
+    sft: str | None = None,
+    base_config: Any = None,
+    sft_config: Any = None,
+    tokens: int,
+    batch: int = 1,
+    base_dtype: str = "bfloat16",
+    sft_dtype: str = "bfloat16",
+    states: int | None = None,
+    machine: Machine | None = None,
+    strategy: str | None = None,
+) -> Plan:
+    """The plan for this machine (detected unless given); raises HardwareError if nothing fits.
+
+    This is the check ``lens_compare.run`` makes before it loads any weights.
+    """
+    machine = machine or detect_machine()
+    workload = Workload(tokens=tokens, batch=batch, base_dtype=base_dtype, sft_dtype=sft_dtype, states=states)
+    b, s = sources_for(pair, base, sft, base_config, sft_config)
+    plan = plan_models(b, s, workload, machine, strategy=strategy, pair=pair, with_cheapest=False)
+    if plan.strategy is None:
+        raise HardwareError(
+            f"refusing to load: nothing fits on {machine.label}.\n{plan.explain()}"
+        )
+    return plan
+
+
+__all__ = ["MAX_GPUS_PER_MACHINE", "NF4_CAVEAT", "Plan", "plan_for_machine", "plan_models",
+           "plan_pair", "sources_for"]

