@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from lens_compare.compare import run_comparison
+from lens_compare.pipeline import run_comparison
 from lens_compare.config import RunConfig
 from lens_compare.result import ComparisonResult
 

@@ -12,7 +12,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lens_compare.compare import LoadOverrides, run_comparison
+from lens_compare.pipeline import LoadOverrides, run_comparison
 from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.errors import LensCompareError
 from lens_compare.outputs import (

@@ -1,0 +1,140 @@
+"""The CLI end to end on tiny checkpoints, and every bad input's clear, early error."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from lens_compare.metrics import cross_model
+from lens_compare.outputs import write_atomically
+from lens_compare.run import main
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Run in an empty directory so no repository config is picked up."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEV_MODE", raising=False)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def outputs(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*")) if directory.exists() else []
+
+
+def test_run_writes_json_tables_and_residuals(tiny_model_dirs, tmp_path, capsys):
+    model = str(tiny_model_dirs["qwen2"])
+    code, out, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "the quick brown fox",
+                             "--prompt", "hello", "--out", "res", "--parquet", "--csv", "--save-residuals", "-q")
+    assert code == 0, err
+    written = [Path(line) for line in out.split()]
+    suffixes = sorted("".join(p.suffixes[-2:]) if ".tokens" in p.name or ".summary" in p.name else p.suffix
+                      for p in written)
+    assert suffixes == sorted([".json", ".safetensors", ".tokens.parquet", ".summary.parquet",
+                               ".tokens.csv", ".summary.csv"])
+    assert not [p for p in outputs(tmp_path / "res") if p.name.startswith(".")]
+    document = json.loads(next(p for p in written if p.suffix == ".json").read_text())
+    tensors = load_file(str(next(p for p in written if p.suffix == ".safetensors")))
+    assert tensors["base/blocks.0.hook_resid_pre"].shape[:2] == tensors["token_ids"].shape
+    assert torch.equal(tensors["base/blocks.0.hook_resid_post"], tensors["base/blocks.1.hook_resid_pre"])
+    # recompute one aggregate from the saved residuals, independently of the pipeline
+    mask = tensors["attention_mask"].bool().clone()
+    mask[:, 0] = False
+    cm = cross_model(tensors["base/blocks.2.hook_resid_post"], tensors["sft/blocks.2.hook_resid_post"])
+    assert document["resid_post"][2]["base_norm"]["mean"] == pytest.approx(cm.base_norm[mask].double().mean().item())
+    assert document["provenance"]["token_ids"] == [
+        row[: int(m.sum())] for row, m in zip(tensors["token_ids"].tolist(), tensors["attention_mask"])
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pair", "lama8b"], "unknown pair 'lama8b'. Did you mean 'llama8b'"),
+        (["--base", "/nonexistent/model.gguf", "--sft", "/nonexistent/model.gguf"], "does not exist"),
+        (["--base", "./missing_dir", "--sft", "./missing_dir"], "no such file or directory"),
+        (["--pair", "smollm2-sanity", "--prompts-file", "nope.txt"], "prompts file 'nope.txt' does not exist"),
+        (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["--pair", "llama8b", "--layers", "1,x"], "expected comma-separated integers"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_no_output(args, message, tmp_path, capsys):
+    code, out, err = run_cli(capsys, *args, "--prompt", "hi", "--out", "res")
+    assert code == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not [p for p in outputs(tmp_path / "res") if p.is_file()]
+
+
+def test_tokenizer_mismatch_and_long_prompt_fail_before_output(tiny_model_dirs, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dirs["llama"], other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["fox"])
+    tokenizer.save_pretrained(other)
+    base = str(tiny_model_dirs["llama"])
+    code, _, err = run_cli(capsys, "--base", base, "--sft", str(other), "--prompt", "the quick brown fox",
+                           "--out", "res")
+    assert code == 1 and "disagree on prompt 0 at token position" in err
+    code, _, err = run_cli(capsys, "--base", base, "--sft", base, "--prompt", "fox " * 300, "--out", "res")
+    assert code == 1 and "context of 256 tokens" in err
+    assert not [p for p in outputs(tmp_path / "res") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("residual_compare: [unclosed", "is not valid YAML"),
+        ("residual_compare:\n  pair: llama8b\n  dtpye: float32\n", "residual_compare.dtpye: unknown key (did you mean 'dtype'?)"),
+        ("residual_compare:\n  tokens: ten\n", "residual_compare.tokens: expected an integer"),
+        ("other_block: {}\n", "expected exactly one top-level key 'residual_compare'"),
+    ],
+)
+def test_malformed_config_is_refused_with_the_key_path(text, message, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text(text)
+    code, _, err = run_cli(capsys, "--config", "bad.yaml", "--out", "res")
+    assert code == 1 and message in err
+
+
+def test_dev_mode_selects_the_dev_config_and_flags_override(tmp_path, monkeypatch):
+    from lens_compare.run import parse_args, resolve_config
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "dev_config.yaml").write_text(
+        "residual_compare:\n  pair: smollm2-sanity\n  tokens: 10\n  prompts: [a, b]\n")
+    (tmp_path / "configs" / "prod_config.yaml").write_text("residual_compare:\n  pair: llama8b\n")
+    monkeypatch.setenv("DEV_MODE", "true")
+    config = resolve_config(parse_args(["--tokens", "50"]))
+    assert (config.pair, config.tokens, config.prompts) == ("smollm2-sanity", 50, ("a", "b"))
+    overridden = resolve_config(parse_args(["--base", "x/y", "--sft", "x/z"]))
+    assert (overridden.pair, overridden.base_model) == (None, "x/y")
+    monkeypatch.setenv("DEV_MODE", "false")
+    assert resolve_config(parse_args([])).pair == "llama8b"
+
+
+def test_interrupted_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "out" / "result.json"
+
+    def half_then_interrupt(tmp: Path) -> None:
+        tmp.write_text('{"half": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, half_then_interrupt)
+    assert list((tmp_path / "out").iterdir()) == []
+    write_atomically(target, lambda tmp: tmp.write_text("{}"))
+    assert target.read_text() == "{}"
+
+
+def test_list_pairs(capsys):
+    code, out, _ = run_cli(capsys, "--list-pairs")
+    assert code == 0 and "llama8b" in out and "smollm2-dtype" in out

