@@ -60,7 +60,7 @@ def capture_states(
     n_prompts, width = token_ids.shape
     values: Tensor | None = None
     batches = range(0, n_prompts, batch_size)
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in tqdm(batches, desc=f"capture {label}", unit="batch", leave=False):
             stop = min(start + batch_size, n_prompts)
             batch_mask = mask[start:stop]
@@ -76,11 +76,13 @@ def capture_states(
             if missing:
                 raise CaptureError(f"{label}: hooks did not fire: {missing}")
             if values is None:
-                d_model = cache[names[0]].shape[-1]
-                values = torch.zeros(
-                    (len(states), n_prompts, width, d_model), dtype=cache[names[0]].dtype
-                )
+                # A normal tensor (not an inference tensor), so later in-place edits work.
+                with torch.inference_mode(False):
+                    values = torch.zeros(
+                        (len(states), n_prompts, width, cache[names[0]].shape[-1]),
+                        dtype=cache[names[0]].dtype,
+                    )
             for row, name in enumerate(names):
                 values[row, start:stop, :batch_width] = cache[name]
-    values[:, ~mask] = 0
+        values[:, ~mask] = 0
     return ResidualStates(n_layers=n_layers, states=states, values=values)
