@@ -54,3 +54,14 @@ def test_user_pairs_from_yaml(tmp_path):
     message = str(error.value)
     assert "pairs.mine.sfft: unknown key (did you mean 'sft'?)" in message
     assert "pairs.mine.sft: missing" in message and "base_dtype: 'fp8'" in message
+
+
+def test_hub_ids_take_the_real_loading_path_and_fail_clearly_offline():
+    """HF_HUB_OFFLINE=1 (conftest): the hub code path runs but never reaches the network."""
+    from lens_compare.errors import ModelLoadError
+    from lens_compare.loading import load_config, resolve_ref
+
+    ref = resolve_ref("Qwen/Qwen2.5-0.5B")
+    assert (ref.kind, ref.location) == ("hub", "Qwen/Qwen2.5-0.5B")
+    with pytest.raises(ModelLoadError, match="network access"):
+        load_config(ref)
