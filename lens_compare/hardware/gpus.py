@@ -41,6 +41,10 @@ def _facts() -> dict[str, Any]:
     )
 
 
+def _optional_float(value: int | float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 @cache
 def gpu_catalog() -> dict[str, GpuType]:
     raw = json.loads(resources.files("lens_compare.data").joinpath("gpus.json").read_text())
@@ -56,13 +60,13 @@ def gpu_catalog() -> dict[str, GpuType]:
             usable = entry["memory_GB"] * 1e9 / GIB
         catalog[name] = GpuType(
             name=name,
-            memory_gb=entry["memory_GB"],
+            memory_gb=float(entry["memory_GB"]),
             usable_gib=float(usable),
             bandwidth_gbps=float(entry["bandwidth_GBps"]),
             bf16=bool(entry.get("bf16_native", False)),
             fp8=bool(entry.get("fp8", False)),
-            dense_tflops=facts["dense_tflops_16bit"].get(name),
-            price_per_hour=facts["prices_usd_per_hour"].get(name),
+            dense_tflops=_optional_float(facts["dense_tflops_16bit"].get(name)),
+            price_per_hour=_optional_float(facts["prices_usd_per_hour"].get(name)),
         )
     return catalog
 

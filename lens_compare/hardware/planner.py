@@ -133,7 +133,7 @@ def _default_precision(source: ModelSource, dtype: str, machine: Machine, explic
 def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: Workload,
            chosen: StrategyResult | None) -> list[str]:
     notes = [NF4_CAVEAT]
-    for m in (base, sft):
+    for m in (base, sft) if base.ref != sft.ref and base.checkpoint != sft.checkpoint else (base,):
         if m.checkpoint.precision == "fp8" and m.precision != "fp8":
             notes.append(
                 f"{m.ref} ships FP8 weights (block scales); {machine.device_name} "
@@ -166,7 +166,7 @@ def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: 
         "(max of weights/bandwidth and 2 x active params x tokens at 40% of dense peak); "
         "cost = GPUs x hourly price x seconds, prices from the seed's notes."
     )
-    return notes
+    return list(dict.fromkeys(notes))
 
 
 def _cheapest(models: tuple[ModelEstimate, ...], tokens: int, requested: Machine) -> dict[str, Any] | None:
@@ -221,13 +221,13 @@ def plan_models(
     order = [strategy] if strategy else list(STRATEGIES)
     chosen = next((n for n in order if results[n].fits), None)
     beyond = None
-    if machine.kind == "cuda" and all(r.min_gpus is None for r in results.values()):
+    if machine.kind == "cuda" and results["resident"].min_gpus is None:
+        # Both models resident needs more GPUs than one machine has: say how many, per precision.
         beyond = {}
         for p in ("bfloat16", "fp8", "nf4"):
             if p == "fp8" and machine.gpu is not None and not machine.gpu.fp8:
                 continue
-            forced = p if p != models[0].precision or p != models[1].precision else None
-            beyond[p] = min_gpus_anywhere(models, forced or p, machine)
+            beyond[p] = min_gpus_anywhere(models, p, machine)
     return Plan(
         pair=pair,
         base=models[0],
@@ -305,6 +305,7 @@ def plan_for_machine(
     sft_config: Any = None,
     tokens: int,
     batch: int = 1,
+    forward_batch: int | None = None,
     base_dtype: str = "bfloat16",
     sft_dtype: str = "bfloat16",
     states: int | None = None,
@@ -316,7 +317,8 @@ def plan_for_machine(
     This is the check ``lens_compare.run`` makes before it loads any weights.
     """
     machine = machine or detect_machine()
-    workload = Workload(tokens=tokens, batch=batch, base_dtype=base_dtype, sft_dtype=sft_dtype, states=states)
+    workload = Workload(tokens=tokens, batch=batch, base_dtype=base_dtype, sft_dtype=sft_dtype,
+                        states=states, forward_batch=forward_batch)
     b, s = sources_for(pair, base, sft, base_config, sft_config)
     plan = plan_models(b, s, workload, machine, strategy=strategy, pair=pair, with_cheapest=False)
     if plan.strategy is None:

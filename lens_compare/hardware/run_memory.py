@@ -1,16 +1,21 @@
 """Memory a comparison run needs on top of the weights, term by term, per model.
 
-Terms (bytes; B = prompts, T = tokens, S = residual states captured, at most L+1):
+Terms (bytes; B = prompts, b = prompts per forward pass (``forward_batch``, at most B),
+T = tokens, S = residual states captured, at most L+1):
 - ``residuals``: S x B x T x d_model x activation bytes, held until both models ran.
-- ``metrics_upcast``: float32 copies of both models' residuals while the metrics run
-  (zero when the model already runs in float32: ``.float()`` returns the same tensor).
-- ``logits``: B x T x vocab in the activation dtype plus its float32 upcast.
-- ``attention_scores``: eager attention's B x heads x T^2 scores, float32 softmax and
+- ``metrics_upcast``: the metrics run one residual state at a time: float32 copies of
+  both models' state plus their difference (3 x B x T x d_model x 4), and the float32
+  per-token metric tensors (10 metrics x S x B x T x 4 per state, twice that again for
+  the two hook views); split evenly between the two models.
+- ``logits``: b x T x vocab in the activation dtype plus its float32 upcast.
+- ``attention_scores``: eager attention's b x heads x T^2 scores, float32 softmax and
   cast back, for one layer at a time.
 - ``activations``: one block's working set (q/k/v, 4 x d_model, 3 x MLP width).
-- ``load_transient``: GGUF checkpoints are dequantized to float32 before they are
-  cast; measured on SmolLM2-135M (CPU, peak RSS) at 0.74 x the float32 parameter
-  bytes, plus the memory-mapped file itself. Safetensors load shard by shard: 0.
+- ``load_transient``: GGUF checkpoints are dequantized to float32 tensor by tensor
+  before they are cast: the memory-mapped file plus ``GGUF_DEQUANT_FACTOR`` x the
+  float32 parameter bytes, a factor fitted on one measurement (smollm2-sanity, CPU,
+  peak RSS increase; benchmarks/bench_planner_memory.py) and checked on smollm2-dtype.
+  Safetensors load shard by shard: 0 (not measured).
 - ``context``: CUDA context and cuBLAS workspace per GPU, 0.5 GiB (the usual
   nvidia-smi figure; not measured here). 0 on the CPU, where the Python/torch baseline
   is excluded by measuring the increase.
@@ -27,7 +32,7 @@ from lens_compare.hardware.units import DTYPE_BYTES, gib
 
 CUDA_CONTEXT_GIB = 0.5
 MARGIN = 0.05
-GGUF_DEQUANT_FACTOR = 0.74
+GGUF_DEQUANT_FACTOR = 0.3
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class Workload:
     sft_dtype: str = "bfloat16"
     # Residual states captured per model; None means all L+1.
     states: int | None = None
+    # Prompts per forward pass (the run's batch_size); None means all ``batch`` at once.
+    forward_batch: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -48,8 +55,10 @@ class Workload:
         for name in ("base_dtype", "sft_dtype"):
             if getattr(self, name) not in DTYPE_BYTES:
                 problems.append(f"{name}={getattr(self, name)!r} (expected one of {', '.join(DTYPE_BYTES)})")
-        if self.states is not None and (not isinstance(self.states, int) or self.states < 1):
-            problems.append(f"states={self.states!r} (expected a whole number >= 1 or None)")
+        for name in ("states", "forward_batch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.append(f"{name}={value!r} (expected a whole number >= 1 or None)")
         if problems:
             raise ConfigError("invalid workload: " + "; ".join(problems))
 
@@ -87,6 +96,8 @@ def model_run_terms(
 ) -> ModelRunTerms:
     act = DTYPE_BYTES[dtype]
     bt = workload.batch * workload.tokens
+    forward_batch = min(workload.forward_batch or workload.batch, workload.batch)
+    forward_bt = forward_batch * workload.tokens
     states = min(workload.states or arch.n_layers + 1, arch.n_layers + 1)
     residual_bytes = states * bt * arch.d_model * act
     width = arch.d_mlp
@@ -98,10 +109,10 @@ def model_run_terms(
         load = GGUF_DEQUANT_FACTOR * params * 4 + gguf_file_bytes
     return ModelRunTerms(
         residuals=gib(residual_bytes),
-        metrics_upcast=0.0 if act == 4 else gib(states * bt * arch.d_model * 4),
-        logits=gib(bt * arch.vocab_size * (act + 4)),
-        attention_scores=gib(workload.batch * arch.n_heads * workload.tokens**2 * (2 * act + 4)),
-        activations=gib(bt * (4 * arch.d_model + 3 * width + heads_dim) * act),
+        metrics_upcast=gib((3 * bt * arch.d_model * 4 + 30 * states * bt * 4) / 2),
+        logits=gib(forward_bt * arch.vocab_size * (act + 4)),
+        attention_scores=gib(forward_batch * arch.n_heads * workload.tokens**2 * (2 * act + 4)),
+        activations=gib(forward_bt * (4 * arch.d_model + 3 * width + heads_dim) * act),
         load_transient=gib(load),
     )
 

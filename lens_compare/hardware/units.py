@@ -10,6 +10,6 @@ GIB = 2**30
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def gib(n_bytes: float) -> float:
+def gib(n_bytes: int | float) -> float:
     """Bytes to GiB."""
     return n_bytes / GIB

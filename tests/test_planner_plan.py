@@ -1,0 +1,198 @@
+"""Weights per precision, run terms, strategy choice, GPU names, bad input, CLI output."""
+
+import json
+import math
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+
+from lens_compare.errors import ConfigError, HardwareError, PairError
+from lens_compare.hardware import (
+    Machine,
+    Workload,
+    architecture_from_config,
+    catalog_machine,
+    plan_for_machine,
+    plan_pair,
+    resolve_gpu,
+    weight_bytes,
+)
+from lens_compare.hardware.params import TensorGroup, model_groups
+from lens_compare.hardware.run_memory import model_run_terms
+from lens_compare.hardware.sources import model_configs
+from lens_compare.plan import main
+
+QWEN7B = model_configs()["Qwen/Qwen2.5-7B"]
+
+
+def test_dense_precisions_scale_with_width():
+    groups = model_groups(architecture_from_config(QWEN7B))
+    n = sum(g.numel for g in groups)
+    assert weight_bytes(groups, "float32").total == 4 * n
+    assert weight_bytes(groups, "bfloat16").total == weight_bytes(groups, "float16").total == 2 * n
+
+
+def test_nf4_constants_with_and_without_double_quant():
+    g = [TensorGroup("w", "linear", (4096, 4096), copies=2)]
+    blocks = 4096 * 4096 // 64
+    assert weight_bytes(g, "nf4").total == 2 * (4096 * 4096 // 2 + 4 * blocks)
+    dq = 2 * (4096 * 4096 // 2 + blocks + 4 * math.ceil(blocks / 256))
+    assert weight_bytes(g, "nf4", nf4_double_quant=True).total == dq
+    # Embeddings, norms, biases and experts stay 16-bit.
+    others = [TensorGroup("e", "embedding", (10, 8)), TensorGroup("x", "experts", (2, 4, 8))]
+    assert weight_bytes(others, "nf4").total == 2 * (80 + 64)
+
+
+def test_fp8_block_and_row_scales():
+    g = [TensorGroup("w", "linear", (300, 200))]
+    assert weight_bytes(g, "fp8", fp8_block=(128, 128)).total == 300 * 200 + 3 * 2 * 4
+    assert weight_bytes(g, "fp8", fp8_block=None).total == 300 * 200 + 300 * 4
+    assert weight_bytes([TensorGroup("n", "norm", (7,))], "fp8").total == 14
+
+
+def test_unknown_precision():
+    with pytest.raises(ConfigError, match="unknown precision 'int3'"):
+        weight_bytes([], "int3")
+
+
+def test_run_terms_formulas():
+    arch = architecture_from_config(QWEN7B)
+    t = model_run_terms(arch, "bfloat16", Workload(tokens=100, batch=2), params=1)
+    gib = 2**30
+    assert t.residuals == pytest.approx(29 * 200 * 3584 * 2 / gib)
+    assert t.metrics_upcast == pytest.approx((3 * 200 * 3584 * 4 + 30 * 29 * 200 * 4) / 2 / gib)
+    assert t.logits == pytest.approx(200 * 152064 * (2 + 4) / gib)
+    assert t.attention_scores == pytest.approx(2 * 28 * 100**2 * 8 / gib)
+    chunked = model_run_terms(arch, "bfloat16", Workload(tokens=100, batch=2, forward_batch=1), params=1)
+    assert chunked.residuals == t.residuals
+    assert chunked.logits == pytest.approx(t.logits / 2)
+    assert chunked.attention_scores == pytest.approx(t.attention_scores / 2)
+    fewer = model_run_terms(arch, "bfloat16", Workload(tokens=100, batch=2, states=10), params=1)
+    assert fewer.residuals == pytest.approx(t.residuals * 10 / 29)
+
+
+def test_qwen7b_resident_on_one_80gb_card():
+    plan = plan_pair("qwen7b", tokens=250, gpu="A100 80GB")
+    assert plan.strategy == "resident"
+    r = plan.strategies["resident"]
+    assert r.min_gpus == 1 and r.fits and 0 < r.headroom_gib < 80
+
+
+def test_qwen72b_resident_split_over_four_h100():
+    plan = plan_pair("qwen72b", tokens=100, gpu="h100", count=4)
+    assert plan.strategy == "resident"
+    assert plan.strategies["resident"].min_gpus == 4
+    assert not plan_pair("qwen72b", tokens=100, gpu="h100", count=3).strategies["resident"].fits
+
+
+def test_llama405b_is_beyond_one_machine_in_bf16():
+    plan = plan_pair("llama405b", tokens=250, gpu="h100", count=8)
+    assert plan.strategies["resident"].min_gpus is None
+    weights = 2 * plan.base.weights["bfloat16"].gib
+    assert plan.beyond_one_machine["bfloat16"] >= math.ceil(weights / 79.65)
+    assert plan.beyond_one_machine["bfloat16"] > 8
+    assert "beyond one machine" in plan.explain()
+
+
+def test_deepseek_defaults_to_fp8_where_supported():
+    on_h100 = plan_pair("deepseek-v3", tokens=10, gpu="h100", count=8, with_cheapest=False)
+    on_a100 = plan_pair("deepseek-v3", tokens=10, gpu="a100", count=8, with_cheapest=False)
+    assert on_h100.base.precision == "fp8" and on_a100.base.precision == "bfloat16"
+    assert any("dequantized" in n for n in on_a100.notes)
+    assert on_h100.strategies["resident"].fits is False
+
+
+def test_strategy_order_prefers_sequential_then_nf4():
+    plan = plan_pair("llama8b", tokens=250, gpu="RTX 4090", with_cheapest=False)
+    assert not plan.strategies["resident"].fits
+    assert plan.strategy == "sequential"
+    assert any("noise floor" in n for n in plan.notes)
+
+
+def test_cpu_machine_plan_and_refusal():
+    small = Machine("cpu", 1, 64.0, 64.0)
+    plan = plan_for_machine("qwen0.5b", tokens=50, machine=small)
+    assert plan.strategy == "resident" and plan.strategies["nf4"].fits is False
+    with pytest.raises(HardwareError, match="refusing to load: nothing fits"):
+        plan_for_machine("qwen72b", tokens=50, machine=Machine("cpu", 1, 8.0, 8.0))
+
+
+def test_plan_for_machine_accepts_loaded_configs():
+    plan = plan_for_machine(base="a", sft="b", base_config=QWEN7B, sft_config=QWEN7B, tokens=10,
+                            machine=catalog_machine("a100", 1))
+    assert plan.base.params.total == 7_615_616_512
+
+
+@pytest.mark.parametrize(
+    "alias,key",
+    [("h100", "H100 SXM 80GB"), ("4090", "RTX 4090"), ("a100-40gb", "A100 40GB"),
+     ("RTX 6000 ADA", "RTX 6000 Ada"), ("nvidia geforce rtx 3090", "RTX 3090"), ("t4", "T4")],
+)
+def test_gpu_aliases(alias, key):
+    assert resolve_gpu(alias).name == key
+
+
+def test_device_name_matching():
+    from lens_compare.hardware.gpus import match_device_name
+
+    assert match_device_name("NVIDIA A100-SXM4-40GB", 39.4).name == "A100 40GB"
+    assert match_device_name("NVIDIA A100-SXM4-80GB", 79.1).name == "A100 80GB"
+    assert match_device_name("NVIDIA H100 PCIe", 79.6).name == "H100 PCIe 80GB"
+    assert match_device_name("NVIDIA GeForce RTX 4090", 23.99).name == "RTX 4090"
+    assert match_device_name("Some Future GPU", 10.0) is None
+
+
+def test_bad_input():
+    with pytest.raises(ConfigError, match="Did you mean 'H100"):
+        resolve_gpu("h1000")
+    with pytest.raises(PairError, match="Did you mean"):
+        plan_pair("qwen7")
+    for count in (0, -2):
+        with pytest.raises(ConfigError, match="impossible"):
+            catalog_machine("h100", count)
+    with pytest.raises(ConfigError, match="tokens=0"):
+        Workload(tokens=0)
+    with pytest.raises(ConfigError, match="missing hidden_size"):
+        architecture_from_config({k: v for k, v in QWEN7B.items() if k != "hidden_size"})
+    with pytest.raises(ConfigError, match="no 'model_type'"):
+        architecture_from_config({"hidden_size": 4})
+    with pytest.raises(ConfigError, match="Did you mean 'llama'"):
+        architecture_from_config({"model_type": "lama"})
+
+
+def test_cli_json_keys(capsys):
+    assert main(["--pair", "deepseek-v3", "--tokens", "50", "--gpu", "h100", "--count", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("pair", "base_params", "sft_params", "base_active_params", "weights_gib", "run_gib",
+                "strategies", "strategy", "gpus", "notes"):
+        assert key in out
+    assert set(out["strategies"]) == {"resident", "sequential", "nf4", "cpu"}
+    for entry in out["strategies"].values():
+        for key in ("fits", "min_gpus", "peak_gib_per_gpu", "headroom_gib", "est_seconds", "est_cost_usd"):
+            assert key in entry
+    assert out["gpus"]["type"] == "H100 SXM 80GB" and out["gpus"]["count"] == 8
+
+
+def test_cli_bad_input_exit_code(capsys):
+    assert main(["--pair", "qwen7b", "--gpu", "h1000"]) == 2
+    assert "Did you mean" in capsys.readouterr().err
+    assert main(["--pair", "qwen7b", "--count", "0"]) == 2
+
+
+def test_cli_local_config(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(QWEN7B))
+    assert main(["--config", str(path), "--gpu", "a100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["base_params"] == 7_615_616_512
+
+
+@pytest.mark.slow  # ~1,200 plans: 5 s plain, ~55 s under the beartype hook
+def test_table_renders_18_by_4(capsys):
+    assert main(["--table"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    rows = lines[2:]
+    assert len(rows) == 18
+    assert all(row.count("seed:") == 4 for row in rows)
+    assert all(any(v in row for v in ("fits", "does not fit")) for row in rows)
