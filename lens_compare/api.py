@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 
 from lens_compare.pipeline import run_comparison
+from lens_compare.preflight import memory_preflight
 from lens_compare.config import RunConfig
 from lens_compare.result import ComparisonResult
 
@@ -45,7 +46,5 @@ def compare(
             "batch_size": batch_size, "strategy": strategy, "filler_text": filler_text,
         }.items() if value is not None
     })
-    preflight = None
-    if check_memory:
-        from lens_compare.preflight import memory_preflight as preflight
+    preflight = memory_preflight if check_memory else None
     return run_comparison(config, preflight=preflight, keep_residuals=keep_residuals)

@@ -11,7 +11,7 @@ import difflib
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,6 +107,10 @@ class RunConfig:
             problems.append(f"{path}: give prompts or prompts_file, not both")
         if problems:
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        if self.local_run is not None:
+            from lens_compare.hardware.local_run import LocalRunConfig
+
+            LocalRunConfig.from_dict(self.local_run, f"{path}.local_run")
 
 
 def _type_problem(value: Any, hint: Any) -> str | None:

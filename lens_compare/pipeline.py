@@ -8,7 +8,7 @@ the first checkpoint is loaded.
 import gc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +33,7 @@ from lens_compare.loading import (
 )
 from lens_compare.pairs import get_pair, load_pairs_file
 from lens_compare.per_token import token_metrics
+from lens_compare.preflight import local_run_approval
 from lens_compare.result import ComparisonResult
 from lens_compare.tokens import check_context, tokenize_prompts, untrained_token_ids
 
@@ -163,14 +164,24 @@ def run_comparison(
 ) -> ComparisonResult:
     """Run one comparison as ``config`` describes and return the result (nothing is written).
 
+    When ``config.local_run`` is enabled, the seed's guard runs first and its approved
+    entry's device, dtype, tokenizer and kwargs override the config.
     ``preflight`` gets the plan facts (configs, token counts, dtypes, device,
     layers) before any weights are loaded; it returns the strategy to use
-    (``resident`` or ``sequential``) or raises to refuse the run.
+    (``resident`` or ``sequential``) or raises to refuse the run
+    (``lens_compare.preflight.memory_preflight`` asks the hardware planner).
     """
     overrides = overrides or LoadOverrides()
     pair_label, base, sft, note = resolve_sides(config)
     if note:
         logger.info("pair %s: %s", pair_label, note)
+    approval = local_run_approval(config.local_run, base.ref.spec, sft.ref.spec)
+    if approval is not None:
+        config = config.replace(device=approval.device, dtype=approval.dtype)
+        if approval.dtype:
+            base = replace(base, dtype=approval.dtype)
+            sft = replace(sft, dtype=approval.dtype)
+        overrides = LoadOverrides(approval.tokenizer, approval.tokenizer_kwargs, approval.model_kwargs)
     device = resolve_device(config.device)
     prompts = read_prompts(config)
     cache = _Loaded(overrides)
@@ -189,9 +200,9 @@ def run_comparison(
     strategy = config.strategy
     if preflight is not None:
         strategy = preflight({
-            "base": base, "sft": sft, "configs": configs, "device": device, "layers": layers,
-            "n_prompts": len(tokenized.token_ids), "max_tokens": max(tokenized.lengths),
-            "strategy": config.strategy,
+            "pair": pair_label, "base": base, "sft": sft, "configs": configs, "device": device,
+            "layers": layers, "n_prompts": len(tokenized.token_ids), "max_tokens": max(tokenized.lengths),
+            "batch_size": config.batch_size, "strategy": config.strategy,
         })
     if strategy == "auto":
         strategy = "sequential"

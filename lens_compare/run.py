@@ -12,7 +12,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lens_compare.pipeline import LoadOverrides, run_comparison
+from lens_compare.pipeline import run_comparison
+from lens_compare.preflight import memory_preflight
 from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.errors import LensCompareError
 from lens_compare.outputs import (
@@ -121,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(config.output_dir)
         check_output_dir(out_dir)
         check_export_formats(config.export)
-        from lens_compare.preflight import memory_preflight
-
-        overrides = LoadOverrides()
-        result = run_comparison(config, overrides=overrides, preflight=memory_preflight,
-                                keep_residuals=config.save_residuals)
+        result = run_comparison(config, preflight=memory_preflight, keep_residuals=config.save_residuals)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         stem = out_dir / f"lens_compare_{result.provenance['pair']}_{stamp}"
         for path in write_outputs(result, config, stem):

@@ -1,0 +1,99 @@
+"""The checks made before any weights load: the planner's verdict and the local_run guard."""
+
+import logging
+
+import pytest
+
+import lens_compare
+from lens_compare import pipeline, preflight
+from lens_compare.errors import HardwareError
+from lens_compare.hardware import Machine
+from lens_compare.hardware.local_run import GpuFacts
+from lens_compare.run import main
+
+PROMPTS = ["the quick brown fox", "hello world"]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(pipeline, "load_hf_model", refuse)
+
+
+def test_run_that_cannot_fit_is_refused_before_loading(tiny_model_dirs, monkeypatch, no_weights):
+    monkeypatch.setattr(preflight, "machine_for", lambda device: Machine("cpu", 1, 1e-4, 1e-4))
+    directory = str(tiny_model_dirs["llama"])
+    with pytest.raises(HardwareError, match="refusing to load: nothing fits"):
+        lens_compare.compare(base=directory, sft=directory, prompts=PROMPTS)
+
+
+def test_planner_chooses_the_strategy_and_logs_its_plan(tiny_model_dirs, monkeypatch, caplog):
+    seen = {}
+
+    def spy(facts):
+        seen["strategy"] = preflight.memory_preflight(facts)
+        return seen["strategy"]
+
+    directory = str(tiny_model_dirs["llama"])
+    config = lens_compare.RunConfig(base_model=directory, sft_model=directory, prompts=tuple(PROMPTS))
+    with caplog.at_level(logging.INFO, logger="lens_compare"):
+        result = pipeline.run_comparison(config, preflight=spy)
+    assert result.provenance["strategy"] == seen["strategy"] == "resident"
+    assert "hardware plan" in caplog.text
+
+
+def _local_run_config(tmp_path, base, sft, entry_device="cpu"):
+    path = tmp_path / "local.yaml"
+    path.write_text(
+        "residual_compare:\n"
+        f"  base_model: {base}\n  sft_model: {sft}\n  prompts: [hello world]\n"
+        "  local_run:\n    enabled: true\n    min_vram_gb: 24\n"
+        "    require_gpu_name_substring: '4090'\n    cuda_device_index: 0\n"
+        f"    allowed_pairs:\n      - base: {base}\n        sft: {sft}\n"
+        f"        device: {entry_device}\n        dtype: bfloat16\n"
+    )
+    return path
+
+
+def test_local_run_without_cuda_stops_at_once(tiny_model_dirs, tmp_path, monkeypatch, capsys, no_weights):
+    monkeypatch.chdir(tmp_path)
+    directory = str(tiny_model_dirs["llama"])
+    config = _local_run_config(tmp_path, directory, directory)
+    assert main(["--config", str(config), "--out", "res"]) == 1
+    assert "CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())
+
+
+def test_local_run_rejects_a_pair_not_listed(tiny_model_dirs, tmp_path, monkeypatch, capsys, no_weights):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(preflight, "query_cuda_device",
+                        lambda index: GpuFacts("NVIDIA GeForce RTX 4090", index, 23.99))
+    config = _local_run_config(tmp_path, str(tiny_model_dirs["llama"]), str(tiny_model_dirs["llama"]))
+    other = str(tiny_model_dirs["mistral"])
+    assert main(["--config", str(config), "--base", other, "--sft", other, "--out", "res"]) == 1
+    assert "not in residual_compare.local_run.allowed_pairs" in capsys.readouterr().err
+
+
+def test_approved_local_run_logs_first_and_applies_its_overrides(tiny_model_dirs, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(preflight, "query_cuda_device",
+                        lambda index: GpuFacts("NVIDIA GeForce RTX 4090", index, 23.99))
+    directory = str(tiny_model_dirs["qwen2"])
+    config = lens_compare.config.load_config_file(_local_run_config(tmp_path, directory, directory))
+    with caplog.at_level(logging.INFO, logger="lens_compare"):
+        result = pipeline.run_comparison(config)
+    messages = [record.getMessage() for record in caplog.records]
+    approved = next(i for i, m in enumerate(messages) if m.startswith("Local GPU execution enabled"))
+    first_load = next(i for i, m in enumerate(messages) if m.startswith("loading base model"))
+    assert approved < first_load
+    assert "NVIDIA GeForce RTX 4090" in messages[approved] and "cuda:0" in messages[approved]
+    assert result.provenance["dtype"] == {"base": "bfloat16", "sft": "bfloat16"}
+
+
+def test_malformed_local_run_block_is_refused_with_its_path(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("residual_compare:\n  pair: llama8b\n  local_run:\n    enabled: yes\n    min_vram: 24\n")
+    assert main(["--config", str(path)]) == 1
+    assert "residual_compare.local_run.min_vram" in capsys.readouterr().err
