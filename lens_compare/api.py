@@ -2,9 +2,9 @@
 
 from collections.abc import Sequence
 
+from lens_compare.config import RunConfig
 from lens_compare.pipeline import run_comparison
 from lens_compare.preflight import memory_preflight
-from lens_compare.config import RunConfig
 from lens_compare.result import ComparisonResult
 
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from lens_compare.errors import ConfigError
+from lens_compare.files import read_structured
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Strategy = Literal["auto", "resident", "sequential"]
@@ -155,12 +154,7 @@ def default_config_path() -> Path | None:
 
 def load_config_file(path: str | Path) -> RunConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    data = read_structured(path, "config file", ConfigError)
     if not isinstance(data, dict) or set(data) != {BLOCK}:
         found = list(data) if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"config file {str(path)!r}: expected exactly one top-level key {BLOCK!r}, found {found}")

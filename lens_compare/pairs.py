@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from lens_compare.errors import PairError
+from lens_compare.files import read_structured
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -92,14 +93,7 @@ def parse_pairs(data: Any, source: str) -> dict[str, PairSpec]:
 
 def load_pairs_file(path: str | Path) -> dict[str, PairSpec]:
     """Pairs declared in a user YAML file (same form as the built-in registry)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PairError(f"pairs file {str(path)!r} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise PairError(f"pairs file {str(path)!r} is not valid YAML: {exc}") from None
-    return parse_pairs(data, str(path))
+    return parse_pairs(read_structured(path, "pairs file", PairError), str(path))
 
 
 @cache

@@ -12,8 +12,6 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lens_compare.pipeline import run_comparison
-from lens_compare.preflight import memory_preflight
 from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.errors import LensCompareError
 from lens_compare.outputs import (
@@ -25,6 +23,8 @@ from lens_compare.outputs import (
     write_residuals,
 )
 from lens_compare.pairs import builtin_pairs
+from lens_compare.pipeline import run_comparison
+from lens_compare.preflight import memory_preflight
 
 logger = logging.getLogger("lens_compare")
 

@@ -12,7 +12,12 @@ from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.hardware.architecture import architecture_from_config
 from lens_compare.hardware.estimate import ModelEstimate, estimate_model
 from lens_compare.hardware.gpus import gpu_catalog
-from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE, Machine, catalog_machine, detect_machine
+from lens_compare.hardware.machine import (
+    MAX_GPUS_PER_MACHINE,
+    Machine,
+    catalog_machine,
+    detect_machine,
+)
 from lens_compare.hardware.precision import check_precision
 from lens_compare.hardware.run_memory import Workload, skip_savings_gib
 from lens_compare.hardware.sources import ModelSource, checkpoint_of, pair_sources, resolve_source
@@ -170,22 +175,30 @@ def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: 
 
 
 def _cheapest(models: tuple[ModelEstimate, ...], tokens: int, requested: Machine) -> dict[str, Any] | None:
-    best = None
-    for gpu in gpu_catalog().values():
-        if gpu.price_per_hour is None:
-            continue
-        machine = catalog_machine(gpu.name, 1)
-        for name in STRATEGIES:
-            precision = "nf4" if name == "nf4" else None
-            count = evaluate(name, models, precision, machine, tokens).min_gpus
-            if count is None:
+    """The lowest-cost (GPU type, count, strategy) over the priced catalog.
+
+    Strategies that leave the numbers untouched (resident, sequential, cpu) are compared
+    on cost alone; nf4 changes the residual stream, so it is offered only when nothing
+    exact fits anywhere.
+    """
+    for allowed in (("resident", "sequential", "cpu"), ("nf4",)):
+        best = None
+        for gpu in gpu_catalog().values():
+            if gpu.price_per_hour is None:
                 continue
-            result = evaluate(name, models, precision, machine.with_count(count), tokens)
-            if result.est_cost_usd is not None and (best is None or result.est_cost_usd < best["est_cost_usd"]):
-                best = {"gpu": gpu.name, "count": count, "strategy": name,
-                        "est_seconds": result.est_seconds, "est_cost_usd": result.est_cost_usd}
-            break
-    return best
+            machine = catalog_machine(gpu.name, 1)
+            for name in allowed:
+                precision = "nf4" if name == "nf4" else None
+                count = evaluate(name, models, precision, machine, tokens).min_gpus
+                if count is None:
+                    continue
+                result = evaluate(name, models, precision, machine.with_count(count), tokens)
+                if result.est_cost_usd is not None and (best is None or result.est_cost_usd < best["est_cost_usd"]):
+                    best = {"gpu": gpu.name, "count": count, "strategy": name,
+                            "est_seconds": result.est_seconds, "est_cost_usd": result.est_cost_usd}
+        if best is not None:
+            return best
+    return None
 
 
 def plan_models(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.errors import ConfigError, PairError
+from lens_compare.files import read_structured
 from lens_compare.hardware.estimate import Checkpoint
 from lens_compare.hardware.units import DTYPE_BYTES
 from lens_compare.pairs import PairSpec
@@ -79,12 +80,7 @@ def resolve_source(ref: str) -> ModelSource:
         if not path.is_file():
             raise ConfigError(f"directory {ref!r} has no config.json; pass a model directory")
     if path.suffix == ".json":
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {ref!r} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {ref!r} is not valid JSON: {exc}") from None
+        config = read_structured(path, "config file", ConfigError)
         return ModelSource(ref, config, checkpoint_of(config))
     if ref in model_configs():
         config = model_configs()[ref]
