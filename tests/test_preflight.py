@@ -97,3 +97,18 @@ def test_malformed_local_run_block_is_refused_with_its_path(tmp_path, capsys):
     path.write_text("residual_compare:\n  pair: llama8b\n  local_run:\n    enabled: yes\n    min_vram: 24\n")
     assert main(["--config", str(path)]) == 1
     assert "residual_compare.local_run.min_vram" in capsys.readouterr().err
+
+
+def test_fit_only_with_nf4_is_refused_not_substituted(tiny_model_dirs, monkeypatch, no_weights):
+    """The core runs resident/sequential only; it never silently switches to 4-bit weights."""
+
+    real_plan_models = preflight.plan_models
+
+    def nf4_only(*args, **kwargs):
+        plan = real_plan_models(*args, **kwargs)
+        return type(plan)(**{**plan.__dict__, "strategy": "nf4"})
+
+    monkeypatch.setattr(preflight, "plan_models", nf4_only)
+    directory = str(tiny_model_dirs["llama"])
+    with pytest.raises(HardwareError, match="fits only with the 'nf4' strategy"):
+        lens_compare.compare(base=directory, sft=directory, prompts=PROMPTS)

@@ -146,10 +146,9 @@ def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None
              tokens: int) -> StrategyResult:
     """One strategy on ``machine``; ``precision`` None keeps each model's own precision."""
     label = precision or "/".join(dict.fromkeys(m.precision for m in models))
-    if machine.kind == "cpu" and name in ("nf4", "cpu"):
-        why = ("bitsandbytes NF4 needs CUDA" if name == "nf4"
-               else "no GPU: 'resident' and 'sequential' already run on the CPU")
-        return _unavailable(name, label, why)
+    # bitsandbytes (>= 0.45) runs NF4 on the CPU too, so only offload has no CPU meaning.
+    if machine.kind == "cpu" and name == "cpu":
+        return _unavailable(name, label, "no GPU: 'resident' and 'sequential' already run on the CPU")
     peak = _peak(name, models, precision, machine)
     fits = _fits(peak, machine)
     seconds = run_seconds(models, precision, machine, tokens, stream_weights=name == "cpu")
