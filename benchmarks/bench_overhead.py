@@ -7,8 +7,8 @@ Side by side, interleaved, in one process on the same 250-token prompts:
   aggregates;
 - bare: the two HF forward passes with ``output_hidden_states=True`` and sdpa
   attention (what a hand-written script would do).
-Loading is compared the same way: lens_compare's load (HF model + bridge boot +
-fingerprint + untrained-row scan) against a bare ``from_pretrained``.
+Loading is compared the same way: lens_compare's load (config + HF model + bridge
+boot + fingerprint + untrained-row scan) against a bare ``from_pretrained``.
 
 Prints one JSON line at the end: pipeline_s, bare_s, ratio (medians), load_s,
 bare_load_s, load_ratio. Targets: ratio <= 1.10, load_ratio <= 1.25.
@@ -72,7 +72,9 @@ def main() -> None:
     seen = {t for row in tokenized.token_ids for t in row}
 
     def lens_load():
-        model = load_hf_model(ref, config, "float32", "cpu")
+        # The config is parsed again here (the run parses it once per distinct model
+        # before loading): the comparison with a bare from_pretrained stays conservative.
+        model = load_hf_model(ref, load_config(ref), "float32", "cpu")
         weights_fingerprint(model)
         untrained_token_ids(model.get_input_embeddings().weight, seen)
         return boot_bridge(model, ref, tokenizer, "float32", "cpu")

@@ -35,7 +35,13 @@ from lens_compare.pairs import get_pair, load_pairs_file
 from lens_compare.per_token import token_metrics
 from lens_compare.preflight import local_run_approval
 from lens_compare.result import ComparisonResult
-from lens_compare.tokens import check_context, tokenize_prompts, untrained_token_ids
+from lens_compare.tokens import (
+    UNTRAINED_NORM_RATIO,
+    TokenizedPrompts,
+    check_context,
+    tokenize_prompts,
+    untrained_token_ids,
+)
 
 logger = logging.getLogger("lens_compare")
 
@@ -155,21 +161,40 @@ class _Loaded:
         return self.tokenizers[ref.spec]
 
 
-def run_comparison(
-    config: RunConfig,
-    *,
-    overrides: LoadOverrides | None = None,
-    preflight: Callable[[dict[str, Any]], str] | None = None,
-    keep_residuals: bool = False,
-) -> ComparisonResult:
-    """Run one comparison as ``config`` describes and return the result (nothing is written).
+@dataclass(frozen=True)
+class PreparedRun:
+    """Everything a run knows before any weights load."""
+
+    config: RunConfig
+    pair: str
+    base: Side
+    sft: Side
+    device: str
+    model_configs: dict[str, Any]
+    layers: tuple[int, ...]
+    tokenized: TokenizedPrompts
+    tokenizers: dict[str, Any]
+    overrides: LoadOverrides
+
+    @property
+    def sides(self) -> tuple[Side, Side]:
+        return self.base, self.sft
+
+    def plan_facts(self) -> dict[str, Any]:
+        """What the preflight (the hardware planner) needs to judge the run."""
+        return {
+            "pair": self.pair, "base": self.base, "sft": self.sft, "configs": self.model_configs,
+            "device": self.device, "layers": self.layers,
+            "n_prompts": len(self.tokenized.token_ids), "max_tokens": max(self.tokenized.lengths),
+            "batch_size": self.config.batch_size, "strategy": self.config.strategy,
+        }
+
+
+def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> PreparedRun:
+    """Resolve, validate and tokenize: every check that needs no weights, in order.
 
     When ``config.local_run`` is enabled, the seed's guard runs first and its approved
     entry's device, dtype, tokenizer and kwargs override the config.
-    ``preflight`` gets the plan facts (configs, token counts, dtypes, device,
-    layers) before any weights are loaded; it returns the strategy to use
-    (``resident`` or ``sequential``) or raises to refuse the run
-    (``lens_compare.preflight.memory_preflight`` asks the hardware planner).
     """
     overrides = overrides or LoadOverrides()
     pair_label, base, sft, note = resolve_sides(config)
@@ -179,117 +204,157 @@ def run_comparison(
     if approval is not None:
         config = config.replace(device=approval.device, dtype=approval.dtype)
         if approval.dtype:
-            base = replace(base, dtype=approval.dtype)
-            sft = replace(sft, dtype=approval.dtype)
+            base, sft = replace(base, dtype=approval.dtype), replace(sft, dtype=approval.dtype)
         overrides = LoadOverrides(approval.tokenizer, approval.tokenizer_kwargs, approval.model_kwargs)
     device = resolve_device(config.device)
     prompts = read_prompts(config)
     cache = _Loaded(overrides)
-    configs = {side.role: cache.config(side.ref) for side in (base, sft)}
-    n_layers = configs["base"].num_hidden_layers
-    sft_layers = configs["sft"].num_hidden_layers
-    if sft_layers != n_layers:
-        raise ConfigError(f"the models differ in depth ({n_layers} vs {sft_layers} layers); they cannot be compared layer by layer")
+    model_configs = {side.role: cache.config(side.ref) for side in (base, sft)}
+    n_layers = model_configs["base"].num_hidden_layers
+    if model_configs["sft"].num_hidden_layers != n_layers:
+        raise ConfigError(
+            f"the models differ in depth ({n_layers} vs {model_configs['sft'].num_hidden_layers} "
+            "layers); they cannot be compared layer by layer"
+        )
     layers = select_layers(config, n_layers)
+    tokenizers = {side.role: cache.tokenizer(side.ref) for side in (base, sft)}
     tokenized = tokenize_prompts(
-        prompts, cache.tokenizer(base.ref), cache.tokenizer(sft.ref),
+        prompts, tokenizers["base"], tokenizers["sft"],
         chat_template=config.chat_template, n_tokens=config.tokens, filler_text=config.filler_text,
     )
     for side in (base, sft):
-        check_context(tokenized, context_length(configs[side.role]), f"{side.role} model {side.ref}")
-    strategy = config.strategy
-    if preflight is not None:
-        strategy = preflight({
-            "pair": pair_label, "base": base, "sft": sft, "configs": configs, "device": device,
-            "layers": layers, "n_prompts": len(tokenized.token_ids), "max_tokens": max(tokenized.lengths),
-            "batch_size": config.batch_size, "strategy": config.strategy,
-        })
-    if strategy == "auto":
-        strategy = "sequential"
-    tokenizer = cache.tokenizer(base.ref)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    token_ids, real = tokenized.padded(pad_id)
-    states = states_for_layers(layers)
+        check_context(tokenized, context_length(model_configs[side.role]), f"{side.role} model {side.ref}")
+    return PreparedRun(config, pair_label, base, sft, device, model_configs, layers, tokenized,
+                       tokenizers, overrides)
 
-    fingerprints: dict[str, str] = {}
-    untrained: dict[int, float] = {}
-    captured: dict[str, ResidualStates] = {}
+
+@dataclass(frozen=True)
+class Captured:
+    """Both models' residual states plus what was learnt from their weights while loaded."""
+
+    states: dict[str, ResidualStates]
+    fingerprints: dict[str, str]
+    untrained: dict[int, float]
+
+
+def capture_pair(run: PreparedRun, strategy: str) -> Captured:
+    """Load each model once and push every prompt through it.
+
+    ``resident`` keeps both models loaded; ``sequential`` frees each before loading
+    the next, so only one model's weights are in memory at a time.
+    """
+    if strategy not in ("resident", "sequential"):
+        raise LensCompareError(f"strategy {strategy!r} is not run by the core pipeline (resident, sequential)")
+    token_ids, real = run.tokenized.padded(_pad_id(run.tokenizers["base"]))
+    states = states_for_layers(run.layers)
+    seen_ids = {t for ids in run.tokenized.token_ids for t in ids}
+    captured = Captured({}, {}, {})
 
     def load(side: Side):
-        logger.info("loading %s model %s (%s) in %s on %s", side.role, side.ref, side.ref.kind, side.dtype, device)
-        hf_model = load_hf_model(side.ref, configs[side.role], side.dtype, device, overrides.model_kwargs)
-        fingerprints[side.role] = weights_fingerprint(hf_model)
+        logger.info("loading %s model %s (%s) in %s on %s", side.role, side.ref, side.ref.kind, side.dtype, run.device)
+        hf_model = load_hf_model(side.ref, run.model_configs[side.role], side.dtype, run.device,
+                                 run.overrides.model_kwargs)
+        captured.fingerprints[side.role] = weights_fingerprint(hf_model)
         if side.role == "base":
-            untrained.update(untrained_token_ids(
-                hf_model.get_input_embeddings().weight, {t for ids in tokenized.token_ids for t in ids}
-            ))
-        return boot_bridge(hf_model, side.ref, cache.tokenizer(side.ref), side.dtype, device)
+            captured.untrained.update(untrained_token_ids(hf_model.get_input_embeddings().weight, seen_ids))
+        return boot_bridge(hf_model, side.ref, run.tokenizers[side.role], side.dtype, run.device)
 
     def capture(side: Side, bridge) -> None:
-        captured[side.role] = capture_states(
-            bridge, token_ids, real, states, batch_size=config.batch_size, label=side.role
+        captured.states[side.role] = capture_states(
+            bridge, token_ids, real, states, batch_size=run.config.batch_size, label=side.role
         )
+        progress.update()
 
     progress = tqdm(total=2, desc="models", unit="model", leave=False)
     if strategy == "resident":
-        bridges = {side.role: load(side) for side in (base, sft)}
-        for side in (base, sft):
-            capture(side, bridges[side.role])
-            progress.update()
+        bridges = [(side, load(side)) for side in run.sides]
+        for side, bridge in bridges:
+            capture(side, bridge)
         del bridges
-    elif strategy == "sequential":
-        for side in (base, sft):
+    else:
+        for side in run.sides:
             bridge = load(side)
             capture(side, bridge)
             del bridge
             gc.collect()
-            if device.startswith("cuda"):
+            if run.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            progress.update()
-    else:
-        raise LensCompareError(f"strategy {strategy!r} is not run by the core pipeline (resident, sequential)")
     progress.close()
+    return captured
 
-    if untrained:
-        names = {t: tokenizer.convert_ids_to_tokens(t) for t in untrained}
+
+def _pad_id(tokenizer) -> int:
+    # Right padding is masked out of every metric, so any id in the vocabulary will do.
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def run_comparison(
+    config: RunConfig,
+    *,
+    overrides: LoadOverrides | None = None,
+    preflight: Callable[[dict[str, Any]], str] | None = None,
+    keep_residuals: bool = False,
+) -> ComparisonResult:
+    """Run one comparison as ``config`` describes and return the result (nothing is written).
+
+    ``preflight`` gets ``PreparedRun.plan_facts()`` before any weights are loaded; it
+    returns the strategy to use (``resident`` or ``sequential``) or raises to refuse
+    the run (``lens_compare.preflight.memory_preflight`` asks the hardware planner).
+    Without one, ``strategy: auto`` runs sequentially.
+    """
+    run = prepare_run(config, overrides)
+    strategy = preflight(run.plan_facts()) if preflight is not None else run.config.strategy
+    if strategy == "auto":
+        strategy = "sequential"
+    captured = capture_pair(run, strategy)
+    tokenizer = run.tokenizers["base"]
+    if captured.untrained:
         logger.warning(
-            "the base model's embedding rows look untrained for %s (row norm / median < 0.05); "
+            "the base model's embedding rows look untrained for %s (row norm / median < %s); "
             "residuals at these positions are outliers, marked base_untrained in the outputs",
-            ", ".join(f"{names[t]!r} (id {t})" for t in untrained),
+            ", ".join(f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t})" for t in captured.untrained),
+            UNTRAINED_NORM_RATIO,
         )
-    metrics = token_metrics(captured["base"], captured["sft"], layers)
-    provenance = {
+    base_states, sft_states = captured.states["base"], captured.states["sft"]
+    return ComparisonResult(
+        provenance=_provenance(run, strategy, captured),
+        layers=run.layers,
+        tokens=run.tokenized,
+        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),
+        untrained_base_tokens=captured.untrained,
+        real_tokens=run.tokenized.padded(0)[1],
+        metrics=token_metrics(base_states, sft_states, run.layers),
+        include_first_token=run.config.include_first_token,
+        residuals=(base_states, sft_states) if keep_residuals else None,
+    )
+
+
+def _provenance(run: PreparedRun, strategy: str, captured: Captured) -> dict[str, Any]:
+    tokenizer = run.tokenizers["base"]
+    return {
         "versions": _versions(),
-        "pair": pair_label,
-        "base_model": _side_provenance(base, fingerprints),
-        "sft_model": _side_provenance(sft, fingerprints),
-        "dtype": {"base": base.dtype, "sft": sft.dtype},
-        "device": device,
+        "pair": run.pair,
+        "base_model": _side_provenance(run.base, captured.fingerprints),
+        "sft_model": _side_provenance(run.sft, captured.fingerprints),
+        "dtype": {"base": run.base.dtype, "sft": run.sft.dtype},
+        "device": run.device,
         "strategy": strategy,
-        "n_layers": n_layers,
-        "d_model": int(captured["base"].values.shape[-1]),
-        "layers": list(layers),
-        "chat_template": tokenized.chat_template,
-        "prompts": list(tokenized.prompts),
-        "token_ids": [list(ids) for ids in tokenized.token_ids],
+        "n_layers": run.model_configs["base"].num_hidden_layers,
+        "d_model": int(captured.states["base"].values.shape[-1]),
+        "layers": list(run.layers),
+        "chat_template": run.tokenized.chat_template,
+        "prompts": list(run.tokenized.prompts),
+        "token_ids": [list(ids) for ids in run.tokenized.token_ids],
         "untrained_base_tokens": [
             {"id": t, "token": tokenizer.convert_ids_to_tokens(t), "norm_over_median": round(r, 6)}
-            for t, r in untrained.items()
+            for t, r in captured.untrained.items()
         ],
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": config.to_dict(),
+        "config": run.config.to_dict(),
     }
-    return ComparisonResult(
-        provenance=provenance,
-        layers=layers,
-        tokens=tokenized,
-        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in tokenized.token_ids),
-        untrained_base_tokens=untrained,
-        real_tokens=real,
-        metrics=metrics,
-        include_first_token=config.include_first_token,
-        residuals=(captured["base"], captured["sft"]) if keep_residuals else None,
-    )
 
 
 def _side_provenance(side: Side, fingerprints: dict[str, str]) -> dict[str, Any]:

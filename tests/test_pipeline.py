@@ -113,3 +113,11 @@ def test_bfloat16_run_keeps_residuals_in_model_dtype(tiny_model_dirs):
     assert base.values.dtype == torch.bfloat16
     assert result.metrics["resid_pre"]["cosine"].dtype == torch.float32
     assert result.to_dict()["provenance"]["dtype"] == {"base": "bfloat16", "sft": "bfloat16"}
+
+
+def test_models_of_different_depth_are_refused_before_loading(tiny_model_dirs, tmp_path):
+    from tests.fixtures.tiny_models import build_tiny_model
+
+    shallow = build_tiny_model("llama", tmp_path / "shallow", n_layers=2)
+    with pytest.raises(lens_compare.ConfigError, match=r"differ in depth \(3 vs 2 layers\)"):
+        lens_compare.compare(base=str(tiny_model_dirs["llama"]), sft=str(shallow), prompts=PROMPTS)
