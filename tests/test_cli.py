@@ -138,3 +138,17 @@ def test_interrupted_write_leaves_nothing_behind(tmp_path):
 def test_list_pairs(capsys):
     code, out, _ = run_cli(capsys, "--list-pairs")
     assert code == 0 and "llama8b" in out and "smollm2-dtype" in out
+
+
+def test_prompts_files_txt_and_jsonl(tmp_path):
+    from lens_compare.config import RunConfig
+    from lens_compare.errors import ConfigError
+    from lens_compare.pipeline import read_prompts
+
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts(RunConfig(prompts_file=str(tmp_path / "p.txt"))) == ("first prompt", "second prompt")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a\\nb"}\n"plain string"\n')
+    assert read_prompts(RunConfig(prompts_file=str(tmp_path / "p.jsonl"))) == ("a\nb", "plain string")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": 3}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: expected"):
+        read_prompts(RunConfig(prompts_file=str(tmp_path / "bad.jsonl")))
