@@ -347,6 +347,8 @@ def _provenance(run: PreparedRun, strategy: str, captured: Captured) -> dict[str
         "layers": list(run.layers),
         "chat_template": run.tokenized.chat_template,
         "prompts": list(run.tokenized.prompts),
+        # What was tokenized, when a chat template (or filler text) changed the prompts.
+        "texts": list(run.tokenized.texts) if run.tokenized.texts != run.tokenized.prompts else None,
         "token_ids": [list(ids) for ids in run.tokenized.token_ids],
         "untrained_base_tokens": [
             {"id": t, "token": tokenizer.convert_ids_to_tokens(t), "norm_over_median": round(r, 6)}

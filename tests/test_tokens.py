@@ -88,6 +88,7 @@ def test_untrained_template_tokens_are_warned_about_and_marked(tiny_model_dirs, 
                                       prompts=["hello world"], chat_template="sft")
     assert "<|user|>" in caplog.text
     assert [t["id"] for t in result.provenance["untrained_base_tokens"]] == [user_id]
+    assert result.provenance["texts"][0].startswith("<s><|user|>\nhello world")
     frame = result.to_dataframe()
     marked = frame[frame["base_untrained"]]
     assert set(marked["token_id"]) == {user_id} and len(marked) > 0

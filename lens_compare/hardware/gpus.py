@@ -93,9 +93,10 @@ def resolve_gpu(name: str) -> GpuType:
     key = table.get(_normalise(name))
     if key is not None:
         return gpu_catalog()[key]
-    close = difflib.get_close_matches(_normalise(name), list(table), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(_normalise(name), list(table), n=6, cutoff=0.5)
+    suggestions = list(dict.fromkeys(table[c] for c in close))[:3]
     hint = (
-        " Did you mean " + " or ".join(repr(table[c]) for c in dict.fromkeys(close)) + "?"
+        " Did you mean " + " or ".join(repr(key) for key in suggestions) + "?"
         if close
         else ""
     )
