@@ -161,3 +161,11 @@ def test_padding_never_enters_an_aggregate():
     metrics = token_metrics(_states(base_v, states, 2), _states(sft_v, states, 2), layers)
     records = layer_records(metrics, layers, token_mask(real, "all"))
     assert records["resid_pre"][0]["cosine"] == {"mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0}
+
+
+def test_shape_annotations_are_enforced_under_pytest():
+    """pyproject's --jaxtyping-packages turns the signatures' shapes into runtime checks."""
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises(TypeCheckError):
+        masked_stats(torch.zeros(3, 4), torch.zeros(2, 4, dtype=torch.bool))
