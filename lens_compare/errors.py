@@ -31,3 +31,7 @@ class CaptureError(LensCompareError):
 
 class HardwareError(LensCompareError):
     """The hardware at hand cannot run the request (planner or local_run guard)."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The hardware planner has no layout rule for this model family."""

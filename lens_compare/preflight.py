@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lens_compare.errors import HardwareError
+from lens_compare.errors import HardwareError, UnsupportedArchitectureError
 from lens_compare.hardware import Machine, Workload, detect_machine, plan_models
 from lens_compare.hardware.local_run import (
     LocalRunApproval,
@@ -56,15 +56,22 @@ def memory_preflight(facts: dict[str, Any]) -> str:
         states=len(states_for_layers(facts["layers"])),
     )
     requested = None if facts["strategy"] == "auto" else facts["strategy"]
-    plan = plan_models(
-        _source(base, facts["configs"]["base"]),
-        _source(sft, facts["configs"]["sft"]),
-        workload,
-        machine_for(facts["device"]),
-        strategy=requested,
-        pair=facts.get("pair"),
-        with_cheapest=False,
-    )
+    try:
+        plan = plan_models(
+            _source(base, facts["configs"]["base"]),
+            _source(sft, facts["configs"]["sft"]),
+            workload,
+            machine_for(facts["device"]),
+            strategy=requested,
+            pair=facts.get("pair"),
+            with_cheapest=False,
+        )
+    except UnsupportedArchitectureError as error:
+        # The pipeline runs any architecture TransformerLens bridges; the planner only
+        # models the seed's families. Say so loudly rather than refuse a runnable pair.
+        strategy = requested or "sequential"
+        logger.warning("no memory check for this run: %s Running %s without a plan.", error, strategy)
+        return strategy
     logger.info("hardware plan:\n%s", plan.explain())
     if plan.strategy is None:
         raise HardwareError(f"refusing to load: nothing fits on {plan.machine.label}. {plan.explain()}")

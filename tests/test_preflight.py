@@ -112,3 +112,20 @@ def test_fit_only_with_nf4_is_refused_not_substituted(tiny_model_dirs, monkeypat
     directory = str(tiny_model_dirs["llama"])
     with pytest.raises(HardwareError, match="fits only with the 'nf4' strategy"):
         lens_compare.compare(base=directory, sft=directory, prompts=PROMPTS)
+
+
+def test_family_the_planner_cannot_model_runs_with_a_warning(tmp_path, caplog):
+    """GPT-NeoX bridges fine but has no planner rule: the run goes on, and says so."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tests.fixtures.tiny_models import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128, max_position_embeddings=256)
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lens_compare"):
+        result = lens_compare.compare(base=str(tmp_path), sft=str(tmp_path), prompts=PROMPTS)
+    assert "no memory check for this run: model_type 'gpt_neox'" in caplog.text
+    assert result.provenance["strategy"] == "sequential"
+    assert abs(result.to_dict()["resid_post"][-1]["cosine"]["min"] - 1) <= 1e-6

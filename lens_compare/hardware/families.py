@@ -11,7 +11,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Literal
 
-from lens_compare.errors import ConfigError
+from lens_compare.errors import UnsupportedArchitectureError
 
 Switch = bool | str
 
@@ -83,7 +83,7 @@ def family_rule(model_type: str) -> FamilyRule:
         return FAMILIES[model_type]
     close = difflib.get_close_matches(str(model_type), list(FAMILIES), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(
+    raise UnsupportedArchitectureError(
         f"model_type {model_type!r} has no planner layout rule.{hint} Supported: "
         f"{', '.join(FAMILIES)}. Add a FamilyRule to lens_compare/hardware/families.py."
     )
