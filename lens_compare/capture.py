@@ -76,13 +76,17 @@ def capture_states(
             if missing:
                 raise CaptureError(f"{label}: hooks did not fire: {missing}")
             if values is None:
-                # A normal tensor (not an inference tensor), so later in-place edits work.
+                # A normal tensor (not an inference tensor), so later in-place edits work;
+                # every element is written below, so no zero-fill pass is needed.
                 with torch.inference_mode(False):
-                    values = torch.zeros(
+                    values = torch.empty(
                         (len(states), n_prompts, width, cache[names[0]].shape[-1]),
                         dtype=cache[names[0]].dtype,
                     )
             for row, name in enumerate(names):
                 values[row, start:stop, :batch_width] = cache[name]
-        values[:, ~mask] = 0
+            values[:, start:stop, batch_width:] = 0
+            padding = ~batch_mask[:, :batch_width]
+            if padding.any():
+                values[:, start:stop, :batch_width][:, padding] = 0
     return ResidualStates(n_layers=n_layers, states=states, values=values)
