@@ -36,7 +36,8 @@ def machine_for(device: str) -> Machine:
         _, available = host_ram_gib()
         return Machine("cpu", 1, available, available)
     # lens_compare places both models on the one device it was given.
-    return detect_machine().with_count(1)
+    index = int(device.partition(":")[2] or 0)
+    return detect_machine(index).with_count(1)
 
 
 def _source(side, config) -> ModelSource:

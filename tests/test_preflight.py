@@ -129,3 +129,19 @@ def test_family_the_planner_cannot_model_runs_with_a_warning(tmp_path, caplog):
     assert "no memory check for this run: model_type 'gpt_neox'" in caplog.text
     assert result.provenance["strategy"] == "sequential"
     assert abs(result.to_dict()["resid_post"][-1]["cosine"]["min"] - 1) <= 1e-6
+
+
+def test_plan_uses_the_gpu_the_run_was_given(monkeypatch):
+    """Device facts passed as data: a cuda:1 run is planned on GPU 1, alone."""
+    import types
+
+    import torch
+
+    gpus = [("NVIDIA H100 80GB HBM3", 81559), ("NVIDIA GeForce RTX 4090", 24564)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name=gpus[i][0], total_memory=gpus[i][1] * 2**20))
+    machine = preflight.machine_for("cuda:1")
+    assert (machine.device_name, machine.count, machine.gpu.name) == ("NVIDIA GeForce RTX 4090", 1, "RTX 4090")
+    assert preflight.machine_for("cuda").device_name == "NVIDIA H100 80GB HBM3"

@@ -85,13 +85,17 @@ def host_ram_gib(meminfo_path: str = "/proc/meminfo") -> tuple[float, float]:
     return _meminfo_gib("MemTotal", text), _meminfo_gib("MemAvailable", text)
 
 
-def detect_machine() -> Machine:
-    """CUDA devices via torch (name, total memory, count), else the CPU's available RAM."""
+def detect_machine(device_index: int = 0) -> Machine:
+    """CUDA devices via torch (name, total memory, count), else the CPU's available RAM.
+
+    The GPU type and memory are those of ``device_index`` (machines mixing GPU types
+    are planned as if every GPU were that one).
+    """
     import torch
 
     _, available = host_ram_gib()
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(device_index)
         total = props.total_memory / GIB
         return Machine(
             kind="cuda",
