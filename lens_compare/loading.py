@@ -87,7 +87,7 @@ def resolve_ref(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
-def _hub_failure(ref: ModelRef, what: str, error: Exception) -> ModelLoadError:
+def _load_failure(ref: ModelRef, what: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"cannot load the {what} of {ref.spec!r}: {type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else ''}"
@@ -102,7 +102,7 @@ def load_config(ref: ModelRef):
     try:
         return AutoConfig.from_pretrained(ref.location, **ref.file_kwargs)
     except (OSError, ValueError, KeyError) as error:
-        raise _hub_failure(ref, "config", error) from error
+        raise _load_failure(ref, "config", error) from error
 
 
 def load_tokenizer(ref: ModelRef, name: str | None = None, **kwargs: Any):
@@ -113,7 +113,7 @@ def load_tokenizer(ref: ModelRef, name: str | None = None, **kwargs: Any):
     try:
         return AutoTokenizer.from_pretrained(source.location, **source.file_kwargs, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        raise _hub_failure(source, "tokenizer", error) from error
+        raise _load_failure(source, "tokenizer", error) from error
 
 
 def context_length(config) -> int | None:
@@ -150,7 +150,7 @@ def load_hf_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        raise _hub_failure(ref, "weights", error) from error
+        raise _load_failure(ref, "weights", error) from error
     return model.eval()
 
 
@@ -164,7 +164,8 @@ def boot_bridge(hf_model, ref: ModelRef, tokenizer, dtype: str, device: str):
 
 
 def weights_fingerprint(hf_model) -> str:
-    """sha256 of the input embedding and final-norm weights: cheap, and differs between checkpoints."""
+    """sha256 of the input embedding and the last ``*norm.weight`` (the final norm where a
+    family names it so): cheap, and differs between checkpoints."""
     digest = hashlib.sha256()
     tensors = [hf_model.get_input_embeddings().weight]
     tensors += [p for name, p in hf_model.named_parameters() if name.endswith("norm.weight")][-1:]
