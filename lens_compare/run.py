@@ -94,9 +94,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def write_outputs(result, config: RunConfig, stem: Path) -> list[Path]:
     written = [write_json(stem.with_suffix(".json"), result.to_dict())]
-    for fmt in config.export:
-        written.append(write_frame(stem.with_name(f"{stem.name}.tokens.{fmt}"), result.to_dataframe(), fmt))
-        written.append(write_frame(stem.with_name(f"{stem.name}.summary.{fmt}"), result.summary(), fmt))
+    if config.export:
+        tables = {"tokens": result.to_dataframe(), "summary": result.summary()}
+        for fmt in config.export:
+            for name, frame in tables.items():
+                written.append(write_frame(stem.with_name(f"{stem.name}.{name}.{fmt}"), frame, fmt))
     if config.save_residuals:
         base, sft = result.residuals
         tensors = residual_tensors(base, sft, result.layers, *result.tokens.padded(0))
