@@ -77,10 +77,10 @@ def main() -> None:
     def lens_load():
         # The config is parsed again here (the run parses it once per distinct model
         # before loading): the comparison with a bare from_pretrained stays conservative.
-        model = load_hf_model(ref, load_config(ref), "float32", "cpu")
+        model = load_hf_model(ref, load_config(ref), LoadOptions("float32", "cpu"))
         weights_fingerprint(model)
         untrained_token_ids(model.get_input_embeddings().weight, seen)
-        return boot_bridge(model, ref, tokenizer, "float32", "cpu")
+        return boot_bridge(model, ref, tokenizer, LoadOptions("float32", "cpu"))
 
     def bare_load():
         return AutoModelForCausalLM.from_pretrained(

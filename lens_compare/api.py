@@ -17,12 +17,14 @@ def compare(
     tokens: int | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    gpus: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
     skip_first: int = 0,
     chat_template: str = "none",
     include_first_token: bool = False,
     batch_size: int = 8,
     strategy: str = "auto",
+    shard_size: int | None = None,
     filler_text: str | None = None,
     keep_residuals: bool = False,
     check_memory: bool = True,
@@ -35,12 +37,19 @@ def compare(
 
     ``check_memory`` asks the hardware planner first and refuses a run whose
     weights cannot fit on this machine (instead of failing halfway through loading).
+    ``strategy`` is ``auto`` (the planner's pick), ``resident``, ``sequential`` or
+    ``nf4``; ``gpus`` restricts a CUDA run to those devices (split by whole blocks when
+    one GPU cannot hold a model). Everything stays in memory: for hours-long prompt
+    sets use the CLI, whose run folder resumes after an interruption.
     """
+    if gpus and device == "cpu":
+        device = "cuda"  # naming GPUs asks for them
     config = RunConfig.from_dict({
         key: value for key, value in {
             "pair": pair, "base_model": base, "sft_model": sft,
             "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
             "tokens": tokens, "dtype": dtype, "device": device,
+            "gpus": list(gpus) if gpus is not None else None, "shard_size": shard_size,
             "layers": list(layers) if layers is not None else None, "skip_first": skip_first,
             "chat_template": chat_template, "include_first_token": include_first_token,
             "batch_size": batch_size, "strategy": strategy, "filler_text": filler_text,

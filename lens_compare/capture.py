@@ -5,12 +5,13 @@ full cache: attention patterns would dominate memory. States land on the CPU in
 the model's dtype as soon as each hook fires.
 """
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lens_compare.errors import CaptureError
 from lens_compare.hooks import HookKind, state_hook_name, state_index
@@ -50,28 +51,36 @@ def capture_states(
     *,
     batch_size: int,
     label: str,
+    on_batch: Callable[[int], None] | None = None,
 ) -> ResidualStates:
-    """Run all prompts through ``bridge`` in right-padded batches and keep ``states``."""
+    """Run all prompts through ``bridge`` in right-padded batches and keep ``states``.
+
+    ``on_batch(n)`` is called after each batch with its number of prompts (progress).
+    """
     n_layers = bridge.cfg.n_layers
     if not states or max(states) > n_layers or min(states) < 0:
         raise CaptureError(f"{label}: states {states} outside 0..{n_layers}")
     names = [state_hook_name(n_layers, state) for state in states]
-    device = next(bridge.parameters()).device
+    # Where the embedding sits: the only device inputs go to, also on a split model.
+    device = torch.device(bridge.cfg.device)
     n_prompts, width = token_ids.shape
     values: Tensor | None = None
-    batches = range(0, n_prompts, batch_size)
     with torch.inference_mode():
-        for start in tqdm(batches, desc=f"capture {label}", unit="batch", leave=False):
+        for start in range(0, n_prompts, batch_size):
             stop = min(start + batch_size, n_prompts)
             batch_mask = mask[start:stop]
             batch_width = int(batch_mask.sum(dim=1).max())
-            _, cache = bridge.run_with_cache(
-                token_ids[start:stop, :batch_width].to(device),
-                attention_mask=batch_mask[:, :batch_width].long().to(device),
-                names_filter=names,
-                return_cache_object=False,
-                device="cpu",
-            )
+            with warnings.catch_warnings():
+                # On a split model TransformerBridge warns that device= is ignored, yet it
+                # still moves each cached tensor there (bridge_core.py, run_with_cache).
+                warnings.filterwarnings("ignore", message=r"run_with_cache\(device=.*\) ignored: model is dispatched")
+                _, cache = bridge.run_with_cache(
+                    token_ids[start:stop, :batch_width].to(device),
+                    attention_mask=batch_mask[:, :batch_width].long().to(device),
+                    names_filter=names,
+                    return_cache_object=False,
+                    device="cpu",
+                )
             missing = [name for name in names if name not in cache]
             if missing:
                 raise CaptureError(f"{label}: hooks did not fire: {missing}")
@@ -89,4 +98,6 @@ def capture_states(
             padding = ~batch_mask[:, :batch_width]
             if padding.any():
                 values[:, start:stop, :batch_width][:, padding] = 0
+            if on_batch is not None:
+                on_batch(stop - start)
     return ResidualStates(n_layers=n_layers, states=states, values=values)

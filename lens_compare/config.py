@@ -19,7 +19,7 @@ from lens_compare.errors import ConfigError
 from lens_compare.files import read_structured
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-Strategy = Literal["auto", "resident", "sequential"]
+Strategy = Literal["auto", "resident", "sequential", "nf4"]
 ChatTemplateName = Literal["none", "sft"]
 ExportFormat = Literal["parquet", "csv"]
 BLOCK = "residual_compare"
@@ -40,11 +40,15 @@ class RunConfig:
     chat_template: ChatTemplateName = "none"
     dtype: Dtype = "float32"
     device: str = "cpu"
+    # CUDA devices a run may split models over; None: every visible device.
+    gpus: tuple[int, ...] | None = None
     layers: tuple[int, ...] | None = None
     skip_first: int = 0
     include_first_token: bool = False
     batch_size: int = 8
     strategy: Strategy = "auto"
+    # Prompts per shard (the unit of progress and resume); None: ~2 GiB of residuals per shard.
+    shard_size: int | None = None
     save_residuals: bool = False
     output_dir: str = "outputs"
     export: tuple[ExportFormat, ...] = ()
@@ -91,6 +95,12 @@ class RunConfig:
             problems.append(f"{path}.tokens: must be a positive integer, got {self.tokens}")
         if self.batch_size < 1:
             problems.append(f"{path}.batch_size: must be >= 1, got {self.batch_size}")
+        if self.shard_size is not None and self.shard_size < 1:
+            problems.append(f"{path}.shard_size: must be >= 1 prompt, got {self.shard_size}")
+        if self.gpus is not None and (
+            not self.gpus or any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus)
+        ):
+            problems.append(f"{path}.gpus: must be distinct CUDA indices like [0, 1], got {list(self.gpus)}")
         if self.skip_first < 0:
             problems.append(f"{path}.skip_first: must be >= 0, got {self.skip_first}")
         if self.layers is not None and self.skip_first:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from lens_compare.errors import ModelLoadError
+from lens_compare.load_options import LoadOptions
 
 logger = logging.getLogger(__name__)
 
@@ -125,41 +126,52 @@ def context_length(config) -> int | None:
     return None
 
 
-def load_hf_model(
-    ref: ModelRef,
-    config,
-    dtype: str,
-    device: str,
-    model_kwargs: dict[str, Any] | None = None,
-):
-    """The HF causal LM with eager attention (TransformerLens runs eager; so must the reference)."""
+def load_hf_model(ref: ModelRef, config, options: LoadOptions):
+    """The HF causal LM with eager attention (TransformerLens runs eager; so must the reference),
+    placed and quantized as ``options`` says."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
     kwargs: dict[str, Any] = {
         "config": config,
-        "dtype": DTYPES[dtype],
+        "dtype": DTYPES[options.dtype],
         "attn_implementation": "eager",
         **ref.file_kwargs,
     }
     if ref.gguf_file:
         # Plain dense modules: the bridge hooks nn.Linear-shaped blocks, not packed kernels.
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    if device != "cpu":
-        kwargs["device_map"] = {"": device}
-    kwargs.update(model_kwargs or {})
+    if options.device_map is not None:
+        kwargs["device_map"] = dict(options.device_map)
+        if options.max_memory is not None:
+            kwargs["max_memory"] = dict(options.max_memory)
+        if options.offload_folder is not None:
+            kwargs["offload_folder"] = options.offload_folder
+    elif options.device != "cpu":
+        kwargs["device_map"] = {"": options.device}
+    kwargs.update(options.model_kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
+        if options.quantization is not None:
+            from lens_compare.quantization import load_quantized
+
+            model = load_quantized(ref, kwargs, options)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise _load_failure(ref, "weights", error) from error
     return model.eval()
 
 
-def boot_bridge(hf_model, ref: ModelRef, tokenizer, dtype: str, device: str):
-    """Wrap an already-loaded HF model; raw weights, no processing."""
+def boot_bridge(hf_model, ref: ModelRef, tokenizer, options: LoadOptions):
+    """Wrap an already-loaded HF model; raw weights, no processing.
+
+    A split model carries its placement (``hf_device_map``); the bridge reads the
+    embedding's device from it, so no ``device`` is passed.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(
-        ref.location, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=DTYPES[dtype]
+        ref.location, hf_model=hf_model, tokenizer=tokenizer,
+        device=None if options.split else options.device, dtype=DTYPES[options.dtype],
     )
 
 

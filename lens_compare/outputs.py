@@ -7,11 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lens_compare.capture import ResidualStates
 from lens_compare.errors import ConfigError
-from lens_compare.hooks import HOOK_KINDS, hook_name
 
 EXPORT_FORMATS = ("parquet", "csv")
 
@@ -32,11 +28,25 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        # Data on disk before the rename, so a crash never leaves a whole-looking but
+        # truncated file under the final name.
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write_json(path: Path, document: dict[str, Any]) -> Path:
@@ -77,26 +87,3 @@ def write_frame(path: Path, frame, fmt: str) -> Path:
             frame.to_csv(tmp, index=False)
 
     return write_atomically(path, write)
-
-
-def residual_tensors(
-    base: ResidualStates, sft: ResidualStates, layers: tuple[int, ...],
-    token_ids: torch.Tensor, real_tokens: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Safetensors payload: ``{model}/blocks.{l}.hook_resid_{pre,post}`` ``[prompt, pos, d_model]``.
-
-    Safetensors cannot alias, so the shared states are written under both names;
-    the file is for independent re-computation, not for compactness.
-    """
-    tensors: dict[str, torch.Tensor] = {"token_ids": token_ids, "attention_mask": real_tokens.to(torch.int8)}
-    for model, states in (("base", base), ("sft", sft)):
-        for kind in HOOK_KINDS:
-            for layer in layers:
-                tensors[f"{model}/{hook_name(kind, layer)}"] = states.view(kind, layer).contiguous().clone()
-    return tensors
-
-
-def write_residuals(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

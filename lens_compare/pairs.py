@@ -19,6 +19,7 @@ import yaml
 
 from lens_compare.errors import PairError
 from lens_compare.files import read_structured
+from lens_compare.load_options import QUANTIZATIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -35,6 +36,8 @@ class PairSpec:
     seed_sft: str | None = None
     base_dtype: str | None = None
     sft_dtype: str | None = None
+    base_quantization: str | None = None
+    sft_quantization: str | None = None
     demo: bool = False
     note: str | None = None
 
@@ -50,6 +53,8 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "seed_sft": str,
     "base_dtype": str,
     "sft_dtype": str,
+    "base_quantization": str,
+    "sft_quantization": str,
     "demo": bool,
     "note": str,
 }
@@ -84,6 +89,9 @@ def parse_pairs(data: Any, source: str) -> dict[str, PairSpec]:
         for side in ("base_dtype", "sft_dtype"):
             if isinstance(entry.get(side), str) and entry[side] not in DTYPES:
                 problems.append(f"{where}.{side}: {entry[side]!r} is not one of {DTYPES}")
+        for side in ("base_quantization", "sft_quantization"):
+            if isinstance(entry.get(side), str) and entry[side] not in QUANTIZATIONS:
+                problems.append(f"{where}.{side}: {entry[side]!r} is not one of {QUANTIZATIONS}")
         if not problems:
             specs[str(key)] = PairSpec(key=str(key), **entry)
     if problems:

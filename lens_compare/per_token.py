@@ -17,9 +17,11 @@ from lens_compare.hooks import HOOK_KINDS, HookKind, state_index
 from lens_compare.metrics import METRIC_NAMES, cross_model, depth_step
 
 TokenMetrics = dict[HookKind, dict[str, Float[Tensor, "layer prompt pos"]]]
+StateMetrics = dict[str, Float[Tensor, "state prompt pos"]]
 
 
-def _state_metrics(base: ResidualStates, sft: ResidualStates) -> dict[str, Float[Tensor, "state prompt pos"]]:
+def state_metrics(base: ResidualStates, sft: ResidualStates) -> StateMetrics:
+    """Every metric once per captured residual state (what a run's shards store)."""
     if base.states != sft.states or base.values.shape != sft.values.shape:
         raise CaptureError(
             f"base and SFT captures do not line up: states {base.states} vs {sft.states}, "
@@ -40,12 +42,12 @@ def _state_metrics(base: ResidualStates, sft: ResidualStates) -> dict[str, Float
     return out
 
 
-def token_metrics(base: ResidualStates, sft: ResidualStates, layers: tuple[int, ...]) -> TokenMetrics:
-    """``{hook: {metric: [layer, prompt, pos]}}`` for the captured ``layers`` (in that order)."""
-    per_state = _state_metrics(base, sft)
+def hook_metrics(per_state: StateMetrics, states: tuple[int, ...], layers: tuple[int, ...]) -> TokenMetrics:
+    """``{hook: {metric: [layer, prompt, pos]}}`` for the captured ``layers`` (in that order),
+    read out of per-state metrics through the hook views."""
     result: TokenMetrics = {}
     for kind in HOOK_KINDS:
-        rows = [base.states.index(state_index(kind, layer)) for layer in layers]
+        rows = [states.index(state_index(kind, layer)) for layer in layers]
         defined_prev = torch.tensor([layer - 1 in layers for layer in layers])
         metrics = {}
         for name, values in per_state.items():
@@ -55,3 +57,8 @@ def token_metrics(base: ResidualStates, sft: ResidualStates, layers: tuple[int, 
             metrics[name] = picked
         result[kind] = metrics
     return result
+
+
+def token_metrics(base: ResidualStates, sft: ResidualStates, layers: tuple[int, ...]) -> TokenMetrics:
+    """``{hook: {metric: [layer, prompt, pos]}}`` straight from two models' captured states."""
+    return hook_metrics(state_metrics(base, sft), base.states, layers)

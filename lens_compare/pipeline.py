@@ -1,138 +1,200 @@
-"""The pipeline: resolve -> tokenize -> load -> capture -> metrics, one model at a time or both.
+"""The orchestrator: prepare -> preflight -> engine (shard by shard into a store) -> result.
 
-Everything that can be checked without weights (references, files, tokenizers,
-token ids, context lengths, layer indices, output directory) is checked before
-the first checkpoint is loaded.
+``prepare_run`` checks everything that needs no weights; the preflight (the hardware
+planner) turns the prepared run into an ``Execution`` (schedule, how each model is
+loaded, shard size) or refuses it; an engine fills a store with every shard's
+per-state metrics; the result is assembled from the store. The CLI passes a
+``RunFolder`` store so that an interrupted run resumes; notebooks use a
+``MemoryStore`` and nothing touches the disk.
 """
 
-import gc
 import logging
+import resource
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from lens_compare.capture import ResidualStates, capture_states
 from lens_compare.config import RunConfig
-from lens_compare.errors import ConfigError, LensCompareError
+from lens_compare.engines import Job, engine_for
+from lens_compare.execution import Execution, default_execution
+from lens_compare.fingerprint import checkpoint_fingerprint, token_ids_fingerprint
+from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.hooks import states_for_layers
-from lens_compare.loading import (
-    ModelRef,
-    boot_bridge,
-    context_length,
-    load_config,
-    load_hf_model,
-    load_tokenizer,
-    resolve_ref,
-    weights_fingerprint,
-)
-from lens_compare.pairs import get_pair, load_pairs_file
-from lens_compare.per_token import token_metrics
-from lens_compare.preflight import local_run_approval
+from lens_compare.per_token import hook_metrics
+from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
 from lens_compare.result import ComparisonResult
-from lens_compare.tokens import (
-    UNTRAINED_NORM_RATIO,
-    TokenizedPrompts,
-    check_context,
-    tokenize_prompts,
-    untrained_token_ids,
-)
+from lens_compare.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
+from lens_compare.store import MemoryStore, Store, stack_metrics, stack_states
+from lens_compare.tokens import UNTRAINED_NORM_RATIO
 
 logger = logging.getLogger("lens_compare")
 
+Preflight = Callable[[dict[str, Any]], Execution]
 
-@dataclass(frozen=True)
-class Side:
-    """One model of the pair as it will be loaded."""
-
-    role: str
-    ref: ModelRef
-    dtype: str
-    seed_id: str | None = None
+# Config keys that change what is written, not the numbers: left out of a run's fingerprint.
+OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "strategy", "gpus", "local_run")
 
 
-@dataclass(frozen=True)
-class LoadOverrides:
-    """Per-run loading overrides (the local_run guard's approved entry)."""
-
-    tokenizer: str | None = None
-    tokenizer_kwargs: dict[str, Any] | None = None
-    model_kwargs: dict[str, Any] | None = None
-
-
-def resolve_sides(config: RunConfig) -> tuple[str, Side, Side, str | None]:
-    """(pair label, base side, SFT side, registry note) without loading anything."""
-    if config.pair and config.base_model:
-        raise ConfigError("give a pair key or base_model/sft_model (--base/--sft), not both")
-    if config.pair:
-        extra = load_pairs_file(config.pairs_file) if config.pairs_file else None
-        spec = get_pair(config.pair, extra)
-        base = Side("base", resolve_ref(spec.base), spec.base_dtype or config.dtype, spec.seed_base)
-        sft = Side("sft", resolve_ref(spec.sft), spec.sft_dtype or config.dtype, spec.seed_sft)
-        return spec.key, base, sft, spec.note
-    if config.base_model and config.sft_model:
-        base = Side("base", resolve_ref(config.base_model), config.dtype)
-        sft = Side("sft", resolve_ref(config.sft_model), config.dtype)
-        return "custom", base, sft, None
-    raise ConfigError("no models given: pass --pair KEY, or --base and --sft")
+def shard_layout(run: PreparedRun) -> ShardLayout:
+    """The run's shards: ``shard_size`` prompts each, or ~2 GiB of both models' states."""
+    n_prompts = len(run.tokenized.token_ids)
+    size = run.config.shard_size
+    if size is None:
+        per_prompt = state_bytes_per_prompt(
+            len(states_for_layers(run.layers)), max(run.tokenized.lengths), _d_model(run),
+            tuple(DTYPE_BYTES[side.dtype] for side in run.sides),
+        )
+        size = default_shard_size(per_prompt, run.config.batch_size)
+    return ShardLayout(n_prompts, min(size, n_prompts))
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device {device!r} is not 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return device
+def _d_model(run: PreparedRun) -> int:
+    config = run.model_configs["base"]
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
 
 
-def select_layers(config: RunConfig, n_layers: int) -> tuple[int, ...]:
-    if config.layers is not None:
-        bad = [layer for layer in config.layers if layer >= n_layers]
-        if bad:
-            raise ConfigError(f"layers {bad} do not exist: the models have {n_layers} layers (0..{n_layers - 1})")
-        return tuple(sorted(config.layers))
-    if config.skip_first >= n_layers:
-        raise ConfigError(f"skip_first {config.skip_first} leaves no layer of {n_layers} to capture")
-    return tuple(range(config.skip_first, n_layers))
+def start_run(
+    config: RunConfig,
+    *,
+    overrides: LoadOverrides | None = None,
+    preflight: Preflight | None = None,
+    held_in_memory: bool = True,
+) -> tuple[PreparedRun, ShardLayout, Execution]:
+    """Everything before the first weight is read: the prepared run, its shards and its execution.
+
+    ``held_in_memory``: every prompt's states stay in RAM until the end (a ``MemoryStore``);
+    otherwise only one shard's (a run folder spills to disk).
+    """
+    run = prepare_run(config, overrides)
+    layout = shard_layout(run)
+    facts = {**run.plan_facts(), "held_prompts": layout.n_prompts if held_in_memory else layout.size}
+    execution = preflight(facts) if preflight is not None else default_execution(facts)
+    return run, layout, execution
 
 
-def read_prompts(config: RunConfig) -> tuple[str, ...]:
-    """Prompts from the config or a file: .jsonl (``{"prompt": ...}`` per line) or text, one per line."""
-    if config.prompts:
-        return tuple(config.prompts)
-    if not config.prompts_file:
-        return ()
-    path = Path(config.prompts_file)
-    if not path.is_file():
-        raise ConfigError(f"prompts file {str(path)!r} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return tuple(lines)
-    import json
+def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
+    token_ids, real = run.tokenized.padded(pad_id(run.tokenizers["base"]))
+    return Job(run, execution.loads, layout, states_for_layers(run.layers), keep_states, token_ids, real)
 
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        text = record.get("prompt") if isinstance(record, dict) else record
-        if not isinstance(text, str):
-            raise ConfigError(f'{path}:{number}: expected {{"prompt": "..."}} or a JSON string')
-        prompts.append(text)
-    return tuple(prompts)
+
+def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
+    """What a run folder's name is a fingerprint of (see ``lens_compare.fingerprint``)."""
+    config = {k: v for k, v in run.config.to_dict().items() if k not in OUTPUT_ONLY_KEYS}
+    models = {
+        side.role: {
+            "reference": side.ref.spec,
+            "fingerprint": checkpoint_fingerprint(side.ref),
+            "dtype": side.dtype,
+            "quantization": execution.loads[side.role].quantization,
+        }
+        for side in run.sides
+    }
+    return {
+        "lens_compare": _versions()["lens_compare"],
+        "pair": run.pair,
+        "config": config,
+        "device": run.device.partition(":")[0],
+        "models": models,
+        "layers": list(run.layers),
+        "token_ids_sha256_16": token_ids_fingerprint(run.tokenized.token_ids),
+        "n_prompts": layout.n_prompts,
+        "shard_size": layout.size,
+        "keep_states": keep_states,
+    }
+
+
+def execute(job: Job, execution: Execution, store: Store) -> float:
+    """Run every pending shard into ``store``; returns the wall time in seconds."""
+    start = time.perf_counter()
+    if torch.cuda.is_available():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(device)
+    engine_for(execution.schedule)(job, store)
+    return time.perf_counter() - start
+
+
+def assemble(
+    run: PreparedRun, job: Job, execution: Execution, store: Store, *, keep_residuals: bool
+) -> ComparisonResult:
+    """The result from the store's shards: identical whether the run was interrupted or not."""
+    width = job.token_ids.shape[1]
+    per_state = stack_metrics([store.get_metrics(shard) for shard in range(job.layout.count)], width)
+    facts = {side.role: store.get_facts(side.role) for side in run.sides}
+    untrained = {int(token): ratio for token, ratio in (facts["base"] or {}).get("untrained", {}).items()}
+    tokenizer = run.tokenizers["base"]
+    if untrained:
+        logger.warning(
+            "the base model's embedding rows look untrained for %s (row norm / median < %s); "
+            "residuals at these positions are outliers, marked base_untrained in the outputs",
+            ", ".join(f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t})" for t in untrained),
+            UNTRAINED_NORM_RATIO,
+        )
+    residuals = None
+    if keep_residuals:
+        residuals = tuple(
+            stack_states([store.get_states(role, shard) for shard in range(job.layout.count)], width)
+            for role in ("base", "sft")
+        )
+    return ComparisonResult(
+        provenance=_provenance(run, job, execution, facts, untrained),
+        layers=run.layers,
+        tokens=run.tokenized,
+        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),
+        untrained_base_tokens=untrained,
+        real_tokens=job.real,
+        metrics=hook_metrics(per_state, job.states, run.layers),
+        include_first_token=run.config.include_first_token,
+        residuals=residuals,
+    )
+
+
+def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float) -> str:
+    """One line for the end of a run: prompts, tokens, wall time, peak memory, strategy."""
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    parts = [
+        f"{len(run.tokenized.token_ids)} prompts",
+        f"{sum(run.tokenized.lengths):,} tokens",
+        f"{seconds:.1f} s",
+        f"peak host RSS {peak_host:.2f} GiB",
+    ]
+    if run.device.startswith("cuda") and torch.cuda.is_available():
+        peaks = {gpu: torch.cuda.max_memory_allocated(gpu) / GIB for gpu in run.gpus}
+        parts.append("peak GPU " + ", ".join(f"cuda:{g} {p:.2f} GiB" for g, p in peaks.items()))
+    parts.append(f"strategy {execution.strategy} ({execution.schedule}, {job.layout.count} shard(s) "
+                 f"of up to {job.layout.size} prompts)")
+    return "done: " + ", ".join(parts)
+
+
+def run_comparison(
+    config: RunConfig,
+    *,
+    overrides: LoadOverrides | None = None,
+    preflight: Preflight | None = None,
+    keep_residuals: bool = False,
+) -> ComparisonResult:
+    """Run one comparison as ``config`` describes, in memory, and return the result.
+
+    ``preflight`` gets ``PreparedRun.plan_facts()`` before any weights are loaded and
+    returns the ``Execution`` (``lens_compare.preflight.memory_preflight`` asks the
+    hardware planner), or raises to refuse the run. Without one, ``strategy: auto``
+    runs sequentially on the configured device.
+    """
+    run, layout, execution = start_run(config, overrides=overrides, preflight=preflight)
+    job = make_job(run, layout, execution, keep_states=keep_residuals)
+    store = MemoryStore()
+    seconds = execute(job, execution, store)
+    result = assemble(run, job, execution, store, keep_residuals=keep_residuals)
+    logger.info(summary_line(run, execution, job, seconds))
+    return result
 
 
 def _versions() -> dict[str, str]:
     out = {}
-    for package in ("lens_compare", "transformer-lens", "torch", "transformers"):
+    for package in ("lens_compare", "transformer-lens", "torch", "transformers", "bitsandbytes"):
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -140,210 +202,24 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _Loaded:
-    """Load-once caches for configs and tokenizers keyed by reference (the sanity pair shares one)."""
-
-    def __init__(self, overrides: LoadOverrides):
-        self.overrides = overrides
-        self.configs: dict[str, Any] = {}
-        self.tokenizers: dict[str, Any] = {}
-
-    def config(self, ref: ModelRef):
-        if ref.spec not in self.configs:
-            self.configs[ref.spec] = load_config(ref)
-        return self.configs[ref.spec]
-
-    def tokenizer(self, ref: ModelRef):
-        if ref.spec not in self.tokenizers:
-            self.tokenizers[ref.spec] = load_tokenizer(
-                ref, self.overrides.tokenizer, **(self.overrides.tokenizer_kwargs or {})
-            )
-        return self.tokenizers[ref.spec]
-
-
-@dataclass(frozen=True)
-class PreparedRun:
-    """Everything a run knows before any weights load."""
-
-    config: RunConfig
-    pair: str
-    base: Side
-    sft: Side
-    device: str
-    model_configs: dict[str, Any]
-    layers: tuple[int, ...]
-    tokenized: TokenizedPrompts
-    tokenizers: dict[str, Any]
-    overrides: LoadOverrides
-
-    @property
-    def sides(self) -> tuple[Side, Side]:
-        return self.base, self.sft
-
-    def plan_facts(self) -> dict[str, Any]:
-        """What the preflight (the hardware planner) needs to judge the run."""
-        return {
-            "pair": self.pair, "base": self.base, "sft": self.sft, "configs": self.model_configs,
-            "device": self.device, "layers": self.layers,
-            "n_prompts": len(self.tokenized.token_ids), "max_tokens": max(self.tokenized.lengths),
-            "batch_size": self.config.batch_size, "strategy": self.config.strategy,
-        }
-
-
-def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> PreparedRun:
-    """Resolve, validate and tokenize: every check that needs no weights, in order.
-
-    When ``config.local_run`` is enabled, the seed's guard runs first and its approved
-    entry's device, dtype, tokenizer and kwargs override the config.
-    """
-    overrides = overrides or LoadOverrides()
-    pair_label, base, sft, note = resolve_sides(config)
-    if note:
-        logger.info("pair %s: %s", pair_label, note)
-    approval = local_run_approval(config.local_run, base.ref.spec, sft.ref.spec)
-    if approval is not None:
-        config = config.replace(device=approval.device, dtype=approval.dtype)
-        if approval.dtype:
-            base, sft = replace(base, dtype=approval.dtype), replace(sft, dtype=approval.dtype)
-        overrides = LoadOverrides(approval.tokenizer, approval.tokenizer_kwargs, approval.model_kwargs)
-    device = resolve_device(config.device)
-    prompts = read_prompts(config)
-    cache = _Loaded(overrides)
-    model_configs = {side.role: cache.config(side.ref) for side in (base, sft)}
-    n_layers = model_configs["base"].num_hidden_layers
-    if model_configs["sft"].num_hidden_layers != n_layers:
-        raise ConfigError(
-            f"the models differ in depth ({n_layers} vs {model_configs['sft'].num_hidden_layers} "
-            "layers); they cannot be compared layer by layer"
-        )
-    layers = select_layers(config, n_layers)
-    tokenizers = {side.role: cache.tokenizer(side.ref) for side in (base, sft)}
-    tokenized = tokenize_prompts(
-        prompts, tokenizers["base"], tokenizers["sft"],
-        chat_template=config.chat_template, n_tokens=config.tokens, filler_text=config.filler_text,
-    )
-    for side in (base, sft):
-        check_context(tokenized, context_length(model_configs[side.role]), f"{side.role} model {side.ref}")
-    return PreparedRun(config, pair_label, base, sft, device, model_configs, layers, tokenized,
-                       tokenizers, overrides)
-
-
-@dataclass(frozen=True)
-class Captured:
-    """Both models' residual states plus what was learnt from their weights while loaded."""
-
-    states: dict[str, ResidualStates]
-    fingerprints: dict[str, str]
-    untrained: dict[int, float]
-
-
-def capture_pair(run: PreparedRun, strategy: str) -> Captured:
-    """Load each model once and push every prompt through it.
-
-    ``resident`` keeps both models loaded; ``sequential`` frees each before loading
-    the next, so only one model's weights are in memory at a time.
-    """
-    if strategy not in ("resident", "sequential"):
-        raise LensCompareError(f"strategy {strategy!r} is not run by the core pipeline (resident, sequential)")
-    token_ids, real = run.tokenized.padded(_pad_id(run.tokenizers["base"]))
-    states = states_for_layers(run.layers)
-    seen_ids = {t for ids in run.tokenized.token_ids for t in ids}
-    captured = Captured({}, {}, {})
-
-    def load(side: Side):
-        logger.info("loading %s model %s (%s) in %s on %s", side.role, side.ref, side.ref.kind, side.dtype, run.device)
-        hf_model = load_hf_model(side.ref, run.model_configs[side.role], side.dtype, run.device,
-                                 run.overrides.model_kwargs)
-        captured.fingerprints[side.role] = weights_fingerprint(hf_model)
-        if side.role == "base":
-            captured.untrained.update(untrained_token_ids(hf_model.get_input_embeddings().weight, seen_ids))
-        return boot_bridge(hf_model, side.ref, run.tokenizers[side.role], side.dtype, run.device)
-
-    def capture(side: Side, bridge) -> None:
-        captured.states[side.role] = capture_states(
-            bridge, token_ids, real, states, batch_size=run.config.batch_size, label=side.role
-        )
-        progress.update()
-
-    progress = tqdm(total=2, desc="models", unit="model", leave=False)
-    if strategy == "resident":
-        bridges = [(side, load(side)) for side in run.sides]
-        for side, bridge in bridges:
-            capture(side, bridge)
-        del bridges
-    else:
-        for side in run.sides:
-            bridge = load(side)
-            capture(side, bridge)
-            del bridge
-            gc.collect()
-            if run.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-    progress.close()
-    return captured
-
-
-def _pad_id(tokenizer) -> int:
-    # Right padding is masked out of every metric, so any id in the vocabulary will do.
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
-
-
-def run_comparison(
-    config: RunConfig,
-    *,
-    overrides: LoadOverrides | None = None,
-    preflight: Callable[[dict[str, Any]], str] | None = None,
-    keep_residuals: bool = False,
-) -> ComparisonResult:
-    """Run one comparison as ``config`` describes and return the result (nothing is written).
-
-    ``preflight`` gets ``PreparedRun.plan_facts()`` before any weights are loaded; it
-    returns the strategy to use (``resident`` or ``sequential``) or raises to refuse
-    the run (``lens_compare.preflight.memory_preflight`` asks the hardware planner).
-    Without one, ``strategy: auto`` runs sequentially.
-    """
-    run = prepare_run(config, overrides)
-    strategy = preflight(run.plan_facts()) if preflight is not None else run.config.strategy
-    if strategy == "auto":
-        strategy = "sequential"
-    captured = capture_pair(run, strategy)
-    tokenizer = run.tokenizers["base"]
-    if captured.untrained:
-        logger.warning(
-            "the base model's embedding rows look untrained for %s (row norm / median < %s); "
-            "residuals at these positions are outliers, marked base_untrained in the outputs",
-            ", ".join(f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t})" for t in captured.untrained),
-            UNTRAINED_NORM_RATIO,
-        )
-    base_states, sft_states = captured.states["base"], captured.states["sft"]
-    return ComparisonResult(
-        provenance=_provenance(run, strategy, captured),
-        layers=run.layers,
-        tokens=run.tokenized,
-        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),
-        untrained_base_tokens=captured.untrained,
-        real_tokens=run.tokenized.padded(0)[1],
-        metrics=token_metrics(base_states, sft_states, run.layers),
-        include_first_token=run.config.include_first_token,
-        residuals=(base_states, sft_states) if keep_residuals else None,
-    )
-
-
-def _provenance(run: PreparedRun, strategy: str, captured: Captured) -> dict[str, Any]:
+def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, Any],
+                untrained: dict[int, float]) -> dict[str, Any]:
     tokenizer = run.tokenizers["base"]
     return {
         "versions": _versions(),
         "pair": run.pair,
-        "base_model": _side_provenance(run.base, captured.fingerprints),
-        "sft_model": _side_provenance(run.sft, captured.fingerprints),
+        "base_model": _side_provenance(run.base, facts["base"]),
+        "sft_model": _side_provenance(run.sft, facts["sft"]),
         "dtype": {"base": run.base.dtype, "sft": run.sft.dtype},
         "device": run.device,
-        "strategy": strategy,
+        "gpus": list(run.gpus),
+        "strategy": execution.strategy,
+        "schedule": execution.schedule,
+        "quantization": {role: facts[role]["quantization"] for role in ("base", "sft")},
+        "placement": {role: facts[role]["placement"] for role in ("base", "sft")},
+        "shards": {"count": job.layout.count, "size": job.layout.size},
         "n_layers": run.model_configs["base"].num_hidden_layers,
-        "d_model": int(captured.states["base"].values.shape[-1]),
+        "d_model": facts["base"]["d_model"],
         "layers": list(run.layers),
         "chat_template": run.tokenized.chat_template,
         "prompts": list(run.tokenized.prompts),
@@ -352,14 +228,14 @@ def _provenance(run: PreparedRun, strategy: str, captured: Captured) -> dict[str
         "token_ids": [list(ids) for ids in run.tokenized.token_ids],
         "untrained_base_tokens": [
             {"id": t, "token": tokenizer.convert_ids_to_tokens(t), "norm_over_median": round(r, 6)}
-            for t, r in captured.untrained.items()
+            for t, r in untrained.items()
         ],
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": run.config.to_dict(),
     }
 
 
-def _side_provenance(side: Side, fingerprints: dict[str, str]) -> dict[str, Any]:
+def _side_provenance(side, facts: dict[str, Any]) -> dict[str, Any]:
     return {
         "reference": side.ref.spec,
         "kind": side.ref.kind,
@@ -367,5 +243,5 @@ def _side_provenance(side: Side, fingerprints: dict[str, str]) -> dict[str, Any]
         "gguf_file": side.ref.gguf_file,
         "seed_id": side.seed_id,
         "dtype": side.dtype,
-        "weights_sha256_16": fingerprints.get(side.role),
+        "weights_sha256_16": facts["weights_sha256_16"],
     }

@@ -1,10 +1,11 @@
-"""Before any weights load: the local_run guard, and the planner's verdict for this machine.
+"""Before any weights load: the local_run guard, and the planner's verdict turned into an execution.
 
 ``memory_preflight`` gets the facts the pipeline has gathered without loading weights
-(the models' configs, token counts, dtypes, device, captured layers) and asks the
-hardware planner whether the run fits the machine it is on. It returns the strategy
-to run, or raises ``HardwareError`` with the planner's explanation, so a run that
-cannot fit stops here instead of running out of memory halfway through loading.
+(the models' configs, token counts, dtypes, device and GPUs, captured layers) and asks
+the hardware planner what runs on this machine. It returns the ``Execution``: the
+schedule, and how each model is loaded (one device, split over GPUs by a device map
+computed here from the planner's layout, or NF4). Whatever cannot run is refused
+here with the planner's explanation, before a single weight is read.
 """
 
 import logging
@@ -12,32 +13,29 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.errors import HardwareError, UnsupportedArchitectureError
-from lens_compare.hardware import Machine, Workload, detect_machine, plan_models
+from lens_compare.execution import Execution, default_execution, side_loads
+from lens_compare.hardware import Machine, Workload, plan_models
 from lens_compare.hardware.local_run import (
     LocalRunApproval,
     LocalRunConfig,
     check_local_run,
     query_cuda_device,
 )
-from lens_compare.hardware.machine import host_ram_gib
+from lens_compare.hardware.machine import detect_gpus, host_ram_gib
+from lens_compare.hardware.planner import Plan
+from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
 from lens_compare.hooks import states_for_layers
 
 logger = logging.getLogger("lens_compare")
 
-# The strategies the core pipeline runs itself; nf4 and cpu offload belong to the
-# run-strategies work and are refused here rather than silently substituted.
-RUNNABLE = ("resident", "sequential")
 
-
-def machine_for(device: str) -> Machine:
-    """The machine the models will actually be placed on."""
+def machine_for(device: str, gpus: tuple[int, ...]) -> Machine:
+    """The machine the models will actually be placed on: the selected GPUs, or this host's RAM."""
     if device == "cpu":
         _, available = host_ram_gib()
         return Machine("cpu", 1, available, available)
-    # lens_compare places both models on the one device it was given.
-    index = int(device.partition(":")[2] or 0)
-    return detect_machine(index).with_count(1)
+    return detect_gpus(gpus, CUDA_CONTEXT_GIB)
 
 
 def _source(side, config) -> ModelSource:
@@ -45,43 +43,81 @@ def _source(side, config) -> ModelSource:
     return ModelSource(side.ref.spec, config, checkpoint_of(config, gguf_bytes))
 
 
-def memory_preflight(facts: dict[str, Any]) -> str:
-    """Return ``resident`` or ``sequential`` for this run, or raise HardwareError."""
+def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan:
     base, sft = facts["base"], facts["sft"]
+    held = facts.get("held_prompts") or facts["n_prompts"]
     workload = Workload(
         tokens=facts["max_tokens"],
-        batch=facts["n_prompts"],
-        forward_batch=facts["batch_size"],
+        batch=held,
+        forward_batch=min(facts["batch_size"], held),
         base_dtype=base.dtype,
         sft_dtype=sft.dtype,
         states=len(states_for_layers(facts["layers"])),
     )
+    return plan_models(
+        _source(base, facts["configs"]["base"]),
+        _source(sft, facts["configs"]["sft"]),
+        workload,
+        machine,
+        strategy=strategy,
+        pair=facts.get("pair"),
+        with_cheapest=False,
+        side_precisions=(base.quantization, sft.quantization),
+    )
+
+
+def _alternatives(plan: Plan) -> str:
+    fitting = [f"{name} on {r.min_gpus} GPU(s)" for name, r in plan.strategies.items()
+               if r.min_gpus is not None and name != "cpu"]
+    return "; what fits instead: " + ", ".join(fitting) if fitting else "; nothing else fits either"
+
+
+def memory_preflight(facts: dict[str, Any]) -> Execution:
+    """The execution for this run on this machine, or HardwareError with the planner's explanation."""
+    base, sft = facts["base"], facts["sft"]
     requested = None if facts["strategy"] == "auto" else facts["strategy"]
+    if requested == "nf4" or base.quantization or sft.quantization:
+        from lens_compare.quantization import require_bitsandbytes
+
+        require_bitsandbytes()
+    machine = machine_for(facts["device"], facts["gpus"])
     try:
-        plan = plan_models(
-            _source(base, facts["configs"]["base"]),
-            _source(sft, facts["configs"]["sft"]),
-            workload,
-            machine_for(facts["device"]),
-            strategy=requested,
-            pair=facts.get("pair"),
-            with_cheapest=False,
-        )
+        plan = _plan(facts, machine, requested)
     except UnsupportedArchitectureError as error:
         # The pipeline runs any architecture TransformerLens bridges; the planner only
         # models the seed's families. Say so loudly rather than refuse a runnable pair.
-        strategy = requested or "sequential"
-        logger.warning("no memory check for this run: %s Running %s without a plan.", error, strategy)
-        return strategy
+        execution = default_execution(facts)
+        logger.warning("no memory check for this run: %s Running %s without a plan.", error, execution.strategy)
+        return execution
     logger.info("hardware plan:\n%s", plan.explain())
     if plan.strategy is None:
-        raise HardwareError(f"refusing to load: nothing fits on {plan.machine.label}. {plan.explain()}")
-    if plan.strategy not in RUNNABLE:
-        raise HardwareError(
-            f"refusing to load: on {plan.machine.label} this run fits only with the "
-            f"{plan.strategy!r} strategy, which lens_compare.run does not run yet. {plan.explain()}"
-        )
-    return plan.strategy
+        forced = f"the {requested!r} strategy does not fit" if requested else "nothing fits"
+        raise HardwareError(f"refusing to load: {forced} on {plan.machine.label}. {plan.explain()}")
+    chosen = plan.chosen
+    if machine.kind == "cuda" and chosen.min_gpus is not None and chosen.min_gpus < machine.count:
+        # Split over no more GPUs than needed: fewer hops, and the rest stay free.
+        machine = machine.with_count(chosen.min_gpus)
+        plan = _plan(facts, machine, chosen.name)
+        chosen = plan.chosen
+    if requested is None and chosen.name == "nf4":
+        logger.warning(
+            "no exact strategy fits %s: running NF4 (4-bit weights). NF4 changes the residual "
+            "stream itself; read its drift against the smollm2-nf4 noise-floor pair.", machine.label)
+    schedule = "resident" if chosen.layout == "resident" else "sequential"
+    gpus = facts["gpus"][: machine.count]
+    device = f"cuda:{gpus[0]}" if machine.kind == "cuda" else "cpu"
+    loads = side_loads(facts, chosen.name, device)
+    if machine.kind == "cuda" and machine.count > 1:
+        from lens_compare.placement import split_loads
+
+        loads = split_loads(loads, chosen, facts["configs"], gpus, alternatives=_alternatives(plan))
+    estimate = {
+        "machine": machine.label,
+        "peak_gib_per_device": round(chosen.peak_gib_per_gpu, 3),
+        "host_gib": round(chosen.host_gib, 3),
+        "seconds": None if chosen.est_seconds is None else round(chosen.est_seconds, 1),
+    }
+    return Execution(chosen.name, schedule, loads, estimate)
 
 
 def local_run_approval(block: dict[str, Any] | None, base: str, sft: str) -> LocalRunApproval | None:

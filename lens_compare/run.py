@@ -8,23 +8,22 @@ without it, from ``configs/dev_config.yaml`` when ``DEV_MODE=true`` and
 
 import argparse
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from lens_compare.config import RunConfig, default_config_path, load_config_file
+from lens_compare.engines import Job
 from lens_compare.errors import LensCompareError
-from lens_compare.outputs import (
-    check_export_formats,
-    check_output_dir,
-    residual_tensors,
-    write_frame,
-    write_json,
-    write_residuals,
-)
+from lens_compare.fingerprint import document_fingerprint
+from lens_compare.loading import DTYPES
+from lens_compare.outputs import check_export_formats, check_output_dir, write_frame, write_json
 from lens_compare.pairs import builtin_pairs
-from lens_compare.pipeline import run_comparison
+from lens_compare.pipeline import assemble, execute, make_job, run_manifest, start_run, summary_line
 from lens_compare.preflight import memory_preflight
+from lens_compare.residual_file import write_residual_file
+from lens_compare.store import RunFolder
 
 logger = logging.getLogger("lens_compare")
 
@@ -41,13 +40,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, help="make every prompt exactly N tokens")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--gpus", help="CUDA devices to split models over, e.g. 0,1,2,3 (default: all visible)")
     p.add_argument("--layers", help="comma-separated layer indices to capture, e.g. 0,5,10")
     p.add_argument("--skip-first", type=int, help="do not capture the first K layers")
     p.add_argument("--chat-template", choices=("none", "sft"))
     p.add_argument("--include-first-token", action="store_true", default=None,
                    help="include position 0 in the per-layer aggregates")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--strategy", choices=("auto", "resident", "sequential"))
+    p.add_argument("--strategy", choices=("auto", "resident", "sequential", "nf4"))
+    p.add_argument("--shard-size", type=int,
+                   help="prompts per shard, the unit of progress and resume (default: ~2 GiB of residuals)")
     p.add_argument("--save-residuals", action="store_true", default=None,
                    help="also write the captured residuals to a .safetensors file")
     p.add_argument("--parquet", action="store_true", help="also write the token and summary tables as parquet")
@@ -68,6 +70,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         "device": args.device, "skip_first": args.skip_first, "chat_template": args.chat_template,
         "include_first_token": args.include_first_token, "batch_size": args.batch_size,
         "strategy": args.strategy, "save_residuals": args.save_residuals, "output_dir": args.out,
+        "shard_size": args.shard_size,
     }
     if args.pair:
         changes.update(pair=args.pair, base_model=None, sft_model=None)
@@ -77,6 +80,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         changes.update(prompts=list(args.prompt), prompts_file=None)
     if args.prompts_file:
         changes.update(prompts=[], prompts_file=args.prompts_file)
+    if args.gpus:
+        try:
+            changes["gpus"] = [int(x) for x in args.gpus.split(",")]
+        except ValueError:
+            raise LensCompareError(f"--gpus {args.gpus!r}: expected comma-separated CUDA indices like 0,1,2,3") from None
+        if args.device is None and not str(config.device).startswith("cuda"):
+            changes["device"] = "cuda"
     if args.layers:
         try:
             changes.update(layers=[int(x) for x in args.layers.split(",")], skip_first=0)
@@ -92,7 +102,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(merged)
 
 
-def write_outputs(result, config: RunConfig, stem: Path) -> list[Path]:
+def write_outputs(result, config: RunConfig, stem: Path, job: Job, folder: RunFolder) -> list[Path]:
     written = [write_json(stem.with_suffix(".json"), result.to_dict())]
     if config.export:
         tables = {"tokens": result.to_dataframe(), "summary": result.summary()}
@@ -100,11 +110,19 @@ def write_outputs(result, config: RunConfig, stem: Path) -> list[Path]:
             for name, frame in tables.items():
                 written.append(write_frame(stem.with_name(f"{stem.name}.{name}.{fmt}"), frame, fmt))
     if config.save_residuals:
-        base, sft = result.residuals
-        tensors = residual_tensors(base, sft, result.layers, *result.tokens.padded(0))
-        meta = {"pair": str(result.provenance["pair"]), "layers": ",".join(map(str, result.layers))}
-        written.append(write_residuals(stem.with_suffix(".safetensors"), tensors, meta))
+        run = job.run
+        written.append(write_residual_file(
+            stem.with_suffix(".safetensors"),
+            token_ids=job.token_ids.masked_fill(~job.real, 0), real=job.real, layers=run.layers,
+            dtypes={side.role: DTYPES[side.dtype] for side in run.sides},
+            d_model=result.provenance["d_model"], bounds=job.layout.bounds, state_slice=folder.state_slice,
+            metadata={"pair": str(result.provenance["pair"]), "layers": ",".join(map(str, result.layers))},
+        ))
     return written
+
+
+def _folder_name(pair: str, manifest: dict) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pair)}-{document_fingerprint(manifest)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,23 +136,40 @@ def main(argv: list[str] | None = None) -> int:
         for key, spec in builtin_pairs().items():
             print(f"{key:16s} {spec.base}  <->  {spec.sft}")
         return 0
+    folder = None
     try:
         config = resolve_config(args)
         logger.info("resolved config: %s", config.to_dict())
         out_dir = Path(config.output_dir)
         check_output_dir(out_dir)
         check_export_formats(config.export)
-        result = run_comparison(config, preflight=memory_preflight, keep_residuals=config.save_residuals)
+        run, layout, execution = start_run(config, preflight=memory_preflight, held_in_memory=False)
+        keep = config.save_residuals
+        job = make_job(run, layout, execution, keep_states=keep)
+        manifest = run_manifest(run, layout, execution, keep)
+        folder = RunFolder(out_dir / "runs" / _folder_name(run.pair, manifest), manifest)
+        found = len(folder.finished_shards())
+        spilled = len(folder.spilled_shards("base"))
+        logger.info("run folder %s: %d of %d shard(s) already finished%s%s", folder.path, found, layout.count,
+                    f", {spilled} base shard(s) spilled" if spilled else "",
+                    "; resuming" if found or spilled else "")
+        seconds = execute(job, execution, folder)
+        result = assemble(run, job, execution, folder, keep_residuals=False)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         stem = out_dir / f"lens_compare_{result.provenance['pair']}_{stamp}"
-        for path in write_outputs(result, config, stem):
+        for path in write_outputs(result, config, stem, job, folder):
             print(path)
+        if not keep:
+            folder.drop_all_states()
+        logger.info(summary_line(run, execution, job, seconds))
         return 0
     except LensCompareError as error:
         print(f"lens_compare: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("lens_compare: interrupted; no partial output was written", file=sys.stderr)
+        kept = f"; finished shards are kept in {folder.path}: run the same command again to resume" \
+            if folder is not None else "; no output was written"
+        print(f"lens_compare: interrupted{kept}", file=sys.stderr)
         return 130
 
 

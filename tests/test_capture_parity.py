@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lens_compare.capture import capture_states
 from lens_compare.hooks import resid_post, resid_pre, states_for_layers
+from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
 from tests.fixtures.tiny_models import FAMILIES
 
@@ -14,9 +15,10 @@ PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello worl
 
 def _bridge(directory, dtype="float32"):
     ref = resolve_ref(str(directory))
-    hf_model = load_hf_model(ref, load_config(ref), dtype, "cpu")
+    options = LoadOptions(dtype, "cpu")
+    hf_model = load_hf_model(ref, load_config(ref), options)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return boot_bridge(hf_model, ref, tokenizer, dtype, "cpu"), tokenizer
+    return boot_bridge(hf_model, ref, tokenizer, options), tokenizer
 
 
 def _batch(tokenizer):

@@ -143,7 +143,7 @@ def test_list_pairs(capsys):
 def test_prompts_files_txt_and_jsonl(tmp_path):
     from lens_compare.config import RunConfig
     from lens_compare.errors import ConfigError
-    from lens_compare.pipeline import read_prompts
+    from lens_compare.prepare import read_prompts
 
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     assert read_prompts(RunConfig(prompts_file=str(tmp_path / "p.txt"))) == ("first prompt", "second prompt")
@@ -152,3 +152,57 @@ def test_prompts_files_txt_and_jsonl(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": 3}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: expected"):
         read_prompts(RunConfig(prompts_file=str(tmp_path / "bad.jsonl")))
+
+
+def _fake_cuda(monkeypatch, n_devices: int) -> None:
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_devices)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=81559 * 2**20))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (81000 * 2**20, 81559 * 2**20))
+
+
+def _no_bitsandbytes(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+
+
+def _tiny_cpu(monkeypatch) -> None:
+    from lens_compare import preflight
+    from lens_compare.hardware import Machine
+
+    monkeypatch.setattr(preflight, "machine_for", lambda device, gpus: Machine("cpu", 1, 1e-4, 1e-4))
+
+
+@pytest.mark.parametrize(
+    "extra, setup, message",
+    [
+        (["--gpus", "0,5"], lambda mp: _fake_cuda(mp, 2),
+         "--gpus names cuda:5, which does not exist: this machine has 2 CUDA device(s) (0..1)"),
+        (["--gpus", "0,x"], lambda mp: None, "expected comma-separated CUDA indices"),
+        (["--gpus", "1", "--device", "cpu"], lambda mp: None, "add --device cuda"),
+        (["--strategy", "nf4"], _no_bitsandbytes, "the nf4 strategy needs bitsandbytes, which is not installed: "
+                                                  "pip install 'lens_compare[nf4]'"),
+        (["--strategy", "resident"], _tiny_cpu, "refusing to load: the 'resident' strategy does not fit on CPU"),
+        (["--shard-size", "0"], lambda mp: None, "residual_compare.shard_size: must be >= 1 prompt, got 0"),
+    ],
+)
+def test_bad_strategy_input_is_one_line_and_leaves_no_file(extra, setup, message, tiny_model_dirs, tmp_path,
+                                                          capsys, monkeypatch):
+    from lens_compare.engines import bridge
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(bridge, "load_hf_model", refuse)
+    setup(monkeypatch)
+    model = str(tiny_model_dirs["llama"])
+    code, _, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "hello", "--out", "res", *extra)
+    assert code == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not [p for p in outputs(tmp_path / "res") if p.is_file()]

@@ -166,8 +166,11 @@ def test_bad_input():
 
 
 def test_cli_json_keys(capsys):
-    assert main(["--pair", "deepseek-v3", "--tokens", "50", "--gpu", "h100", "--count", "8", "--json"]) == 0
+    # Only cpu offload fits DeepSeek-V3 on 8x H100, and it is not run: exit 1, plan still printed.
+    assert main(["--pair", "deepseek-v3", "--tokens", "50", "--gpu", "h100", "--count", "8", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
+    assert out["strategy"] is None and out["strategies"]["cpu"]["fits"] is True
+    assert any("never chosen" in note for note in out["notes"])
     for key in ("pair", "base_params", "sft_params", "base_active_params", "weights_gib", "run_gib",
                 "strategies", "strategy", "gpus", "notes"):
         assert key in out

@@ -6,6 +6,7 @@ import pytest
 
 import lens_compare
 from lens_compare import pipeline, preflight
+from lens_compare.engines import bridge
 from lens_compare.errors import HardwareError
 from lens_compare.hardware import Machine
 from lens_compare.hardware.local_run import GpuFacts
@@ -19,11 +20,11 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(pipeline, "load_hf_model", refuse)
+    monkeypatch.setattr(bridge, "load_hf_model", refuse)
 
 
 def test_run_that_cannot_fit_is_refused_before_loading(tiny_model_dirs, monkeypatch, no_weights):
-    monkeypatch.setattr(preflight, "machine_for", lambda device: Machine("cpu", 1, 1e-4, 1e-4))
+    monkeypatch.setattr(preflight, "machine_for", lambda device, gpus: Machine("cpu", 1, 1e-4, 1e-4))
     directory = str(tiny_model_dirs["llama"])
     with pytest.raises(HardwareError, match="refusing to load: nothing fits"):
         lens_compare.compare(base=directory, sft=directory, prompts=PROMPTS)
@@ -33,8 +34,9 @@ def test_planner_chooses_the_strategy_and_logs_its_plan(tiny_model_dirs, monkeyp
     seen = {}
 
     def spy(facts):
-        seen["strategy"] = preflight.memory_preflight(facts)
-        return seen["strategy"]
+        execution = preflight.memory_preflight(facts)
+        seen["strategy"] = execution.strategy
+        return execution
 
     directory = str(tiny_model_dirs["llama"])
     config = lens_compare.RunConfig(base_model=directory, sft_model=directory, prompts=tuple(PROMPTS))
@@ -99,19 +101,25 @@ def test_malformed_local_run_block_is_refused_with_its_path(tmp_path, capsys):
     assert "residual_compare.local_run.min_vram" in capsys.readouterr().err
 
 
-def test_fit_only_with_nf4_is_refused_not_substituted(tiny_model_dirs, monkeypatch, no_weights):
-    """The core runs resident/sequential only; it never silently switches to 4-bit weights."""
-
+def test_auto_runs_nf4_when_only_nf4_fits_and_says_so(tiny_model_dirs, monkeypatch, caplog):
+    """auto executes the planner's pick, NF4 included, and warns that 4-bit weights change the stream."""
     real_plan_models = preflight.plan_models
 
     def nf4_only(*args, **kwargs):
         plan = real_plan_models(*args, **kwargs)
+        if kwargs.get("strategy"):
+            return plan
         return type(plan)(**{**plan.__dict__, "strategy": "nf4"})
 
     monkeypatch.setattr(preflight, "plan_models", nf4_only)
     directory = str(tiny_model_dirs["llama"])
-    with pytest.raises(HardwareError, match="fits only with the 'nf4' strategy"):
-        lens_compare.compare(base=directory, sft=directory, prompts=PROMPTS)
+    run = pipeline.prepare_run(lens_compare.RunConfig(base_model=directory, sft_model=directory,
+                                                      prompts=tuple(PROMPTS)))
+    with caplog.at_level(logging.WARNING, logger="lens_compare"):
+        execution = preflight.memory_preflight(run.plan_facts())
+    assert execution.strategy == "nf4" and execution.schedule == "resident"
+    assert {o.quantization for o in execution.loads.values()} == {"nf4"}
+    assert "running NF4 (4-bit weights)" in caplog.text
 
 
 def test_family_the_planner_cannot_model_runs_with_a_warning(tmp_path, caplog):
@@ -131,17 +139,26 @@ def test_family_the_planner_cannot_model_runs_with_a_warning(tmp_path, caplog):
     assert abs(result.to_dict()["resid_post"][-1]["cosine"]["min"] - 1) <= 1e-6
 
 
-def test_plan_uses_the_gpu_the_run_was_given(monkeypatch):
-    """Device facts passed as data: a cuda:1 run is planned on GPU 1, alone."""
+def fake_cuda(monkeypatch, gpus):
+    """CUDA devices as data: (name, total MiB, free MiB) per device."""
     import types
 
     import torch
 
-    gpus = [("NVIDIA H100 80GB HBM3", 81559), ("NVIDIA GeForce RTX 4090", 24564)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: types.SimpleNamespace(name=gpus[i][0], total_memory=gpus[i][1] * 2**20))
-    machine = preflight.machine_for("cuda:1")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (gpus[i][2] * 2**20, gpus[i][1] * 2**20))
+
+
+def test_plan_uses_the_gpus_the_run_was_given(monkeypatch):
+    """A cuda:1 run is planned on GPU 1 alone, by what is free on it (plus this process's context)."""
+    fake_cuda(monkeypatch, [("NVIDIA H100 80GB HBM3", 81559, 81400), ("NVIDIA GeForce RTX 4090", 24564, 20000)])
+    machine = preflight.machine_for("cuda:1", (1,))
     assert (machine.device_name, machine.count, machine.gpu.name) == ("NVIDIA GeForce RTX 4090", 1, "RTX 4090")
-    assert preflight.machine_for("cuda").device_name == "NVIDIA H100 80GB HBM3"
+    assert machine.device_gib == pytest.approx(20000 / 1024 + 0.5)
+    both = preflight.machine_for("cuda", (0, 1))
+    assert both.count == 2 and both.device_name == "NVIDIA H100 80GB HBM3"
+    assert both.device_gib == pytest.approx(20000 / 1024 + 0.5), "planned on the smallest free device"
+    assert preflight.machine_for("cuda", (0,)).device_gib == pytest.approx(81559 / 1024), "capped at total"

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 import lens_compare
 from lens_compare.capture import capture_states
 from lens_compare.hooks import states_for_layers
+from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
 
 pytestmark = pytest.mark.slow
@@ -17,7 +18,8 @@ def test_captures_equal_hf_hidden_states(smollm2_gguf):
     ref = resolve_ref(str(smollm2_gguf))
     config = load_config(ref)
     tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
-    bridge = boot_bridge(load_hf_model(ref, config, "float32", "cpu"), ref, tokenizer, "float32", "cpu")
+    options = LoadOptions("float32", "cpu")
+    bridge = boot_bridge(load_hf_model(ref, config, options), ref, tokenizer, options)
     encoded = tokenizer(PROMPTS, padding=True, return_tensors="pt", padding_side="right")
     real = encoded["attention_mask"].bool()
     layers = tuple(range(config.num_hidden_layers))

@@ -50,6 +50,9 @@ class Architecture:
     d_moe: int = 0
     first_dense_layers: int = 0
     mtp_layers: int = 0
+    # Width of the rotary embedding (0 with learned positions): its float32 inv_freq
+    # buffers are placed by a device map like any module.
+    rotary_dim: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +126,8 @@ def architecture_from_config(config: Any) -> Architecture:
     )
     if rule.learned_positions:
         fields["n_positions"] = int(cfg.max_position_embeddings)
+    else:
+        fields["rotary_dim"] = int(head_dim * float(getattr(cfg, "partial_rotary_factor", None) or 1.0))
     if rule.attention == "mla":
         fields.update(
             q_lora_rank=cfg.q_lora_rank,
@@ -130,6 +135,7 @@ def architecture_from_config(config: Any) -> Architecture:
             qk_nope_head_dim=int(cfg.qk_nope_head_dim),
             qk_rope_head_dim=int(cfg.qk_rope_head_dim),
             v_head_dim=int(cfg.v_head_dim),
+            rotary_dim=int(cfg.qk_rope_head_dim),
         )
     if rule.moe:
         fields.update(

@@ -4,7 +4,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lens_compare.hardware.architecture import Architecture
-from lens_compare.hardware.params import ParamCount, block_groups, count_params, model_groups
+from lens_compare.hardware.params import (
+    ParamCount,
+    block_groups,
+    chunk_groups,
+    count_params,
+    load_order,
+    model_groups,
+)
 from lens_compare.hardware.precision import PRECISIONS, WeightBytes, weight_bytes
 from lens_compare.hardware.run_memory import ModelRunTerms, Workload, model_run_terms
 
@@ -31,6 +38,8 @@ class ModelEstimate:
     weights: dict[str, WeightBytes]
     largest_block: dict[str, WeightBytes]
     terms: ModelRunTerms
+    # Bytes of each indivisible module in device-map order (params.load_order), per precision.
+    chunks: dict[str, tuple[int, ...]]
 
     @property
     def disk_gib(self) -> float:
@@ -76,4 +85,18 @@ def estimate_model(
         terms=model_run_terms(
             arch, dtype, workload, params=params.total, gguf_file_bytes=checkpoint.gguf_file_bytes
         ),
+        chunks=_chunk_bytes(arch, kw),
     )
+
+
+def _chunk_bytes(arch: Architecture, kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    kinds = chunk_groups(arch)
+    order = load_order(arch)
+    out = {}
+    # float32 buffers that are not parameters: rotary inv_freq and original_inv_freq
+    # (rotary_dim / 2 each), DeepSeek's per-expert e_score_correction_bias.
+    buffers = {"rotary": 4 * arch.rotary_dim, "moe": 4 * arch.n_routed_experts}
+    for p in PRECISIONS:
+        per_kind = {kind: weight_bytes(groups, p, **kw).total for kind, groups in kinds.items()}
+        out[p] = tuple(per_kind.get(kind, 0) + buffers.get(kind, 0) for _, kind in order)
+    return out

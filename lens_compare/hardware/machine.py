@@ -107,3 +107,30 @@ def detect_machine(device_index: int = 0) -> Machine:
             detected=True,
         )
     return Machine("cpu", 1, available, available, None, "cpu", detected=True)
+
+
+def detect_gpus(indices: tuple[int, ...], context_gib: float) -> Machine:
+    """The CUDA devices ``indices`` as one machine, sized by what is free on them now.
+
+    Each device counts its free memory (``torch.cuda.mem_get_info``) plus
+    ``context_gib``: this process's own CUDA context is already taken out of the free
+    figure once torch has touched the device, and the planner adds it back as a term
+    of its own. The machine is planned on its smallest device (capped at its total).
+    """
+    import torch
+
+    _, available = host_ram_gib()
+    usable = []
+    for index in indices:
+        free, total = torch.cuda.mem_get_info(index)
+        usable.append(min(free / GIB + context_gib, total / GIB))
+    props = torch.cuda.get_device_properties(indices[0])
+    return Machine(
+        kind="cuda",
+        count=len(indices),
+        device_gib=min(usable),
+        host_ram_gib=available,
+        gpu=match_device_name(props.name, props.total_memory / GIB),
+        device_name=props.name,
+        detected=True,
+    )

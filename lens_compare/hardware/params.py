@@ -152,6 +152,42 @@ def model_groups(arch: Architecture) -> list[TensorGroup]:
     return groups
 
 
+def load_order(arch: Architecture) -> list[tuple[str, str]]:
+    """The indivisible modules a device map places, in the order it fills GPUs, as
+    ``(name, kind)``: embeddings, each decoder block (``dense`` or ``moe``), the final
+    norm and the untied output head. A tied head shares the embedding's tensor and
+    takes no room of its own."""
+    order = [("embed_tokens", "embedding")]
+    if arch.rule.learned_positions:
+        order.append(("wpe", "positions"))
+    index = 0
+    for copies, moe in _block_layout(arch):
+        for _ in range(copies):
+            order.append((f"layers.{index}", "moe" if moe else "dense"))
+            index += 1
+    order.append(("norm", "norm"))
+    if arch.rotary_dim:
+        order.append(("rotary_emb", "rotary"))
+    if not arch.tied_embeddings:
+        order.append(("lm_head", "unembedding"))
+    return order
+
+
+def chunk_groups(arch: Architecture) -> dict[str, list[TensorGroup]]:
+    """The tensors of each kind of module in :func:`load_order`."""
+    d = arch.d_model
+    groups = {
+        "embedding": [TensorGroup("embed_tokens.weight", "embedding", (arch.vocab_size, d))],
+        "positions": [TensorGroup("wpe.weight", "embedding", (arch.n_positions, d))],
+        "dense": block_groups(arch, 1, False),
+        "norm": _norm(arch, "norm", d, 1),
+        "unembedding": [TensorGroup("lm_head.weight", "unembedding", (arch.vocab_size, d))],
+    }
+    if arch.rule.moe:
+        groups["moe"] = block_groups(arch, 1, True)
+    return groups
+
+
 def mtp_groups(arch: Architecture) -> list[TensorGroup]:
     """DeepSeek's multi-token-prediction layers as the checkpoint stores them.
 

@@ -29,6 +29,17 @@ from lens_compare.hardware.strategies import (
 )
 from lens_compare.pairs import get_pair
 
+# What lens_compare.run executes. 'cpu' (accelerate hooks moving every weight to the GPU at
+# every forward) is evaluated and shown but never chosen: it is not run, and the
+# layer-streamed strategy that reads each checkpoint once is meant to replace it.
+RUNNABLE: tuple[str, ...] = ("resident", "sequential", "nf4")
+
+CPU_OFFLOAD_NOTE = (
+    "cpu offload is evaluated for comparison but never chosen: lens_compare does not run it "
+    "(accelerate would move every weight to the GPU at every forward, twice under "
+    "TransformerBridge); a layer-streamed strategy that reads each checkpoint once will replace it."
+)
+
 NF4_CAVEAT = (
     "nf4: 4-bit weights change the residual stream itself, so NF4 base-vs-SFT drift must be "
     "read against an NF4-vs-bf16 noise floor of the same model (not measured by the planner)."
@@ -138,6 +149,8 @@ def _default_precision(source: ModelSource, dtype: str, machine: Machine, explic
 def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: Workload,
            chosen: StrategyResult | None) -> list[str]:
     notes = [NF4_CAVEAT]
+    if machine.kind == "cuda":
+        notes.append(CPU_OFFLOAD_NOTE)
     for m in (base, sft) if base.ref != sft.ref and base.checkpoint != sft.checkpoint else (base,):
         if m.checkpoint.precision == "fp8" and m.precision != "fp8":
             notes.append(
@@ -177,11 +190,11 @@ def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: 
 def _cheapest(models: tuple[ModelEstimate, ...], tokens: int, requested: Machine) -> dict[str, Any] | None:
     """The lowest-cost (GPU type, count, strategy) over the priced catalog.
 
-    Strategies that leave the numbers untouched (resident, sequential, cpu) are compared
-    on cost alone; nf4 changes the residual stream, so it is offered only when nothing
-    exact fits anywhere.
+    Strategies that leave the numbers untouched (resident, sequential) are compared on
+    cost alone; nf4 changes the residual stream, so it is offered only when nothing
+    exact fits anywhere. cpu offload is not run (``RUNNABLE``), so it is never offered.
     """
-    for allowed in (("resident", "sequential", "cpu"), ("nf4",)):
+    for allowed in (("resident", "sequential"), ("nf4",)):
         best = None
         for gpu in gpu_catalog().values():
             if gpu.price_per_hour is None:
@@ -211,8 +224,14 @@ def plan_models(
     strategy: str | None = None,
     pair: str | None = None,
     with_cheapest: bool = True,
+    side_precisions: tuple[str | None, str | None] = (None, None),
 ) -> Plan:
-    """Plan two resolved models; ``precision`` forces the weights of resident/sequential."""
+    """Plan two resolved models; ``precision`` forces the weights of resident/sequential.
+
+    ``side_precisions`` fixes one side's weights whatever the strategy (a noise-floor
+    pair that loads its SFT side as NF4). ``strategy`` forces one strategy; without
+    it the first that fits among ``RUNNABLE`` is chosen.
+    """
     if precision is not None:
         check_precision(precision)
         if precision == "nf4":
@@ -220,18 +239,20 @@ def plan_models(
     if strategy is not None and strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     estimates = []
-    for source, dtype in ((base, workload.base_dtype), (sft, workload.sft_dtype)):
+    for source, dtype, fixed in ((base, workload.base_dtype, side_precisions[0]),
+                                 (sft, workload.sft_dtype, side_precisions[1])):
         arch = architecture_from_config(source.config)
         chosen_precision = _default_precision(source, precision or dtype, machine, precision is not None)
         if chosen_precision == "fp8" and machine.gpu is not None and not machine.gpu.fp8:
             chosen_precision = "bfloat16"
+        chosen_precision = fixed or chosen_precision
         estimates.append(estimate_model(source.ref, arch, source.checkpoint, dtype, chosen_precision, workload))
     models = tuple(estimates)
     results = {
         name: evaluate(name, models, "nf4" if name == "nf4" else None, machine, workload.tokens)
         for name in STRATEGIES
     }
-    order = [strategy] if strategy else list(STRATEGIES)
+    order = [strategy] if strategy else list(RUNNABLE)
     chosen = next((n for n in order if results[n].fits), None)
     beyond = None
     if machine.kind == "cuda" and results["resident"].min_gpus is None:
@@ -341,5 +362,5 @@ def plan_for_machine(
     return plan
 
 
-__all__ = ["MAX_GPUS_PER_MACHINE", "NF4_CAVEAT", "Plan", "plan_for_machine", "plan_models",
+__all__ = ["CPU_OFFLOAD_NOTE", "MAX_GPUS_PER_MACHINE", "NF4_CAVEAT", "RUNNABLE", "Plan", "plan_for_machine", "plan_models",
            "plan_pair", "sources_for"]

@@ -4,7 +4,9 @@
 - ``fp8``: e4m3 weights (1 byte) for linear and expert matrices, plus float32 scales:
   one per ``block`` tile (DeepSeek-V3's 128x128 ``weight_block_size``) or, with no
   block, one per output row (fbgemm per-channel, as Llama-3.1-405B-FP8). Embeddings,
-  output head, norms, biases and the router stay bfloat16, as in those checkpoints.
+  output head, norms and biases stay bfloat16, as in those checkpoints.
+- ``router`` weights (DeepSeek's expert gate) are float32 in every precision:
+  transformers keeps them so (``_keep_in_fp32_modules_strict``).
 - ``nf4``: bitsandbytes 4-bit for every ``nn.Linear`` except the output head (that is
   transformers' default skip list): 0.5 byte per weight plus one float32 absmax per
   64-weight block, or with double quantisation one uint8 absmax per block and one
@@ -81,7 +83,9 @@ def weight_bytes(
     check_precision(precision)
     total = constants = 0
     for g in groups:
-        if precision in DTYPE_BYTES:
+        if g.kind == "router":
+            total += g.numel * 4
+        elif precision in DTYPE_BYTES:
             total += g.numel * DTYPE_BYTES[precision]
         elif precision == "fp8" and g.kind in ("linear", "experts"):
             scales = _fp8_scales(g, fp8_block)

@@ -8,18 +8,21 @@ Strategies, in the order the planner prefers them:
 - ``nf4``: bitsandbytes 4-bit weights, resident if that fits, else sequential;
 - ``cpu``: weights in host RAM, streamed to the GPU one block at a time (accelerate
   CPU offload); the GPU only holds one block and the forward's working set.
-Split over N GPUs, each GPU holds 1/N of the weights plus up to one block of
-imbalance (a block is never split), its share of the captured residuals, the full
-forward transient (worst case: the last GPU computes the logits) and its own context.
+Split over N GPUs, each GPU holds the whole modules the greedy layout gives it
+(``layout.py``: what the executed device map will be), its share of the captured
+residuals, the full forward transient (worst case: the last GPU computes the logits)
+and its own context.
 """
 
 from dataclasses import dataclass
 from typing import Any
 
 from lens_compare.hardware.estimate import ModelEstimate
+from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE, Machine
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB, MARGIN
 from lens_compare.hardware.timing import run_cost, run_seconds
+from lens_compare.hardware.units import GIB
 
 STRATEGIES: tuple[str, ...] = ("resident", "sequential", "nf4", "cpu")
 
@@ -29,6 +32,9 @@ class Peak:
     device_gib: float
     host_gib: float
     layout: str
+    # A split over several GPUs: the layouts the device maps will follow (one for both
+    # models when resident, one per model when sequential), None when not split.
+    splits: tuple[Layout, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class StrategyResult:
     est_seconds: float | None
     est_cost_usd: float | None
     reason: str | None = None
+    # How the weights split over the GPUs (see Peak.splits); None on one device.
+    splits: tuple[Layout, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +65,9 @@ class StrategyResult:
             "est_seconds": None if self.est_seconds is None else round(self.est_seconds, 2),
             "est_cost_usd": None if self.est_cost_usd is None else round(self.est_cost_usd, 5),
             "reason": self.reason,
+            "split_weights_gib": None if self.splits is None else [
+                [round(b / GIB, 3) for b in layout.per_gpu] for layout in self.splits
+            ],
         }
 
 
@@ -65,45 +76,79 @@ def _p(model: ModelEstimate, precision: str | None) -> str:
     return precision or model.precision
 
 
-def _share(weights_gib: float, block_gib: float, n: int) -> float:
-    return weights_gib if n == 1 else weights_gib / n + block_gib
-
-
 def _with_overheads(gib_: float, machine: Machine) -> float:
     context = CUDA_CONTEXT_GIB if machine.kind == "cuda" else 0.0
     return gib_ * (1 + MARGIN) + context
 
 
-def resident_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine) -> Peak:
+def weight_budget_gib(machine: Machine, other_gib: float) -> float:
+    """GiB of weights one GPU may take when ``other_gib`` of run memory shares it (the inverse
+    of ``_with_overheads``)."""
+    context = CUDA_CONTEXT_GIB if machine.kind == "cuda" else 0.0
+    return (machine.device_gib - context) / (1 + MARGIN) - other_gib
+
+
+def _split_weights(models, p: str | None, machine: Machine, other_gib: float, balanced: bool
+                   ) -> tuple[float, Layout | None]:
+    """Per-GPU weight GiB of the greedy layout of ``models`` (the most loaded GPU), and the layout.
+
+    When the models do not fit, the GiB an even share plus one module would need (for
+    the explanation) and None.
+    """
+    chunks = [m.chunks[_p(m, p)] for m in models]
+    budget = int(weight_budget_gib(machine, other_gib) * GIB)
+    layout = place(chunks, machine.count, max(budget, 0), balanced=balanced)
+    if layout is None:
+        total = sum(sum(c) for c in chunks)
+        return (total / machine.count + max(max(c) for c in chunks)) / GIB, None
+    return layout.peak / GIB, layout
+
+
+def resident_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine,
+                  balanced: bool = True) -> Peak:
     n = machine.count
-    weights = _share(sum(m.weights[_p(m, p)].gib for m in models), max(m.largest_block[_p(m, p)].gib for m in models), n)
     residuals = sum(m.terms.residuals for m in models) / n
     upcast = sum(m.terms.metrics_upcast for m in models) / n
+    transient = max(m.terms.forward_transient for m in models)
+    splits = None
+    if n == 1:
+        weights = sum(m.weights[_p(m, p)].gib for m in models)
+    else:
+        weights, layout = _split_weights(models, p, machine, residuals + max(transient, upcast), balanced)
+        splits = (layout,) if layout else None
     on_cpu = machine.kind == "cpu"
     load = max(m.terms.load_transient for m in models) if on_cpu else 0.0
     phases = (
         weights + load,
-        weights + residuals + max(m.terms.forward_transient for m in models),
+        weights + residuals + transient,
         weights + residuals + upcast,
     )
-    return Peak(_with_overheads(max(phases), machine), 0.0, "resident")
+    return Peak(_with_overheads(max(phases), machine), 0.0, "resident", splits)
 
 
-def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine) -> Peak:
+def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine,
+                    balanced: bool = True) -> Peak:
     n = machine.count
     residuals_all = sum(m.terms.residuals for m in models)
     metrics = residuals_all + sum(m.terms.metrics_upcast for m in models)
-    per_model = []
+    per_model, layouts = [], []
     for m in models:
-        weights = _share(m.weights[_p(m, p)].gib, m.largest_block[_p(m, p)].gib, n)
         if machine.kind == "cpu":
+            weights = m.weights[_p(m, p)].gib
             # Host and device are one memory: earlier residuals stay beside the model.
             per_model += [weights + m.terms.load_transient + residuals_all,
                           weights + residuals_all + m.terms.forward_transient, weights + metrics]
+            continue
+        other = m.terms.residuals / n + m.terms.forward_transient
+        if n == 1:
+            weights = m.weights[_p(m, p)].gib
         else:
-            per_model.append(weights + m.terms.residuals / n + m.terms.forward_transient)
+            weights, layout = _split_weights((m,), p, machine, other, balanced)
+            layouts.append(layout)
+        per_model.append(weights + other)
     host = 0.0 if machine.kind == "cpu" else metrics + max(m.terms.load_transient for m in models)
-    return Peak(_with_overheads(max(per_model), machine), host, "sequential")
+    splits = tuple(layouts) if layouts and all(layouts) else None
+    return Peak(_with_overheads(max(per_model), machine), host, "sequential", splits)
 
 
 def offload_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine) -> Peak:
@@ -117,14 +162,14 @@ def _fits(peak: Peak, machine: Machine) -> bool:
     return peak.device_gib <= machine.device_gib and peak.host_gib <= machine.host_ram_gib
 
 
-def _peak(name: str, models, p: str | None, machine: Machine) -> Peak:
+def _peak(name: str, models, p: str | None, machine: Machine, balanced: bool = True) -> Peak:
     if name == "resident":
-        return resident_peak(models, p, machine)
+        return resident_peak(models, p, machine, balanced)
     if name == "sequential":
-        return sequential_peak(models, p, machine)
+        return sequential_peak(models, p, machine, balanced)
     if name == "nf4":
-        peak = resident_peak(models, p, machine)
-        return peak if _fits(peak, machine) else sequential_peak(models, p, machine)
+        peak = resident_peak(models, p, machine, balanced)
+        return peak if _fits(peak, machine) else sequential_peak(models, p, machine, balanced)
     return offload_peak(models, p, machine)
 
 
@@ -133,7 +178,7 @@ def min_gpus(name: str, models, p: str | None, machine: Machine, limit: int = MA
     if machine.kind == "cpu":
         return 1 if _fits(_peak(name, models, p, machine), machine) else None
     for n in range(1, limit + 1):
-        if _fits(_peak(name, models, p, machine.with_count(n)), machine.with_count(n)):
+        if _fits(_peak(name, models, p, machine.with_count(n), balanced=False), machine.with_count(n)):
             return n
     return None
 
@@ -170,6 +215,7 @@ def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None
         est_seconds=seconds,
         est_cost_usd=run_cost(seconds, machine),
         reason=reason,
+        splits=peak.splits if fits else None,
     )
 
 
@@ -180,6 +226,6 @@ def min_gpus_anywhere(models, precision: str | None, machine: Machine, limit: in
     lo_guess = sum(m.weights[_p(m, precision)].gib for m in models) / machine.device_gib
     for n in range(max(1, int(lo_guess)), limit + 1):
         trial = machine.with_count(n)
-        if _fits(resident_peak(models, precision, trial), trial):
+        if _fits(resident_peak(models, precision, trial, balanced=False), trial):
             return n
     return None

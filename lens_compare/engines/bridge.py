@@ -1,0 +1,142 @@
+"""The TransformerBridge engines: ``resident`` and ``sequential``, on one device, split or NF4.
+
+``resident`` loads both models and runs every pending shard through each. ``sequential``
+loads the base model once, runs every pending shard and spills its residual states to
+the store (a run folder on disk for the CLI), frees it completely, then loads the SFT
+model once and compares shard by shard against the spilled states. So each model is
+loaded once per run however many shards there are, and only one model's weights are
+ever in memory.
+"""
+
+import gc
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lens_compare.capture import ResidualStates, capture_states
+from lens_compare.engines import Job
+from lens_compare.load_options import LoadOptions
+from lens_compare.loading import boot_bridge, load_hf_model, weights_fingerprint
+from lens_compare.per_token import state_metrics
+from lens_compare.placement import model_device_map, summarize_placement
+from lens_compare.store import Store
+from lens_compare.tokens import untrained_token_ids
+
+logger = logging.getLogger("lens_compare")
+
+
+class LoadedModel:
+    """One model of the pair, loaded and wrapped; ``close()`` drops every reference to it."""
+
+    def __init__(self, role: str, hf_model, bridge, facts: dict[str, Any]):
+        self.role = role
+        self.hf_model = hf_model
+        self.bridge = bridge
+        self.facts = facts
+
+    def capture(self, job: Job, shard: int, on_batch: Callable[[int], None] | None) -> ResidualStates:
+        token_ids, real = job.shard_inputs(shard)
+        return capture_states(self.bridge, token_ids, real, job.states, batch_size=job.run.config.batch_size,
+                              label=self.role, on_batch=on_batch)
+
+    def close(self) -> None:
+        self.hf_model = None
+        self.bridge = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _facts(side, hf_model, bridge, options: LoadOptions, seen_ids: set[int]) -> dict[str, Any]:
+    block_names = [block.name for block in bridge.blocks]
+    facts: dict[str, Any] = {
+        "weights_sha256_16": weights_fingerprint(hf_model),
+        "d_model": int(bridge.cfg.d_model),
+        "load": options.describe(),
+        "quantization": _quantization_facts(options),
+        "placement": summarize_placement(hf_model, model_device_map(hf_model), block_names),
+        "untrained": {},
+    }
+    if side.role == "base":
+        found = untrained_token_ids(hf_model.get_input_embeddings().weight, seen_ids)
+        facts["untrained"] = {str(token): ratio for token, ratio in found.items()}
+    return facts
+
+
+def _quantization_facts(options: LoadOptions) -> dict[str, Any] | None:
+    if options.quantization is None:
+        return None
+    from lens_compare.quantization import quantization_facts
+
+    return quantization_facts(options)
+
+
+@contextmanager
+def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
+    """Load ``side`` as ``job.loads`` says, record its facts in ``store``, free it on exit."""
+    run = job.run
+    options = job.loads[side.role]
+    logger.info("loading %s model %s (%s): %s", side.role, side.ref, side.ref.kind, options.describe())
+    hf_model = load_hf_model(side.ref, run.model_configs[side.role], options)
+    bridge = boot_bridge(hf_model, side.ref, run.tokenizers[side.role], options)
+    seen_ids = {t for ids in run.tokenized.token_ids for t in ids}
+    model = LoadedModel(side.role, hf_model, bridge, _facts(side, hf_model, bridge, options, seen_ids))
+    del hf_model, bridge
+    store.put_facts(side.role, model.facts)
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+def _pending(job: Job, store: Store) -> list[int]:
+    return [shard for shard in range(job.layout.count) if not store.finished(shard)]
+
+
+def _bar(job: Job, shards: list[int], desc: str) -> tqdm:
+    total = sum(job.shard_prompts(shard) for shard in range(job.layout.count))
+    done = total - sum(job.shard_prompts(shard) for shard in shards)
+    return tqdm(total=total, initial=done, desc=desc, unit="prompt", dynamic_ncols=True)
+
+
+def run_resident(job: Job, store: Store) -> None:
+    """Both models loaded at once; each pending shard through both, then its metrics stored."""
+    pending = _pending(job, store)
+    if not pending:
+        return
+    base_side, sft_side = job.run.sides
+    with loaded(job, base_side, store) as base, loaded(job, sft_side, store) as sft:
+        with _bar(job, pending, "base+sft") as bar:
+            for shard in pending:
+                base_states = base.capture(job, shard, None)
+                sft_states = sft.capture(job, shard, bar.update)
+                if job.keep_states:
+                    store.put_states("base", shard, base_states)
+                    store.put_states("sft", shard, sft_states)
+                store.put_metrics(shard, state_metrics(base_states, sft_states))
+
+
+def run_sequential(job: Job, store: Store) -> None:
+    """Base once for every pending shard (states spilled to the store), then SFT once."""
+    pending = _pending(job, store)
+    base_side, sft_side = job.run.sides
+    need_base = [shard for shard in pending if not store.has_states("base", shard)]
+    if need_base:
+        with loaded(job, base_side, store) as base, _bar(job, need_base, "base") as bar:
+            for shard in need_base:
+                store.put_states("base", shard, base.capture(job, shard, bar.update))
+    if not pending:
+        return
+    with loaded(job, sft_side, store) as sft, _bar(job, pending, "sft") as bar:
+        for shard in pending:
+            sft_states = sft.capture(job, shard, bar.update)
+            base_states = store.get_states("base", shard)
+            if job.keep_states:
+                store.put_states("sft", shard, sft_states)
+            store.put_metrics(shard, state_metrics(base_states, sft_states))
+            if not job.keep_states:
+                store.drop_states("base", shard)

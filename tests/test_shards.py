@@ -1,0 +1,178 @@
+"""Long prompt sets: shards, the run folder, resume after SIGKILL, and the streamed residuals file."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lens_compare import RunConfig
+from lens_compare.execution import Execution
+from lens_compare.load_options import LoadOptions
+from lens_compare.pipeline import run_comparison
+from lens_compare.run import main
+from lens_compare.shards import ShardLayout, default_shard_size
+from lens_compare.store import RunFolder, RunFolderError
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Run in an empty directory so no repository config is picked up."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEV_MODE", raising=False)
+
+
+PROMPTS = [f"prompt {i}: the quick brown fox jumps over the lazy dog " + "and again " * (i % 4) for i in range(10)]
+
+
+def test_layout_and_default_size():
+    assert ShardLayout(10, 4).bounds == ((0, 4), (4, 8), (8, 10))
+    assert ShardLayout(3, 8).count == 1
+    # 2 GiB over 1 MiB per prompt: 2048 prompts, a whole number of batches of 12
+    assert default_shard_size(2**20, batch_size=12) == 2040
+    assert default_shard_size(3 * 2**30, batch_size=8) == 1
+
+
+def _cpu(schedule):
+    options = LoadOptions("float32", "cpu")
+    return lambda facts: Execution(schedule, schedule, {"base": options, "sft": options})
+
+
+@pytest.mark.parametrize("schedule", ["resident", "sequential"])
+def test_sharded_run_equals_one_shard(perturbed_llama, schedule):
+    base, sft, _ = perturbed_llama
+    config = RunConfig(base_model=str(base), sft_model=str(sft), prompts=tuple(PROMPTS), batch_size=2)
+    whole = run_comparison(config.replace(shard_size=10), preflight=_cpu(schedule))
+    sharded = run_comparison(config.replace(shard_size=4), preflight=_cpu(schedule), keep_residuals=True)
+    assert sharded.provenance["shards"] == {"count": 3, "size": 4}
+    strip = lambda d: {k: v for k, v in d.items() if k != "provenance"}  # noqa: E731
+    assert strip(sharded.to_dict()) == strip(whole.to_dict())
+    assert sharded.residuals[0].values.shape[1] == len(PROMPTS)
+
+
+def _cli(tmp_path: Path, base, sft, out: str, *extra: str, prompts=PROMPTS) -> list[str]:
+    prompts_file = tmp_path / f"prompts-{len(prompts)}-{hash(tuple(prompts)) & 0xffff}.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    return ["--base", str(base), "--sft", str(sft), "--prompts-file", str(prompts_file), "--batch-size", "2",
+            "--shard-size", "2", "--out", str(tmp_path / out), *extra, "--csv", "-q"]
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from lens_compare import store
+    from lens_compare.run import main
+    method, after = sys.argv[1], int(sys.argv[2])
+    original = getattr(store.RunFolder, method)
+    calls = []
+    def dying(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    setattr(store.RunFolder, method, dying)
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def _kill_after(tmp_path: Path, method: str, after: int, args: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", KILLER, method, str(after), *args], env=env,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+def _outputs(capsys) -> dict[str, Path]:
+    lines = [Path(line) for line in capsys.readouterr().out.split()]
+    return {"".join(p.suffixes[-2:]) if ".tokens" in p.name or ".summary" in p.name else p.suffix: p for p in lines}
+
+
+def _same_outputs(a: dict[str, Path], b: dict[str, Path], same_command: bool = True) -> None:
+    """Identical outputs; from the same command, identical provenance too (but the time)."""
+    assert set(a) == set(b)
+    first, second = (json.loads(x[".json"].read_text()) for x in (a, b))
+    for doc in (first, second):
+        doc["provenance"].pop("timestamp")
+        doc["provenance"]["config"].pop("output_dir")
+        if not same_command:
+            doc.pop("provenance")
+    assert first == second
+    for suffix in (".tokens.csv", ".summary.csv"):
+        assert a[suffix].read_text() == b[suffix].read_text()
+    if ".safetensors" in a:
+        x, y = load_file(str(a[".safetensors"])), load_file(str(b[".safetensors"]))
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, method, after", [
+    ("resident", "put_metrics", 2),      # killed after 2 of 5 shards
+    ("sequential", "put_states", 3),     # killed while the base model spills its shards
+    ("sequential", "put_metrics", 1),    # killed while the SFT model compares
+])
+def test_killed_run_resumes_to_identical_outputs(perturbed_llama, tmp_path, capsys, caplog, strategy, method, after):
+    base, sft, _ = perturbed_llama
+    assert main(_cli(tmp_path, base, sft, "clean", "--strategy", strategy)) == 0
+    clean = _outputs(capsys)
+    args = _cli(tmp_path, base, sft, "killed", "--strategy", strategy)
+    _kill_after(tmp_path, method, after, args)
+    folders = list((tmp_path / "killed" / "runs").iterdir())
+    assert len(folders) == 1
+    finished = len(list((folders[0] / "metrics").glob("*.safetensors")))
+    assert finished == (after if method == "put_metrics" else 0)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lens_compare"):
+        assert main(args[:-1]) == 0  # without -q: the resume line is logged
+    assert f"{finished} of 5 shard(s) already finished" in caplog.text
+    if method == "put_states":
+        assert f"{after} base shard(s) spilled" in caplog.text
+    resumed = _outputs(capsys)
+    _same_outputs(resumed, clean)
+    assert not list(folders[0].rglob(".*.tmp"))
+    assert not list((folders[0] / "states").glob("*")), "spilled residuals are deleted at the end"
+
+
+@pytest.mark.slow
+def test_save_residuals_is_assembled_from_shards(perturbed_llama, tmp_path, capsys):
+    base, sft, _ = perturbed_llama
+    assert main(_cli(tmp_path, base, sft, "one", "--save-residuals", "--shard-size", "10")) == 0
+    one = _outputs(capsys)
+    assert main(_cli(tmp_path, base, sft, "many", "--save-residuals", "--strategy", "sequential")) == 0
+    many = _outputs(capsys)
+    _same_outputs(many, one, same_command=False)
+    tensors = load_file(str(many[".safetensors"]))
+    assert tensors["base/blocks.0.hook_resid_post"].shape == (10, tensors["token_ids"].shape[1], 64)
+    assert torch.equal(tensors["sft/blocks.1.hook_resid_post"], tensors["sft/blocks.2.hook_resid_pre"])
+    folder = next((tmp_path / "many" / "runs").iterdir())
+    assert len(list((folder / "states").glob("*.safetensors"))) == 10, "kept with --save-residuals"
+
+
+@pytest.mark.slow
+def test_changed_prompts_get_their_own_folder(perturbed_llama, tmp_path, capsys):
+    base, sft, _ = perturbed_llama
+    assert main(_cli(tmp_path, base, sft, "out", prompts=PROMPTS[:4])) == 0
+    assert main(_cli(tmp_path, base, sft, "out", prompts=PROMPTS[:3] + ["something else"])) == 0
+    assert main(_cli(tmp_path, base, sft, "out", "--layers", "1,2", prompts=PROMPTS[:4])) == 0
+    capsys.readouterr()
+    folders = sorted((tmp_path / "out" / "runs").iterdir())
+    assert len(folders) == 3
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in folders]
+    assert len({m["token_ids_sha256_16"] for m in manifests}) == 2
+
+
+def test_run_folder_refuses_a_foreign_manifest(tmp_path):
+    RunFolder(tmp_path / "run", {"a": 1})
+    with pytest.raises(RunFolderError, match="holds a different run"):
+        RunFolder(tmp_path / "run", {"a": 2})
+
+
+def test_resume_clears_leftover_temporary_files(tmp_path):
+    folder = RunFolder(tmp_path / "run", {"a": 1})
+    stale = folder.path / "metrics" / ".00000.safetensors.abc.tmp"
+    stale.write_bytes(b"half")
+    RunFolder(tmp_path / "run", {"a": 1})
+    assert not stale.exists()
