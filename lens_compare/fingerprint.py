@@ -6,40 +6,74 @@ anything that shapes the numbers changes, and must be known before a model loads
 (a resumed ``sequential`` run may skip the base model entirely), so it is derived
 from files and settings, never from loaded weights:
 
-- a local checkpoint (directory or ``.gguf``): a sampled content hash of every
-  weight file. Files up to ``WHOLE_FILE_BYTES`` are hashed whole; larger ones by
-  their size and ``SAMPLES`` evenly spaced blocks of ``BLOCK_BYTES``. Fine-tuning
-  changes nearly every weight, so two checkpoints of the same shapes differ in
-  practically every block; reading 4 MiB per file keeps a 140 GB checkpoint cheap.
+- a local checkpoint (directory or ``.gguf``): a content hash of every weight file.
+  Files up to ``WHOLE_FILE_BYTES`` are hashed whole. Larger safetensors files are
+  hashed by their header (every tensor's name, dtype, shape and offsets), every
+  tensor up to ``SMALL_TENSOR_BYTES`` whole (norms, biases, routers: a fine-tune that
+  touches only those is still told apart) and four evenly spaced ``BLOCK_BYTES`` of
+  every larger tensor (a fine-tune or a merged LoRA changes the whole matrix). Other
+  large files are hashed by ``SAMPLES`` evenly spaced blocks. A 140 GB checkpoint
+  costs a few tens of MB of reads.
 - a hub id: the commit its config was read from (the snapshot folder of the
   local hub cache), which pins the exact weights transformers will download.
 """
 
+import functools
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
 from lens_compare.loading import ModelRef
 
 WHOLE_FILE_BYTES = 64 * 2**20
+SMALL_TENSOR_BYTES = 256 * 2**10
 SAMPLES = 1024
 BLOCK_BYTES = 4096
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def _file_digest(path: Path, digest) -> None:
-    size = path.stat().st_size
-    digest.update(f"{path.name}:{size}".encode())
-    with path.open("rb") as handle:
+    stat = path.stat()
+    digest.update(_sampled_digest(str(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.cache
+def _sampled_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """The content hash of one file (memoized per size and modification time within a process)."""
+    digest = hashlib.sha256(f"{Path(path).name}:{size}".encode())
+    with open(path, "rb") as handle:
         if size <= WHOLE_FILE_BYTES:
             for chunk in iter(lambda: handle.read(2**20), b""):
                 digest.update(chunk)
-            return
-        last = size - BLOCK_BYTES
-        for sample in range(SAMPLES):
-            handle.seek(last * sample // (SAMPLES - 1))
-            digest.update(handle.read(BLOCK_BYTES))
+        elif path.endswith(".safetensors"):
+            _safetensors_samples(handle, digest)
+        else:
+            last = size - BLOCK_BYTES
+            for sample in range(SAMPLES):
+                handle.seek(last * sample // (SAMPLES - 1))
+                digest.update(handle.read(BLOCK_BYTES))
+    return digest.digest()
+
+
+def _safetensors_samples(handle, digest) -> None:
+    (length,) = struct.unpack("<Q", handle.read(8))
+    header = handle.read(length)
+    digest.update(header)
+    entries = json.loads(header)
+    data_start = 8 + length
+    for name in sorted(k for k in entries if k != "__metadata__"):
+        start, end = entries[name]["data_offsets"]
+        size = end - start
+        if size <= SMALL_TENSOR_BYTES:
+            offsets, block = [start], size
+        else:
+            offsets = [start + (size - BLOCK_BYTES) * k // 3 for k in range(4)]
+            block = BLOCK_BYTES
+        for offset in offsets:
+            handle.seek(data_start + offset)
+            digest.update(handle.read(block))
 
 
 def weight_files(ref: ModelRef) -> list[Path]:

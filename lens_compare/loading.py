@@ -175,12 +175,20 @@ def boot_bridge(hf_model, ref: ModelRef, tokenizer, options: LoadOptions):
     )
 
 
-def weights_fingerprint(hf_model) -> str:
+def weights_fingerprint(hf_model, chunk_bytes: int = 64 * 2**20) -> str:
     """sha256 of the input embedding and the last ``*norm.weight`` (the final norm where a
-    family names it so): cheap, and differs between checkpoints."""
+    family names it so): cheap, and differs between checkpoints.
+
+    Hashed a slice at a time, straight from the tensor's memory (one slice is copied to
+    the host for a GPU model): a 2 GiB embedding never gets a second copy.
+    """
     digest = hashlib.sha256()
     tensors = [hf_model.get_input_embeddings().weight]
     tensors += [p for name, p in hf_model.named_parameters() if name.endswith("norm.weight")][-1:]
     for tensor in tensors:
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().reshape(-1)
+        step = max(1, chunk_bytes // flat.element_size())
+        for start in range(0, flat.numel(), step):
+            piece = flat[start : start + step].cpu().contiguous()
+            digest.update(piece.view(torch.uint8).numpy())
     return digest.hexdigest()[:16]

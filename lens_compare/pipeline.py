@@ -20,6 +20,7 @@ import torch
 
 from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
+from lens_compare.errors import HardwareError
 from lens_compare.execution import Execution, default_execution
 from lens_compare.fingerprint import checkpoint_fingerprint, token_ids_fingerprint
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
@@ -105,6 +106,35 @@ def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, ke
         "shard_size": layout.size,
         "keep_states": keep_states,
     }
+
+
+def spill_bytes(job: Job, execution: Execution) -> int:
+    """Disk a run folder needs for spilled residual states, at most: the base model's for a
+    sequential run, both models' when they are kept (``--save-residuals``)."""
+    models = 2 if job.keep_states else (1 if execution.schedule == "sequential" else 0)
+    if not models:
+        return 0
+    d_model = _d_model(job.run)
+    total = 0
+    for start, stop in job.layout.bounds:
+        width = max(job.run.tokenized.lengths[start:stop])
+        per_state = (stop - start) * width * d_model
+        total += sum(len(job.states) * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides[:models])
+    return total
+
+
+def check_spill_space(job: Job, execution: Execution, directory) -> None:
+    """Refuse before loading when the output directory's disk cannot hold the spilled states."""
+    import shutil
+
+    need = spill_bytes(job, execution)
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise HardwareError(
+            f"refusing to start: this {execution.schedule} run spills up to {need / GIB:.1f} GiB of residual "
+            f"states to {str(directory)!r}, which has {free / GIB:.1f} GiB free; capture fewer layers "
+            "(--layers, --skip-first), fewer or shorter prompts, or use another --out"
+        )
 
 
 def execute(job: Job, execution: Execution, store: Store) -> float:

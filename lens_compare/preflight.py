@@ -9,6 +9,7 @@ here with the planner's explanation, before a single weight is read.
 """
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,14 @@ def machine_for(device: str, gpus: tuple[int, ...]) -> Machine:
     return detect_gpus(gpus, CUDA_CONTEXT_GIB)
 
 
-def _source(side, config) -> ModelSource:
+def _source(side, config, device: str) -> ModelSource:
     gguf_bytes = (Path(side.ref.location) / side.ref.gguf_file).stat().st_size if side.ref.gguf_file else 0
-    return ModelSource(side.ref.spec, config, checkpoint_of(config, gguf_bytes))
+    checkpoint = checkpoint_of(config, gguf_bytes)
+    if device == "cpu":
+        from lens_compare.quantization import nf4_cache_dir
+
+        checkpoint = replace(checkpoint, nf4_cached=nf4_cache_dir(side.ref, side.dtype).is_dir())
+    return ModelSource(side.ref.spec, config, checkpoint)
 
 
 def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan:
@@ -50,13 +56,14 @@ def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan
         tokens=facts["max_tokens"],
         batch=held,
         forward_batch=min(facts["batch_size"], held),
+        prompts=facts["n_prompts"],
         base_dtype=base.dtype,
         sft_dtype=sft.dtype,
         states=len(states_for_layers(facts["layers"])),
     )
     return plan_models(
-        _source(base, facts["configs"]["base"]),
-        _source(sft, facts["configs"]["sft"]),
+        _source(base, facts["configs"]["base"], facts["device"]),
+        _source(sft, facts["configs"]["sft"], facts["device"]),
         workload,
         machine,
         strategy=strategy,

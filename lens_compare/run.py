@@ -20,7 +20,15 @@ from lens_compare.fingerprint import document_fingerprint
 from lens_compare.loading import DTYPES
 from lens_compare.outputs import check_export_formats, check_output_dir, write_frame, write_json
 from lens_compare.pairs import builtin_pairs
-from lens_compare.pipeline import assemble, execute, make_job, run_manifest, start_run, summary_line
+from lens_compare.pipeline import (
+    assemble,
+    check_spill_space,
+    execute,
+    make_job,
+    run_manifest,
+    start_run,
+    summary_line,
+)
 from lens_compare.preflight import memory_preflight
 from lens_compare.residual_file import write_residual_file
 from lens_compare.store import RunFolder
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = config.save_residuals
         job = make_job(run, layout, execution, keep_states=keep)
         manifest = run_manifest(run, layout, execution, keep)
+        check_spill_space(job, execution, out_dir)
         folder = RunFolder(out_dir / "runs" / _folder_name(run.pair, manifest), manifest)
         found = len(folder.finished_shards())
         spilled = len(folder.spilled_shards("base"))

@@ -19,6 +19,12 @@ from tests.fixtures.tiny_models import FAMILIES, build_tiny_model, perturb_block
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """lens_compare's cache (NF4 checkpoints) in a session folder, never the user's ~/.cache."""
+    os.environ["LENS_COMPARE_CACHE"] = str(tmp_path_factory.mktemp("lens_compare_cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """One tiny random checkpoint (3 layers, save_pretrained + tokenizer) per family."""

@@ -16,6 +16,7 @@ from lens_compare.hardware import (
     architecture_from_config,
     catalog_machine,
     plan_for_machine,
+    plan_models,
     plan_pair,
     resolve_gpu,
     weight_bytes,
@@ -206,3 +207,43 @@ def test_table_renders_18_by_4(capsys):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     stale = [row.split(" |")[0] for row in lines if row not in readme]
     assert not stale, f"README's seed table is stale for {stale}: paste `python -m lens_compare.plan --table`"
+
+
+def test_nf4_keeps_unquantized_tensors_in_the_load_dtype_and_router_float32():
+    g = [TensorGroup("w", "linear", (128, 256)), TensorGroup("e", "embedding", (10, 8))]
+    linear = 128 * 256 // 2 + (128 * 256 // 64) * 4
+    assert weight_bytes(g, "nf4").total == linear + 80 * 2
+    assert weight_bytes(g, "nf4", nf4_unquantized_bytes=4).total == linear + 80 * 4
+    router = [TensorGroup("gate.weight", "router", (256, 7168))]
+    assert {weight_bytes(router, p).total for p in ("bfloat16", "fp8", "nf4", "float32")} == {256 * 7168 * 4}
+
+
+def test_time_estimate_covers_every_prompt_and_the_cpu_load_work():
+    from lens_compare.hardware.estimate import Checkpoint
+    from lens_compare.hardware.sources import ModelSource
+
+    cpu = Machine("cpu", 1, 64.0, 64.0)
+    source = ModelSource("q", QWEN7B, Checkpoint("bfloat16"))
+    one = plan_models(source, source, Workload(tokens=100, batch=1), cpu, with_cheapest=False)
+    many = plan_models(source, source, Workload(tokens=100, batch=1, prompts=50), cpu, with_cheapest=False)
+    forward = (many.strategies["resident"].est_seconds - one.strategies["resident"].est_seconds) / 49
+    assert forward == pytest.approx(2 * 2 * 7_615_616_512 * 100 / 100e9, rel=0.01)
+    # NF4 on the CPU: quantizing the first time costs far more than reading the cached copy
+    cached = ModelSource("q", QWEN7B, Checkpoint("bfloat16", nf4_cached=True))
+    fresh = one.strategies["nf4"].est_seconds
+    again = plan_models(cached, cached, Workload(tokens=100, batch=1), cpu, with_cheapest=False).strategies["nf4"]
+    assert fresh > again.est_seconds + 100
+
+
+def test_nf4_from_a_gguf_holds_the_dequantized_model_while_quantizing():
+    from lens_compare.hardware.estimate import Checkpoint
+    from lens_compare.hardware.sources import ModelSource
+
+    gguf = ModelSource("g", QWEN7B, Checkpoint("gguf", gguf_file_bytes=4 * 2**30))
+    cpu = Machine("cpu", 1, 1e4, 1e4)
+    plan = plan_models(gguf, gguf, Workload(tokens=10, base_dtype="float32", sft_dtype="float32"), cpu,
+                       with_cheapest=False)
+    terms = plan.base.terms
+    assert terms.nf4_load_transient == pytest.approx(terms.load_transient + 7_615_616_512 * 4 / 2**30)
+    cached = ModelSource("g", QWEN7B, Checkpoint("gguf", gguf_file_bytes=4 * 2**30, nf4_cached=True))
+    assert plan_models(cached, cached, plan.workload, cpu, with_cheapest=False).base.terms.nf4_load_transient == 0

@@ -176,3 +176,29 @@ def test_resume_clears_leftover_temporary_files(tmp_path):
     stale.write_bytes(b"half")
     RunFolder(tmp_path / "run", {"a": 1})
     assert not stale.exists()
+
+
+def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from lens_compare.pipeline import make_job, spill_bytes, start_run
+
+    base, sft, _ = perturbed_llama
+    config = RunConfig(base_model=str(base), sft_model=str(sft), prompts=tuple(PROMPTS), batch_size=2,
+                       shard_size=4)
+    run, layout, execution = start_run(config, preflight=_cpu("sequential"))
+    job = make_job(run, layout, execution, keep_states=False)
+    lengths = run.tokenized.lengths
+    widths = [max(lengths[a:b]) for a, b in layout.bounds]
+    expected = sum(4 * (b - a) * w * 64 * 4 for (a, b), w in zip(layout.bounds, widths))  # 4 states, d 64, fp32
+    assert spill_bytes(job, execution) == expected
+    assert spill_bytes(make_job(run, layout, execution, keep_states=True), execution) == 2 * expected
+    _, _, resident = start_run(config, preflight=_cpu("resident"))
+    assert spill_bytes(make_job(run, layout, resident, keep_states=False), resident) == 0
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1))
+    code = main(_cli(tmp_path, base, sft, "full", "--strategy", "sequential"))
+    err = capsys.readouterr().err
+    assert code == 1 and "spills up to" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "full" / "runs").exists()

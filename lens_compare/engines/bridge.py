@@ -8,6 +8,8 @@ loaded once per run however many shards there are, and only one model's weights 
 ever in memory.
 """
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 from collections.abc import Callable, Iterator
@@ -29,6 +31,17 @@ from lens_compare.tokens import untrained_token_ids
 logger = logging.getLogger("lens_compare")
 
 
+def release_host_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise, and a
+    freed model or a finished forward would still count in the process's memory)."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
 class LoadedModel:
     """One model of the pair, loaded and wrapped; ``close()`` drops every reference to it."""
 
@@ -40,13 +53,15 @@ class LoadedModel:
 
     def capture(self, job: Job, shard: int, on_batch: Callable[[int], None] | None) -> ResidualStates:
         token_ids, real = job.shard_inputs(shard)
-        return capture_states(self.bridge, token_ids, real, job.states, batch_size=job.run.config.batch_size,
-                              label=self.role, on_batch=on_batch)
+        states = capture_states(self.bridge, token_ids, real, job.states, batch_size=job.run.config.batch_size,
+                                label=self.role, on_batch=on_batch)
+        release_host_memory()
+        return states
 
     def close(self) -> None:
         self.hf_model = None
         self.bridge = None
-        gc.collect()
+        release_host_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

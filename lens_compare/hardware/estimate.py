@@ -14,6 +14,7 @@ from lens_compare.hardware.params import (
 )
 from lens_compare.hardware.precision import PRECISIONS, WeightBytes, weight_bytes
 from lens_compare.hardware.run_memory import ModelRunTerms, Workload, model_run_terms
+from lens_compare.hardware.units import DTYPE_BYTES
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Checkpoint:
     fp8_block: tuple[int, int] | None = None
     gguf_file_bytes: int = 0
     note: str | None = None
+    # An NF4 copy of these weights is already in lens_compare's cache (CPU runs).
+    nf4_cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,9 @@ def estimate_model(
     )
     # Without a block size an FP8 checkpoint scales per output row (fbgemm).
     fp8_block = checkpoint.fp8_block if checkpoint.precision == "fp8" else (128, 128)
-    kw = dict(fp8_block=fp8_block, nf4_double_quant=nf4_double_quant)
+    kw = dict(fp8_block=fp8_block, nf4_double_quant=nf4_double_quant,
+              nf4_unquantized_bytes=DTYPE_BYTES[dtype])
+    weights = {p: weight_bytes(groups, p, **kw) for p in PRECISIONS}
     return ModelEstimate(
         ref=ref,
         arch=arch,
@@ -80,10 +85,11 @@ def estimate_model(
         checkpoint=checkpoint,
         dtype=dtype,
         precision=precision,
-        weights={p: weight_bytes(groups, p, **kw) for p in PRECISIONS},
+        weights=weights,
         largest_block={p: weight_bytes(block, p, **kw) for p in PRECISIONS},
         terms=model_run_terms(
-            arch, dtype, workload, params=params.total, gguf_file_bytes=checkpoint.gguf_file_bytes
+            arch, dtype, workload, params=params.total, gguf_file_bytes=checkpoint.gguf_file_bytes,
+            nf4_cached=checkpoint.nf4_cached,
         ),
         chunks=_chunk_bytes(arch, kw),
     )

@@ -114,7 +114,8 @@ class Plan:
             lines.append(
                 f"  run terms (GiB, {m.dtype}): residuals {t.residuals:.4f}, metrics upcast "
                 f"{t.metrics_upcast:.4f}, logits {t.logits:.4f}, attention {t.attention_scores:.4f}, "
-                f"activations {t.activations:.4f}, load transient {t.load_transient:.4f}"
+                f"activations {t.activations:.4f}, load transient {t.load_transient:.4f} "
+                f"(nf4 {t.nf4_load_transient:.4f})"
             )
         for name, r in self.strategies.items():
             mark = "fits" if r.fits else "does not fit"
@@ -187,7 +188,7 @@ def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: 
     return list(dict.fromkeys(notes))
 
 
-def _cheapest(models: tuple[ModelEstimate, ...], tokens: int, requested: Machine) -> dict[str, Any] | None:
+def _cheapest(models: tuple[ModelEstimate, ...], workload: Workload, requested: Machine) -> dict[str, Any] | None:
     """The lowest-cost (GPU type, count, strategy) over the priced catalog.
 
     Strategies that leave the numbers untouched (resident, sequential) are compared on
@@ -202,10 +203,10 @@ def _cheapest(models: tuple[ModelEstimate, ...], tokens: int, requested: Machine
             machine = catalog_machine(gpu.name, 1)
             for name in allowed:
                 precision = "nf4" if name == "nf4" else None
-                count = evaluate(name, models, precision, machine, tokens).min_gpus
+                count = evaluate(name, models, precision, machine, workload).min_gpus
                 if count is None:
                     continue
-                result = evaluate(name, models, precision, machine.with_count(count), tokens)
+                result = evaluate(name, models, precision, machine.with_count(count), workload)
                 if result.est_cost_usd is not None and (best is None or result.est_cost_usd < best["est_cost_usd"]):
                     best = {"gpu": gpu.name, "count": count, "strategy": name,
                             "est_seconds": result.est_seconds, "est_cost_usd": result.est_cost_usd}
@@ -249,7 +250,7 @@ def plan_models(
         estimates.append(estimate_model(source.ref, arch, source.checkpoint, dtype, chosen_precision, workload))
     models = tuple(estimates)
     results = {
-        name: evaluate(name, models, "nf4" if name == "nf4" else None, machine, workload.tokens)
+        name: evaluate(name, models, "nf4" if name == "nf4" else None, machine, workload)
         for name in STRATEGIES
     }
     order = [strategy] if strategy else list(RUNNABLE)
@@ -271,7 +272,7 @@ def plan_models(
         strategies=results,
         strategy=chosen,
         beyond_one_machine=beyond,
-        cheapest=_cheapest(models, workload.tokens, machine) if with_cheapest else None,
+        cheapest=_cheapest(models, workload, machine) if with_cheapest else None,
         notes=tuple(_notes(models[0], models[1], machine, workload, results[chosen] if chosen else None)),
     )
 

@@ -11,7 +11,8 @@
   transformers' default skip list): 0.5 byte per weight plus one float32 absmax per
   64-weight block, or with double quantisation one uint8 absmax per block and one
   float32 per 256 blocks. DeepSeek's fused expert tensors are not ``nn.Linear`` and
-  stay 16-bit, as do embeddings, norms and biases.
+  stay unquantized, as do embeddings, norms and biases, in the load dtype
+  (``nf4_unquantized_bytes``: 2 for a 16-bit run, 4 for float32).
 
 >>> from lens_compare.hardware.params import TensorGroup
 >>> g = [TensorGroup("w", "linear", (128, 256))]
@@ -78,6 +79,7 @@ def weight_bytes(
     *,
     fp8_block: tuple[int, int] | None = (128, 128),
     nf4_double_quant: bool = False,
+    nf4_unquantized_bytes: int = _SIXTEEN_BIT,
 ) -> WeightBytes:
     """Bytes the weights in ``groups`` occupy once loaded in ``precision``."""
     check_precision(precision)
@@ -96,6 +98,8 @@ def weight_bytes(
             consts = _nf4_constants(per_tensor, g.copies, nf4_double_quant)
             total += g.copies * math.ceil(per_tensor / 2) + consts
             constants += consts
+        elif precision == "nf4":
+            total += g.numel * nf4_unquantized_bytes
         else:
             total += g.numel * _SIXTEEN_BIT
     return WeightBytes(precision, total, constants)

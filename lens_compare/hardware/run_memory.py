@@ -11,11 +11,22 @@ T = tokens, S = residual states captured, at most L+1):
 - ``attention_scores``: eager attention's b x heads x T^2 scores, float32 softmax and
   cast back, for one layer at a time.
 - ``activations``: one block's working set (q/k/v, 4 x d_model, 3 x MLP width).
-- ``load_transient``: GGUF checkpoints are dequantized to float32 tensor by tensor
-  before they are cast: the memory-mapped file plus ``GGUF_DEQUANT_FACTOR`` x the
-  float32 parameter bytes, a factor fitted on one measurement (smollm2-sanity, CPU,
-  peak RSS increase; benchmarks/bench_planner_memory.py) and checked on smollm2-dtype.
-  Safetensors load shard by shard: 0 (not measured).
+- ``load_transient`` (host memory while loading, on top of the weights): GGUF
+  checkpoints are dequantized to float32 tensor by tensor before they are cast: the
+  memory-mapped file plus ``GGUF_DEQUANT_FACTOR`` x the float32 parameter bytes, a
+  factor fitted on one measurement (smollm2-sanity, CPU, peak RSS increase;
+  benchmarks/bench_planner_memory.py) and checked on smollm2-dtype. Safetensors are
+  memory-mapped: 0. (Converted to another dtype, or quantized, the source's pages stay
+  mapped until the load ends and show in RSS while RAM is free; they are clean page
+  cache the kernel reclaims under pressure, so they never decide whether a run fits.)
+- ``nf4_load_transient``: the same while loading NF4 weights on the CPU. A cached NF4
+  checkpoint is read straight into the model's tensors: 0. From a GGUF, the dequantized
+  float model exists while it is quantized: the GGUF transient plus the parameters in
+  the load dtype.
+- ``bridge_host``: host memory of the TransformerBridge wrapping one model (its hook
+  points and component wrappers), ``BRIDGE_HOST_GIB_PER_BLOCK`` per block; with
+  ``RUN_SETUP_HOST_GIB`` for the run's tokenizers and prepared prompts, counted on the
+  CPU, where host and device are one memory.
 - ``context``: CUDA context and cuBLAS workspace per GPU, 0.5 GiB (the usual
   nvidia-smi figure; not measured here). 0 on the CPU, where the Python/torch baseline
   is excluded by measuring the increase.
@@ -32,6 +43,12 @@ from lens_compare.hardware.units import DTYPE_BYTES, gib
 
 CUDA_CONTEXT_GIB = 0.5
 MARGIN = 0.05
+# Host memory of the run itself, measured on the SmolLM2 pair on the CPU (peak RSS by
+# phase): tokenizers, configs and the prepared run before any weight (60 MB), and the
+# hook points and wrappers TransformerBridge builds around each block (~35 MB per
+# 30-block model).
+RUN_SETUP_HOST_GIB = 0.055
+BRIDGE_HOST_GIB_PER_BLOCK = 0.0012
 GGUF_DEQUANT_FACTOR = 0.3
 
 
@@ -45,6 +62,9 @@ class Workload:
     states: int | None = None
     # Prompts per forward pass (the run's batch_size); None means all ``batch`` at once.
     forward_batch: int | None = None
+    # Prompts in the whole run, when more than ``batch`` are held at once (shards): the
+    # time estimate runs them all. None means ``batch``.
+    prompts: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,7 +75,7 @@ class Workload:
         for name in ("base_dtype", "sft_dtype"):
             if getattr(self, name) not in DTYPE_BYTES:
                 problems.append(f"{name}={getattr(self, name)!r} (expected one of {', '.join(DTYPE_BYTES)})")
-        for name in ("states", "forward_batch"):
+        for name in ("states", "forward_batch", "prompts"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 problems.append(f"{name}={value!r} (expected a whole number >= 1 or None)")
@@ -76,6 +96,8 @@ class ModelRunTerms:
     attention_scores: float
     activations: float
     load_transient: float
+    nf4_load_transient: float = 0.0
+    bridge_host: float = 0.0
 
     @property
     def forward_transient(self) -> float:
@@ -93,6 +115,7 @@ def model_run_terms(
     *,
     params: int,
     gguf_file_bytes: int = 0,
+    nf4_cached: bool = False,
 ) -> ModelRunTerms:
     act = DTYPE_BYTES[dtype]
     bt = workload.batch * workload.tokens
@@ -105,8 +128,12 @@ def model_run_terms(
         width = max(width, arch.d_moe * (arch.n_shared_experts + arch.experts_per_token))
     heads_dim = (arch.n_heads + 2 * arch.n_kv_heads) * arch.head_dim
     load = 0.0
+    nf4_load = 0.0
     if gguf_file_bytes:
         load = GGUF_DEQUANT_FACTOR * params * 4 + gguf_file_bytes
+        nf4_load = load + params * act
+    if nf4_cached:
+        nf4_load = 0.0
     return ModelRunTerms(
         residuals=gib(residual_bytes),
         metrics_upcast=gib((3 * bt * arch.d_model * 4 + 30 * states * bt * 4) / 2),
@@ -114,6 +141,8 @@ def model_run_terms(
         attention_scores=gib(forward_batch * arch.n_heads * workload.tokens**2 * (2 * act + 4)),
         activations=gib(forward_bt * (4 * arch.d_model + 3 * width + heads_dim) * act),
         load_transient=gib(load),
+        nf4_load_transient=gib(nf4_load),
+        bridge_host=BRIDGE_HOST_GIB_PER_BLOCK * arch.n_layers,
     )
 
 

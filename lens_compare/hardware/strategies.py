@@ -20,7 +20,7 @@ from typing import Any
 from lens_compare.hardware.estimate import ModelEstimate
 from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE, Machine
-from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB, MARGIN
+from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB, MARGIN, RUN_SETUP_HOST_GIB, Workload
 from lens_compare.hardware.timing import run_cost, run_seconds
 from lens_compare.hardware.units import GIB
 
@@ -76,6 +76,13 @@ def _p(model: ModelEstimate, precision: str | None) -> str:
     return precision or model.precision
 
 
+def _load(model: ModelEstimate, precision: str | None) -> float:
+    """Host memory the load of ``model`` adds on top of its weights, in that precision."""
+    if _p(model, precision) == "nf4":
+        return model.terms.nf4_load_transient
+    return model.terms.load_transient
+
+
 def _with_overheads(gib_: float, machine: Machine) -> float:
     context = CUDA_CONTEXT_GIB if machine.kind == "cuda" else 0.0
     return gib_ * (1 + MARGIN) + context
@@ -117,11 +124,13 @@ def resident_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Mac
         weights, layout = _split_weights(models, p, machine, residuals + max(transient, upcast), balanced)
         splits = (layout,) if layout else None
     on_cpu = machine.kind == "cpu"
-    load = max(m.terms.load_transient for m in models) if on_cpu else 0.0
+    load = max(_load(m, p) for m in models) if on_cpu else 0.0
+    # On the CPU the run's own host memory shares the one memory with the weights.
+    host = RUN_SETUP_HOST_GIB + sum(m.terms.bridge_host for m in models) if on_cpu else 0.0
     phases = (
-        weights + load,
-        weights + residuals + transient,
-        weights + residuals + upcast,
+        weights + load + host,
+        weights + residuals + transient + host,
+        weights + residuals + upcast + host,
     )
     return Peak(_with_overheads(max(phases), machine), 0.0, "resident", splits)
 
@@ -134,9 +143,9 @@ def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: M
     per_model, layouts = [], []
     for m in models:
         if machine.kind == "cpu":
-            weights = m.weights[_p(m, p)].gib
+            weights = m.weights[_p(m, p)].gib + RUN_SETUP_HOST_GIB + m.terms.bridge_host
             # Host and device are one memory: earlier residuals stay beside the model.
-            per_model += [weights + m.terms.load_transient + residuals_all,
+            per_model += [weights + _load(m, p) + residuals_all,
                           weights + residuals_all + m.terms.forward_transient, weights + metrics]
             continue
         other = m.terms.residuals / n + m.terms.forward_transient
@@ -146,14 +155,14 @@ def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: M
             weights, layout = _split_weights((m,), p, machine, other, balanced)
             layouts.append(layout)
         per_model.append(weights + other)
-    host = 0.0 if machine.kind == "cpu" else metrics + max(m.terms.load_transient for m in models)
+    host = 0.0 if machine.kind == "cpu" else metrics + max(_load(m, p) for m in models)
     splits = tuple(layouts) if layouts and all(layouts) else None
     return Peak(_with_overheads(max(per_model), machine), host, "sequential", splits)
 
 
 def offload_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine) -> Peak:
     device = max(m.largest_block[_p(m, p)].gib + m.terms.forward_transient for m in models)
-    host = max(m.weights[_p(m, p)].gib + m.terms.load_transient for m in models)
+    host = max(m.weights[_p(m, p)].gib + _load(m, p) for m in models)
     host += sum(m.terms.residuals + m.terms.metrics_upcast for m in models)
     return Peak(_with_overheads(device, machine), host, "cpu offload")
 
@@ -188,7 +197,7 @@ def _unavailable(name: str, precision: str, reason: str) -> StrategyResult:
 
 
 def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None, machine: Machine,
-             tokens: int) -> StrategyResult:
+             workload: Workload) -> StrategyResult:
     """One strategy on ``machine``; ``precision`` None keeps each model's own precision."""
     label = precision or "/".join(dict.fromkeys(m.precision for m in models))
     # bitsandbytes (>= 0.45) runs NF4 on the CPU too, so only offload has no CPU meaning.
@@ -196,7 +205,7 @@ def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None
         return _unavailable(name, label, "no GPU: 'resident' and 'sequential' already run on the CPU")
     peak = _peak(name, models, precision, machine)
     fits = _fits(peak, machine)
-    seconds = run_seconds(models, precision, machine, tokens, stream_weights=name == "cpu")
+    seconds = run_seconds(models, precision, machine, workload, stream_weights=name == "cpu")
     reason = None
     if not fits:
         if peak.device_gib > machine.device_gib:

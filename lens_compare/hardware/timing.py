@@ -4,15 +4,33 @@ A run reads both checkpoints from local disk and runs one forward pass per model
 At batch 1 and a few hundred tokens the forward is bounded by either reading every
 weight once from GPU memory or the FLOPs (2 x active params x tokens) at MFU; the
 load from disk dominates either way. The first download from the hub is not counted.
+
+Loading adds work of its own on the CPU: a GGUF file is dequantized by gguf-py
+(``GGUF_DEQUANT_S_PER_GPARAM``), and NF4 weights not yet in lens_compare's cache are
+quantized by bitsandbytes' CPU kernels (``CPU_NF4_QUANTIZE_S_PER_GB``), both measured
+on this project's 2-core machine. On a GPU bitsandbytes quantizes as it loads at
+memory speed, which the disk read already bounds. The NF4 forward costs what the
+16-bit one does: dequantizing every weight once per forward took 0.1 s of a 3 s
+forward on the CPU (SmolLM2, 4 x 250 tokens: NF4/float32 1.00-1.06).
 """
 
 from lens_compare.hardware.estimate import ModelEstimate
 from lens_compare.hardware.machine import Machine
+from lens_compare.hardware.run_memory import Workload
 
 DISK_GBPS = 2.0  # local NVMe read, GB/s
 PCIE_GBPS = 25.0  # host -> GPU, PCIe 4.0 x16 effective, GB/s
 MFU = 0.4  # fraction of dense 16-bit peak a prefill reaches
-CPU_GFLOPS = 100.0  # a many-core host in float32 GEMMs
+CPU_GFLOPS = 100.0  # float32 GEMMs; this project's 2-core machine measured 90-99 in a forward
+# Host-side Python work, on any machine (measured on the 2-core machine; faster hosts
+# take less): TransformerBridge wraps each block's modules at boot, and a run loads
+# configs and tokenizers, tokenizes and fingerprints before the first weight.
+BRIDGE_BOOT_S_PER_BLOCK = 0.045
+RUN_SETUP_S = 1.0
+GGUF_DEQUANT_S_PER_GPARAM = 150.0  # gguf-py to float32, 2 cores: 18-23 s for SmolLM2's 0.13 B
+CPU_NF4_QUANTIZE_S_PER_GB = 15.0  # bitsandbytes CPU, 2 cores, per GB of 16-bit weights: quantize + cache
+CPU_NF4_LOAD_GBPS = 0.2  # a cached NF4 checkpoint: bitsandbytes rebuilds its 4-bit parameters
+CPU_NF4_DEQUANT_GBPS = 3.15  # float32 weights bitsandbytes rebuilds per forward batch on the CPU
 # TransformerBridge wraps every component call in accelerate's align_module_device, and
 # accelerate's own offload hook moves the weight again: each offloaded weight crosses
 # PCIe twice per forward (measured on a tiny Llama: 2,208,256 bytes moved against
@@ -20,26 +38,45 @@ CPU_GFLOPS = 100.0  # a many-core host in float32 GEMMs
 BRIDGE_OFFLOAD_MOVES = 2
 
 
-def forward_seconds(model: ModelEstimate, precision: str | None, machine: Machine, tokens: int) -> float:
-    flops = 2 * model.params.active * tokens
+def _quantized_16bit_bytes(model: ModelEstimate) -> int:
+    # absmax: 4 bytes per 64 quantized weights -> the bytes those weights take in 16 bit
+    return model.weights["nf4"].constants * 16 * 2
+
+
+def forward_seconds(model: ModelEstimate, precision: str | None, machine: Machine, workload: Workload) -> float:
+    """Every prompt through ``model`` once, in batches of ``forward_batch``."""
+    prompts = workload.prompts or workload.batch
+    batches = -(-prompts // min(workload.forward_batch or prompts, prompts))
+    flops = 2 * model.params.active * workload.tokens * prompts
+    nf4 = (precision or model.precision) == "nf4"
     if machine.kind == "cpu":
-        return flops / (CPU_GFLOPS * 1e9)
+        dequant = batches * _quantized_16bit_bytes(model) * 2 / (CPU_NF4_DEQUANT_GBPS * 1e9) if nf4 else 0.0
+        return flops / (CPU_GFLOPS * 1e9) + dequant
     if machine.gpu is None:
         # A detected GPU missing from the catalog: throughput unknown, loading dominates.
         return 0.0
     weight_bytes = model.weights[precision or model.precision].total
     compute = flops / (machine.gpu.dense_tflops * 1e12 * MFU) if machine.gpu.dense_tflops else 0.0
-    return max(compute, weight_bytes / (machine.gpu.bandwidth_gbps * 1e9))
+    return max(compute, batches * weight_bytes / (machine.gpu.bandwidth_gbps * 1e9))
 
 
 def run_seconds(
-    models: tuple[ModelEstimate, ...], precision: str | None, machine: Machine, tokens: int,
+    models: tuple[ModelEstimate, ...], precision: str | None, machine: Machine, workload: Workload,
     *, stream_weights: bool = False,
 ) -> float:
-    total = 0.0
+    total = RUN_SETUP_S
     for m in models:
-        total += m.disk_gib * 2**30 / (DISK_GBPS * 1e9)
-        total += forward_seconds(m, precision, machine, tokens)
+        nf4 = (precision or m.precision) == "nf4"
+        total += BRIDGE_BOOT_S_PER_BLOCK * m.arch.n_layers
+        total += forward_seconds(m, precision, machine, workload)
+        if machine.kind == "cpu" and nf4 and m.checkpoint.nf4_cached:
+            total += m.weights["nf4"].total / (CPU_NF4_LOAD_GBPS * 1e9)
+        else:
+            total += m.disk_gib * 2**30 / (DISK_GBPS * 1e9)
+            if machine.kind == "cpu" and m.checkpoint.precision == "gguf":
+                total += GGUF_DEQUANT_S_PER_GPARAM * m.params.total / 1e9
+            if machine.kind == "cpu" and nf4:
+                total += CPU_NF4_QUANTIZE_S_PER_GB * _quantized_16bit_bytes(m) / 1e9
         if stream_weights:
             total += BRIDGE_OFFLOAD_MOVES * m.weights[precision or m.precision].total / (PCIE_GBPS * 1e9)
     return total
