@@ -112,6 +112,17 @@ def document_fingerprint(document: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 (16 hex digits) of lens_compare's own source: a run folder written by other code
+    (a fix to a metric, say) is never resumed, even under the same version number."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def token_ids_fingerprint(token_ids: tuple[tuple[int, ...], ...]) -> str:
     digest = hashlib.sha256()
     for ids in token_ids:

@@ -22,7 +22,7 @@ from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
 from lens_compare.errors import HardwareError
 from lens_compare.execution import Execution, default_execution
-from lens_compare.fingerprint import checkpoint_fingerprint, token_ids_fingerprint
+from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.hooks import states_for_layers
 from lens_compare.per_token import hook_metrics
@@ -96,6 +96,7 @@ def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, ke
     }
     return {
         "lens_compare": _versions()["lens_compare"],
+        "code_sha256_16": code_fingerprint(),
         "pair": run.pair,
         "config": config,
         "device": run.device.partition(":")[0],

@@ -211,6 +211,11 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
         if approval.dtype:
             base, sft = replace(base, dtype=approval.dtype), replace(sft, dtype=approval.dtype)
         overrides = LoadOverrides(approval.tokenizer, approval.tokenizer_kwargs, approval.model_kwargs)
+    if config.gpus and config.device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpus {','.join(map(str, config.gpus))} needs CUDA devices, and CUDA is not available "
+            "here; drop --gpus (and --device cuda) to run on the CPU"
+        )
     device = resolve_device(config.device)
     gpus = resolve_gpus(config.gpus, device)
     prompts = read_prompts(config)

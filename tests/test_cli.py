@@ -184,6 +184,8 @@ def _tiny_cpu(monkeypatch) -> None:
         (["--gpus", "0,5"], lambda mp: _fake_cuda(mp, 2),
          "--gpus names cuda:5, which does not exist: this machine has 2 CUDA device(s) (0..1)"),
         (["--gpus", "0,x"], lambda mp: None, "expected comma-separated CUDA indices"),
+        (["--gpus", "0"], lambda mp: mp.setattr(torch.cuda, "is_available", lambda: False),
+         "--gpus 0 needs CUDA devices, and CUDA is not available here"),
         (["--gpus", "1", "--device", "cpu"], lambda mp: None, "add --device cuda"),
         (["--strategy", "nf4"], _no_bitsandbytes, "the nf4 strategy needs bitsandbytes, which is not installed: "
                                                   "pip install 'lens_compare[nf4]'"),

@@ -183,3 +183,70 @@ def test_tied_head_sits_with_the_embedding():
     assert names[1] == "lm_head" and dict(units)["lm_head"] == 0
     budget = dict(units)["model.embed_tokens"] + 1
     assert accelerate_map(model, {0: budget, 1: 10**12})["lm_head"] == 0
+
+
+def _fake_gpus(monkeypatch, count: int, free_gib: float) -> None:
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=81559 * 2**20))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(free_gib * GIB), 81559 * 2**20))
+
+
+def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, metas):
+    """The whole chain on a fake 4-GPU machine: the planner's pick, its split, the maps."""
+    from lens_compare import preflight
+    from lens_compare.loading import ModelRef
+    from lens_compare.placement import config_object
+    from lens_compare.prepare import Side
+
+    config = config_object(two_layers("meta-llama/Llama-3.1-70B"))
+    units = placement_units(metas["meta-llama/Llama-3.1-70B"])
+    weights_gib = sum(size for _, size in units) / GIB
+    # each GPU holds a little more than one model: resident needs 3 of the 4
+    _fake_gpus(monkeypatch, 4, free_gib=weights_gib * 0.8 + 1.0)
+    ref = ModelRef("meta-llama/Llama-3.1-70B", "hub", "meta-llama/Llama-3.1-70B")
+    facts = {
+        "pair": "llama70b-2layer", "base": Side("base", ref, "bfloat16"), "sft": Side("sft", ref, "bfloat16"),
+        "configs": {"base": config, "sft": config}, "device": "cuda", "gpus": (0, 1, 2, 3), "layers": (0, 1),
+        "n_prompts": 2, "max_tokens": 100, "batch_size": 2, "strategy": "resident", "held_prompts": 2,
+    }
+    execution = preflight.memory_preflight(facts)
+    assert execution.strategy == execution.schedule == "resident"
+    used = {g for options in execution.loads.values() for g in options.device_map.values()}
+    assert used == {0, 1, 2}, "the fewest GPUs that fit, the fourth stays free"
+    assert all(set(options.max_memory) == {0, 1, 2} for options in execution.loads.values())
+    assert execution.estimate["machine"].startswith("3x")
+    # a forced sequential run splits each model on its own, over the GPUs one model needs
+    sequential = preflight.memory_preflight({**facts, "strategy": "sequential"})
+    assert {g for g in sequential.loads["base"].device_map.values()} == {0, 1}
+
+
+def test_what_the_loader_and_the_bridge_receive_for_a_split(monkeypatch, tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+
+    seen = {}
+
+    class Loaded:
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda location, **kwargs: seen.update(load=(location, kwargs)) or Loaded())
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", lambda *a, **kwargs: seen.update(boot=kwargs))
+    ref = resolve_ref(str(tiny_model_dirs["llama"]))
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
+                  "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
+    options = LoadOptions("bfloat16", "cuda:0", device_map=device_map, max_memory={0: 10**9, 1: 10**9})
+    model = load_hf_model(ref, load_config(ref), options)
+    location, kwargs = seen["load"]
+    assert kwargs["device_map"] == device_map and kwargs["max_memory"] == {0: 10**9, 1: 10**9}
+    assert kwargs["dtype"] == torch.bfloat16 and kwargs["attn_implementation"] == "eager"
+    boot_bridge(model, ref, None, options)
+    assert seen["boot"]["hf_model"] is model and seen["boot"]["device"] is None
+    assert "device_map" not in seen["boot"] and "max_memory" not in seen["boot"]

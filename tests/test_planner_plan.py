@@ -65,7 +65,7 @@ def test_run_terms_formulas():
     gib = 2**30
     assert t.residuals == pytest.approx(29 * 200 * 3584 * 2 / gib)
     assert t.metrics_upcast == pytest.approx((3 * 200 * 3584 * 4 + 30 * 29 * 200 * 4) / 2 / gib)
-    assert t.logits == pytest.approx(200 * 152064 * (2 + 4) / gib)
+    assert t.logits == pytest.approx(2 * 152064 * (2 + 4) / gib)  # last position only
     assert t.attention_scores == pytest.approx(2 * 28 * 100**2 * 8 / gib)
     chunked = model_run_terms(arch, "bfloat16", Workload(tokens=100, batch=2, forward_batch=1), params=1)
     assert chunked.residuals == t.residuals

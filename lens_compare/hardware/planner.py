@@ -124,6 +124,10 @@ class Plan:
             cost = f", ~${r.est_cost_usd:.4f}" if r.est_cost_usd is not None else ""
             secs = f", ~{r.est_seconds:.0f} s{cost}" if r.est_seconds is not None else ""
             lines.append(f"  {name:<10} [{r.precision}] {mark}: {detail}{extra}{secs}")
+            for index, layout in enumerate(r.splits or ()):
+                whose = "both models" if len(r.splits) == 1 else ("base", "sft")[index]
+                per_gpu = ", ".join(f"{b / 2**30:.1f}" for b in layout.per_gpu)
+                lines.append(f"             split of {whose}, GiB of weights per GPU: {per_gpu}")
         if self.strategy:
             lines.append(f"chosen: {self.strategy} on {self.machine.label}")
         else:
@@ -181,8 +185,10 @@ def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: 
             f"host RAM assumed {machine.host_ram_gib:.0f} GiB (2x the GPUs' memory); pass --host-ram-gib."
         )
     notes.append(
-        "est_seconds: both checkpoints read from local disk at 2 GB/s plus one forward each "
-        "(max of weights/bandwidth and 2 x active params x tokens at 40% of dense peak); "
+        "est_seconds: run set-up, then per model the checkpoint read from local disk at 2 GB/s, "
+        "the bridge's boot and every prompt through it (max of weights/bandwidth and "
+        "2 x active params x tokens at 40% of dense peak; on the CPU, GGUF dequantisation and "
+        "NF4 quantizing or reading as measured on a 2-core host; see timing.py); "
         "cost = GPUs x hourly price x seconds, prices from the seed's notes."
     )
     return list(dict.fromkeys(notes))

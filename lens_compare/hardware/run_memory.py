@@ -7,7 +7,8 @@ T = tokens, S = residual states captured, at most L+1):
   both models' state plus their difference (3 x B x T x d_model x 4), and the float32
   per-token metric tensors (10 metrics x S x B x T x 4 per state, twice that again for
   the two hook views); split evenly between the two models.
-- ``logits``: b x T x vocab in the activation dtype plus its float32 upcast.
+- ``logits``: b x vocab in the activation dtype plus its float32 upcast: the capture
+  asks for the last position's logits only (``logits_to_keep=1``).
 - ``attention_scores``: eager attention's b x heads x T^2 scores, float32 softmax and
   cast back, for one layer at a time.
 - ``activations``: one block's working set (q/k/v, 4 x d_model, 3 x MLP width).
@@ -49,7 +50,7 @@ MARGIN = 0.05
 # 30-block model).
 RUN_SETUP_HOST_GIB = 0.055
 BRIDGE_HOST_GIB_PER_BLOCK = 0.0012
-GGUF_DEQUANT_FACTOR = 0.3
+GGUF_DEQUANT_FACTOR = 0.18
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def model_run_terms(
     return ModelRunTerms(
         residuals=gib(residual_bytes),
         metrics_upcast=gib((3 * bt * arch.d_model * 4 + 30 * states * bt * 4) / 2),
-        logits=gib(forward_bt * arch.vocab_size * (act + 4)),
+        logits=gib(forward_batch * arch.vocab_size * (act + 4)),
         attention_scores=gib(forward_batch * arch.n_heads * workload.tokens**2 * (2 * act + 4)),
         activations=gib(forward_bt * (4 * arch.d_model + 3 * width + heads_dim) * act),
         load_transient=gib(load),

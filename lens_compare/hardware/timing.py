@@ -23,13 +23,16 @@ PCIE_GBPS = 25.0  # host -> GPU, PCIe 4.0 x16 effective, GB/s
 MFU = 0.4  # fraction of dense 16-bit peak a prefill reaches
 CPU_GFLOPS = 100.0  # float32 GEMMs; this project's 2-core machine measured 90-99 in a forward
 # Host-side Python work, on any machine (measured on the 2-core machine; faster hosts
-# take less): TransformerBridge wraps each block's modules at boot, and a run loads
-# configs and tokenizers, tokenizes and fingerprints before the first weight.
+# take less): a run loads configs and tokenizers and tokenizes before the first weight
+# and assembles the result after the last; per model, TransformerBridge wraps each
+# block's modules at boot, and the run fingerprints the weights, looks for untrained
+# embedding rows and hands freed memory back (garbage collection).
+RUN_SETUP_S = 1.5
+MODEL_OVERHEAD_S = 0.3
 BRIDGE_BOOT_S_PER_BLOCK = 0.045
-RUN_SETUP_S = 1.0
 GGUF_DEQUANT_S_PER_GPARAM = 150.0  # gguf-py to float32, 2 cores: 18-23 s for SmolLM2's 0.13 B
 CPU_NF4_QUANTIZE_S_PER_GB = 15.0  # bitsandbytes CPU, 2 cores, per GB of 16-bit weights: quantize + cache
-CPU_NF4_LOAD_GBPS = 0.2  # a cached NF4 checkpoint: bitsandbytes rebuilds its 4-bit parameters
+CPU_NF4_LOAD_GBPS = 0.25  # a cached NF4 checkpoint: bitsandbytes rebuilds its 4-bit parameters
 CPU_NF4_DEQUANT_GBPS = 3.15  # float32 weights bitsandbytes rebuilds per forward batch on the CPU
 # TransformerBridge wraps every component call in accelerate's align_module_device, and
 # accelerate's own offload hook moves the weight again: each offloaded weight crosses
@@ -67,7 +70,7 @@ def run_seconds(
     total = RUN_SETUP_S
     for m in models:
         nf4 = (precision or m.precision) == "nf4"
-        total += BRIDGE_BOOT_S_PER_BLOCK * m.arch.n_layers
+        total += MODEL_OVERHEAD_S + BRIDGE_BOOT_S_PER_BLOCK * m.arch.n_layers
         total += forward_seconds(m, precision, machine, workload)
         if machine.kind == "cpu" and nf4 and m.checkpoint.nf4_cached:
             total += m.weights["nf4"].total / (CPU_NF4_LOAD_GBPS * 1e9)
