@@ -6,7 +6,8 @@ Side by side, interleaved, in one process on the same 250-token prompts:
   state of both models through TransformerBridge + every metric + the per-layer
   aggregates;
 - bare: the two HF forward passes with ``output_hidden_states=True`` and sdpa
-  attention (what a hand-written script would do).
+  attention (what a hand-written script would do), unembedding the last position only
+  (``logits_to_keep=1``), as lens_compare's capture does: neither needs the logits.
 Loading is compared the same way: lens_compare's load (config + HF model + bridge
 boot + fingerprint + untrained-row scan) against a bare ``from_pretrained``.
 
@@ -32,6 +33,7 @@ from transformers import AutoModelForCausalLM, GgufConfig  # noqa: E402
 from lens_compare.aggregate import layer_records, token_mask  # noqa: E402
 from lens_compare.capture import capture_states  # noqa: E402
 from lens_compare.hooks import states_for_layers  # noqa: E402
+from lens_compare.load_options import LoadOptions  # noqa: E402
 from lens_compare.loading import (  # noqa: E402
     boot_bridge,
     load_config,
@@ -110,7 +112,7 @@ def main() -> None:
 
     def bare():
         with torch.inference_mode():
-            return [m(ids, attention_mask=real.long(), output_hidden_states=True).hidden_states
+            return [m(ids, attention_mask=real.long(), output_hidden_states=True, logits_to_keep=1).hidden_states
                     for m in bare_models]
 
     pipeline(), bare()  # warm-up
