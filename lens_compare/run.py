@@ -159,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         folder = RunFolder(out_dir / "runs" / _folder_name(run.pair, manifest), manifest)
         found = len(folder.finished_shards())
         spilled = len(folder.spilled_shards("base"))
+        if found == layout.count:
+            state = "; all finished: assembling the outputs without loading a model"
+        else:
+            state = "; resuming" if found or spilled else ""
         logger.info("run folder %s: %d of %d shard(s) already finished%s%s", folder.path, found, layout.count,
-                    f", {spilled} base shard(s) spilled" if spilled else "",
-                    "; resuming" if found or spilled else "")
+                    f", {spilled} base shard(s) spilled" if spilled else "", state)
         seconds = execute(job, execution, folder)
         result = assemble(run, job, execution, folder, keep_residuals=False)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -42,7 +42,8 @@ CPU_OFFLOAD_NOTE = (
 
 NF4_CAVEAT = (
     "nf4: 4-bit weights change the residual stream itself, so NF4 base-vs-SFT drift must be "
-    "read against an NF4-vs-bf16 noise floor of the same model (not measured by the planner)."
+    "read against the NF4 noise floor of the same model (pair it with its own NF4 copy, as the "
+    "smollm2-nf4 demo pair does)."
 )
 
 
