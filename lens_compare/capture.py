@@ -9,7 +9,6 @@ full ``[batch, pos, vocab]`` logits were the largest tensor of the forward (1 Gi
 """
 
 import inspect
-
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -21,7 +21,6 @@ when the folder is opened again.
 """
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,6 @@ from lens_compare.capture import ResidualStates
 from lens_compare.errors import LensCompareError
 from lens_compare.outputs import write_atomically, write_json
 from lens_compare.per_token import StateMetrics
-
-logger = logging.getLogger("lens_compare")
 
 
 class MemoryStore:

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from lens_compare.metrics import cross_model
 from lens_compare.outputs import write_atomically
 from lens_compare.run import main
+from tests.fixtures.fake_cuda import H100, fake_cuda
 
 
 @pytest.fixture(autouse=True)
@@ -154,16 +155,6 @@ def test_prompts_files_txt_and_jsonl(tmp_path):
         read_prompts(RunConfig(prompts_file=str(tmp_path / "bad.jsonl")))
 
 
-def _fake_cuda(monkeypatch, n_devices: int) -> None:
-    import types
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_devices)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=81559 * 2**20))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (81000 * 2**20, 81559 * 2**20))
-
-
 def _no_bitsandbytes(monkeypatch) -> None:
     import importlib.util
 
@@ -181,7 +172,7 @@ def _tiny_cpu(monkeypatch) -> None:
 @pytest.mark.parametrize(
     "extra, setup, message",
     [
-        (["--gpus", "0,5"], lambda mp: _fake_cuda(mp, 2),
+        (["--gpus", "0,5"], lambda mp: fake_cuda(mp, [(*H100, 81000)] * 2),
          "--gpus names cuda:5, which does not exist: this machine has 2 CUDA device(s) (0..1)"),
         (["--gpus", "0,x"], lambda mp: None, "expected comma-separated CUDA indices"),
         (["--gpus", "0"], lambda mp: mp.setattr(torch.cuda, "is_available", lambda: False),

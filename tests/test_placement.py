@@ -20,13 +20,14 @@ from lens_compare.hardware.units import GIB
 from lens_compare.load_options import LoadOptions
 from lens_compare.placement import (
     accelerate_map,
+    block_names,
     greedy_map,
     meta_model,
     placement_units,
     split_loads,
     summarize_placement,
-    block_names,
 )
+from tests.fixtures.fake_cuda import H100, fake_cuda
 
 REAL = ("meta-llama/Llama-3.1-70B", "Qwen/Qwen2.5-72B", "deepseek-ai/DeepSeek-V3-Base")
 WORKLOAD = Workload(tokens=100, batch=2, base_dtype="bfloat16", sft_dtype="bfloat16")
@@ -185,16 +186,6 @@ def test_tied_head_sits_with_the_embedding():
     assert accelerate_map(model, {0: budget, 1: 10**12})["lm_head"] == 0
 
 
-def _fake_gpus(monkeypatch, count: int, free_gib: float) -> None:
-    import types
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=81559 * 2**20))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(free_gib * GIB), 81559 * 2**20))
-
-
 def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, metas):
     """The whole chain on a fake 4-GPU machine: the planner's pick, its split, the maps."""
     from lens_compare import preflight
@@ -206,7 +197,7 @@ def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, meta
     units = placement_units(metas["meta-llama/Llama-3.1-70B"])
     weights_gib = sum(size for _, size in units) / GIB
     # each GPU holds a little more than one model: resident needs 3 of the 4
-    _fake_gpus(monkeypatch, 4, free_gib=weights_gib * 0.8 + 1.0)
+    fake_cuda(monkeypatch, [(*H100, (weights_gib * 0.8 + 1.0) * 1024)] * 4)
     ref = ModelRef("meta-llama/Llama-3.1-70B", "hub", "meta-llama/Llama-3.1-70B")
     facts = {
         "pair": "llama70b-2layer", "base": Side("base", ref, "bfloat16"), "sft": Side("sft", ref, "bfloat16"),
@@ -225,8 +216,8 @@ def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, meta
 
 
 def test_what_the_loader_and_the_bridge_receive_for_a_split(monkeypatch, tiny_model_dirs):
-    from transformers import AutoModelForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
 
     from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
 

@@ -11,6 +11,7 @@ from lens_compare.errors import HardwareError
 from lens_compare.hardware import Machine
 from lens_compare.hardware.local_run import GpuFacts
 from lens_compare.run import main
+from tests.fixtures.fake_cuda import fake_cuda
 
 PROMPTS = ["the quick brown fox", "hello world"]
 
@@ -137,19 +138,6 @@ def test_family_the_planner_cannot_model_runs_with_a_warning(tmp_path, caplog):
     assert "no memory check for this run: model_type 'gpt_neox'" in caplog.text
     assert result.provenance["strategy"] == "sequential"
     assert abs(result.to_dict()["resid_post"][-1]["cosine"]["min"] - 1) <= 1e-6
-
-
-def fake_cuda(monkeypatch, gpus):
-    """CUDA devices as data: (name, total MiB, free MiB) per device."""
-    import types
-
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: types.SimpleNamespace(name=gpus[i][0], total_memory=gpus[i][1] * 2**20))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (gpus[i][2] * 2**20, gpus[i][1] * 2**20))
 
 
 def test_plan_uses_the_gpus_the_run_was_given(monkeypatch):

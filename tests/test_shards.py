@@ -20,6 +20,7 @@ from lens_compare.run import main
 from lens_compare.shards import ShardLayout, default_shard_size
 from lens_compare.store import RunFolder, RunFolderError
 
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Run in an empty directory so no repository config is picked up."""
