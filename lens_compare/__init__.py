@@ -10,6 +10,7 @@ from lens_compare.capture import ResidualStates
 from lens_compare.config import RunConfig
 from lens_compare.errors import (
     CaptureError,
+    CheckpointError,
     ConfigError,
     HardwareError,
     LensCompareError,
@@ -22,6 +23,7 @@ from lens_compare.result import ComparisonResult
 
 __all__ = [
     "CaptureError",
+    "CheckpointError",
     "ComparisonResult",
     "ConfigError",
     "HardwareError",

@@ -37,8 +37,8 @@ def compare(
 
     ``check_memory`` asks the hardware planner first and refuses a run whose
     weights cannot fit on this machine (instead of failing halfway through loading).
-    ``strategy`` is ``auto`` (the planner's pick), ``resident``, ``sequential`` or
-    ``nf4``; ``gpus`` restricts a CUDA run to those devices (split by whole blocks when
+    ``strategy`` is ``auto`` (the planner's pick), ``resident``, ``sequential``,
+    ``nf4`` or ``stream`` (layer by layer from safetensors checkpoints); ``gpus`` restricts a CUDA run to those devices (split by whole blocks when
     one GPU cannot hold a model). Everything stays in memory: for hours-long prompt
     sets use the CLI, whose run folder resumes after an interruption.
     """

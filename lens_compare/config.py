@@ -19,7 +19,7 @@ from lens_compare.errors import ConfigError
 from lens_compare.files import read_structured
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-Strategy = Literal["auto", "resident", "sequential", "nf4"]
+Strategy = Literal["auto", "resident", "sequential", "nf4", "stream"]
 ChatTemplateName = Literal["none", "sft"]
 ExportFormat = Literal["parquet", "csv"]
 BLOCK = "residual_compare"

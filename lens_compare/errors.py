@@ -35,3 +35,7 @@ class HardwareError(LensCompareError):
 
 class UnsupportedArchitectureError(ConfigError):
     """The hardware planner has no layout rule for this model family."""
+
+
+class CheckpointError(ModelLoadError):
+    """A checkpoint's files disagree with its index or its config, or cannot be streamed."""

@@ -9,14 +9,14 @@ from typing import Any
 
 from lens_compare.load_options import LoadOptions
 
-SCHEDULES = ("resident", "sequential")
+SCHEDULES = ("resident", "sequential", "stream")
 
 
 @dataclass(frozen=True)
 class Execution:
-    """``strategy`` is what was chosen (``resident``, ``sequential`` or ``nf4``); ``schedule``
-    is the engine that runs it (NF4 runs ``resident`` when both models fit, else
-    ``sequential``); ``loads`` says how each model is loaded (device or split, dtype,
+    """``strategy`` is what was chosen (``resident``, ``sequential``, ``nf4`` or ``stream``);
+    ``schedule`` is the engine that runs it (NF4 runs ``resident`` when both models fit, else
+    ``sequential``; ``stream`` runs ``stream``); ``loads`` says how each model is loaded (device or split, dtype,
     quantization); ``estimate`` is the planner's figure for the run, when it made one."""
 
     strategy: str

@@ -177,14 +177,19 @@ def boot_bridge(hf_model, ref: ModelRef, tokenizer, options: LoadOptions):
 
 def weights_fingerprint(hf_model, chunk_bytes: int = 64 * 2**20) -> str:
     """sha256 of the input embedding and the last ``*norm.weight`` (the final norm where a
-    family names it so): cheap, and differs between checkpoints.
-
-    Hashed a slice at a time, straight from the tensor's memory (one slice is copied to
-    the host for a GPU model): a 2 GiB embedding never gets a second copy.
+    family names it so): cheap, and differs between checkpoints. A streamed run hashes the
+    same two tensors as it reads them (``fingerprint_tensors``), so the value is the same.
     """
-    digest = hashlib.sha256()
     tensors = [hf_model.get_input_embeddings().weight]
     tensors += [p for name, p in hf_model.named_parameters() if name.endswith("norm.weight")][-1:]
+    return fingerprint_tensors(tensors, chunk_bytes)
+
+
+def fingerprint_tensors(tensors: list[torch.Tensor], chunk_bytes: int = 64 * 2**20) -> str:
+    """sha256 (16 hex digits) of ``tensors``' bytes, hashed a slice at a time straight from the
+    tensor's memory (one slice is copied to the host for a GPU tensor): a 2 GiB embedding
+    never gets a second copy."""
+    digest = hashlib.sha256()
     for tensor in tensors:
         flat = tensor.detach().reshape(-1)
         step = max(1, chunk_bytes // flat.element_size())

@@ -20,6 +20,27 @@ TokenMetrics = dict[HookKind, dict[str, Float[Tensor, "layer prompt pos"]]]
 StateMetrics = dict[str, Float[Tensor, "state prompt pos"]]
 
 
+def one_state_metrics(
+    base: Float[Tensor, "prompt pos d_model"],
+    sft: Float[Tensor, "prompt pos d_model"],
+    previous: tuple[Float[Tensor, "prompt pos d_model"], Float[Tensor, "prompt pos d_model"]] | None,
+) -> dict[str, Float[Tensor, "prompt pos"]]:
+    """Every metric of one residual state; the depth metrics need the state before it
+    (``previous`` = base's and SFT's) and are NaN without it."""
+    cm = cross_model(base, sft)
+    out = {name: getattr(cm, name) for name in ("cosine", "norm_delta", "norm_ratio", "relative_l2",
+                                                 "base_norm", "sft_norm")}
+    for model, current, before in (("base", base, previous and previous[0]), ("sft", sft, previous and previous[1])):
+        if before is None:
+            out[f"{model}_cosine_prev"] = torch.full(base.shape[:2], torch.nan)
+            out[f"{model}_norm_delta"] = torch.full(base.shape[:2], torch.nan)
+        else:
+            step = depth_step(before, current)
+            out[f"{model}_cosine_prev"] = step.cosine_prev
+            out[f"{model}_norm_delta"] = step.norm_delta
+    return {name: out[name] for name in METRIC_NAMES}
+
+
 def state_metrics(base: ResidualStates, sft: ResidualStates) -> StateMetrics:
     """Every metric once per captured residual state (what a run's shards store)."""
     if base.states != sft.states or base.values.shape != sft.values.shape:
@@ -27,19 +48,19 @@ def state_metrics(base: ResidualStates, sft: ResidualStates) -> StateMetrics:
             f"base and SFT captures do not line up: states {base.states} vs {sft.states}, "
             f"shapes {tuple(base.values.shape)} vs {tuple(sft.values.shape)}"
         )
-    shape = base.values.shape[:3]
-    out = {name: torch.full(shape, torch.nan) for name in METRIC_NAMES}
+    rows = []
     for row, state in enumerate(base.states):
-        cm = cross_model(base.values[row], sft.values[row])
-        for name in ("cosine", "norm_delta", "norm_ratio", "relative_l2", "base_norm", "sft_norm"):
-            out[name][row] = getattr(cm, name)
+        previous = None
         if state - 1 in base.states:
-            previous = base.states.index(state - 1)
-            for model, states in (("base", base), ("sft", sft)):
-                step = depth_step(states.values[previous], states.values[row])
-                out[f"{model}_cosine_prev"][row] = step.cosine_prev
-                out[f"{model}_norm_delta"][row] = step.norm_delta
-    return out
+            before = base.states.index(state - 1)
+            previous = (base.values[before], sft.values[before])
+        rows.append(one_state_metrics(base.values[row], sft.values[row], previous))
+    return stack_state_rows(rows)
+
+
+def stack_state_rows(rows: list[dict[str, Float[Tensor, "prompt pos"]]]) -> StateMetrics:
+    """Per-state metric rows -> ``{metric: [state, prompt, pos]}``."""
+    return {name: torch.stack([row[name] for row in rows]) for name in METRIC_NAMES}
 
 
 def hook_metrics(per_state: StateMetrics, states: tuple[int, ...], layers: tuple[int, ...]) -> TokenMetrics:

@@ -12,6 +12,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
@@ -40,13 +41,14 @@ Preflight = Callable[[dict[str, Any]], Execution]
 OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "strategy", "gpus", "local_run")
 
 
-def shard_layout(run: PreparedRun) -> ShardLayout:
-    """The run's shards: ``shard_size`` prompts each, or ~2 GiB of both models' states."""
+def shard_layout(run: PreparedRun, streamed: bool = False) -> ShardLayout:
+    """The run's shards: ``shard_size`` prompts each, or ~2 GiB of both models' states (a
+    streamed run holds two states per model, not all of them)."""
     n_prompts = len(run.tokenized.token_ids)
     size = run.config.shard_size
     if size is None:
         per_prompt = state_bytes_per_prompt(
-            len(states_for_layers(run.layers)), max(run.tokenized.lengths), _d_model(run),
+            2 if streamed else len(states_for_layers(run.layers)), max(run.tokenized.lengths), _d_model(run),
             tuple(DTYPE_BYTES[side.dtype] for side in run.sides),
         )
         size = default_shard_size(per_prompt, run.config.batch_size)
@@ -71,9 +73,15 @@ def start_run(
     otherwise only one shard's (a run folder spills to disk).
     """
     run = prepare_run(config, overrides)
-    layout = shard_layout(run)
+    decide = preflight if preflight is not None else default_execution
+    layout = shard_layout(run, streamed=config.strategy == "stream")
     facts = {**run.plan_facts(), "held_prompts": layout.n_prompts if held_in_memory else layout.size}
-    execution = preflight(facts) if preflight is not None else default_execution(facts)
+    execution = decide(facts)
+    if execution.schedule == "stream" and config.strategy != "stream":
+        # auto picked stream: its shards hold two states per model; plan that run.
+        layout = shard_layout(run, streamed=True)
+        facts.update(strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
+        execution = replace(decide(facts), strategy="stream")
     return run, layout, execution
 
 
@@ -111,17 +119,17 @@ def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, ke
 
 def spill_bytes(job: Job, execution: Execution) -> int:
     """Disk a run folder needs for spilled residual states, at most: the base model's for a
-    sequential run, both models' when they are kept (``--save-residuals``)."""
+    sequential run, both models' when they are kept (``--save-residuals``), and a streamed
+    run's resume point (two states of both models while the newer one is written)."""
     models = 2 if job.keep_states else (1 if execution.schedule == "sequential" else 0)
-    if not models:
-        return 0
     d_model = _d_model(job.run)
-    total = 0
+    total = frontier = 0
     for start, stop in job.layout.bounds:
         width = max(job.run.tokenized.lengths[start:stop])
         per_state = (stop - start) * width * d_model
         total += sum(len(job.states) * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides[:models])
-    return total
+        frontier = max(frontier, sum(2 * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides))
+    return total + (frontier if execution.schedule == "stream" else 0)
 
 
 def check_spill_space(job: Job, execution: Execution, directory) -> None:

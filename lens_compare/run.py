@@ -55,9 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--include-first-token", action="store_true", default=None,
                    help="include position 0 in the per-layer aggregates")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--strategy", choices=("auto", "resident", "sequential", "nf4"))
+    p.add_argument("--strategy", choices=("auto", "resident", "sequential", "nf4", "stream"),
+                   help="how to run the pair (default auto: the planner's pick among resident, sequential "
+                        "and stream; nf4 only when asked)")
     p.add_argument("--shard-size", type=int,
-                   help="prompts per shard, the unit of progress and resume (default: ~2 GiB of residuals)")
+                   help="prompts per shard, the unit of progress and resume (default: ~2 GiB of residuals; "
+                        "a streamed run resumes block by block within a shard)")
     p.add_argument("--save-residuals", action="store_true", default=None,
                    help="also write the captured residuals to a .safetensors file")
     p.add_argument("--parquet", action="store_true", help="also write the token and summary tables as parquet")

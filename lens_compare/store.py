@@ -14,6 +14,14 @@ A ``RunFolder`` on disk::
       models/base.json           facts about each model, written when it was loaded
       metrics/00003.safetensors  one shard's per-state metrics, [state, prompt, pos] float32
       states/base-00003.safetensors  one shard's residual states, [state, prompt, pos, d_model]
+      layers/00003/base-00012.safetensors  a streamed shard's state 12, [prompt, pos, d_model]
+      layers/00003/metrics-00012.safetensors  its per-token metrics, [prompt, pos] each
+
+A streamed run (``--strategy stream``) goes layer by layer: after each block of both
+models it stores the newest state of both (the frontier it resumes from) and that
+state's metrics; when the shard's last block is done its metrics are stacked into
+``metrics/`` like any other shard's and the layer files are removed (``--save-residuals``
+keeps the captured states there instead, one file per state).
 
 Every file is written to a temporary name and renamed into place, so a killed run
 (SIGKILL included) leaves only whole files; leftover temporary files are removed
@@ -42,6 +50,8 @@ class MemoryStore:
         self._metrics: dict[int, StateMetrics] = {}
         self._states: dict[tuple[str, int], ResidualStates] = {}
         self._facts: dict[str, dict[str, Any]] = {}
+        self._layer_states = {}
+        self._layer_metrics = {}
 
     def finished(self, shard: int) -> bool:
         return shard in self._metrics
@@ -62,6 +72,8 @@ class MemoryStore:
         return self._states[(role, shard)]
 
     def state_slice(self, role: str, state: int, shard: int) -> torch.Tensor:
+        if (role, shard, state) in self._layer_states:
+            return self._layer_states[(role, shard, state)]
         states = self._states[(role, shard)]
         return states.values[states.states.index(state)]
 
@@ -76,6 +88,38 @@ class MemoryStore:
 
     def drop_all_states(self) -> None:
         self._states.clear()
+        self._layer_states.clear()
+
+    # One state at a time (the streamed engine).
+    _layer_states: dict[tuple[str, int, int], torch.Tensor]
+    _layer_metrics: dict[tuple[int, int], dict[str, torch.Tensor]]
+
+    def put_state(self, role: str, shard: int, state: int, values: torch.Tensor) -> None:
+        self._layer_states[(role, shard, state)] = values
+
+    def get_state(self, role: str, shard: int, state: int) -> torch.Tensor:
+        return self._layer_states[(role, shard, state)]
+
+    def drop_state(self, role: str, shard: int, state: int) -> None:
+        self._layer_states.pop((role, shard, state), None)
+
+    def layer_states(self, role: str, shard: int) -> list[int]:
+        return sorted(s for r, sh, s in self._layer_states if r == role and sh == shard)
+
+    def put_state_metrics(self, shard: int, state: int, metrics: dict[str, torch.Tensor]) -> None:
+        self._layer_metrics[(shard, state)] = metrics
+
+    def get_state_metrics(self, shard: int, state: int) -> dict[str, torch.Tensor]:
+        return self._layer_metrics[(shard, state)]
+
+    def drop_state_metrics(self, shard: int) -> None:
+        for key in [k for k in self._layer_metrics if k[0] == shard]:
+            del self._layer_metrics[key]
+
+    def keep_layer_states(self, role: str, shard: int, n_layers: int, states: tuple[int, ...]) -> None:
+        """A streamed shard's kept states become the shard's ``ResidualStates``."""
+        values = torch.stack([self._layer_states.pop((role, shard, state)) for state in states])
+        self._states[(role, shard)] = ResidualStates(n_layers=n_layers, states=states, values=values)
 
 
 class RunFolderError(LensCompareError):
@@ -101,9 +145,9 @@ class RunFolder:
                 )
         else:
             write_json(manifest_path, self.manifest)
-        for directory in ("metrics", "states", "models"):
+        for directory in ("metrics", "states", "models", "layers"):
             (self.path / directory).mkdir(parents=True, exist_ok=True)
-            for stale in (self.path / directory).glob(".*.tmp"):
+            for stale in (self.path / directory).rglob(".*.tmp"):
                 stale.unlink(missing_ok=True)
 
     def _metrics_path(self, shard: int) -> Path:
@@ -138,6 +182,12 @@ class RunFolder:
         write_atomically(self._states_path(role, shard), lambda tmp: save_file(tensors, str(tmp), metadata))
 
     def get_states(self, role: str, shard: int) -> ResidualStates:
+        kept = self.path / "layers" / f"{shard:05d}" / f"kept-{role}.json"
+        if kept.is_file():
+            document = json.loads(kept.read_text())
+            states = tuple(document["states"])
+            values = torch.stack([self.get_state(role, shard, state) for state in states])
+            return ResidualStates(n_layers=document["n_layers"], states=states, values=values)
         with safe_open(str(self._states_path(role, shard)), "pt") as handle:
             metadata = handle.metadata()
             values = handle.get_tensor("values")
@@ -149,6 +199,9 @@ class RunFolder:
 
     def state_slice(self, role: str, state: int, shard: int) -> torch.Tensor:
         """One state of one shard, read alone from the spilled file (memory-mapped)."""
+        layer_file = self._layer_path(shard, f"{role}-{state:05d}")
+        if layer_file.is_file():
+            return self.get_state(role, shard, state)
         with safe_open(str(self._states_path(role, shard)), "pt") as handle:
             row = [int(s) for s in handle.metadata()["states"].split(",")].index(state)
             return handle.get_slice("values")[row]
@@ -158,6 +211,43 @@ class RunFolder:
 
     def drop_all_states(self) -> None:
         shutil.rmtree(self.path / "states", ignore_errors=True)
+        shutil.rmtree(self.path / "layers", ignore_errors=True)
+
+    def _layer_path(self, shard: int, stem: str) -> Path:
+        return self.path / "layers" / f"{shard:05d}" / f"{stem}.safetensors"
+
+    def put_state(self, role: str, shard: int, state: int, values: torch.Tensor) -> None:
+        tensors = {"values": values.contiguous()}
+        write_atomically(self._layer_path(shard, f"{role}-{state:05d}"), lambda tmp: save_file(tensors, str(tmp)))
+
+    def get_state(self, role: str, shard: int, state: int) -> torch.Tensor:
+        with safe_open(str(self._layer_path(shard, f"{role}-{state:05d}")), "pt") as handle:
+            return handle.get_tensor("values")
+
+    def drop_state(self, role: str, shard: int, state: int) -> None:
+        self._layer_path(shard, f"{role}-{state:05d}").unlink(missing_ok=True)
+
+    def layer_states(self, role: str, shard: int) -> list[int]:
+        folder = self.path / "layers" / f"{shard:05d}"
+        return sorted(int(p.stem.rpartition("-")[2]) for p in folder.glob(f"{role}-[0-9]*.safetensors"))
+
+    def put_state_metrics(self, shard: int, state: int, metrics: dict[str, torch.Tensor]) -> None:
+        tensors = {name: values.contiguous() for name, values in metrics.items()}
+        write_atomically(self._layer_path(shard, f"metrics-{state:05d}"), lambda tmp: save_file(tensors, str(tmp)))
+
+    def get_state_metrics(self, shard: int, state: int) -> dict[str, torch.Tensor]:
+        with safe_open(str(self._layer_path(shard, f"metrics-{state:05d}")), "pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+
+    def drop_state_metrics(self, shard: int) -> None:
+        for path in (self.path / "layers" / f"{shard:05d}").glob("metrics-*.safetensors"):
+            path.unlink()
+
+    def keep_layer_states(self, role: str, shard: int, n_layers: int, states: tuple[int, ...]) -> None:
+        """A streamed shard's kept states stay one file per state (never stacked in memory);
+        ``kept-{role}.json`` says which, for ``get_states``."""
+        document = {"n_layers": n_layers, "states": list(states)}
+        write_json(self.path / "layers" / f"{shard:05d}" / f"kept-{role}.json", document)
 
     def put_facts(self, role: str, facts: dict[str, Any]) -> None:
         write_json(self.path / "models" / f"{role}.json", facts)

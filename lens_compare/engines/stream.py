@@ -1,0 +1,174 @@
+"""The ``stream`` engine: both models layer-major, in lockstep, each checkpoint read once.
+
+For each pending shard: embed every prompt in both models, then for each block l run
+block l of the base model over every prompt, then block l of the SFT model, compute
+the metrics of the new state and drop the state before it. Host memory holds two
+states of each model, the device one block (two while the next one is read on a
+background thread). After every block pair the newest state of both models and its
+metrics go to the store: a killed run resumes from the last finished block, losing at
+most the block in progress. With ``keep_states`` (``--save-residuals``) the captured
+states stay in the store, one per file.
+
+A shard is still a group of prompts (the CLI makes one shard of every prompt unless
+``--shard-size`` says otherwise, since a streamed shard's memory is two states, not all
+of them); each shard reads both checkpoints once.
+"""
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lens_compare.engines import Job
+from lens_compare.loading import fingerprint_tensors
+from lens_compare.per_token import one_state_metrics, stack_state_rows
+from lens_compare.store import Store
+from lens_compare.streaming import StreamedModel, forward_batches
+from lens_compare.tokens import untrained_token_ids
+
+logger = logging.getLogger("lens_compare")
+ROLES = ("base", "sft")
+
+
+@contextmanager
+def prefetched(loads: list[Callable[[], torch.nn.Module]]) -> Iterator[Iterator[torch.nn.Module]]:
+    """Yield the modules ``loads`` make, in order; the next one is read on a background thread
+    while the caller computes with the current one (so at most two are materialised)."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lens_compare-read")
+    pending = []
+
+    def modules() -> Iterator[torch.nn.Module]:
+        if not loads:
+            return
+        pending.append(executor.submit(loads[0]))
+        for index in range(len(loads)):
+            module = pending.pop().result()
+            if index + 1 < len(loads):
+                pending.append(executor.submit(loads[index + 1]))
+            yield module
+
+    try:
+        yield modules()
+    finally:
+        for future in pending:
+            future.cancel()
+        executor.shutdown(wait=True)
+
+
+def _open_models(job: Job) -> dict[str, StreamedModel]:
+    """Both models' skeletons and checkpoints, every tensor the run reads checked (headers only)."""
+    models = {}
+    for side in job.run.sides:
+        models[side.role] = StreamedModel.open(side.role, side.ref, job.run.model_configs[side.role],
+                                               job.loads[side.role])
+    n_blocks = max(job.states)
+    for model in models.values():
+        model.validate(n_blocks)
+    return models
+
+
+def _facts(job: Job, model: StreamedModel, embedding: Tensor) -> dict:
+    norm = model.read_final_norm_weight()
+    seen_ids = {t for ids in job.run.tokenized.token_ids for t in ids}
+    facts = {
+        "weights_sha256_16": fingerprint_tensors([embedding] + ([norm] if norm is not None else [])),
+        "d_model": int(embedding.shape[1]),
+        "load": f"{job.loads[model.role].describe()}, streamed block by block",
+        "quantization": None,
+        # Every block passes through the run device, one (two while prefetching) at a time.
+        "placement": {str(model.device): {"blocks": "all, streamed one at a time", "gib": None}},
+        "untrained": {},
+    }
+    if model.role == "base":
+        found = untrained_token_ids(embedding, seen_ids)
+        facts["untrained"] = {str(token): ratio for token, ratio in found.items()}
+    return facts
+
+
+def _resume_point(store: Store, shard: int) -> int | None:
+    """The newest state both models have stored for ``shard`` (None: start from the embeddings)."""
+    held = [set(store.layer_states(role, shard)) for role in ROLES]
+    common = held[0] & held[1]
+    return max(common) if common else None
+
+
+def run_stream(job: Job, store: Store) -> None:
+    """Every pending shard through both models, layer-major (see the module docstring)."""
+    pending = [shard for shard in range(job.layout.count) if not store.finished(shard)]
+    if not pending:
+        return
+    models = _open_models(job)
+    for shard in pending:
+        _stream_shard(job, store, models, shard)
+    for role, model in models.items():
+        logger.info("%s model: read %.3f GiB from its checkpoint of %.3f GiB (%d shard(s))", role,
+                    model.checkpoint.bytes_read / 2**30, model.checkpoint.total_bytes / 2**30, len(pending))
+
+
+def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shard: int) -> None:
+    token_ids, real = job.shard_inputs(shard)
+    batches = forward_batches(real, job.run.config.batch_size)
+    n_blocks = max(job.states)
+    start = _resume_point(store, shard)
+    if start is None:
+        hidden = {}
+        for role, model in models.items():
+            def keep_facts(weight, role=role, model=model):
+                if store.get_facts(role) is None:
+                    store.put_facts(role, _facts(job, model, weight))
+
+            hidden[role] = model.embed(token_ids, batches, on_embedding=keep_facts)
+            hidden[role].masked_fill_(~real[..., None], 0)
+        _finish_state(job, store, shard, 0, hidden, None)
+        start = 0
+    else:
+        hidden = {role: store.get_state(role, shard, start) for role in ROLES}
+        logger.info("shard %d: resuming the stream after block %d of %d", shard, start - 1, n_blocks)
+    contexts = {role: model.contexts(hidden[role], real, batches) for role, model in models.items()}
+    order = [(role, block) for block in range(start, n_blocks) for role in ROLES]
+    loads = [lambda role=role, block=block: models[role].load(models[role].block_path(block))
+             for role, block in order]
+    desc = f"stream shard {shard + 1}/{job.layout.count}" if job.layout.count > 1 else "stream"
+    with prefetched(loads) as modules, tqdm(total=n_blocks, initial=start, desc=desc, unit="block",
+                                            dynamic_ncols=True) as bar:
+        for block in range(start, n_blocks):
+            following = {}
+            for role in ROLES:
+                module = next(modules)
+                following[role] = models[role].run_block(block, module, hidden[role], real, contexts[role])
+                models[role].free(module)
+                del module
+            _finish_state(job, store, shard, block + 1, following, hidden)
+            hidden = following
+            bar.update(1)
+    rows = [store.get_state_metrics(shard, state) for state in job.states]
+    store.put_metrics(shard, stack_state_rows(rows))
+    store.drop_state_metrics(shard)
+    for role in ROLES:
+        for state in store.layer_states(role, shard):
+            if not (job.keep_states and state in job.states):
+                store.drop_state(role, shard, state)
+        if job.keep_states:
+            store.keep_layer_states(role, shard, models[role].n_layers, job.states)
+
+
+def _finish_state(
+    job: Job, store: Store, shard: int, state: int,
+    current: dict[str, Float[Tensor, "prompt pos d_model"]],
+    previous: dict[str, Float[Tensor, "prompt pos d_model"]] | None,
+) -> None:
+    """Store state ``state``'s metrics, then both models' state (the new resume point), then drop
+    the state before it unless it is kept. The order makes every resume point complete."""
+    if state in job.states:
+        before = (previous["base"], previous["sft"]) if previous is not None and state - 1 in job.states else None
+        store.put_state_metrics(shard, state, one_state_metrics(current["base"], current["sft"], before))
+    for role in ROLES:
+        store.put_state(role, shard, state, current[role])
+    if state > 0 and not (job.keep_states and state - 1 in job.states):
+        for role in ROLES:
+            store.drop_state(role, shard, state - 1)

