@@ -12,8 +12,11 @@ tensor, or a shape that disagrees with the config, is found before the first blo
 
 import json
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -121,16 +124,22 @@ class SafetensorsCheckpoint:
         return {name: self._headers[name] for name in names}
 
     def read(self, names: list[str], device: str | torch.device) -> dict[str, torch.Tensor]:
-        """The tensors ``names``, read file by file straight to ``device``, in their stored dtype."""
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.weight_map[name], []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for file, file_names in by_file.items():
-            with safe_open(str(self.directory / file), "pt", device=str(device)) as handle:
-                for name in file_names:
-                    out[name] = handle.get_tensor(name)
-        read = sum(t.numel() * t.element_size() for t in out.values())
-        with self._lock:
-            self.bytes_read += read
-        return out
+        """The tensors ``names``, read straight to ``device``, in their stored dtype."""
+        with self.reader(device) as get:
+            return {name: get(name) for name in names}
+
+    @contextmanager
+    def reader(self, device: str | torch.device) -> Iterator[Callable[[str], torch.Tensor]]:
+        """``get(name)`` reads one tensor to ``device``; each file is opened once per ``with``."""
+        handles: dict[str, Any] = {}
+        with ExitStack() as stack:
+            def get(name: str) -> torch.Tensor:
+                file = self.weight_map[name]
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(str(self.directory / file), "pt", device=str(device)))
+                tensor = handles[file].get_tensor(name)
+                with self._lock:
+                    self.bytes_read += tensor.numel() * tensor.element_size()
+                return tensor
+
+            yield get

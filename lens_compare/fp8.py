@@ -14,7 +14,8 @@ Two layouts exist in the wild, named by the checkpoint's ``quantization_config.q
   shape ``[rows, 1]``; ``*.input_scale_ub`` is the activation clamp of fbgemm's kernel and
   has no role in the dequantized weight.
 
-In both, weight = fp8 value x scale, computed in float32 and then cast to the run's dtype.
+In both, weight = fp8 value x scale, computed in float32 and then cast to the run's dtype,
+a chunk of rows at a time (``CHUNK_ELEMENTS``).
 
 >>> import torch
 >>> w = torch.ones(130, 3).to(torch.float8_e4m3fn)
@@ -34,6 +35,8 @@ from torch import Tensor
 from lens_compare.errors import CheckpointError
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Elements per dequantization chunk: three float32 temporaries of this size (16 MiB each).
+CHUNK_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,14 @@ def dequantize_blockwise(
             f"FP8 scale grid {tuple(scale_inv.shape)} does not match a {rows} x {cols} weight in "
             f"{block[0]} x {block[1]} blocks: expected {grid}"
         )
-    scales = einops.repeat(scale_inv.float(), "gr gc -> (gr br) (gc bc)", br=block[0], bc=block[1])
-    return (weight.float() * scales[:rows, :cols]).to(dtype)
+    out = torch.empty((rows, cols), dtype=dtype, device=weight.device)
+    step = _chunk_rows(cols, block[0])
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        grid_rows = scale_inv[start // block[0]: -(-stop // block[0])].float()
+        scales = einops.repeat(grid_rows, "gr gc -> (gr br) (gc bc)", br=block[0], bc=block[1])
+        out[start:stop] = weight[start:stop].float() * scales[: stop - start, :cols]
+    return out
 
 
 def dequantize_rowwise(
@@ -108,7 +117,18 @@ def dequantize_rowwise(
             f"FP8 row-wise scale of shape {tuple(scale.shape)} does not match a weight with "
             f"{weight.shape[0]} rows: expected ({weight.shape[0]}, 1)"
         )
-    return (weight.float() * scale.float()).to(dtype)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    step = _chunk_rows(weight.shape[1], 1)
+    for start in range(0, weight.shape[0], step):
+        out[start:start + step] = weight[start:start + step].float() * scale[start:start + step].float()
+    return out
+
+
+def _chunk_rows(cols: int, multiple: int) -> int:
+    """Rows per dequantization chunk: a multiple of ``multiple`` keeping the float32
+    temporaries near ``CHUNK_ELEMENTS`` (so dequantizing never doubles a tensor's memory)."""
+    rows = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return max(multiple, rows - rows % multiple)
 
 
 def dequantize(weight: Tensor, scale: Tensor, layout: Fp8Layout, block: tuple[int, int], dtype: torch.dtype) -> Tensor:

@@ -74,8 +74,7 @@ def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan
 
 
 def _alternatives(plan: Plan) -> str:
-    fitting = [f"{name} on {r.min_gpus} GPU(s)" for name, r in plan.strategies.items()
-               if r.min_gpus is not None and name != "cpu"]
+    fitting = [f"{name} on {r.min_gpus} GPU(s)" for name, r in plan.strategies.items() if r.min_gpus is not None]
     return "; what fits instead: " + ", ".join(fitting) if fitting else "; nothing else fits either"
 
 
@@ -110,7 +109,7 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
         logger.warning(
             "no exact strategy fits %s: running NF4 (4-bit weights). NF4 changes the residual "
             "stream itself; read its drift against the smollm2-nf4 noise-floor pair.", machine.label)
-    schedule = "resident" if chosen.layout == "resident" else "sequential"
+    schedule = "stream" if chosen.name == "stream" else "resident" if chosen.layout == "resident" else "sequential"
     gpus = facts["gpus"][: machine.count]
     device = f"cuda:{gpus[0]}" if machine.kind == "cuda" else "cpu"
     loads = side_loads(facts, chosen.name, device)

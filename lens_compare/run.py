@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lens_compare: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        kept = f"; finished shards are kept in {folder.path}: run the same command again to resume" \
+        kept = f"; finished shards (and a streamed run's finished blocks) are kept in {folder.path}: " \
+            "run the same command again to resume" \
             if folder is not None else "; no output was written"
         print(f"lens_compare: interrupted{kept}", file=sys.stderr)
         return 130

@@ -27,9 +27,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from lens_compare.capture import ResidualStates
 from lens_compare.checkpoint import SafetensorsCheckpoint, TensorHeader
 from lens_compare.errors import CaptureError, CheckpointError
-from lens_compare.fp8 import dequantize, expected_scale_shape, fp8_layout, scale_name
+from lens_compare.fp8 import FP8_DTYPES, dequantize, expected_scale_shape, fp8_layout, scale_name
 from lens_compare.hardware.families import StreamRule, stream_rule
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import DTYPES
@@ -195,28 +196,35 @@ class StreamedModel:
     # -- reading and freeing modules ---------------------------------------------------
 
     def read_state_dict(self, module_path: str) -> dict[str, Tensor]:
-        """``module_path``'s tensors from the checkpoint, on the run device, in their run dtypes."""
-        recipes = self.recipes(module_path)
-        names = [name for recipe in recipes for name in recipe.names]
-        if self.fp8 is not None:
-            layout, _ = self.fp8
-            names += [scale_name(name, layout) for name in names
-                      if self.checkpoint.headers([name])[name].dtype in _FP8_HEADER_DTYPES]
-        raw = self.checkpoint.read(names, self.device)
+        """``module_path``'s tensors from the checkpoint, on the run device, in their run dtypes.
+
+        One checkpoint tensor at a time: each is read, converted into its place and freed
+        (fused experts fill a preallocated tensor slice by slice), so the device holds the
+        module in its run dtype plus one tensor as stored, never the whole module twice."""
         state = {}
-        for recipe in recipes:
-            slices = [torch.cat([self._plain(raw, name, recipe.dtype) for name in part]) if len(part) > 1
-                      else self._plain(raw, part[0], recipe.dtype) for part in recipe.parts]
-            state[recipe.target] = torch.stack(slices) if recipe.stacked else slices[0]
-            for name in recipe.names:
-                raw.pop(name, None)
+        with self.checkpoint.reader(self.device) as get:
+            for recipe in self.recipes(module_path):
+                if not recipe.stacked and len(recipe.parts[0]) == 1:
+                    state[recipe.target] = self._converted(get, recipe.parts[0][0], recipe.dtype)
+                    continue
+                target = torch.empty(recipe.shape, dtype=recipe.dtype, device=self.device)
+                slices = target if recipe.stacked else target[None]
+                for index, part in enumerate(recipe.parts):
+                    row = 0
+                    for name in part:
+                        piece = self._converted(get, name, recipe.dtype)
+                        slices[index, row:row + piece.shape[0]] = piece
+                        row += piece.shape[0]
+                        del piece
+                state[recipe.target] = target
         return state
 
-    def _plain(self, raw: dict[str, Tensor], name: str, dtype: torch.dtype) -> Tensor:
-        tensor = raw[name]
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    def _converted(self, get, name: str, dtype: torch.dtype) -> Tensor:
+        """One checkpoint tensor in ``dtype`` (FP8 dequantized with its scales)."""
+        tensor = get(name)
+        if tensor.dtype in FP8_DTYPES:
             layout, block = self.fp8
-            return dequantize(tensor, raw.pop(scale_name(name, layout)), layout, block, dtype)
+            return dequantize(tensor, get(scale_name(name, layout)), layout, block, dtype)
         return tensor.to(dtype)
 
     def materialise(self, module_path: str, state: dict[str, Tensor]) -> torch.nn.Module:
@@ -365,11 +373,9 @@ def forward_batches(real: Bool[Tensor, "prompt pos"], batch_size: int) -> list[t
 def stream_states(
     role: str, ref, config, options: LoadOptions, token_ids: Int[Tensor, "prompt pos"],
     real: Bool[Tensor, "prompt pos"], states: tuple[int, ...], *, batch_size: int,
-) -> "ResidualStates":
+) -> ResidualStates:
     """One model's residual ``states`` for every prompt, streamed (what ``capture_states`` gives
     through TransformerBridge). The pair engine runs two models in lockstep instead."""
-    from lens_compare.capture import ResidualStates
-
     model = StreamedModel.open(role, ref, config, options)
     n_blocks = max(states)
     if n_blocks > model.n_layers or min(states) < 0:

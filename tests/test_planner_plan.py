@@ -106,7 +106,7 @@ def test_deepseek_defaults_to_fp8_where_supported():
     assert on_h100.strategies["resident"].fits is False
 
 
-def test_strategy_order_prefers_sequential_then_nf4():
+def test_strategy_order_prefers_resident_then_sequential():
     plan = plan_pair("llama8b", tokens=250, gpu="RTX 4090", with_cheapest=False)
     assert not plan.strategies["resident"].fits
     assert plan.strategy == "sequential"
@@ -116,11 +116,15 @@ def test_strategy_order_prefers_sequential_then_nf4():
 def test_cpu_machine_plan_and_refusal():
     small = Machine("cpu", 1, 64.0, 64.0)
     plan = plan_for_machine("qwen0.5b", tokens=50, machine=small)
-    assert plan.strategy == "resident" and plan.strategies["cpu"].fits is False
-    # bitsandbytes runs NF4 on the CPU as well: 4-bit weights make a 7B pair fit 12 GiB
-    assert plan_for_machine("qwen7b", tokens=50, machine=Machine("cpu", 1, 12.0, 12.0)).strategy == "nf4"
+    assert plan.strategy == "resident" and plan.strategies["stream"].fits
+    # bitsandbytes runs NF4 on the CPU as well, and 4-bit weights make a 7B pair fit 12 GiB,
+    # but auto never picks nf4: one block at a time fits as well, with the numbers unchanged.
+    on_12 = plan_for_machine("qwen7b", tokens=50, machine=Machine("cpu", 1, 12.0, 12.0))
+    assert on_12.strategies["nf4"].fits and on_12.strategy == "stream"
+    # On the CPU the streamed run's host memory shares the one memory with the blocks.
+    assert on_12.strategies["stream"].host_gib == 0.0
     with pytest.raises(HardwareError, match="refusing to load: nothing fits"):
-        plan_for_machine("qwen72b", tokens=50, machine=Machine("cpu", 1, 8.0, 8.0))
+        plan_for_machine("qwen72b", tokens=50, machine=Machine("cpu", 1, 2.0, 2.0))
 
 
 def test_plan_for_machine_accepts_loaded_configs():
@@ -167,15 +171,15 @@ def test_bad_input():
 
 
 def test_cli_json_keys(capsys):
-    # Only cpu offload fits DeepSeek-V3 on 8x H100, and it is not run: exit 1, plan still printed.
-    assert main(["--pair", "deepseek-v3", "--tokens", "50", "--gpu", "h100", "--count", "8", "--json"]) == 1
+    # Only stream fits DeepSeek-V3 on 8x H100 (nf4 does not either: its experts stay 16-bit).
+    assert main(["--pair", "deepseek-v3", "--tokens", "50", "--gpu", "h100", "--count", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["strategy"] is None and out["strategies"]["cpu"]["fits"] is True
-    assert any("never chosen" in note for note in out["notes"])
+    assert out["strategy"] == "stream" and out["strategies"]["stream"]["min_gpus"] == 1
+    assert any("reads each checkpoint once" in note for note in out["notes"])
     for key in ("pair", "base_params", "sft_params", "base_active_params", "weights_gib", "run_gib",
                 "strategies", "strategy", "gpus", "notes"):
         assert key in out
-    assert set(out["strategies"]) == {"resident", "sequential", "nf4", "cpu"}
+    assert set(out["strategies"]) == {"resident", "sequential", "nf4", "stream"}
     for entry in out["strategies"].values():
         for key in ("fits", "min_gpus", "peak_gib_per_gpu", "headroom_gib", "est_seconds", "est_cost_usd"):
             assert key in entry
@@ -247,3 +251,114 @@ def test_nf4_from_a_gguf_holds_the_dequantized_model_while_quantizing():
     assert terms.nf4_load_transient == pytest.approx(terms.load_transient + 7_615_616_512 * 4 / 2**30)
     cached = ModelSource("g", QWEN7B, Checkpoint("gguf", gguf_file_bytes=4 * 2**30, nf4_cached=True))
     assert plan_models(cached, cached, plan.workload, cpu, with_cheapest=False).base.terms.nf4_load_transient == 0
+
+
+# --- stream: layer-major, one block of each model at a time on one GPU ------------------
+
+DEEPSEEK = model_configs()["deepseek-ai/DeepSeek-V3-Base"]
+
+
+def _deepseek_moe_block_bf16_bytes(c) -> int:
+    """One MoE decoder block of DeepSeek-V3 in bf16, from the config's numbers (MLA attention,
+    256 routed + 1 shared expert, float32 router), written out by hand."""
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    qk_head = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    q, kv = c["q_lora_rank"], c["kv_lora_rank"]
+    attention = (q * d + q + heads * qk_head * q  # q_a_proj, q_a_layernorm, q_b_proj
+                 + (kv + c["qk_rope_head_dim"]) * d + kv  # kv_a_proj_with_mqa, kv_a_layernorm
+                 + heads * (c["qk_nope_head_dim"] + c["v_head_dim"]) * kv  # kv_b_proj
+                 + d * heads * c["v_head_dim"])  # o_proj
+    experts = (c["n_routed_experts"] + c["n_shared_experts"]) * 3 * c["moe_intermediate_size"] * d
+    return 2 * (attention + 2 * d + experts) + 4 * c["n_routed_experts"] * d
+
+
+def test_deepseek_streams_on_one_h100():
+    gib = 2**30
+    for count in (1, 2):
+        plan = plan_pair("deepseek-v3", tokens=250, gpu="h100", count=count, with_cheapest=count == 1)
+        assert plan.strategy == "stream"
+        stream = plan.strategies["stream"]
+        assert stream.fits and stream.min_gpus == 1 and stream.precision == "bfloat16"
+    block = _deepseek_moe_block_bf16_bytes(DEEPSEEK)
+    assert block == plan.base.largest_block["bfloat16"].total
+    assert 2 * block / gib < stream.peak_gib_per_gpu < 80
+    # One bf16 block computes while the next is built in bf16, one FP8 checkpoint tensor
+    # at a time (the fused experts filled in place): the tensor in flight is the largest
+    # one as stored (the dense layers' 18432 x 7168 MLP matrices, 1 byte each) plus the
+    # dequantization's three float32 chunks of 2**22 elements. Masks [1, 1, 250, 250] and
+    # rotary cos/sin [1, 250, 64] per model. Then 5% margin and the 0.5 GiB context; the
+    # in-flight batch (hidden states, one block's attention and activations) is the rest.
+    d = DEEPSEEK["hidden_size"]
+    arriving = DEEPSEEK["intermediate_size"] * d + 3 * 4 * 2**22
+    contexts = 2 * (250**2 + 2 * 250 * DEEPSEEK["qk_rope_head_dim"]) * 2
+    floor = (2 * block + arriving + contexts) / gib * 1.05 + 0.5
+    assert floor < stream.peak_gib_per_gpu < floor + 0.2
+    # Host: per model two bf16 states and the float32 metrics of all 62 states.
+    states = DEEPSEEK["num_hidden_layers"] + 1
+    per_model = 2 * 250 * d * 2 + (3 * 250 * d * 4 + 30 * states * 250 * 4) / 2
+    assert stream.host_gib == pytest.approx(2 * per_model / gib + 0.055)
+    # Time: each FP8 checkpoint read once at 2 GB/s (the compute hides under it), plus
+    # one bf16 state per block written at 1 GB/s, plus set-up.
+    read = plan.base.weights["fp8"].total / 2e9
+    frontier = DEEPSEEK["num_hidden_layers"] * 250 * d * 2 / 1e9
+    assert stream.est_seconds == pytest.approx(1.5 + 2 * (0.3 + read + frontier))
+    assert plan_pair("deepseek-v3", tokens=250, gpu="h100", with_cheapest=True).cheapest["strategy"] == "stream"
+
+
+def test_a_pair_that_fits_resident_still_runs_resident():
+    plan = plan_pair("qwen0.5b", tokens=250, gpu="h100", with_cheapest=False)
+    assert plan.strategy == "resident" and plan.strategies["stream"].fits
+
+
+def test_auto_never_picks_nf4_and_a_request_still_plans_it():
+    auto = plan_pair("llama405b", tokens=250, gpu="h100", count=8, with_cheapest=False)
+    fitting = {name for name, r in auto.strategies.items() if r.fits}
+    assert fitting == {"nf4", "stream"} and auto.strategy == "stream"
+    requested = plan_pair("llama405b", tokens=250, gpu="h100", count=8, strategy="nf4", with_cheapest=False)
+    assert requested.strategy == "nf4" and requested.chosen.min_gpus == 3
+
+
+def test_gguf_cannot_stream_and_nf4_is_offered_as_an_opt_in():
+    from lens_compare.hardware.estimate import Checkpoint
+    from lens_compare.hardware.sources import ModelSource
+
+    gguf = ModelSource("g", QWEN7B, Checkpoint("gguf", gguf_file_bytes=4 * 2**30))
+    plan = plan_models(gguf, gguf, Workload(tokens=50), catalog_machine("t4"), with_cheapest=False)
+    stream = plan.strategies["stream"]
+    assert not stream.fits and stream.min_gpus is None
+    assert "needs a safetensors checkpoint" in stream.reason
+    assert "python -m lens_compare.convert SRC OUT" in stream.reason
+    # Only nf4 fits: nothing is chosen, and the explanation says how to ask for it.
+    assert plan.strategy is None and plan.strategies["nf4"].fits
+    assert "--strategy nf4" in plan.explain()
+
+
+def test_a_side_loaded_as_nf4_cannot_stream():
+    from lens_compare.hardware.estimate import Checkpoint
+    from lens_compare.hardware.sources import ModelSource
+
+    source = ModelSource("q", QWEN7B, Checkpoint("bfloat16"))
+    plan = plan_models(source, source, Workload(tokens=50), catalog_machine("h100"), with_cheapest=False,
+                       side_precisions=(None, "nf4"))
+    assert not plan.strategies["stream"].fits and "NF4" in plan.strategies["stream"].reason
+
+
+def test_stream_host_grows_with_prompts_and_the_device_only_by_the_masks_and_rotary():
+    from lens_compare.hardware.estimate import Checkpoint
+    from lens_compare.hardware.sources import ModelSource
+
+    source = ModelSource("q", QWEN7B, Checkpoint("bfloat16"))
+    h100 = catalog_machine("h100")
+    one, many = (
+        plan_models(source, source, Workload(tokens=100, batch=n, forward_batch=1), h100,
+                    with_cheapest=False).strategies["stream"]
+        for n in (1, 64)
+    )
+    gib = 2**30
+    # Qwen2.5-7B: d_model 3584, 28 layers (29 states), head_dim 128. Per prompt and model the
+    # device keeps bf16 masks [1, 1, 100, 100] (two: qwen2 may add a sliding-window one) and
+    # rotary cos/sin [1, 100, 128]; the in-flight batch stays one prompt.
+    contexts = 2 * (2 * 100**2 + 2 * 100 * 128) * 2
+    assert many.peak_gib_per_gpu - one.peak_gib_per_gpu == pytest.approx(63 * contexts / gib * 1.05)
+    per_prompt = 2 * (2 * 100 * 3584 * 2 + (3 * 100 * 3584 * 4 + 30 * 29 * 100 * 4) / 2)
+    assert many.host_gib - one.host_gib == pytest.approx(63 * per_prompt / gib)

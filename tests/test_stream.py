@@ -23,7 +23,7 @@ from lens_compare.metrics import METRIC_NAMES
 from lens_compare.pipeline import run_comparison
 from lens_compare.streaming import StreamedModel, stream_states
 from tests.fixtures.fp8_checkpoints import write_fp8_pair
-from tests.fixtures.tiny_models import build_tiny_model, perturb_block, save_random_model, tokenizer_fields
+from tests.fixtures.tiny_models import build_tiny_model, save_random_model, tokenizer_fields
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]
 FP32 = dict(atol=1e-5, rtol=1.3e-6)
@@ -329,8 +329,11 @@ def _reference_blockwise(weight: np.ndarray, scale: np.ndarray, block: int = 128
     return out
 
 
+@pytest.mark.parametrize("chunk", [2**22, 300])
 @pytest.mark.parametrize("shape", [(576, 200), (192, 130), (128, 256), (5, 3)])
-def test_blockwise_dequantization_against_numpy(shape):
+def test_blockwise_dequantization_against_numpy(shape, chunk, monkeypatch):
+    """Whole tensors and chunks of rows (300 elements: one 128-row block per chunk)."""
+    monkeypatch.setattr("lens_compare.fp8.CHUNK_ELEMENTS", chunk)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=generator).to(torch.float8_e4m3fn)
     grid = (-(-shape[0] // 128), -(-shape[1] // 128))
@@ -346,7 +349,9 @@ def test_blockwise_dequantization_refuses_a_wrong_grid():
         dequantize_blockwise(weight, torch.ones(4, 2), (128, 128), torch.float32)
 
 
-def test_rowwise_dequantization_against_numpy():
+@pytest.mark.parametrize("chunk", [2**22, 700])
+def test_rowwise_dequantization_against_numpy(chunk, monkeypatch):
+    monkeypatch.setattr("lens_compare.fp8.CHUNK_ELEMENTS", chunk)
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(200, 70, generator=generator).to(torch.float8_e4m3fn)
     scale = torch.rand(200, 1, generator=generator)
@@ -412,3 +417,46 @@ def test_stream_run_via_cli_with_saved_residuals(perturbed_llama, tmp_path, caps
         assert set(a.keys()) == set(b.keys())
         for name in a.keys():
             torch.testing.assert_close(b.get_tensor(name), a.get_tensor(name), **FP32)
+
+
+def test_next_block_is_read_while_the_current_one_computes():
+    """``prefetched``: load i+1 starts before module i is released, and never more than two exist."""
+    import threading
+
+    started = [threading.Event() for _ in range(4)]
+    alive, peak = [], []
+
+    def load(index):
+        def make():
+            started[index].set()
+            alive.append(index)
+            peak.append(len(alive))
+            return index
+        return make
+
+    with stream_engine.prefetched([load(i) for i in range(4)]) as modules:
+        for index in range(4):
+            module = next(modules)
+            assert module == index
+            if index + 1 < 4:
+                assert started[index + 1].wait(timeout=5), f"block {index + 1} was not read during block {index}"
+            alive.remove(module)
+    assert max(peak) == 2
+
+
+def test_auto_picks_stream_when_nothing_resident_fits(smollm2_safetensors, monkeypatch, caplog):
+    """Through the real preflight: on a host with 0.45 GiB available, two float32 SmolLM2s
+    (0.5 GiB each) fit neither resident nor sequentially, and auto streams them."""
+    import logging
+
+    from lens_compare.preflight import memory_preflight
+
+    monkeypatch.setattr("lens_compare.preflight.host_ram_gib", lambda: (0.45, 0.45))
+    config = RunConfig.from_dict({"base_model": str(smollm2_safetensors), "sft_model": str(smollm2_safetensors),
+                                  "prompts": ["The capital of France is", "Two plus two is"]})
+    with caplog.at_level(logging.INFO, logger="lens_compare"):
+        result = run_comparison(config, preflight=memory_preflight)
+    assert result.provenance["strategy"] == result.provenance["schedule"] == "stream"
+    assert "stream     [float32] fits" in caplog.text
+    assert "resident   [float32] does not fit" in caplog.text
+    assert torch.all(result.metrics["resid_post"]["cosine"][result.real_tokens[None].expand(30, -1, -1)] > 1 - 1e-6)

@@ -8,9 +8,6 @@ loaded once per run however many shards there are, and only one model's weights 
 ever in memory.
 """
 
-import ctypes
-import ctypes.util
-import gc
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +18,7 @@ from tqdm.auto import tqdm
 
 from lens_compare.capture import ResidualStates, capture_states
 from lens_compare.engines import Job
+from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_hf_model, weights_fingerprint
 from lens_compare.per_token import state_metrics
@@ -29,17 +27,6 @@ from lens_compare.store import Store
 from lens_compare.tokens import untrained_token_ids
 
 logger = logging.getLogger("lens_compare")
-
-
-def release_host_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise, and a
-    freed model or a finished forward would still count in the process's memory)."""
-    gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc:
-        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
 
 
 class LoadedModel:

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lens_compare.engines import Job
+from lens_compare.host_memory import trim_heap
 from lens_compare.loading import fingerprint_tensors
 from lens_compare.per_token import one_state_metrics, stack_state_rows
 from lens_compare.store import Store
@@ -145,6 +146,9 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
                 del module
             _finish_state(job, store, shard, block + 1, following, hidden)
             hidden = following
+            # Both blocks' forward working sets are freed: give their pages back now, or
+            # glibc's reuse of fragmented heap grows the run's memory block after block.
+            trim_heap()
             bar.update(1)
     rows = [store.get_state_metrics(shard, state) for state in job.states]
     store.put_metrics(shard, stack_state_rows(rows))

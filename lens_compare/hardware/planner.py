@@ -29,15 +29,17 @@ from lens_compare.hardware.strategies import (
 )
 from lens_compare.pairs import get_pair
 
-# What lens_compare.run executes. 'cpu' (accelerate hooks moving every weight to the GPU at
-# every forward) is evaluated and shown but never chosen: it is not run, and the
-# layer-streamed strategy that reads each checkpoint once is meant to replace it.
-RUNNABLE: tuple[str, ...] = ("resident", "sequential", "nf4")
+# What lens_compare.run executes.
+RUNNABLE: tuple[str, ...] = ("resident", "sequential", "nf4", "stream")
+# What ``auto`` tries, in order. nf4 changes the residual stream itself, so auto never
+# picks it: it runs when requested, or when both sides of the pair load as NF4 already.
+AUTO_ORDER: tuple[str, ...] = ("resident", "sequential", "stream")
+NF4_SIDES_ORDER: tuple[str, ...] = ("resident", "sequential", "nf4")
 
-CPU_OFFLOAD_NOTE = (
-    "cpu offload is evaluated for comparison but never chosen: lens_compare does not run it "
-    "(accelerate would move every weight to the GPU at every forward, twice under "
-    "TransformerBridge); a layer-streamed strategy that reads each checkpoint once will replace it."
+STREAM_NOTE = (
+    "stream reads each checkpoint once, block by block, to one GPU and runs every prompt through "
+    "each block in lockstep with the other model; its time is bounded by the disk read, and it "
+    "writes the newest residual state of every prompt after each block so a killed run resumes there."
 )
 
 NF4_CAVEAT = (
@@ -133,6 +135,9 @@ class Plan:
             lines.append(f"chosen: {self.strategy} on {self.machine.label}")
         else:
             lines.append(f"nothing fits on {self.machine.label}")
+            if self.strategies["nf4"].fits:
+                lines.append("nf4 fits: it is never picked by auto, because 4-bit weights change the numbers; "
+                             "request it with --strategy nf4 and read its drift against the NF4 noise floor")
         if self.beyond_one_machine:
             need = ", ".join(f"{n if n else '>4096'} GPUs in {p}" for p, n in self.beyond_one_machine.items())
             lines.append(f"beyond one machine of {self.machine.device_name}: resident needs {need}")
@@ -155,8 +160,8 @@ def _default_precision(source: ModelSource, dtype: str, machine: Machine, explic
 def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: Workload,
            chosen: StrategyResult | None) -> list[str]:
     notes = [NF4_CAVEAT]
-    if machine.kind == "cuda":
-        notes.append(CPU_OFFLOAD_NOTE)
+    if chosen is not None and chosen.name == "stream":
+        notes.append(STREAM_NOTE)
     for m in (base, sft) if base.ref != sft.ref and base.checkpoint != sft.checkpoint else (base,):
         if m.checkpoint.precision == "fp8" and m.precision != "fp8":
             notes.append(
@@ -189,8 +194,9 @@ def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: 
         "est_seconds: run set-up, then per model the checkpoint read from local disk at 2 GB/s, "
         "the bridge's boot and every prompt through it (max of weights/bandwidth and "
         "2 x active params x tokens at 40% of dense peak; on the CPU, GGUF dequantisation and "
-        "NF4 quantizing or reading as measured on a 2-core host; see timing.py); "
-        "cost = GPUs x hourly price x seconds, prices from the seed's notes."
+        "NF4 quantizing or reading as measured on a 2-core host); stream: per model the larger of "
+        "the checkpoint read and the prompts' compute, plus its frontier written at 1 GB/s after "
+        "every block (see timing.py); cost = GPUs x hourly price x seconds, prices from the seed's notes."
     )
     return list(dict.fromkeys(notes))
 
@@ -198,11 +204,11 @@ def _notes(base: ModelEstimate, sft: ModelEstimate, machine: Machine, workload: 
 def _cheapest(models: tuple[ModelEstimate, ...], workload: Workload, requested: Machine) -> dict[str, Any] | None:
     """The lowest-cost (GPU type, count, strategy) over the priced catalog.
 
-    Strategies that leave the numbers untouched (resident, sequential) are compared on
-    cost alone; nf4 changes the residual stream, so it is offered only when nothing
-    exact fits anywhere. cpu offload is not run (``RUNNABLE``), so it is never offered.
+    Strategies that leave the numbers untouched (resident, sequential, stream) are
+    compared on cost alone; nf4 changes the residual stream, so it is offered only when
+    nothing exact fits anywhere.
     """
-    for allowed in (("resident", "sequential"), ("nf4",)):
+    for allowed in (AUTO_ORDER, ("nf4",)):
         best = None
         for gpu in gpu_catalog().values():
             if gpu.price_per_hour is None:
@@ -238,7 +244,8 @@ def plan_models(
 
     ``side_precisions`` fixes one side's weights whatever the strategy (a noise-floor
     pair that loads its SFT side as NF4). ``strategy`` forces one strategy; without
-    it the first that fits among ``RUNNABLE`` is chosen.
+    it the first that fits in ``AUTO_ORDER`` is chosen (``NF4_SIDES_ORDER`` when both
+    sides are NF4: stream cannot load them so).
     """
     if precision is not None:
         check_precision(precision)
@@ -260,7 +267,10 @@ def plan_models(
         name: evaluate(name, models, "nf4" if name == "nf4" else None, machine, workload)
         for name in STRATEGIES
     }
-    order = [strategy] if strategy else list(RUNNABLE)
+    if strategy:
+        order: tuple[str, ...] = (strategy,)
+    else:
+        order = NF4_SIDES_ORDER if all(p == "nf4" for p in side_precisions) else AUTO_ORDER
     chosen = next((n for n in order if results[n].fits), None)
     beyond = None
     if machine.kind == "cuda" and results["resident"].min_gpus is None:
@@ -370,5 +380,5 @@ def plan_for_machine(
     return plan
 
 
-__all__ = ["CPU_OFFLOAD_NOTE", "MAX_GPUS_PER_MACHINE", "NF4_CAVEAT", "RUNNABLE", "Plan", "plan_for_machine", "plan_models",
-           "plan_pair", "sources_for"]
+__all__ = ["AUTO_ORDER", "MAX_GPUS_PER_MACHINE", "NF4_CAVEAT", "RUNNABLE", "STREAM_NOTE", "Plan", "plan_for_machine",
+           "plan_models", "plan_pair", "sources_for"]

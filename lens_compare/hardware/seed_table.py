@@ -1,9 +1,12 @@
 """The seed's hardware table re-derived by the planner, with a verdict on each seed cell.
 
 Verdicts (for the seed's GPUs, both models in the checkpoint's precision, batch 1):
-``fits`` (resident, as the seed assumed), ``fits only with <strategy>`` (resident does
-not, the next strategy that does is named), ``does not fit``. A count above one machine
-(8 GPUs) is judged as if it were one machine, and flagged as beyond one machine.
+``fits`` (resident, as the seed assumed), ``fits only with sequential`` (resident does
+not), ``fits with stream`` (neither does), ``does not fit``. A count above one machine
+(8 GPUs) is judged as if it were one machine, and flagged as beyond one machine. Where
+neither resident nor sequential runs on one machine and ``stream`` fits, the cell adds
+the streamed run on the one GPU it uses, with its estimated minutes and cost. nf4 is
+never a verdict: it changes the numbers, so auto never picks it.
 """
 
 from dataclasses import dataclass
@@ -16,16 +19,24 @@ import yaml
 from lens_compare.hardware.gpus import gpu_catalog
 from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE
 from lens_compare.hardware.planner import Plan, plan_pair
-from lens_compare.hardware.strategies import STRATEGIES
 
 
 @dataclass(frozen=True)
 class Verdict:
     option: str
     verdict: str
+    # The streamed run on the GPUs it uses ("1 GPU, ~11 min, $0.84"), where it is the
+    # way to run the pair on one machine.
+    stream: str | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        return {"option": self.option, "verdict": self.verdict}
+    def to_dict(self) -> dict[str, str | None]:
+        return {"option": self.option, "verdict": self.verdict, "stream": self.stream}
+
+    def markdown(self) -> str:
+        if self.verdict == "fits with stream":
+            return f"{self.option}: **fits with stream** ({self.stream})"
+        stream = f", or **fits with stream** ({self.stream})" if self.stream else ""
+        return f"{self.option}: **{self.verdict}**{stream}"
 
 
 @cache
@@ -41,15 +52,27 @@ def _options(text: str) -> list[tuple[int, str]]:
     return out
 
 
+def _streamed(pair: str, tokens: int, count: int, gpu: str) -> str:
+    plan = plan_pair(pair, tokens=tokens, gpu=gpu, count=count, strategy="stream", with_cheapest=False)
+    run = plan.chosen
+    cost = f", ${run.est_cost_usd:.2f}" if run.est_cost_usd is not None else ""
+    return f"{count} GPU{'s' if count > 1 else ''}, ~{run.est_seconds / 60:.0f} min{cost}"
+
+
 def judge(pair: str, tokens: int, count: int, gpu: str) -> Verdict:
     plan = plan_pair(pair, tokens=tokens, gpu=gpu, count=count, with_cheapest=False)
     beyond = " (beyond one machine)" if count > MAX_GPUS_PER_MACHINE else ""
     label = f"{count}× {gpu}"
     if plan.strategies["resident"].fits:
         return Verdict(label, f"fits{beyond}")
-    other = next((s for s in STRATEGIES[1:] if plan.strategies[s].fits), None)
-    if other:
-        return Verdict(label, f"fits only with {other}{beyond}")
+    sequential, stream = plan.strategies["sequential"], plan.strategies["stream"]
+    streamed = None
+    if stream.fits and (beyond or not sequential.fits):
+        streamed = _streamed(pair, tokens, stream.min_gpus, gpu)
+    if sequential.fits:
+        return Verdict(label, f"fits only with sequential{beyond}", streamed)
+    if stream.fits:
+        return Verdict(label, "fits with stream", streamed)
     return Verdict(label, f"does not fit{beyond}")
 
 
@@ -77,7 +100,7 @@ def render_table() -> str:
         row = []
         for tokens, (seed_text, options) in zip(table["tokens"], cells):
             verdicts = [judge(pair, tokens, n, g) for n, g in _options(options)]
-            seed = "; ".join(f"{v.option}: **{v.verdict}**" for v in verdicts)
+            seed = "; ".join(v.markdown() for v in verdicts)
             row.append(f"planner: {planner_pick(pair, tokens)}<br>seed: {seed_text} → {seed}")
         lines.append(f"| {pair} | " + " | ".join(row) + " |")
     return "\n".join(lines)

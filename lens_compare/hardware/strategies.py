@@ -6,8 +6,12 @@ Strategies, in the order the planner prefers them:
 - ``sequential``: one model at a time on the GPU(s); the first model's residuals
   wait in host RAM while it is swapped out for the second;
 - ``nf4``: bitsandbytes 4-bit weights, resident if that fits, else sequential;
-- ``cpu``: weights in host RAM, streamed to the GPU one block at a time (accelerate
-  CPU offload); the GPU only holds one block and the forward's working set.
+- ``stream``: layer-major, the two models in lockstep: each decoder block is read from
+  the safetensors checkpoint straight to one GPU, every prompt runs through it, and it
+  is freed while the next block (of the other model) is read in the background; the
+  hidden states of all prompts wait in host RAM (``stream_peak``). Uses one GPU
+  whatever the count, needs a safetensors checkpoint and runs in the activation dtype
+  (an FP8 checkpoint is dequantized tensor by tensor as it arrives).
 Split over N GPUs, each GPU holds the whole modules the greedy layout gives it
 (``layout.py``: what the executed device map will be), its share of the captured
 residuals, the full forward transient (worst case: the last GPU computes the logits)
@@ -17,14 +21,24 @@ and its own context.
 from dataclasses import dataclass
 from typing import Any
 
+from lens_compare.fp8 import CHUNK_ELEMENTS
+from lens_compare.hardware.architecture import Architecture
 from lens_compare.hardware.estimate import ModelEstimate
 from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE, Machine
+from lens_compare.hardware.params import TensorGroup, block_groups, model_groups
+from lens_compare.hardware.precision import weight_bytes
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB, MARGIN, RUN_SETUP_HOST_GIB, Workload
-from lens_compare.hardware.timing import run_cost, run_seconds
-from lens_compare.hardware.units import GIB
+from lens_compare.hardware.timing import run_cost, run_seconds, stream_seconds
+from lens_compare.hardware.units import DTYPE_BYTES, GIB, gib
 
-STRATEGIES: tuple[str, ...] = ("resident", "sequential", "nf4", "cpu")
+STRATEGIES: tuple[str, ...] = ("resident", "sequential", "nf4", "stream")
+
+STREAM_NEEDS_SAFETENSORS = (
+    "needs a safetensors checkpoint; convert the GGUF with `python -m lens_compare.convert SRC OUT`"
+)
+STREAM_NO_NF4 = "streams the checkpoint's own weights in the activation dtype; it cannot load a side as NF4"
+STREAM_NO_RULE = "model_type {!r} has no streaming rule (lens_compare/hardware/families.py StreamRule)"
 
 
 @dataclass(frozen=True)
@@ -160,34 +174,129 @@ def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: M
     return Peak(_with_overheads(max(per_model), machine), host, "sequential", splits)
 
 
-def offload_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine) -> Peak:
-    device = max(m.largest_block[_p(m, p)].gib + m.terms.forward_transient for m in models)
-    host = max(m.weights[_p(m, p)].gib + _load(m, p) for m in models)
-    host += sum(m.terms.residuals + m.terms.metrics_upcast for m in models)
-    return Peak(_with_overheads(device, machine), host, "cpu offload")
+def _largest_tensor_numel(arch: Architecture) -> int:
+    """Elements of the biggest single weight of a block as the checkpoint stores it (one
+    expert's matrix at a time: the merged expert tensors are stacked from them)."""
+    largest = 0
+    for moe in {False, arch.rule.moe}:
+        for g in block_groups(arch, 1, moe):
+            per_tensor = g.numel // g.copies
+            if g.kind == "experts":
+                per_tensor //= g.shape[0]
+            largest = max(largest, per_tensor)
+    return largest
+
+
+def _stored(m: ModelEstimate, groups: list[TensorGroup]) -> int:
+    """Bytes of ``groups`` as the checkpoint stores them."""
+    return weight_bytes(groups, m.checkpoint.precision, fp8_block=m.checkpoint.fp8_block).total
+
+
+def _run(m: ModelEstimate, groups: list[TensorGroup]) -> int:
+    """Bytes of ``groups`` in the activation dtype the stream runs in."""
+    return weight_bytes(groups, m.dtype).total
+
+
+def _arrival_bytes(m: ModelEstimate) -> int:
+    """The one checkpoint tensor in flight while a block is read: as stored, beside its place
+    in the block's run-dtype tensors; for FP8, plus the dequantization's float32 temporaries
+    (three of ``CHUNK_ELEMENTS``: ``lens_compare.fp8`` works a chunk of rows at a time)."""
+    source = m.checkpoint.precision
+    if source == m.dtype:
+        return 0
+    stored = _largest_tensor_numel(m.arch) * (1 if source == "fp8" else DTYPE_BYTES[source])
+    return stored + (3 * 4 * CHUNK_ELEMENTS if source == "fp8" else 0)
+
+
+def _block_read_bytes(m: ModelEstimate) -> int:
+    """Device bytes of one block while it is read and built (``StreamedModel.read_state_dict``):
+    its tensors in the run dtype (fused experts filled in place, slice by slice) plus the
+    checkpoint tensor being converted."""
+    worst = max(_run(m, block_groups(m.arch, 1, moe)) for moe in {False, m.arch.rule.moe})
+    return worst + _arrival_bytes(m)
+
+
+def _embedding_read_bytes(m: ModelEstimate) -> int:
+    """The token (and learned position) embeddings while they are read: as stored (16-bit
+    in an FP8 checkpoint) and cast to the activation dtype, both while the cast runs."""
+    groups = [g for g in model_groups(m.arch) if g.kind == "embedding"]
+    stored = "bfloat16" if m.checkpoint.precision == "fp8" else m.checkpoint.precision
+    return _run(m, groups) + (_stored(m, groups) if stored != m.dtype else 0)
+
+
+def _contexts_bytes(m: ModelEstimate, held: int, tokens: int) -> int:
+    """What ``StreamedModel.contexts`` keeps on the device for every batch of one model:
+    the eager causal masks ([b, 1, T, T] per mask kind; ``layer_types`` families may add a
+    sliding-window mask, counted whether or not the config slides) and the rotary
+    cos/sin ([b, T, rotary_dim] each), in the activation dtype."""
+    kinds = 2 if m.arch.rule.stream is not None and m.arch.rule.stream.masks == "layer_types" else 1
+    return (kinds * held * tokens**2 + 2 * held * tokens * m.arch.rotary_dim) * DTYPE_BYTES[m.dtype]
+
+
+def stream_peak(models: tuple[ModelEstimate, ...], machine: Machine, workload: Workload) -> Peak:
+    """Device and host memory of the layer-major streamed run (``lens_compare.engines.stream``).
+
+    Device, in the activation dtype (an FP8 checkpoint is dequantized as it arrives):
+    - weights: the larger of the embedding phase (each model's embeddings alone, nothing
+      prefetched) and the block phase: the block computing plus the next one, of the
+      other model, being read on the background thread (``_block_read_bytes``); the
+      largest of either model for both;
+    - the in-flight forward batch: its input and output hidden states (2 x b x T x d)
+      and one block's forward transient (attention scores + activations, no logits);
+    - each model's masks and rotary embeddings of every batch (``_contexts_bytes``),
+      built once and kept for the whole run.
+    Host: per model two residual states of every held prompt (2 x B x T x d x act
+    bytes), the float32 metrics (``metrics_upcast``: per-token metrics of every state
+    plus one state's float32 working copies), and the run's set-up. Neither part grows
+    with the number of GPUs: stream uses one. On the CPU both parts share one memory.
+    """
+    tokens, held = workload.tokens, workload.batch
+    forward_batch = min(workload.forward_batch or held, held)
+    embedding = max(_embedding_read_bytes(m) for m in models)
+    blocks = max(m.largest_block[m.dtype].total for m in models) + max(_block_read_bytes(m) for m in models)
+    in_flight = max(
+        gib(2 * forward_batch * tokens * m.arch.d_model * DTYPE_BYTES[m.dtype])
+        + m.terms.attention_scores + m.terms.activations
+        for m in models
+    )
+    contexts = gib(sum(_contexts_bytes(m, held, tokens) for m in models))
+    device = gib(max(embedding, blocks)) + in_flight + contexts
+    host = RUN_SETUP_HOST_GIB + sum(
+        gib(2 * held * tokens * m.arch.d_model * DTYPE_BYTES[m.dtype]) + m.terms.metrics_upcast for m in models
+    )
+    if machine.kind == "cpu":
+        return Peak(_with_overheads(device + host, machine), 0.0, "stream")
+    return Peak(_with_overheads(device, machine), host, "stream")
 
 
 def _fits(peak: Peak, machine: Machine) -> bool:
     return peak.device_gib <= machine.device_gib and peak.host_gib <= machine.host_ram_gib
 
 
-def _peak(name: str, models, p: str | None, machine: Machine, balanced: bool = True) -> Peak:
+def _peak(name: str, models, p: str | None, machine: Machine, workload: Workload,
+          balanced: bool = True) -> Peak:
+    if name == "stream":
+        return stream_peak(models, machine, workload)
     if name == "resident":
         return resident_peak(models, p, machine, balanced)
     if name == "sequential":
         return sequential_peak(models, p, machine, balanced)
-    if name == "nf4":
-        peak = resident_peak(models, p, machine, balanced)
-        return peak if _fits(peak, machine) else sequential_peak(models, p, machine, balanced)
-    return offload_peak(models, p, machine)
+    # nf4: resident when both models fit, else sequential.
+    peak = resident_peak(models, p, machine, balanced)
+    return peak if _fits(peak, machine) else sequential_peak(models, p, machine, balanced)
 
 
-def min_gpus(name: str, models, p: str | None, machine: Machine, limit: int = MAX_GPUS_PER_MACHINE) -> int | None:
-    """Fewest GPUs of this type that fit, up to ``limit``; None if none suffice."""
+def min_gpus(name: str, models, p: str | None, machine: Machine, workload: Workload,
+             limit: int = MAX_GPUS_PER_MACHINE) -> int | None:
+    """Fewest GPUs of this type that fit, up to ``limit``; None if none suffice.
+
+    ``stream`` computes on one GPU: more only count for a rented node's host RAM.
+    """
     if machine.kind == "cpu":
-        return 1 if _fits(_peak(name, models, p, machine), machine) else None
+        return 1 if _fits(_peak(name, models, p, machine, workload), machine) else None
     for n in range(1, limit + 1):
-        if _fits(_peak(name, models, p, machine.with_count(n), balanced=False), machine.with_count(n)):
+        trial = machine.with_count(n)
+        if _fits(_peak(name, models, p, trial, workload, balanced=False), trial):
             return n
     return None
 
@@ -198,14 +307,24 @@ def _unavailable(name: str, precision: str, reason: str) -> StrategyResult:
 
 def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None, machine: Machine,
              workload: Workload) -> StrategyResult:
-    """One strategy on ``machine``; ``precision`` None keeps each model's own precision."""
+    """One strategy on ``machine``; ``precision`` None keeps each model's own precision
+    (``stream`` always runs in the activation dtype)."""
     label = precision or "/".join(dict.fromkeys(m.precision for m in models))
-    # bitsandbytes (>= 0.45) runs NF4 on the CPU too, so only offload has no CPU meaning.
-    if machine.kind == "cpu" and name == "cpu":
-        return _unavailable(name, label, "no GPU: 'resident' and 'sequential' already run on the CPU")
-    peak = _peak(name, models, precision, machine)
+    if name == "stream":
+        label = "/".join(dict.fromkeys(m.dtype for m in models))
+        if any(m.checkpoint.precision == "gguf" for m in models):
+            return _unavailable(name, label, STREAM_NEEDS_SAFETENSORS)
+        if any(m.precision == "nf4" for m in models):
+            return _unavailable(name, label, STREAM_NO_NF4)
+        unruled = [m.arch.model_type for m in models if m.arch.rule.stream is None]
+        if unruled:
+            return _unavailable(name, label, STREAM_NO_RULE.format(unruled[0]))
+    peak = _peak(name, models, precision, machine, workload)
     fits = _fits(peak, machine)
-    seconds = run_seconds(models, precision, machine, workload, stream_weights=name == "cpu")
+    if name == "stream":
+        seconds = stream_seconds(models, machine, workload)
+    else:
+        seconds = run_seconds(models, precision, machine, workload)
     reason = None
     if not fits:
         if peak.device_gib > machine.device_gib:
@@ -217,7 +336,7 @@ def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None
         precision=label,
         layout=peak.layout,
         fits=fits,
-        min_gpus=min_gpus(name, models, precision, machine),
+        min_gpus=min_gpus(name, models, precision, machine, workload),
         peak_gib_per_gpu=peak.device_gib,
         host_gib=peak.host_gib,
         headroom_gib=machine.device_gib - peak.device_gib,

@@ -12,14 +12,23 @@ on this project's 2-core machine. On a GPU bitsandbytes quantizes as it loads at
 memory speed, which the disk read already bounds. The NF4 forward costs what the
 16-bit one does: dequantizing every weight once per forward took 0.1 s of a 3 s
 forward on the CPU (SmolLM2, 4 x 250 tokens: NF4/float32 1.00-1.06).
+
+``stream`` (``stream_seconds``) reads each checkpoint once, block by block, on a
+background thread while the previous block computes: per model the larger of the disk read
+and the compute, plus the frontier it writes after every block (the newest residual
+state of every prompt, so a killed run resumes there) and the set-up. It builds no
+TransformerBridge, so there is no bridge boot.
 """
 
 from lens_compare.hardware.estimate import ModelEstimate
 from lens_compare.hardware.machine import Machine
 from lens_compare.hardware.run_memory import Workload
+from lens_compare.hardware.units import DTYPE_BYTES
 
 DISK_GBPS = 2.0  # local NVMe read, GB/s
-PCIE_GBPS = 25.0  # host -> GPU, PCIe 4.0 x16 effective, GB/s
+# Local NVMe sustained write, GB/s: assumed (not measured) at half the read, which
+# covers most datacenter NVMe and leaves room for the page cache flushing behind it.
+DISK_WRITE_GBPS = 1.0
 MFU = 0.4  # fraction of dense 16-bit peak a prefill reaches
 CPU_GFLOPS = 100.0  # float32 GEMMs; this project's 2-core machine measured 90-99 in a forward
 # Host-side Python work, on any machine (measured on the 2-core machine; faster hosts
@@ -34,11 +43,6 @@ GGUF_DEQUANT_S_PER_GPARAM = 150.0  # gguf-py to float32, 2 cores: 18-23 s for Sm
 CPU_NF4_QUANTIZE_S_PER_GB = 15.0  # bitsandbytes CPU, 2 cores, per GB of 16-bit weights: quantize + cache
 CPU_NF4_LOAD_GBPS = 0.25  # a cached NF4 checkpoint: bitsandbytes rebuilds its 4-bit parameters
 CPU_NF4_DEQUANT_GBPS = 3.15  # float32 weights bitsandbytes rebuilds per forward batch on the CPU
-# TransformerBridge wraps every component call in accelerate's align_module_device, and
-# accelerate's own offload hook moves the weight again: each offloaded weight crosses
-# PCIe twice per forward (measured on a tiny Llama: 2,208,256 bytes moved against
-# 1,104,128 for plain HF).
-BRIDGE_OFFLOAD_MOVES = 2
 
 
 def _quantized_16bit_bytes(model: ModelEstimate) -> int:
@@ -65,7 +69,6 @@ def forward_seconds(model: ModelEstimate, precision: str | None, machine: Machin
 
 def run_seconds(
     models: tuple[ModelEstimate, ...], precision: str | None, machine: Machine, workload: Workload,
-    *, stream_weights: bool = False,
 ) -> float:
     total = RUN_SETUP_S
     for m in models:
@@ -80,8 +83,23 @@ def run_seconds(
                 total += GGUF_DEQUANT_S_PER_GPARAM * m.params.total / 1e9
             if machine.kind == "cpu" and nf4:
                 total += CPU_NF4_QUANTIZE_S_PER_GB * _quantized_16bit_bytes(m) / 1e9
-        if stream_weights:
-            total += BRIDGE_OFFLOAD_MOVES * m.weights[precision or m.precision].total / (PCIE_GBPS * 1e9)
+    return total
+
+
+def stream_seconds(models: tuple[ModelEstimate, ...], machine: Machine, workload: Workload) -> float:
+    """The layer-major streamed run: per model max(checkpoint read, compute) + frontier writes.
+
+    The compute is every prompt through the model in the activation dtype (an FP8
+    checkpoint is dequantized as it arrives). The frontier is one residual state of
+    every prompt per block: L x prompts x T x d_model x act bytes per model.
+    """
+    prompts = workload.prompts or workload.batch
+    total = RUN_SETUP_S
+    for m in models:
+        read = m.disk_gib * 2**30 / (DISK_GBPS * 1e9)
+        compute = forward_seconds(m, m.dtype, machine, workload)
+        frontier = m.arch.n_layers * prompts * workload.tokens * m.arch.d_model * DTYPE_BYTES[m.dtype]
+        total += MODEL_OVERHEAD_S + max(read, compute) + frontier / (DISK_WRITE_GBPS * 1e9)
     return total
 
 
