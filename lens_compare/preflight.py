@@ -4,7 +4,7 @@
 (the models' configs, token counts, dtypes, device and GPUs, captured layers) and asks
 the hardware planner what runs on this machine. It returns the ``Execution``: the
 schedule, and how each model is loaded (one device, split over GPUs by a device map
-computed here from the planner's layout, or NF4). Whatever cannot run is refused
+computed here from the planner's layout, NF4, or streamed block by block from the checkpoint). Whatever cannot run is refused
 here with the planner's explanation, before a single weight is read.
 """
 
@@ -74,7 +74,8 @@ def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan
 
 
 def _alternatives(plan: Plan) -> str:
-    fitting = [f"{name} on {r.min_gpus} GPU(s)" for name, r in plan.strategies.items() if r.min_gpus is not None]
+    where = (lambda r: "") if plan.machine.kind == "cpu" else (lambda r: f" on {r.min_gpus} GPU(s)")
+    fitting = [f"{name}{where(r)}" for name, r in plan.strategies.items() if r.min_gpus is not None]
     return "; what fits instead: " + ", ".join(fitting) if fitting else "; nothing else fits either"
 
 
@@ -97,18 +98,20 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
         return execution
     logger.info("hardware plan:\n%s", plan.explain())
     if plan.strategy is None:
-        forced = f"the {requested!r} strategy does not fit" if requested else "nothing fits"
-        raise HardwareError(f"refusing to load: {forced} on {plan.machine.label}. {plan.explain()}")
+        # The whole plan is in the log just above; the error says what decided it.
+        if requested:
+            reason = plan.strategies[requested].reason or "it does not fit"
+            raise HardwareError(f"refusing to load: the {requested!r} strategy does not fit on {plan.machine.label}: "
+                                f"{reason}{_alternatives(plan)}")
+        reasons = "; ".join(f"{name}: {r.reason}" for name, r in plan.strategies.items() if name != "nf4")
+        nf4 = " (nf4 would fit: --strategy nf4, read against the NF4 noise floor)" if plan.strategies["nf4"].fits else ""
+        raise HardwareError(f"refusing to load: nothing fits on {plan.machine.label}{nf4}; {reasons}")
     chosen = plan.chosen
     if machine.kind == "cuda" and chosen.min_gpus is not None and chosen.min_gpus < machine.count:
         # Split over no more GPUs than needed: fewer hops, and the rest stay free.
         machine = machine.with_count(chosen.min_gpus)
         plan = _plan(facts, machine, chosen.name)
         chosen = plan.chosen
-    if requested is None and chosen.name == "nf4":
-        logger.warning(
-            "no exact strategy fits %s: running NF4 (4-bit weights). NF4 changes the residual "
-            "stream itself; read its drift against the smollm2-nf4 noise-floor pair.", machine.label)
     schedule = "stream" if chosen.name == "stream" else "resident" if chosen.layout == "resident" else "sequential"
     gpus = facts["gpus"][: machine.count]
     device = f"cuda:{gpus[0]}" if machine.kind == "cuda" else "cpu"

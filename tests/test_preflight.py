@@ -102,25 +102,26 @@ def test_malformed_local_run_block_is_refused_with_its_path(tmp_path, capsys):
     assert "residual_compare.local_run.min_vram" in capsys.readouterr().err
 
 
-def test_auto_runs_nf4_when_only_nf4_fits_and_says_so(tiny_model_dirs, monkeypatch, caplog):
-    """auto executes the planner's pick, NF4 included, and warns that 4-bit weights change the stream."""
+def test_auto_never_runs_nf4_unasked_and_the_refusal_says_it_would_fit(tiny_model_dirs, monkeypatch):
+    """When only NF4 fits, auto refuses (4-bit weights change the numbers) and names the opt-in."""
+    from dataclasses import replace
+
     real_plan_models = preflight.plan_models
 
     def nf4_only(*args, **kwargs):
         plan = real_plan_models(*args, **kwargs)
-        if kwargs.get("strategy"):
-            return plan
-        return type(plan)(**{**plan.__dict__, "strategy": "nf4"})
+        results = {name: replace(r, fits=r.name == "nf4", min_gpus=1 if r.name == "nf4" else None,
+                                 reason=None if r.name == "nf4" else "needs more than this machine")
+                   for name, r in plan.strategies.items()}
+        return replace(plan, strategies=results, strategy=None)
 
     monkeypatch.setattr(preflight, "plan_models", nf4_only)
     directory = str(tiny_model_dirs["llama"])
     run = pipeline.prepare_run(lens_compare.RunConfig(base_model=directory, sft_model=directory,
                                                       prompts=tuple(PROMPTS)))
-    with caplog.at_level(logging.WARNING, logger="lens_compare"):
-        execution = preflight.memory_preflight(run.plan_facts())
-    assert execution.strategy == "nf4" and execution.schedule == "resident"
-    assert {o.quantization for o in execution.loads.values()} == {"nf4"}
-    assert "running NF4 (4-bit weights)" in caplog.text
+    with pytest.raises(HardwareError, match=r"nothing fits on CPU .*\(nf4 would fit: --strategy nf4, read against "
+                                            r"the NF4 noise floor\); resident: needs more than this machine"):
+        preflight.memory_preflight(run.plan_facts())
 
 
 def test_family_the_planner_cannot_model_runs_with_a_warning(tmp_path, caplog):

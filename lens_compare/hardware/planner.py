@@ -61,6 +61,8 @@ class Plan:
     beyond_one_machine: dict[str, int | None] | None
     cheapest: dict[str, Any] | None
     notes: tuple[str, ...]
+    # The strategy the caller forced (None: the planner's pick, ``--strategy auto``).
+    requested: str | None = None
 
     @property
     def chosen(self) -> StrategyResult | None:
@@ -133,6 +135,8 @@ class Plan:
                 lines.append(f"             split of {whose}, GiB of weights per GPU: {per_gpu}")
         if self.strategy:
             lines.append(f"chosen: {self.strategy} on {self.machine.label}")
+        elif self.requested:
+            lines.append(f"the {self.requested!r} strategy does not fit on {self.machine.label}")
         else:
             lines.append(f"nothing fits on {self.machine.label}")
             if self.strategies["nf4"].fits:
@@ -291,6 +295,7 @@ def plan_models(
         beyond_one_machine=beyond,
         cheapest=_cheapest(models, workload, machine) if with_cheapest else None,
         notes=tuple(_notes(models[0], models[1], machine, workload, results[chosen] if chosen else None)),
+        requested=strategy,
     )
 
 
