@@ -26,6 +26,7 @@ from lens_compare.errors import CheckpointError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONVERT_HINT = "convert it once with `python -m lens_compare.convert {spec} OUT_DIR` and pass OUT_DIR"
+FETCH_HINT = "streaming downloads nothing: fetch the weights first (`hf download {repo}`) or pass a local directory"
 
 # safetensors' dtype names -> bytes per element.
 _ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -62,8 +63,7 @@ def checkpoint_directory(ref) -> Path:
             return Path(snapshot_download(ref.location, local_files_only=True))
         except LocalEntryNotFoundError:
             raise CheckpointError(
-                f"model {ref.spec!r} is not in the local Hugging Face cache, and streaming downloads nothing; "
-                f"fetch it first (`hf download {ref.location}`) or pass a local directory"
+                f"model {ref.spec!r} is not in the local Hugging Face cache; " + FETCH_HINT.format(repo=ref.location)
             ) from None
     return Path(ref.location)
 
@@ -91,15 +91,15 @@ class SafetensorsCheckpoint:
         else:
             found = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
             what = f"only {', '.join(found[:3])}" if found else "no model.safetensors or index"
-            raise CheckpointError(
-                f"model {ref.spec!r}: {str(directory)!r} has {what}; streaming reads safetensors: "
-                + CONVERT_HINT.format(spec=ref.spec)
-            )
+            fix = FETCH_HINT.format(repo=ref.location) if ref.kind == "hub" and not found else \
+                "streaming reads safetensors: " + CONVERT_HINT.format(spec=ref.spec)
+            raise CheckpointError(f"model {ref.spec!r}: {str(directory)!r} has {what}; {fix}")
         missing = sorted({name for name in weight_map.values() if not (directory / name).is_file()})
         if missing:
+            fix = FETCH_HINT.format(repo=ref.location) if ref.kind == "hub" else "download or copy the whole checkpoint"
             raise CheckpointError(
                 f"model {ref.spec!r}: {INDEX_FILE} lists {len(missing)} file(s) missing from {str(directory)!r} "
-                f"(first: {missing[0]}); download or copy the whole checkpoint"
+                f"(first: {missing[0]}); {fix}"
             )
         return cls(ref.spec, directory, weight_map)
 

@@ -114,6 +114,8 @@ def _same_outputs(a: dict[str, Path], b: dict[str, Path], same_command: bool = T
     ("resident", "put_metrics", 2),      # killed after 2 of 5 shards
     ("sequential", "put_states", 3),     # killed while the base model spills its shards
     ("sequential", "put_metrics", 1),    # killed while the SFT model compares
+    ("stream", "put_state_metrics", 2),  # killed in the first shard, after its embeddings and block 0
+    ("stream", "put_state", 5),          # killed between the base and SFT model's state 2
 ])
 def test_killed_run_resumes_to_identical_outputs(perturbed_llama, tmp_path, capsys, caplog, strategy, method, after):
     base, sft, _ = perturbed_llama
@@ -135,6 +137,9 @@ def test_killed_run_resumes_to_identical_outputs(perturbed_llama, tmp_path, caps
     _same_outputs(resumed, clean)
     assert not list(folders[0].rglob(".*.tmp"))
     assert not list((folders[0] / "states").glob("*")), "spilled residuals are deleted at the end"
+    if strategy == "stream":
+        assert "resuming the stream after block" in caplog.text
+        assert not (folders[0] / "layers").exists(), "the stream's resume points are deleted at the end"
 
 
 @pytest.mark.slow

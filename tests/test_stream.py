@@ -460,3 +460,36 @@ def test_auto_picks_stream_when_nothing_resident_fits(smollm2_safetensors, monke
     assert "stream     [float32] fits" in caplog.text
     assert "resident   [float32] does not fit" in caplog.text
     assert torch.all(result.metrics["resid_post"]["cosine"][result.real_tokens[None].expand(30, -1, -1)] > 1 - 1e-6)
+
+
+def _hub_cache(root: Path, repo: str, source: Path, weights: bool) -> Path:
+    """A Hugging Face cache holding ``repo`` at one commit, as ``hf download`` leaves it."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    ignore = None if weights else shutil.ignore_patterns("*.safetensors")
+    shutil.copytree(source, folder / "snapshots" / commit, ignore=ignore)
+    return root
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_hub_id_streams_from_the_local_cache_and_downloads_nothing(weights, tiny_model_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    cache = _hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", tiny_model_dirs["llama"], weights)
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = ["--base", "tiny-org/tiny-llama", "--sft", "tiny-org/tiny-llama", "--prompt", PROMPTS[0],
+            "--strategy", "stream", "--out", str(tmp_path / "out"), "-q"]
+    done = subprocess.run([sys.executable, "-m", "lens_compare.run", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if weights:
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+        assert result["provenance"]["strategy"] == "stream"
+    else:
+        assert done.returncode == 1
+        assert "has no model.safetensors or index; streaming downloads nothing: fetch the weights first " \
+               "(`hf download tiny-org/tiny-llama`)" in done.stderr
