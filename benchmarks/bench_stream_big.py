@@ -58,7 +58,7 @@ def build_checkpoint(directory: Path, name: str, layers: int, divisor: int) -> P
         group = ".".join(key.split(".")[:3]) if ".layers." in key else "rest"
         groups.setdefault(group, {})[key] = param
     weight_map = {}
-    for index, (group, params) in enumerate(groups.items()):
+    for index, params in enumerate(groups.values()):
         file = f"model-{index:05d}.safetensors"
         tensors = {}
         for key, param in params.items():

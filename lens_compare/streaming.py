@@ -36,7 +36,6 @@ from lens_compare.load_options import LoadOptions
 from lens_compare.loading import DTYPES
 
 _FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
-_HEADER_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
