@@ -37,7 +37,7 @@ AUTO_ORDER: tuple[str, ...] = ("resident", "sequential", "stream")
 NF4_SIDES_ORDER: tuple[str, ...] = ("resident", "sequential", "nf4")
 
 STREAM_NOTE = (
-    "stream reads each checkpoint once, block by block, to one GPU and runs every prompt through "
+    "stream reads each checkpoint once, block by block, to one GPU (or the CPU) and runs every prompt through "
     "each block in lockstep with the other model; its time is bounded by the disk read, and it "
     "writes the newest residual state of every prompt after each block so a killed run resumes there."
 )

@@ -48,7 +48,8 @@ def checkpoint_of(config: Any, gguf_file_bytes: int = 0) -> Checkpoint:
     if quant and quant.get("quant_method") in ("fp8", "fbgemm_fp8"):
         block = quant.get("weight_block_size")
         return Checkpoint("fp8", tuple(block) if block else None, note=note)
-    dtype = str(_get(config, "torch_dtype") or _get(config, "dtype") or "float32")
+    # ``dtype`` first: reading ``torch_dtype`` off a transformers 5 config logs a deprecation.
+    dtype = str(_get(config, "dtype") or _get(config, "torch_dtype") or "float32")
     dtype = dtype.removeprefix("torch.")
     return Checkpoint(dtype if dtype in DTYPE_BYTES else "float32", note=note)
 
