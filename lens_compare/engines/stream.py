@@ -82,7 +82,7 @@ def _facts(job: Job, model: StreamedModel, embedding: Tensor) -> dict:
         "load": f"{job.loads[model.role].describe()}, streamed block by block",
         "quantization": None,
         # Every block passes through the run device, one (two while prefetching) at a time.
-        "placement": {str(model.device): {"blocks": "all, streamed one at a time", "gib": None}},
+        "placement": {str(model.device): {"blocks": list(range(model.n_layers)), "gib": None, "streamed": True}},
         "untrained": {},
     }
     if model.role == "base":
