@@ -141,19 +141,24 @@ def _pair_config(base, sft, **extra) -> RunConfig:
                                 "batch_size": 2, **extra})
 
 
-def test_stream_pair_metrics_equal_resident(perturbed_llama):
+@pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16"}, {"layers": [0, 2]}])
+def test_stream_pair_metrics_equal_resident(perturbed_llama, extra):
+    """float32, bfloat16 (bit for bit on this CPU too; asserted at float32's tolerance on the
+    metrics, which are float32) and a layer subset."""
     base, sft, block = perturbed_llama
-    resident = run_comparison(_pair_config(base, sft, strategy="resident"), keep_residuals=True)
-    streamed = run_comparison(_pair_config(base, sft, strategy="stream"), keep_residuals=True)
+    resident = run_comparison(_pair_config(base, sft, strategy="resident", **extra), keep_residuals=True)
+    streamed = run_comparison(_pair_config(base, sft, strategy="stream", **extra), keep_residuals=True)
     assert streamed.provenance["strategy"] == streamed.provenance["schedule"] == "stream"
     for hook, metrics in resident.metrics.items():
         for name in METRIC_NAMES:
             torch.testing.assert_close(streamed.metrics[hook][name], metrics[name], equal_nan=True, **FP32)
-    for ours, theirs in zip(streamed.residuals, resident.residuals):
+    for ours, theirs in zip(streamed.residuals, resident.residuals, strict=True):
         torch.testing.assert_close(ours.values, theirs.values, **FP32)
+    if "layers" in extra:
+        return
     # The perturbed block is where the models part.
     cosine = streamed.metrics["resid_post"]["cosine"]
-    assert torch.nanmean(cosine[block - 1]) > 1 - 1e-6 > torch.nanmean(cosine[block])
+    assert torch.nanmean(cosine[block - 1]) > 1 - 1e-3 > torch.nanmean(cosine[block])
     assert streamed.provenance["base_model"]["weights_sha256_16"] == resident.provenance["base_model"]["weights_sha256_16"]
 
 
