@@ -190,4 +190,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lens_compare.cli import exit_with
+
+    exit_with(main)

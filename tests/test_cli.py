@@ -199,3 +199,19 @@ def test_bad_strategy_input_is_one_line_and_leaves_no_file(extra, setup, message
     assert message in err
     assert len(err.strip().splitlines()) == 1
     assert not [p for p in outputs(tmp_path / "res") if p.is_file()]
+
+
+def test_a_reader_that_goes_away_ends_the_cli_quietly(tmp_path):
+    """``python -m lens_compare.plan --table | head``: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = "from lens_compare.cli import exit_with\nexit_with(lambda: [print('row ' * 20) for _ in range(200000)] and 0)"
+    pipeline = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True,
+                              text=True, cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert pipeline.stdout.startswith("row row")
+    assert pipeline.stderr == ""
+    for module in ("plan", "run", "convert"):
+        assert "exit_with(main)" in (root / "lens_compare" / f"{module}.py").read_text()
