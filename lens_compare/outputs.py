@@ -57,13 +57,17 @@ def write_json(path: Path, document: dict[str, Any]) -> Path:
 
 
 def check_output_dir(directory: Path) -> None:
-    """Fail before any model loads if results could not be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"output directory {str(directory)!r} cannot be created: {error}") from None
-    if not os.access(directory, os.W_OK):
-        raise ConfigError(f"output directory {str(directory)!r} is not writable")
+    """Fail before any model loads if results could not be written, without creating anything:
+    a run that fails validation leaves no empty directory behind."""
+    existing = Path(directory).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output directory {str(directory)!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == Path(directory).absolute() else \
+            f"cannot be created: {str(existing)!r} is not writable"
+        raise ConfigError(f"output directory {str(directory)!r} {where}")
 
 
 def check_export_formats(formats: tuple[str, ...]) -> None:

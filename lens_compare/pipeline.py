@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,7 +138,10 @@ def check_spill_space(job: Job, execution: Execution, directory) -> None:
     import shutil
 
     need = spill_bytes(job, execution)
-    free = shutil.disk_usage(directory).free
+    existing = Path(directory).absolute()
+    while not existing.exists():  # the output directory is created only once the run starts
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if need > free:
         raise HardwareError(
             f"refusing to start: this {execution.schedule} run spills up to {need / GIB:.1f} GiB of residual "

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lens_compare.config import RunConfig
-from lens_compare.errors import ConfigError
+from lens_compare.errors import ConfigError, TokenizationError
 from lens_compare.loading import (
     ModelRef,
     context_length,
@@ -219,6 +219,8 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
     device = resolve_device(config.device)
     gpus = resolve_gpus(config.gpus, device)
     prompts = read_prompts(config)
+    if not prompts:  # before any config or tokenizer is read
+        raise TokenizationError("no prompts given: pass --prompt TEXT or --prompts-file FILE")
     cache = _Loaded(overrides)
     model_configs = {side.role: cache.config(side.ref) for side in (base, sft)}
     n_layers = model_configs["base"].num_hidden_layers

@@ -215,3 +215,18 @@ def test_a_reader_that_goes_away_ends_the_cli_quietly(tmp_path):
     assert pipeline.stderr == ""
     for module in ("plan", "run", "convert"):
         assert "exit_with(main)" in (root / "lens_compare" / f"{module}.py").read_text()
+
+
+def test_failed_validation_leaves_no_output_directory_and_reads_no_model_file(tiny_model_dirs, tmp_path, capsys,
+                                                                              monkeypatch):
+    from lens_compare import prepare
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model's config was read before the prompts were checked")
+
+    monkeypatch.setattr(prepare._Loaded, "config", refuse)
+    out = tmp_path / "new" / "out"
+    directory = str(tiny_model_dirs["llama"])
+    assert main(["--base", directory, "--sft", directory, "--out", str(out)]) == 1
+    assert "no prompts given" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
