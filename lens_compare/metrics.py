@@ -31,18 +31,35 @@ METRIC_NAMES = (
 STAT_NAMES = ("mean", "std", "min", "max")
 
 
+def squared_norm(x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch"]:
+    """Sum of squares over ``d_model``, in float32."""
+    return einops.reduce(x.float().square(), "... d_model -> ...", "sum")
+
+
 def l2_norm(x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch"]:
     """Euclidean norm over ``d_model``, in float32."""
-    return torch.sqrt(einops.reduce(x.float().square(), "... d_model -> ...", "sum"))
+    return torch.sqrt(squared_norm(x))
 
 
 def dot(a: Float[Tensor, "*batch d_model"], b: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch"]:
     return einops.reduce(a.float() * b.float(), "... d_model -> ...", "sum")
 
 
+def cosine_from_sums(
+    ab: Float[Tensor, "*batch"], aa: Float[Tensor, "*batch"], bb: Float[Tensor, "*batch"]
+) -> Float[Tensor, "*batch"]:
+    """``ab / sqrt(aa * bb)`` from float32 sums, combined in float64 and kept in [-1, 1].
+
+    For a == b the three sums are the same float32 number s; s * s and its square root
+    are exact in float64, so the cosine is exactly 1 (``ab / (|a| |b|)`` in float32 gives
+    1.0000001). Rounding elsewhere is clipped to [-1, 1]. A zero vector gives NaN.
+    """
+    return (ab.double() / torch.sqrt(aa.double() * bb.double())).clamp(-1.0, 1.0).float()
+
+
 def cosine(a: Float[Tensor, "*batch d_model"], b: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch"]:
-    """cos(a, b). A zero vector gives NaN (undefined), never a made-up 0."""
-    return dot(a, b) / (l2_norm(a) * l2_norm(b))
+    """cos(a, b), in [-1, 1]. A zero vector gives NaN (undefined), never a made-up 0."""
+    return cosine_from_sums(dot(a, b), squared_norm(a), squared_norm(b))
 
 
 def relative_l2(
@@ -68,9 +85,10 @@ def cross_model(
     base: Float[Tensor, "*batch d_model"], sft: Float[Tensor, "*batch d_model"]
 ) -> CrossModel:
     base32, sft32 = base.float(), sft.float()
-    base_norm, sft_norm = l2_norm(base32), l2_norm(sft32)
+    base_sq, sft_sq = squared_norm(base32), squared_norm(sft32)
+    base_norm, sft_norm = torch.sqrt(base_sq), torch.sqrt(sft_sq)
     return CrossModel(
-        cosine=dot(base32, sft32) / (base_norm * sft_norm),
+        cosine=cosine_from_sums(dot(base32, sft32), base_sq, sft_sq),
         norm_delta=sft_norm - base_norm,
         norm_ratio=sft_norm / base_norm,
         relative_l2=l2_norm(sft32 - base32) / base_norm,

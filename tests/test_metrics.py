@@ -169,3 +169,19 @@ def test_shape_annotations_are_enforced_under_pytest():
 
     with pytest.raises(TypeCheckError):
         masked_stats(torch.zeros(3, 4), torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cosine_of_identical_and_opposite_vectors_is_exact_and_bounded(dtype):
+    """The sanity pair's claim: identical states give cosine exactly 1 (not 1.0000001)."""
+    from lens_compare.metrics import cosine, cross_model
+
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(64, 50, 576, generator=generator) * 40).to(dtype)
+    assert torch.all(cross_model(x, x).cosine == 1.0)
+    assert torch.all(cosine(x, x) == 1.0)
+    assert torch.all(cosine(x, -x) == -1.0)
+    y = x + (1e-3 * torch.randn(x.shape, generator=generator)).to(dtype)
+    values = cross_model(x, y).cosine
+    assert torch.all((values <= 1.0) & (values >= -1.0))
+    assert torch.isnan(cosine(torch.zeros(1, 8), torch.ones(1, 8))).all()
