@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="H100 SXM 80GB", help="GPU type: a gpus.json key or alias (h100, 4090, a100-40gb)")
     p.add_argument("--count", type=int, default=1, help="GPUs of that type in the machine (default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp8"],
-                   help="weight precision for resident/sequential (default: the pair's, else bfloat16)")
+                   help="weight precision for resident/sequential (default: the pair's, else bfloat16; "
+                        "with --here, what lens_compare.run uses: float32)")
     p.add_argument("--strategy", choices=STRATEGIES, help="only consider this strategy")
     p.add_argument("--host-ram-gib", type=float, help="host RAM of the planned machine")
     p.add_argument("--states", type=int, help="residual states captured per model (default all L+1)")
@@ -38,6 +39,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="store_true", help="render the seed's table with verdicts (markdown)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def _dtype(args: argparse.Namespace) -> str | None:
+    """``--dtype``; with ``--here`` and none given, what ``lens_compare.run`` would use on this
+    machine (its default, unless the pair fixes its own dtypes)."""
+    if args.dtype or not args.here:
+        return args.dtype
+    if args.pair:
+        from lens_compare.pairs import get_pair
+
+        spec = get_pair(args.pair)
+        if spec.base_dtype or spec.sft_dtype:
+            return None
+    from lens_compare.config import RunConfig
+
+    return RunConfig().dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             base = sft = args.config
         machine = detect_machine() if args.here else catalog_machine(args.gpu, args.count, args.host_ram_gib)
         plan = plan_pair(
-            args.pair, base=base, sft=sft, tokens=args.tokens, batch=args.batch, dtype=args.dtype,
+            args.pair, base=base, sft=sft, tokens=args.tokens, batch=args.batch, dtype=_dtype(args),
             strategy=args.strategy, states=args.states, machine=machine,
         )
     except LensCompareError as exc:

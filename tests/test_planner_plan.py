@@ -362,3 +362,18 @@ def test_stream_host_grows_with_prompts_and_the_device_only_by_the_masks_and_rot
     assert many.peak_gib_per_gpu - one.peak_gib_per_gpu == pytest.approx(63 * contexts / gib * 1.05)
     per_prompt = 2 * (2 * 100 * 3584 * 2 + (3 * 100 * 3584 * 4 + 30 * 29 * 100 * 4) / 2)
     assert many.host_gib - one.host_gib == pytest.approx(63 * per_prompt / gib)
+
+
+@pytest.mark.parametrize("pair, expected", [("qwen0.5b", {"float32"}), ("smollm2-dtype", {"float32", "bfloat16"})])
+def test_plan_here_uses_the_dtypes_run_would(pair, expected, monkeypatch, capsys):
+    """``plan --here`` plans what ``lens_compare.run`` would run: float32 by default, a pair's own dtypes."""
+    from lens_compare import plan as plan_cli
+
+    monkeypatch.setattr(plan_cli, "detect_machine", lambda: Machine("cpu", 1, 64.0, 64.0))
+    assert main(["--pair", pair, "--here", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {out["dtype"]["base"], out["dtype"]["sft"]} == expected
+    assert main(["--pair", pair, "--gpu", "h100", "--json"]) == 0
+    catalog = json.loads(capsys.readouterr().out)
+    if pair == "qwen0.5b":
+        assert catalog["dtype"]["base"] == "bfloat16"
