@@ -230,6 +230,14 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
             "layers); they cannot be compared layer by layer"
         )
     layers = select_layers(config, n_layers)
+    if config.tokens is not None:  # before the prompts are extended to that length
+        for side in (base, sft):
+            context = context_length(model_configs[side.role])
+            if context is not None and config.tokens > context:
+                raise TokenizationError(
+                    f"--tokens {config.tokens} is longer than the {side.role} model {side.ref}'s context of "
+                    f"{context} tokens; use at most {context}"
+                )
     tokenizers = {side.role: cache.tokenizer(side.ref) for side in (base, sft)}
     tokenized = tokenize_prompts(
         prompts, tokenizers["base"], tokenizers["sft"],

@@ -102,3 +102,44 @@ def test_too_long_prompt_fails_before_any_weights_load(tiny_model_dirs, monkeypa
     directory = str(tiny_model_dirs["llama"])
     with pytest.raises(TokenizationError, match="context of 256 tokens"):
         lens_compare.compare(base=directory, sft=directory, prompts=["the fox " * 200])
+
+
+def test_filler_extension_is_linear_in_the_token_count(tokenizer, monkeypatch):
+    """A handful of encodes whatever N (it was one encode of the whole text per repetition)."""
+    from lens_compare import tokens
+
+    calls = []
+    original = tokens._encode
+
+    def counting(tok, text, add_special):
+        calls.append(len(text))
+        return original(tok, text, add_special)
+
+    monkeypatch.setattr(tokens, "_encode", counting)
+    for n in (50, 5000):
+        calls.clear()
+        out = tokenize_prompts(("Hello",), tokenizer, tokenizer, n_tokens=n, filler_text="the quick brown fox")
+        assert len(out.token_ids[0]) == n
+        assert len(calls) <= 6, f"{len(calls)} encodes for {n} tokens"
+
+
+def test_filler_that_adds_no_tokens_is_refused(tokenizer, monkeypatch):
+    """A tokenizer that drops the filler entirely (stripped whitespace, say) must not loop forever."""
+    from lens_compare import tokens
+
+    monkeypatch.setattr(tokens, "_encode", lambda tok, text, add_special: [1, 2, 3])
+    with pytest.raises(TokenizationError, match="adds no tokens"):
+        tokenize_prompts(("Hello",), tokenizer, tokenizer, n_tokens=50, filler_text="   ")
+
+
+def test_tokens_beyond_the_context_fail_before_extending(tiny_model_dirs, monkeypatch):
+    from lens_compare import prepare
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("prompts were extended before the context was checked")
+
+    monkeypatch.setattr(prepare, "tokenize_prompts", refuse)
+    directory = str(tiny_model_dirs["llama"])
+    with pytest.raises(TokenizationError, match=r"--tokens 100000 is longer than the base model .* context of 256"):
+        lens_compare.compare(base=directory, sft=directory, prompts=["the fox"], tokens=100000,
+                             filler_text="the quick brown fox")
