@@ -53,6 +53,8 @@ class RunConfig:
     output_dir: str = "outputs"
     export: tuple[ExportFormat, ...] = ()
     local_run: dict[str, Any] | None = None
+    # The file these values came from (the CLI sets it; None: built-in defaults and flags).
+    config_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -168,4 +170,7 @@ def load_config_file(path: str | Path) -> RunConfig:
     if not isinstance(data, dict) or set(data) != {BLOCK}:
         found = list(data) if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"config file {str(path)!r}: expected exactly one top-level key {BLOCK!r}, found {found}")
-    return RunConfig.from_dict(data[BLOCK] or {}, BLOCK)
+    block = data[BLOCK] or {}
+    if isinstance(block, dict) and "config_file" in block:
+        raise ConfigError(f"config file {str(path)!r}: {BLOCK}.config_file is set by lens_compare, not in a file")
+    return RunConfig.from_dict({**block, "config_file": str(path)}, BLOCK)

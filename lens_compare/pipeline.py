@@ -39,7 +39,7 @@ logger = logging.getLogger("lens_compare")
 Preflight = Callable[[dict[str, Any]], Execution]
 
 # Config keys that change what is written, not the numbers: left out of a run's fingerprint.
-OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "strategy", "gpus", "local_run")
+OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "strategy", "gpus", "local_run", "config_file")
 
 
 def shard_layout(run: PreparedRun, streamed: bool = False) -> ShardLayout:
@@ -274,6 +274,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
             for t, r in untrained.items()
         ],
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config_file": run.config.config_file,
         "config": run.config.to_dict(),
     }
 

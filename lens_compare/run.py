@@ -8,6 +8,7 @@ without it, from ``configs/dev_config.yaml`` when ``DEV_MODE=true`` and
 
 import argparse
 import logging
+import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -75,7 +76,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     path = args.config or default_config_path()
     config = load_config_file(path) if path else RunConfig()
     if path:
-        logger.info("config: %s", path)
+        how = "--config" if args.config else f"DEV_MODE={os.environ.get('DEV_MODE', '')!r} found it in ./configs"
+        logger.info("config file: %s (%s); its values replace the built-in defaults, flags replace both",
+                    path, how)
+    else:
+        logger.info("config file: none; built-in defaults (lens_compare.config.RunConfig), flags replace them")
     changes = {
         "pairs_file": args.pairs_file, "tokens": args.tokens, "dtype": args.dtype,
         "device": args.device, "skip_first": args.skip_first, "chat_template": args.chat_template,

@@ -230,3 +230,29 @@ def test_failed_validation_leaves_no_output_directory_and_reads_no_model_file(ti
     assert main(["--base", directory, "--sft", directory, "--out", str(out)]) == 1
     assert "no prompts given" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_the_config_file_used_is_logged_first_and_recorded(tiny_model_dirs, tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
+    directory = str(tiny_model_dirs["llama"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEV_MODE", raising=False)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "prod_config.yaml").write_text("residual_compare:\n  dtype: bfloat16\n")
+    with caplog.at_level(logging.INFO, logger="lens_compare"):
+        assert main(["--base", directory, "--sft", directory, "--prompt", "hello", "--out", "out"]) == 0
+    first = caplog.records[0].getMessage()
+    assert first.startswith("config file: configs/prod_config.yaml (DEV_MODE='' found it in ./configs)")
+    result = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert result["provenance"]["config_file"] == "configs/prod_config.yaml"
+    assert result["provenance"]["dtype"] == {"base": "bfloat16", "sft": "bfloat16"}
+    (tmp_path / "configs" / "prod_config.yaml").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lens_compare"):
+        assert main(["--base", directory, "--sft", directory, "--prompt", "hello", "--out", "out2"]) == 0
+    assert caplog.records[0].getMessage().startswith("config file: none; built-in defaults")
+    result = json.loads(next((tmp_path / "out2").glob("*.json")).read_text())
+    assert result["provenance"]["config_file"] is None
+    assert result["provenance"]["dtype"] == {"base": "float32", "sft": "float32"}
