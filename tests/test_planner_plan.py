@@ -377,3 +377,14 @@ def test_plan_here_uses_the_dtypes_run_would(pair, expected, monkeypatch, capsys
     catalog = json.loads(capsys.readouterr().out)
     if pair == "qwen0.5b":
         assert catalog["dtype"]["base"] == "bfloat16"
+
+
+def test_plan_text_says_which_layout_each_gpu_count_is_for():
+    plan = plan_pair("llama405b", tokens=250, gpu="h100", count=8, with_cheapest=False)
+    nf4 = plan.strategies["nf4"]
+    assert (nf4.layout, nf4.min_gpus, nf4.min_gpus_layout) == ("resident", 3, "sequential")
+    text = plan.explain()
+    assert "nf4        [nf4, resident layout] fits" in text
+    assert "min GPUs 3 (sequential layout there)" in text
+    assert "resident (both models loaded at once) needs 22 GPUs in bfloat16" in text
+    assert plan.to_dict()["strategies"]["nf4"]["min_gpus_layout"] == "sequential"

@@ -125,10 +125,13 @@ class Plan:
         for name, r in self.strategies.items():
             mark = "fits" if r.fits else "does not fit"
             detail = r.reason or f"peak {r.peak_gib_per_gpu:.2f} GiB/device, headroom {r.headroom_gib:.2f}"
-            extra = f"; min GPUs {r.min_gpus}" if r.min_gpus else "; no count on one machine suffices"
+            at_min = f" ({r.min_gpus_layout} layout there)" if r.min_gpus_layout not in (None, r.layout) else ""
+            extra = f"; min GPUs {r.min_gpus}{at_min}" if r.min_gpus else "; no count on one machine suffices"
             cost = f", ~${r.est_cost_usd:.4f}" if r.est_cost_usd is not None else ""
             secs = f", ~{r.est_seconds:.0f} s{cost}" if r.est_seconds is not None else ""
-            lines.append(f"  {name:<10} [{r.precision}] {mark}: {detail}{extra}{secs}")
+            # nf4 runs resident or sequential: say which layout its figures are for.
+            layout = f", {r.layout} layout" if r.layout not in (name, "n/a") else ""
+            lines.append(f"  {name:<10} [{r.precision}{layout}] {mark}: {detail}{extra}{secs}")
             for index, layout in enumerate(r.splits or ()):
                 whose = "both models" if len(r.splits) == 1 else ("base", "sft")[index]
                 per_gpu = ", ".join(f"{b / 2**30:.1f}" for b in layout.per_gpu)
@@ -144,7 +147,8 @@ class Plan:
                              "request it with --strategy nf4 and read its drift against the NF4 noise floor")
         if self.beyond_one_machine:
             need = ", ".join(f"{n if n else '>4096'} GPUs in {p}" for p, n in self.beyond_one_machine.items())
-            lines.append(f"beyond one machine of {self.machine.device_name}: resident needs {need}")
+            lines.append(f"beyond one machine of {self.machine.device_name}: resident (both models loaded at once) "
+                         f"needs {need}")
         if self.cheapest:
             c = self.cheapest
             lines.append(f"cheapest priced choice: {c['count']}x {c['gpu']} ({c['strategy']}), "

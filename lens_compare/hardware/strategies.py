@@ -66,11 +66,15 @@ class StrategyResult:
     reason: str | None = None
     # How the weights split over the GPUs (see Peak.splits); None on one device.
     splits: tuple[Layout, ...] | None = None
+    # The layout at ``min_gpus`` GPUs, which may differ from ``layout`` on this machine
+    # (nf4 resident on 8 GPUs, sequential on its minimum of 3).
+    min_gpus_layout: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "fits": self.fits,
             "min_gpus": self.min_gpus,
+            "min_gpus_layout": self.min_gpus_layout,
             "precision": self.precision,
             "layout": self.layout,
             "peak_gib_per_gpu": round(self.peak_gib_per_gpu, 3),
@@ -321,6 +325,7 @@ def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None
             return _unavailable(name, label, STREAM_NO_RULE.format(unruled[0]))
     peak = _peak(name, models, precision, machine, workload)
     fits = _fits(peak, machine)
+    fewest = min_gpus(name, models, precision, machine, workload)
     if name == "stream":
         seconds = stream_seconds(models, machine, workload)
     else:
@@ -336,7 +341,9 @@ def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None
         precision=label,
         layout=peak.layout,
         fits=fits,
-        min_gpus=min_gpus(name, models, precision, machine, workload),
+        min_gpus=fewest,
+        min_gpus_layout=None if fewest is None else _peak(name, models, precision, machine.with_count(fewest),
+                                                          workload, balanced=False).layout,
         peak_gib_per_gpu=peak.device_gib,
         host_gib=peak.host_gib,
         headroom_gib=machine.device_gib - peak.device_gib,
