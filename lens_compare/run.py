@@ -33,6 +33,7 @@ from lens_compare.pipeline import (
 from lens_compare.preflight import memory_preflight
 from lens_compare.residual_file import write_residual_file
 from lens_compare.store import RunFolder
+from lens_compare.verdict import verdict
 
 logger = logging.getLogger("lens_compare")
 
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         if not keep:
             folder.drop_all_states()
+        logger.info("verdict:\n%s", verdict(result))
         logger.info(summary_line(run, execution, job, seconds))
         return 0
     except LensCompareError as error:

@@ -121,3 +121,26 @@ def test_models_of_different_depth_are_refused_before_loading(tiny_model_dirs, t
     shallow = build_tiny_model("llama", tmp_path / "shallow", n_layers=2)
     with pytest.raises(lens_compare.ConfigError, match=r"differ in depth \(3 vs 2 layers\)"):
         lens_compare.compare(base=str(tiny_model_dirs["llama"]), sft=str(shallow), prompts=PROMPTS)
+
+
+def test_verdict_names_the_layer_and_token_of_largest_drift(perturbed_llama):
+    import lens_compare
+    from lens_compare.verdict import verdict
+
+    base, sft, block = perturbed_llama
+    result = lens_compare.compare(base=str(base), sft=str(sft), prompts=["the quick brown fox jumps", "hello world"])
+    text = verdict(result)
+    summary = result.summary()
+    rows = summary[(summary.positions == "rest") & (summary.hook == "resid_post") & (summary.metric == "relative_l2")]
+    worst = int(rows.loc[rows["mean"].idxmax(), "layer"])
+    assert worst >= block
+    assert f"largest drift: layer {worst} (relative_l2 {rows['mean'].max():.4f}" in text
+    values = result.metrics["resid_post"]["relative_l2"][list(result.layers).index(worst)]
+    mask = result.real_tokens.clone()
+    mask[:, 0] = False
+    prompt, position = divmod(int(torch.argmax(torch.where(mask, values, -torch.inf))), values.shape[1])
+    assert f"(prompt {prompt}, position {position})" in text
+    for layer in (0, worst):
+        assert any(line.split()[0] == str(layer) for line in text.splitlines()[2:-1])
+    same = lens_compare.compare(base=str(base), sft=str(base), prompts=["hello world"])
+    assert verdict(same).endswith("no drift: resid_post is identical in both models at every captured layer")

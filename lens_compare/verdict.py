@@ -1,0 +1,63 @@
+"""The few lines a run ends with: how far the two streams drifted, layer by layer, and where most.
+
+>>> print(verdict(result))                                    # doctest: +SKIP
+resid_post, mean over tokens (position 0 excluded):
+ layer    cosine  relative_l2
+     0  1.000000     0.000000
+   ...
+largest drift: layer 29 (relative_l2 0.3400, cosine 0.9400); token ' Paris' (prompt 1, position 6): relative_l2 0.5800
+"""
+
+import torch
+
+from lens_compare.aggregate import token_mask
+
+ROWS = 5
+
+
+def verdict(result, rows: int = ROWS) -> str:
+    """Cosine and relative_l2 of ``resid_post`` at ``rows`` layers spread over the captured ones
+    (and the layer of largest drift), that layer, and its most-moved token."""
+    positions = "all" if result.include_first_token else "rest"
+    records = {r["layer"]: r for r in result.layer_records(positions)["resid_post"]}
+    layers = list(result.layers)
+    count = min(rows, len(layers))
+    picks = sorted({layers[round(i * (len(layers) - 1) / max(count - 1, 1))] for i in range(count)})
+    means = {layer: records[layer]["relative_l2"]["mean"] for layer in layers}
+    defined = {layer: value for layer, value in means.items() if value is not None}
+    worst = max(defined, key=defined.get) if defined else None
+    if worst is not None and worst not in picks:
+        picks = sorted([*picks, worst])
+    excluded = "" if result.include_first_token else " (position 0 excluded)"
+    lines = [f"resid_post, mean over tokens{excluded}:", f"{'layer':>6}  {'cosine':>10}  {'relative_l2':>11}"]
+    for layer in picks:
+        cosine, relative = records[layer]["cosine"]["mean"], records[layer]["relative_l2"]["mean"]
+        mark = "  <- largest drift" if layer == worst else ""
+        lines.append(f"{layer:>6}  {_number(cosine):>10}  {_number(relative):>11}{mark}")
+    if worst is None:
+        lines.append("largest drift: undefined (no token to aggregate)")
+        return "\n".join(lines)
+    if defined[worst] == 0:
+        lines[-len(picks):] = [line.removesuffix("  <- largest drift") for line in lines[-len(picks):]]
+        lines.append("no drift: resid_post is identical in both models at every captured layer")
+        return "\n".join(lines)
+    lines.append(_worst_token(result, worst, positions))
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return "null" if value is None else f"{value:.6f}"
+
+
+def _worst_token(result, layer: int, positions: str) -> str:
+    row = list(result.layers).index(layer)
+    values = result.metrics["resid_post"]["relative_l2"][row]
+    mask = token_mask(result.real_tokens, positions) & ~torch.isnan(values)
+    masked = torch.where(mask, values, -torch.inf)
+    flat = int(torch.argmax(masked))
+    prompt, position = divmod(flat, values.shape[1])
+    record = result.layer_records(positions)["resid_post"][row]
+    token = result.token_strings[prompt][position]
+    return (f"largest drift: layer {layer} (relative_l2 {record['relative_l2']['mean']:.4f}, cosine "
+            f"{record['cosine']['mean']:.4f}); most-moved token {token!r} (prompt {prompt}, position {position}): "
+            f"relative_l2 {float(values[prompt, position]):.4f}")
