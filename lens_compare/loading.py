@@ -12,10 +12,13 @@ attention, in the requested dtype, with no LayerNorm folding or weight centring:
 we compare the streams the models really compute.
 """
 
+import functools
 import hashlib
 import importlib.util
 import logging
+import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,10 +49,29 @@ class ModelRef:
 
     @property
     def file_kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.gguf_file:
+            return {"gguf_file": self.gguf_file}
+        # Unreachable hub: read the local cache at once instead of five retries (~27 s) per file.
+        return {"local_files_only": True} if self.kind == "hub" and not hub_reachable() else {}
 
     def __str__(self) -> str:
         return self.spec
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (False under ``HF_HUB_OFFLINE``), probed once."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout_s).close()
+    except OSError:
+        logger.info("huggingface.co cannot be reached: hub ids are read from the local cache only")
+        return False
+    return True
 
 
 def _package_file(spec: str) -> Path:
@@ -92,7 +114,9 @@ def _load_failure(ref: ModelRef, what: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"cannot load the {what} of {ref.spec!r}: {type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else ''}"
-        + (" (hub ids need network access and, for gated models, `huggingface-cli login`)"
+        + ((" (huggingface.co cannot be reached and the model is not in the local cache: download it "
+            "where there is network, `hf download ...`, or pass a local directory)" if not hub_reachable()
+            else " (hub ids need network access and, for gated models, `hf auth login`)")
            if ref.kind == "hub" else "")
     )
 

@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # huggingface_hub prints through its own handler and propagates to ours: once is enough.
+    logging.getLogger("huggingface_hub").propagate = False
     if args.list_pairs:
         for key, spec in builtin_pairs().items():
             print(f"{key:16s} {spec.base}  <->  {spec.sft}")

@@ -256,3 +256,28 @@ def test_the_config_file_used_is_logged_first_and_recorded(tiny_model_dirs, tmp_
     result = json.loads(next((tmp_path / "out2").glob("*.json")).read_text())
     assert result["provenance"]["config_file"] is None
     assert result["provenance"]["dtype"] == {"base": "float32", "sft": "float32"}
+
+
+def test_unreachable_hub_reads_the_local_cache_at_once(monkeypatch):
+    """Without HF_HUB_OFFLINE and without network, hub ids load local_files_only (no ~27 s of retries)."""
+    import socket
+
+    from lens_compare import loading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    loading.hub_reachable.cache_clear()
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
+    ref = loading.resolve_ref("Qwen/Qwen2.5-0.5B")
+    assert ref.file_kwargs == {"local_files_only": True}
+    loading.hub_reachable.cache_clear()
+
+    class Connection:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Connection())
+    assert ref.file_kwargs == {}
+    loading.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ref.file_kwargs == {"local_files_only": True}
+    loading.hub_reachable.cache_clear()
