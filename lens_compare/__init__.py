@@ -20,6 +20,7 @@ from lens_compare.errors import (
 )
 from lens_compare.pairs import PairSpec, builtin_pairs, get_pair
 from lens_compare.result import ComparisonResult
+from lens_compare.saved import concat_runs, load_run
 
 __all__ = [
     "CaptureError",
@@ -36,5 +37,7 @@ __all__ = [
     "TokenizationError",
     "builtin_pairs",
     "compare",
+    "concat_runs",
     "get_pair",
+    "load_run",
 ]

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lens_compare.aggregate import layer_records, token_mask
 from lens_compare.capture import ResidualStates
+from lens_compare.errors import LensCompareError
 from lens_compare.hooks import HOOK_KINDS
 from lens_compare.metrics import METRIC_NAMES, STAT_NAMES
 from lens_compare.per_token import TokenMetrics
@@ -26,6 +27,10 @@ class ComparisonResult:
     ``metrics[hook][metric]`` is a float32 tensor ``[layer, prompt, pos]`` (NaN at
     padding and where a depth metric is undefined); ``layers`` gives the layer of
     each row. ``residuals`` holds the captured states when they were kept.
+
+    A run read back with ``lens_compare.load_run`` whose token table was not saved has
+    no per-token ``metrics`` (None): its per-layer aggregates come from the JSON
+    (``stored_records``), and ``to_dataframe`` says how to get the table.
     """
 
     provenance: dict[str, Any]
@@ -34,14 +39,42 @@ class ComparisonResult:
     token_strings: tuple[tuple[str, ...], ...]
     untrained_base_tokens: dict[int, float]
     real_tokens: Bool[Tensor, "prompt pos"]
-    metrics: TokenMetrics
+    metrics: TokenMetrics | None
     include_first_token: bool = False
     residuals: tuple[ResidualStates, ResidualStates] | None = field(default=None, repr=False)
+    # positions -> hook -> per-layer records, for a saved run without its token table.
+    stored_records: dict[str, dict[str, list[dict[str, Any]]]] | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        """A few lines: what was compared, how, and the headline drift (never the tensors)."""
+        p = self.provenance
+        records = self.layer_records()["resid_post"]
+        last = records[-1]
+        worst = max((r for r in records if r["relative_l2"]), key=lambda r: r["relative_l2"]["mean"], default=None)
+        headline = "n/a" if worst is None else (
+            f"last layer {last['layer']}: cosine {last['cosine']['mean']:.4f}, relative_l2 "
+            f"{last['relative_l2']['mean']:.4f}; largest relative_l2 {worst['relative_l2']['mean']:.4f} "
+            f"at layer {worst['layer']}")
+        return (
+            f"ComparisonResult(pair={p.get('pair')!r}, strategy={p.get('strategy')!r}, device={p.get('device')!r})\n"
+            f"  base: {p['base_model']['reference']} ({p['dtype']['base']})\n"
+            f"  sft:  {p['sft_model']['reference']} ({p['dtype']['sft']})\n"
+            f"  {len(self.layers)} layers ({self.layers[0]}..{self.layers[-1]}), {len(self.tokens.token_ids)} prompts, "
+            f"{sum(self.tokens.lengths)} tokens\n"
+            f"  resid_post (mean over tokens): {headline}"
+        )
 
     def layer_records(self, positions: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """Per-layer aggregates; ``positions`` is ``all``, ``rest`` (no position 0) or ``first``."""
         if positions is None:
             positions = "all" if self.include_first_token else "rest"
+        if self.metrics is None:
+            if positions not in self.stored_records:
+                raise LensCompareError(
+                    f"this saved run holds aggregates over {sorted(self.stored_records)} only; the token table "
+                    "(--parquet or --csv) is needed for other positions"
+                )
+            return self.stored_records[positions]
         return layer_records(self.metrics, self.layers, token_mask(self.real_tokens, positions))
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,24 +95,45 @@ class ComparisonResult:
             "first_token": self.layer_records("first"),
         }
 
-    def summary(self) -> pd.DataFrame:
-        """One row per hook x layer x metric with mean/std/min/max, plus the first token's own rows."""
-        rows = []
+    def summary(self, *, hook: str | None = None, metric: str | None = None,
+                positions: str | None = None) -> pd.DataFrame:
+        """One row per hook x layer x metric with mean/std/min/max, plus the first token's own rows.
+
+        ``hook``, ``metric`` and ``positions`` (``rest``/``all``, ``first``) keep only those rows:
+
+        >>> result.summary(hook="resid_post", metric="cosine").plot(x="layer", y="mean")  # doctest: +SKIP
+        """
         main = "all" if self.include_first_token else "rest"
-        for positions in (main, "first"):
-            for hook, records in self.layer_records(positions).items():
+        for name, value, allowed in (("hook", hook, HOOK_KINDS), ("metric", metric, METRIC_NAMES),
+                                     ("positions", positions, (main, "first"))):
+            if value is not None and value not in allowed:
+                raise LensCompareError(f"summary({name}={value!r}): expected one of {list(allowed)}")
+        rows = []
+        for where in (main, "first"):
+            if positions is not None and where != positions:
+                continue
+            for kind, records in self.layer_records(where).items():
+                if hook is not None and kind != hook:
+                    continue
                 for record in records:
                     for name in METRIC_NAMES:
+                        if metric is not None and name != metric:
+                            continue
                         stats = record[name] or dict.fromkeys(STAT_NAMES)
-                        rows.append({"positions": positions, "hook": hook, "layer": record["layer"],
+                        rows.append({"positions": where, "hook": kind, "layer": record["layer"],
                                      "metric": name, **stats})
-        frame = pd.DataFrame(rows)
+        frame = pd.DataFrame(rows, columns=["positions", "hook", "layer", "metric", *STAT_NAMES])
         for column in STAT_NAMES:
             frame[column] = frame[column].astype("float64")
-        return frame
+        return _shared_dtypes(frame)
 
     def to_dataframe(self) -> pd.DataFrame:
         """Tidy long table: one row per prompt x hook x layer x position x metric (real tokens only)."""
+        if self.metrics is None:
+            raise LensCompareError(
+                "this saved run has no token table beside its JSON; re-run it with --parquet or --csv "
+                "(the per-layer summary() is available)"
+            )
         real = self.real_tokens.numpy()
         prompt_idx, position_idx = np.nonzero(real)
         n_tokens = prompt_idx.size
@@ -110,6 +164,14 @@ class ComparisonResult:
                 "value": einops.rearrange(picked, "metric layer token -> (metric layer token)"),
             }))
         frame = pd.concat(frames, ignore_index=True)
-        for column in ("hook", "metric", "token"):
-            frame[column] = frame[column].astype("category")
-        return frame
+        frame["token"] = frame["token"].astype("category")
+        return _shared_dtypes(frame)
+
+
+def _shared_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns ``summary()`` and ``to_dataframe()`` share get one dtype in both."""
+    for column, categories in (("hook", HOOK_KINDS), ("metric", METRIC_NAMES), ("positions", ("rest", "all", "first"))):
+        if column in frame:
+            frame[column] = pd.Categorical(frame[column], categories=list(categories))
+    frame["layer"] = frame["layer"].astype("int64")
+    return frame

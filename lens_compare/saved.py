@@ -1,0 +1,140 @@
+"""Runs read back from disk, and several runs as one DataFrame.
+
+>>> result = lens_compare.load_run("outputs/lens_compare_smollm2-sanity_20261127T085842Z.json")  # doctest: +SKIP
+>>> result.summary(metric="cosine"); result.to_dataframe()                                   # doctest: +SKIP
+>>> lens_compare.concat_runs([run_a, run_b, "outputs/other.json"])                           # doctest: +SKIP
+
+``load_run`` reads the JSON a run wrote and, when they are beside it with the same stem,
+its token table (``.tokens.parquet``, else ``.tokens.csv``), which restores the per-token
+metrics exactly, and its residuals (``.safetensors``, from ``--save-residuals``).
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from lens_compare.capture import ResidualStates
+from lens_compare.errors import LensCompareError
+from lens_compare.hooks import HOOK_KINDS, hook_name, states_for_layers
+from lens_compare.metrics import METRIC_NAMES
+from lens_compare.result import SCHEMA_VERSION, ComparisonResult
+from lens_compare.tokens import TokenizedPrompts
+
+
+def _stem(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix == ".json" else path
+
+
+def load_run(path: str | Path) -> ComparisonResult:
+    """The result a run wrote to ``path`` (its ``.json``), with the files saved beside it."""
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise LensCompareError(f"no run at {str(path)!r}: give the .json a run wrote")
+    document = json.loads(path.read_text())
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise LensCompareError(f"{str(path)!r} has schema_version {version!r}; this lens_compare reads {SCHEMA_VERSION}")
+    provenance = document["provenance"]
+    layers = tuple(document["layers"])
+    token_ids = tuple(tuple(ids) for ids in provenance["token_ids"])
+    prompts = tuple(provenance["prompts"])
+    tokens = TokenizedPrompts(prompts, tuple(provenance["texts"] or prompts), token_ids, provenance["chat_template"])
+    width = max(tokens.lengths)
+    real = torch.zeros((len(token_ids), width), dtype=torch.bool)
+    for row, ids in enumerate(token_ids):
+        real[row, : len(ids)] = True
+    include_first = document["aggregation"]["position_0"] == "included"
+    main = "all" if include_first else "rest"
+    untrained = {int(entry["id"]): float(entry["norm_over_median"]) for entry in provenance["untrained_base_tokens"]}
+    table = _token_table(_stem(path))
+    metrics, token_strings = (None, tuple(("",) * len(ids) for ids in token_ids)) if table is None \
+        else _metrics_from_table(table, layers, real)
+    stored = None if metrics is not None else {main: {k: document[k] for k in HOOK_KINDS},
+                                                 "first": document["first_token"]}
+    return ComparisonResult(
+        provenance=provenance, layers=layers, tokens=tokens, token_strings=token_strings,
+        untrained_base_tokens=untrained, real_tokens=real, metrics=metrics, include_first_token=include_first,
+        residuals=_residuals(_stem(path).with_suffix(".safetensors"), layers, provenance["n_layers"]),
+        stored_records=stored,
+    )
+
+
+def _token_table(stem: Path) -> pd.DataFrame | None:
+    for suffix in (".tokens.parquet", ".tokens.csv"):
+        candidate = stem.with_name(stem.name + suffix)
+        if candidate.is_file():
+            if suffix.endswith("parquet"):
+                return pd.read_parquet(candidate)
+            return pd.read_csv(candidate, keep_default_na=False, na_values=[""], dtype={"token": str})
+    return None
+
+
+def _metrics_from_table(table: pd.DataFrame, layers: tuple[int, ...], real: torch.Tensor):
+    shape = (len(layers), *real.shape)
+    row_of = {layer: row for row, layer in enumerate(layers)}
+    rows = torch.tensor(table["layer"].map(row_of).to_numpy())
+    prompts = torch.tensor(table["prompt"].to_numpy())
+    positions = torch.tensor(table["position"].to_numpy())
+    values = torch.tensor(table["value"].to_numpy(dtype="float32"))
+    metrics: dict[str, dict[str, torch.Tensor]] = {}
+    for hook in HOOK_KINDS:
+        metrics[hook] = {}
+        for name in METRIC_NAMES:
+            grid = torch.full(shape, torch.nan)
+            pick = torch.tensor(((table["hook"] == hook) & (table["metric"] == name)).to_numpy())
+            grid[rows[pick], prompts[pick], positions[pick]] = values[pick]
+            metrics[hook][name] = grid
+    strings = [[""] * int(n) for n in real.sum(dim=1).tolist()]
+    first = table.drop_duplicates(["prompt", "position"])
+    for prompt, position, token in zip(first["prompt"], first["position"], first["token"], strict=True):
+        strings[int(prompt)][int(position)] = "" if pd.isna(token) else str(token)
+    return metrics, tuple(tuple(row) for row in strings)
+
+
+def _residuals(path: Path, layers: tuple[int, ...], n_layers: int) -> tuple[ResidualStates, ResidualStates] | None:
+    """Both models' states from a ``--save-residuals`` file (read whole: mind the size)."""
+    if not path.is_file():
+        return None
+    states = states_for_layers(layers)
+    out = []
+    with safe_open(str(path), "pt") as handle:
+        for role in ("base", "sft"):
+            values = []
+            for state in states:
+                # Each state is stored under both of its hook names; read whichever was captured.
+                kind, layer = ("resid_pre", state) if state in layers else ("resid_post", state - 1)
+                values.append(handle.get_tensor(f"{role}/{hook_name(kind, layer)}"))
+            out.append(ResidualStates(n_layers=n_layers, states=states, values=torch.stack(values)))
+    return out[0], out[1]
+
+
+def concat_runs(runs: list[ComparisonResult | str | Path], table: str = "summary") -> pd.DataFrame:
+    """Several runs as one long DataFrame (``summary`` or ``tokens``), with a ``pair`` column and,
+    where one pair appears more than once, a ``run`` column (its position in ``runs``)."""
+    if table not in ("summary", "tokens"):
+        raise LensCompareError(f"concat_runs(table={table!r}): expected 'summary' or 'tokens'")
+    results = [run if isinstance(run, ComparisonResult) else load_run(run) for run in runs]
+    if not results:
+        raise LensCompareError("concat_runs needs at least one run")
+    pairs = [str(result.provenance.get("pair")) for result in results]
+    repeated = len(set(pairs)) < len(pairs)
+    frames = []
+    for index, (result, pair) in enumerate(zip(results, pairs, strict=True)):
+        frame = result.summary() if table == "summary" else result.to_dataframe()
+        extra: dict[str, Any] = {"pair": pair}
+        if repeated:
+            extra["run"] = index
+        frames.append(frame.assign(**extra))
+    combined = pd.concat(frames, ignore_index=True)
+    combined["pair"] = combined["pair"].astype("category")
+    for column in ("hook", "metric", "positions", "token"):
+        if column in combined and not isinstance(combined[column].dtype, pd.CategoricalDtype):
+            combined[column] = combined[column].astype("category")
+    leading = ["pair", *(["run"] if repeated else [])]
+    return combined[leading + [c for c in combined.columns if c not in leading]]
