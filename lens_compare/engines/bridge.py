@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lens_compare.capture import ResidualStates, capture_states
 from lens_compare.engines import Job
@@ -23,6 +23,7 @@ from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_hf_model, weights_fingerprint
 from lens_compare.per_token import state_metrics
 from lens_compare.placement import model_device_map, summarize_placement
+from lens_compare.progress import progress_bar
 from lens_compare.store import Store
 from lens_compare.tokens import untrained_token_ids
 
@@ -104,7 +105,7 @@ def _pending(job: Job, store: Store) -> list[int]:
 def _bar(job: Job, shards: list[int], desc: str) -> tqdm:
     total = sum(job.shard_prompts(shard) for shard in range(job.layout.count))
     done = total - sum(job.shard_prompts(shard) for shard in shards)
-    return tqdm(total=total, initial=done, desc=desc, unit="prompt", dynamic_ncols=True)
+    return progress_bar(total=total, initial=done, desc=desc, unit="prompt", dynamic_ncols=True)
 
 
 def run_resident(job: Job, store: Store) -> None:

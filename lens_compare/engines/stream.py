@@ -22,12 +22,12 @@ from contextlib import contextmanager
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lens_compare.engines import Job
 from lens_compare.host_memory import trim_heap
 from lens_compare.loading import fingerprint_tensors
 from lens_compare.per_token import one_state_metrics, stack_state_rows
+from lens_compare.progress import progress_bar
 from lens_compare.store import Store
 from lens_compare.streaming import StreamedModel, forward_batches
 from lens_compare.tokens import untrained_token_ids
@@ -135,7 +135,7 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
     loads = [lambda role=role, block=block: models[role].load(models[role].block_path(block))
              for role, block in order]
     desc = f"stream shard {shard + 1}/{job.layout.count}" if job.layout.count > 1 else "stream"
-    with prefetched(loads) as modules, tqdm(total=n_blocks, initial=start, desc=desc, unit="block",
+    with prefetched(loads) as modules, progress_bar(total=n_blocks, initial=start, desc=desc, unit="block",
                                             dynamic_ncols=True) as bar:
         for block in range(start, n_blocks):
             following = {}
