@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also write the captured residuals to a .safetensors file")
     p.add_argument("--parquet", action="store_true", help="also write the token and summary tables as parquet")
     p.add_argument("--csv", action="store_true", help="also write the token and summary tables as csv")
+    p.add_argument("--plots", action="store_true",
+                   help="also write the standard figures as PNG beside the JSON (needs the plots extra)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--list-pairs", action="store_true", help="print the registered pairs and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -162,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(config.output_dir)
         check_output_dir(out_dir)
         check_export_formats(config.export)
+        if args.plots:
+            from lens_compare.plots import require_matplotlib
+
+            require_matplotlib()
         run, layout, execution = start_run(config, preflight=memory_preflight, held_in_memory=False)
         keep = config.save_residuals
         job = make_job(run, layout, execution, keep_states=keep)
@@ -182,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         stem = out_dir / f"lens_compare_{result.provenance['pair']}_{stamp}"
         for path in write_outputs(result, config, stem, job, folder):
             print(path)
+        if args.plots:
+            from lens_compare.plots import save_standard_figures
+
+            for path in save_standard_figures(result, stem):
+                print(path)
         if not keep:
             folder.drop_all_states()
         logger.info("verdict:\n%s", verdict(result))

@@ -1,0 +1,226 @@
+"""Figures of a comparison (optional extra ``plots``: matplotlib).
+
+Every function returns a ``matplotlib.figure.Figure``, draws into ``ax`` when one is given
+(so figures compose), and never calls ``plt.show()``.
+
+>>> from lens_compare import plots
+>>> plots.layer_curves([result], "relative_l2", noise_floor=floor_result)   # doctest: +SKIP
+>>> plots.position_heatmap(result, "cosine", prompt=0)                      # doctest: +SKIP
+>>> plots.norm_profile(result)                                              # doctest: +SKIP
+
+Per-layer values are the means over tokens (position 0 excluded unless the run included
+it), with a band of one standard deviation or the min-max range. ``1 - cosine`` and
+``relative_l2`` are drawn on a log scale, where small values matter.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lens_compare.errors import LensCompareError
+from lens_compare.hooks import HOOK_KINDS
+from lens_compare.metrics import METRIC_NAMES
+
+# Metrics drawn as 1 - value on a log axis, and metrics drawn on a log axis as they are.
+ONE_MINUS = ("cosine", "base_cosine_prev", "sft_cosine_prev")
+LOG_SCALE = ("relative_l2",)
+# Depth diagnostics come in a base and an SFT flavour, drawn side by side.
+DEPTH = {"cosine_prev": ("base_cosine_prev", "sft_cosine_prev"), "norm_delta": ("base_norm_delta", "sft_norm_delta")}
+HOOK_STYLE = {"resid_pre": "--", "resid_post": "-"}
+# Floor for log axes: a value that is exactly 0 (identical models) is drawn here.
+LOG_FLOOR = 1e-9
+
+
+def require_matplotlib() -> None:
+    """Fail before any model loads when the plots extra is missing."""
+    _pyplot()
+
+
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LensCompareError("plots need matplotlib: pip install 'lens_compare[plots]'") from None
+    return plt
+
+
+def _label(result) -> str:
+    return str(result.provenance.get("pair") or "run")
+
+
+def _series(result, hook: str, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """layers, mean, band low, band high of one hook's metric (NaN where undefined)."""
+    records = result.layer_records()[hook]
+    layers = np.array([r["layer"] for r in records])
+    stats = [r[metric] or {} for r in records]
+    mean = np.array([s.get("mean", np.nan) if s.get("mean") is not None else np.nan for s in stats], dtype=float)
+    if band == "std":
+        std = np.array([s.get("std") if s.get("std") is not None else np.nan for s in stats], dtype=float)
+        low, high = mean - std, mean + std
+    elif band == "minmax":
+        low = np.array([s.get("min") if s.get("min") is not None else np.nan for s in stats], dtype=float)
+        high = np.array([s.get("max") if s.get("max") is not None else np.nan for s in stats], dtype=float)
+    else:
+        raise LensCompareError(f"band {band!r}: expected 'std' or 'minmax'")
+    return layers, mean, low, high
+
+
+def _transform(metric: str, values: np.ndarray) -> np.ndarray:
+    """What is drawn: ``1 - value`` for cosines; on log axes, values <= 0 (identical models give
+    exactly 0) are left out, and the axis says so."""
+    if metric in ONE_MINUS:
+        values = 1.0 - values
+    if metric in ONE_MINUS or metric in LOG_SCALE:
+        return np.where(values > 0, values, np.nan)
+    return values
+
+
+def _axis_label(metric: str) -> str:
+    return f"1 - {metric} (log)" if metric in ONE_MINUS else f"{metric} (log)" if metric in LOG_SCALE else metric
+
+
+def layer_curves(
+    runs: list[Any],
+    metric: str,
+    *,
+    hooks: tuple[str, ...] = HOOK_KINDS,
+    band: str = "std",
+    noise_floor: Any = None,
+    ax=None,
+):
+    """Per-layer mean of ``metric`` for each run, with its band; ``resid_pre`` dashed,
+    ``resid_post`` solid. ``noise_floor``: a run (``smollm2-dtype``, ``smollm2-nf4``, or a
+    model against itself in another precision) drawn as a grey band from 0 to its mean +
+    one std, so a difference inside it does not clear numerical noise.
+
+    A depth diagnostic (``cosine_prev``, ``norm_delta``) is drawn for the base and the
+    SFT model side by side: two axes, unless ``ax`` is given (then both in it)."""
+    plt = _pyplot()
+    if metric in DEPTH:
+        if ax is not None:
+            for name in DEPTH[metric]:
+                layer_curves(runs, name, hooks=hooks, band=band, ax=ax)
+            return ax.figure
+        figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True, layout="constrained")
+        for axis, name in zip(axes, DEPTH[metric], strict=True):
+            layer_curves(runs, name, hooks=hooks, band=band, ax=axis)
+            axis.set_title(f"{name.split('_')[0]} model")
+        return figure
+    if metric not in METRIC_NAMES:
+        raise LensCompareError(f"metric {metric!r}: expected one of {list(METRIC_NAMES)} or {list(DEPTH)}")
+    figure, ax = (plt.subplots(figsize=(7.5, 4), layout="constrained") if ax is None else (ax.figure, ax))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if noise_floor is not None:
+        layers, mean, low, high = _series(noise_floor, hooks[-1], metric, "std")
+        # The floor's largest departure: mean + std (for a cosine, 1 - (mean - std)).
+        top = _transform(metric, low if metric in ONE_MINUS else high)
+        floor_tops = top
+        bottom = LOG_FLOOR if metric in ONE_MINUS + LOG_SCALE else np.minimum(0.0, np.nanmin(low))
+        ax.fill_between(layers, bottom, top, color="0.55", alpha=0.3, lw=0,
+                        label=f"noise floor: {_label(noise_floor)}, {hooks[-1]} (mean + 1 std)")
+    logarithmic = metric in ONE_MINUS or metric in LOG_SCALE
+    drawn, zeros = ([floor_tops] if noise_floor is not None else []), False
+    for index, run in enumerate(runs):
+        colour = colours[index % len(colours)]
+        for hook in hooks:
+            layers, mean, low, high = _series(run, hook, metric, band)
+            if metric in ONE_MINUS:
+                low, high = high, low  # 1 - x flips the band
+            shown = _transform(metric, mean)
+            zeros |= bool(np.any(np.isfinite(mean) & ~np.isfinite(shown)))
+            drawn.append(shown)
+            ax.plot(layers, shown, HOOK_STYLE[hook], color=colour, lw=1.8, marker=".", ms=4,
+                    label=f"{_label(run)}, {hook}")
+            lower = _transform(metric, low)
+            if logarithmic:  # a band reaching 0 or below runs off the bottom of the log axis
+                lower = np.where(np.isfinite(lower), lower, LOG_FLOOR)
+            ax.fill_between(layers, lower, _transform(metric, high), color=colour,
+                            alpha=0.15 if hook == "resid_post" else 0.08, lw=0)
+    if logarithmic:
+        ax.set_yscale("log")
+        positive = np.concatenate([d[np.isfinite(d)] for d in drawn] or [np.array([1.0])])
+        if positive.size:
+            ax.set_ylim(bottom=positive.min() / 5)
+        if zeros:
+            ax.text(0.01, 0.02, "0 (identical in both models) is not drawn on a log axis", transform=ax.transAxes,
+                    fontsize=7, color="0.35")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(_axis_label(metric))
+    spread = "± 1 std" if band == "std" else "min-max"
+    ax.set_title(f"{metric} by layer (mean over tokens, band {spread})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return figure
+
+
+def position_heatmap(result, metric: str, prompt: int, *, hook: str = "resid_post", ax=None):
+    """``metric`` at every captured layer x position of one prompt, with its tokens on the x axis."""
+    plt = _pyplot()
+    if result.metrics is None:
+        raise LensCompareError("a heatmap needs per-token metrics: load a run saved with --parquet or --csv")
+    if not 0 <= prompt < len(result.tokens.token_ids):
+        raise LensCompareError(f"prompt {prompt}: this run has prompts 0..{len(result.tokens.token_ids) - 1}")
+    length = len(result.tokens.token_ids[prompt])
+    values = result.metrics[hook][metric][:, prompt, :length].numpy()
+    figure, ax = (plt.subplots(figsize=(max(6.0, 0.32 * length + 2), 0.22 * len(result.layers) + 2),
+                               layout="constrained") if ax is None else (ax.figure, ax))
+    shown = 1.0 - values if metric in ONE_MINUS else values
+    image = ax.imshow(shown, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+    figure.colorbar(image, ax=ax, label=_axis_label(metric).removesuffix(" (log)"))
+    # Byte-level BPE marks a leading space with "Ġ" and a newline with "Ċ": shown as ␣ and ↵.
+    tokens = [t.replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵") for t in result.token_strings[prompt][:length]]
+    ax.set_xticks(range(length), tokens, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(result.layers)), [str(layer) for layer in result.layers], fontsize=7)
+    ax.set_xlabel("position (token)")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{_label(result)}: {_axis_label(metric).removesuffix(' (log)')} at {hook}, prompt {prompt}",
+                 fontsize=10)
+    return figure
+
+
+def norm_profile(result, *, hook: str = "resid_post", ax=None):
+    """Both models' mean residual norm by layer (log scale), with a ± 1 std band."""
+    plt = _pyplot()
+    figure, ax = (plt.subplots(figsize=(7.5, 4), layout="constrained") if ax is None else (ax.figure, ax))
+    for name, style in (("base_norm", "-"), ("sft_norm", "--")):
+        # min-max, not ± std: norms are positive and a std band would run off the log axis.
+        layers, mean, low, high = _series(result, hook, name, "minmax")
+        ax.plot(layers, mean, style, lw=1.8, marker=".", ms=4, label=f"{name.split('_')[0]} model")
+        ax.fill_between(layers, low, high, alpha=0.15, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"‖{hook}‖ (log)")
+    ax.set_title(f"{_label(result)}: residual norm by layer (mean, band min-max over tokens)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure
+
+
+STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "heatmap")
+
+
+def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
+    """The figures ``--plots`` writes: name -> Figure."""
+    figures = {
+        "cosine": layer_curves([result], "cosine", noise_floor=noise_floor),
+        "relative_l2": layer_curves([result], "relative_l2", noise_floor=noise_floor),
+        "norms": norm_profile(result),
+        "cosine_prev": layer_curves([result], "cosine_prev"),
+    }
+    if result.metrics is not None:
+        figures["heatmap"] = position_heatmap(result, "relative_l2", prompt=0)
+    return figures
+
+
+def save_standard_figures(result, stem: Path, noise_floor: Any = None) -> list[Path]:
+    """Write the standard figures as ``<stem>.<name>.png`` (atomically); returns the paths."""
+    from lens_compare.outputs import write_atomically
+
+    plt = _pyplot()
+    written = []
+    for name, figure in standard_figures(result, noise_floor).items():
+        path = stem.with_name(f"{stem.name}.{name}.png")
+        written.append(write_atomically(path, lambda tmp, f=figure: f.savefig(tmp, format="png", dpi=110)))
+        plt.close(figure)
+    return written

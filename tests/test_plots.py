@@ -1,0 +1,108 @@
+"""Figures: what they draw, that they compose and never show, and --plots."""
+
+import sys
+
+import numpy as np
+import pytest
+
+import lens_compare
+from lens_compare import plots
+from lens_compare.errors import LensCompareError
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world"]
+
+
+@pytest.fixture(scope="module")
+def runs(perturbed_llama):
+    base, sft, _ = perturbed_llama
+    changed = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS)
+    same = lens_compare.compare(base=str(base), sft=str(base), prompts=PROMPTS, dtype="bfloat16")
+    return changed, same
+
+
+@pytest.fixture(autouse=True)
+def never_show(monkeypatch):
+    monkeypatch.setattr(plt, "show", lambda *a, **k: pytest.fail("a plot function called plt.show()"))
+    yield
+    plt.close("all")
+
+
+def test_layer_curves_log_scale_hook_styles_and_noise_band(runs):
+    changed, same = runs
+    figure = plots.layer_curves([changed], "relative_l2", noise_floor=same)
+    ax = figure.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "layer"
+    styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+    assert styles == {"custom, resid_pre": "--", "custom, resid_post": "-"}
+    post = next(line for line in ax.get_lines() if line.get_label().endswith("resid_post"))
+    expected = changed.summary(hook="resid_post", metric="relative_l2", positions="rest")["mean"].to_numpy()
+    drawn = np.asarray(post.get_ydata(), dtype=float)
+    assert np.allclose(drawn[expected > 0], expected[expected > 0])
+    assert np.isnan(drawn[expected == 0]).all()  # identical layers are not drawn on the log axis
+    assert any("0 (identical" in text.get_text() for text in ax.texts)
+    labels = [c.get_label() for c in ax.collections]
+    assert any(label.startswith("noise floor: custom, resid_post") for label in labels)
+
+
+def test_cosine_is_drawn_as_one_minus_on_a_log_axis_and_linear_metrics_stay_linear(runs):
+    changed, _ = runs
+    ax = plots.layer_curves([changed], "cosine").axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "1 - cosine (log)"
+    post = next(line for line in ax.get_lines() if line.get_label().endswith("resid_post"))
+    cosine = changed.summary(hook="resid_post", metric="cosine", positions="rest")["mean"].to_numpy()
+    finite = cosine < 1
+    assert np.allclose(np.asarray(post.get_ydata(), dtype=float)[finite], 1 - cosine[finite])
+    assert plots.layer_curves([changed], "norm_delta").axes[0].get_yscale() == "linear"
+
+
+def test_depth_diagnostics_side_by_side_and_figures_compose(runs):
+    changed, same = runs
+    figure = plots.layer_curves([changed, same], "cosine_prev")
+    assert [ax.get_title() for ax in figure.axes] == ["base model", "sft model"]
+    composed, axes = plt.subplots(1, 3)
+    assert plots.layer_curves([changed], "relative_l2", ax=axes[0]) is composed
+    assert plots.norm_profile(changed, ax=axes[1]) is composed
+    assert plots.position_heatmap(changed, "cosine", prompt=0, ax=axes[2]) is composed
+
+
+def test_heatmap_shows_the_prompts_tokens_and_values(runs):
+    changed, _ = runs
+    figure = plots.position_heatmap(changed, "relative_l2", prompt=0)
+    ax = figure.axes[0]
+    length = len(changed.tokens.token_ids[0])
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(labels) == length and labels[1] == changed.token_strings[0][1].replace("Ġ", "␣")
+    image = ax.get_images()[0].get_array()
+    expected = changed.metrics["resid_post"]["relative_l2"][:, 0, :length].numpy()
+    assert np.allclose(np.ma.filled(image, np.nan), expected, equal_nan=True)
+    with pytest.raises(LensCompareError, match="prompts 0..1"):
+        plots.position_heatmap(changed, "cosine", prompt=5)
+
+
+def test_norm_profile_has_both_models_on_a_log_axis(runs):
+    changed, _ = runs
+    ax = plots.norm_profile(changed).axes[0]
+    assert ax.get_yscale() == "log"
+    assert [line.get_label() for line in ax.get_lines()] == ["base model", "sft model"]
+
+
+def test_cli_plots_writes_the_standard_figures(perturbed_llama, tmp_path, capsys):
+    from lens_compare.run import main
+
+    base, sft, _ = perturbed_llama
+    assert main(["--base", str(base), "--sft", str(sft), "--prompt", PROMPTS[0], "--plots", "--out",
+                 str(tmp_path), "-q"]) == 0
+    written = [line for line in capsys.readouterr().out.split() if line.endswith(".png")]
+    assert sorted(p.rsplit(".", 2)[1] for p in written) == sorted(plots.STANDARD)
+    for path in written:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_matplotlib_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(LensCompareError, match=r"plots need matplotlib: pip install 'lens_compare\[plots\]'"):
+        plots.require_matplotlib()
