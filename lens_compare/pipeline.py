@@ -12,7 +12,6 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -82,7 +81,7 @@ def start_run(
         # auto picked stream: its shards hold two states per model; plan that run.
         layout = shard_layout(run, streamed=True)
         facts.update(strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
-        execution = replace(decide(facts), strategy="stream")
+        execution = decide(facts)
     return run, layout, execution
 
 

@@ -44,6 +44,8 @@ class ComparisonResult:
     residuals: tuple[ResidualStates, ResidualStates] | None = field(default=None, repr=False)
     # positions -> hook -> per-layer records, for a saved run without its token table.
     stored_records: dict[str, dict[str, list[dict[str, Any]]]] | None = field(default=None, repr=False)
+    # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
+    _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
     def __repr__(self) -> str:
         """A few lines: what was compared, how, and the headline drift (never the tensors)."""
@@ -75,7 +77,9 @@ class ComparisonResult:
                     "(--parquet or --csv) is needed for other positions"
                 )
             return self.stored_records[positions]
-        return layer_records(self.metrics, self.layers, token_mask(self.real_tokens, positions))
+        if positions not in self._records:
+            self._records[positions] = layer_records(self.metrics, self.layers, token_mask(self.real_tokens, positions))
+        return self._records[positions]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see the README for its schema)."""

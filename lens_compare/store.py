@@ -50,8 +50,9 @@ class MemoryStore:
         self._metrics: dict[int, StateMetrics] = {}
         self._states: dict[tuple[str, int], ResidualStates] = {}
         self._facts: dict[str, dict[str, Any]] = {}
-        self._layer_states = {}
-        self._layer_metrics = {}
+        # One state at a time (the streamed engine).
+        self._layer_states: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._layer_metrics: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def finished(self, shard: int) -> bool:
         return shard in self._metrics
@@ -89,10 +90,6 @@ class MemoryStore:
     def drop_all_states(self) -> None:
         self._states.clear()
         self._layer_states.clear()
-
-    # One state at a time (the streamed engine).
-    _layer_states: dict[tuple[str, int, int], torch.Tensor]
-    _layer_metrics: dict[tuple[int, int], dict[str, torch.Tensor]]
 
     def put_state(self, role: str, shard: int, state: int, values: torch.Tensor) -> None:
         self._layer_states[(role, shard, state)] = values

@@ -41,7 +41,7 @@ def verdict(result, rows: int = ROWS) -> str:
         lines[-len(picks):] = [line.removesuffix("  <- largest drift") for line in lines[-len(picks):]]
         lines.append("no drift: resid_post is identical in both models at every captured layer")
         return "\n".join(lines)
-    lines.append(_worst_token(result, worst, positions))
+    lines.append(_worst_token(result, records[worst], positions))
     return "\n".join(lines)
 
 
@@ -49,14 +49,14 @@ def _number(value) -> str:
     return "null" if value is None else f"{value:.6f}"
 
 
-def _worst_token(result, layer: int, positions: str) -> str:
+def _worst_token(result, record: dict, positions: str) -> str:
+    layer = record["layer"]
     row = list(result.layers).index(layer)
     values = result.metrics["resid_post"]["relative_l2"][row]
     mask = token_mask(result.real_tokens, positions) & ~torch.isnan(values)
     masked = torch.where(mask, values, -torch.inf)
     flat = int(torch.argmax(masked))
     prompt, position = divmod(flat, values.shape[1])
-    record = result.layer_records(positions)["resid_post"][row]
     token = result.token_strings[prompt][position]
     return (f"largest drift: layer {layer} (relative_l2 {record['relative_l2']['mean']:.4f}, cosine "
             f"{record['cosine']['mean']:.4f}); most-moved token {token!r} (prompt {prompt}, position {position}): "
