@@ -139,9 +139,9 @@ def layer_curves(
                             alpha=0.15 if hook == "resid_post" else 0.08, lw=0)
     if logarithmic:
         ax.set_yscale("log")
-        positive = np.concatenate([d[np.isfinite(d)] for d in drawn] or [np.array([1.0])])
-        if positive.size:
-            ax.set_ylim(bottom=positive.min() / 5)
+        positive = np.concatenate([d[np.isfinite(d)] for d in drawn] or [np.array([])])
+        # Identical models draw nothing at all here: still a valid (empty) log axis.
+        ax.set_ylim(*((positive.min() / 5, None) if positive.size else (LOG_FLOOR, 1.0)))
         if zeros:
             ax.text(0.01, 0.02, "0 (identical in both models) is not drawn on a log axis", transform=ax.transAxes,
                     fontsize=7, color="0.35")

@@ -106,3 +106,12 @@ def test_missing_matplotlib_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(LensCompareError, match=r"plots need matplotlib: pip install 'lens_compare\[plots\]'"):
         plots.require_matplotlib()
+
+
+def test_identical_models_draw_empty_log_axes_without_error(runs, tmp_path):
+    """The sanity pair: every relative_l2 and 1 - cosine is exactly 0, nothing positive to draw."""
+    _, same = runs
+    for name, figure in plots.standard_figures(same).items():
+        figure.savefig(tmp_path / f"{name}.png")
+    ax = plots.layer_curves([same], "relative_l2").axes[0]
+    assert ax.get_yscale() == "log" and any("0 (identical" in t.get_text() for t in ax.texts)
