@@ -142,9 +142,15 @@ def layer_curves(
         positive = np.concatenate([d[np.isfinite(d)] for d in drawn] or [np.array([])])
         # Identical models draw nothing at all here: still a valid (empty) log axis.
         ax.set_ylim(*((positive.min() / 5, None) if positive.size else (LOG_FLOOR, 1.0)))
-        if zeros:
+        if zeros and not positive.size:
+            ax.text(0.5, 0.5, f"{_axis_label(metric).removesuffix(' (log)')} is 0 at every layer:\nthe two models' "
+                    "residuals are identical", transform=ax.transAxes, ha="center", va="center", fontsize=10,
+                    color="0.3")
+        elif zeros:
             ax.text(0.01, 0.02, "0 (identical in both models) is not drawn on a log axis", transform=ax.transAxes,
                     fontsize=7, color="0.35")
+    all_layers = [layer for run in runs for layer in run.layers]
+    ax.set_xlim(min(all_layers) - 0.5, max(all_layers) + 0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel(_axis_label(metric))
     spread = "± 1 std" if band == "std" else "min-max"

@@ -114,4 +114,5 @@ def test_identical_models_draw_empty_log_axes_without_error(runs, tmp_path):
     for name, figure in plots.standard_figures(same).items():
         figure.savefig(tmp_path / f"{name}.png")
     ax = plots.layer_curves([same], "relative_l2").axes[0]
-    assert ax.get_yscale() == "log" and any("0 (identical" in t.get_text() for t in ax.texts)
+    assert ax.get_yscale() == "log" and any("residuals are identical" in t.get_text() for t in ax.texts)
+    assert ax.get_xlim() == (min(same.layers) - 0.5, max(same.layers) + 0.5)
