@@ -100,9 +100,11 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
     if plan.strategy is None:
         # The whole plan is in the log just above; the error says what decided it.
         if requested:
-            reason = plan.strategies[requested].reason or "it does not fit"
-            raise HardwareError(f"refusing to load: the {requested!r} strategy does not fit on {plan.machine.label}: "
-                                f"{reason}{_alternatives(plan)}")
+            result = plan.strategies[requested]
+            # An unavailable strategy (layout "n/a": a GGUF cannot stream) is not a memory verdict.
+            verdict = "cannot run this pair" if result.layout == "n/a" else "does not fit"
+            raise HardwareError(f"refusing to load: the {requested!r} strategy {verdict} on {plan.machine.label}: "
+                                f"{result.reason or 'it does not fit'}{_alternatives(plan)}")
         reasons = "; ".join(f"{name}: {r.reason}" for name, r in plan.strategies.items() if name != "nf4")
         nf4 = " (nf4 would fit: --strategy nf4, read against the NF4 noise floor)" if plan.strategies["nf4"].fits else ""
         raise HardwareError(f"refusing to load: nothing fits on {plan.machine.label}{nf4}; {reasons}")

@@ -498,3 +498,14 @@ def test_hub_id_streams_from_the_local_cache_and_downloads_nothing(weights, tiny
         assert done.returncode == 1
         assert "has no model.safetensors or index; streaming downloads nothing: fetch the weights first " \
                "(`hf download tiny-org/tiny-llama`)" in done.stderr
+
+
+def test_forcing_stream_on_a_gguf_pair_says_it_cannot_run_and_what_can(smollm2_gguf, capsys, tmp_path):
+    from lens_compare.run import main
+
+    assert main(["--pair", "smollm2-sanity", "--prompt", "hi", "--strategy", "stream", "--out", str(tmp_path / "o"),
+                 "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "the 'stream' strategy cannot run this pair on CPU" in err
+    assert "python -m lens_compare.convert" in err and "what fits instead: resident, sequential" in err
+    assert not (tmp_path / "o").exists()
