@@ -1,5 +1,5 @@
 # Two commands do all the set-up and work on a fresh machine:
-#   make demo   - the main job on the offline demo pair (SmolLM2 sanity pair)
+#   make demo   - the main job on the offline demo pair (smollm2-ft: SmolLM2 vs its fine-tune), with plots
 #   make test   - the whole test suite
 # torch is installed first, pinned, so a CPU machine never pulls a multi-GB CUDA
 # build; override TORCH_SPEC on a GPU machine (e.g. TORCH_SPEC='torch==2.13.0').
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	DEV_MODE=true HF_HUB_OFFLINE=1 $(BIN)/python -m lens_compare.run
+	DEV_MODE=true HF_HUB_OFFLINE=1 $(BIN)/python -m lens_compare.run --plots
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

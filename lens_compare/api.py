@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from lens_compare.config import RunConfig
 from lens_compare.pipeline import run_comparison
 from lens_compare.preflight import memory_preflight
+from lens_compare.progress import quiet_library_bars
 from lens_compare.result import ComparisonResult
 
 
@@ -42,6 +43,7 @@ def compare(
     one GPU cannot hold a model). Everything stays in memory: for hours-long prompt
     sets use the CLI, whose run folder resumes after an interruption.
     """
+    quiet_library_bars()
     if gpus and device == "cpu":
         device = "cuda"  # naming GPUs asks for them
     config = RunConfig.from_dict({

@@ -49,8 +49,11 @@ class TensorHeader:
 def checkpoint_directory(ref) -> Path:
     """The local directory holding ``ref``'s safetensors files (a hub id: its cached snapshot).
 
-    Nothing is downloaded: streaming reads what is on disk.
+    Nothing is downloaded: streaming reads what is on disk (a ``demo:`` checkpoint is built).
     """
+    from lens_compare.loading import weights_ref
+
+    ref = weights_ref(ref)
     if ref.kind == "gguf":
         raise CheckpointError(
             f"model {ref.spec!r} is a GGUF file, which cannot stream; " + CONVERT_HINT.format(spec=ref.spec)

@@ -14,6 +14,8 @@ from files and settings, never from loaded weights:
   every larger tensor (a fine-tune or a merged LoRA changes the whole matrix). Other
   large files are hashed by ``SAMPLES`` evenly spaced blocks. A 140 GB checkpoint
   costs a few tens of MB of reads.
+- a ``demo:`` checkpoint: its cache key (the recipe, its code version and the source
+  model's fingerprint), the same before and after it is built;
 - a hub id: the commit its config was read from (the snapshot folder of the
   local hub cache), which pins the exact weights transformers will download.
 """
@@ -97,7 +99,9 @@ def _hub_revision(repo_id: str) -> str | None:
 def checkpoint_fingerprint(ref: ModelRef) -> str:
     """16 hex digits that change whenever ``ref``'s weights do (see the module docstring)."""
     digest = hashlib.sha256()
-    if ref.kind == "hub":
+    if ref.kind == "demo":
+        digest.update(f"demo:{Path(ref.location).name}".encode())
+    elif ref.kind == "hub":
         revision = _hub_revision(ref.location)
         digest.update(f"hub:{ref.location}@{revision or 'uncached'}".encode())
     else:

@@ -5,7 +5,11 @@ A reference is one of
 - a local ``save_pretrained`` directory (must hold ``config.json``);
 - a local ``.gguf`` file, loaded through transformers' ``gguf_file=`` and dequantized;
 - ``pkg:PACKAGE/FILE``: a file shipped inside an installed Python package (the
-  offline demo weights), found without importing the package.
+  offline demo weights), found without importing the package;
+- ``demo:NAME``: a checkpoint lens_compare builds itself on first use and caches
+  (``lens_compare.demo_ft``: the ``smollm2-ft`` pair's fine-tuned side). Until it is
+  built, its config and tokenizer are read from the recipe's source model (the
+  fine-tune changes neither); its weights are built when a run first needs them.
 
 The bridge is booted from an HF model loaded here (``hf_model=``) with eager
 attention, in the requested dtype, with no LayerNorm folding or weight centring:
@@ -27,6 +31,7 @@ import torch
 
 from lens_compare.errors import ModelLoadError
 from lens_compare.load_options import LoadOptions
+from lens_compare.progress import gguf_bar_quiet_in_notebook
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class ModelRef:
     """Where a model's files are: ``location`` is a hub id or a local directory."""
 
     spec: str
-    kind: Literal["hub", "dir", "gguf"]
+    kind: Literal["hub", "dir", "gguf", "demo"]
     location: str
     gguf_file: str | None = None
 
@@ -89,6 +94,10 @@ def resolve_ref(spec: str) -> ModelRef:
     """Classify a reference and check local files exist, without loading anything."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError(f"model reference {spec!r} is empty; give a hub id, a directory or a .gguf file")
+    if spec.startswith("demo:"):
+        from lens_compare.demo_ft import checkpoint_path, recipe_for
+
+        return ModelRef(spec, "demo", str(checkpoint_path(recipe_for(spec))))
     path = _package_file(spec) if spec.startswith("pkg:") else Path(spec).expanduser()
     if spec.startswith("pkg:") or spec.endswith(".gguf"):
         if not path.is_file():
@@ -110,6 +119,27 @@ def resolve_ref(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
+def files_ref(ref: ModelRef) -> ModelRef:
+    """Where ``ref``'s config and tokenizer are read: a demo checkpoint's own files once built,
+    its recipe's source model before."""
+    if ref.kind != "demo":
+        return ref
+    if Path(ref.location).is_dir():
+        return ModelRef(ref.spec, "dir", ref.location)
+    from lens_compare.demo_ft import recipe_for
+
+    return resolve_ref(recipe_for(ref.spec).source)
+
+
+def weights_ref(ref: ModelRef) -> ModelRef:
+    """``ref`` with its weights on disk: a demo checkpoint is built here on first use."""
+    if ref.kind != "demo":
+        return ref
+    from lens_compare.demo_ft import demo_checkpoint, recipe_for
+
+    return ModelRef(ref.spec, "dir", str(demo_checkpoint(recipe_for(ref.spec))))
+
+
 def _load_failure(ref: ModelRef, what: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"cannot load the {what} of {ref.spec!r}: {type(error).__name__}: "
@@ -124,6 +154,7 @@ def _load_failure(ref: ModelRef, what: str, error: Exception) -> ModelLoadError:
 def load_config(ref: ModelRef):
     from transformers import AutoConfig
 
+    ref = files_ref(ref)
     try:
         return AutoConfig.from_pretrained(ref.location, **ref.file_kwargs)
     except (OSError, ValueError, KeyError) as error:
@@ -134,7 +165,7 @@ def load_tokenizer(ref: ModelRef, name: str | None = None, **kwargs: Any):
     """The tokenizer of ``ref`` (or of ``name``, a local_run override)."""
     from transformers import AutoTokenizer
 
-    source = resolve_ref(name) if name else ref
+    source = resolve_ref(name) if name else files_ref(ref)
     try:
         return AutoTokenizer.from_pretrained(source.location, **source.file_kwargs, **kwargs)
     except (OSError, ValueError, KeyError) as error:
@@ -155,6 +186,7 @@ def load_hf_model(ref: ModelRef, config, options: LoadOptions):
     placed and quantized as ``options`` says."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
+    ref = weights_ref(ref)
     kwargs: dict[str, Any] = {
         "config": config,
         "dtype": DTYPES[options.dtype],
@@ -174,12 +206,13 @@ def load_hf_model(ref: ModelRef, config, options: LoadOptions):
         kwargs["device_map"] = {"": options.device}
     kwargs.update(options.model_kwargs)
     try:
-        if options.quantization is not None:
-            from lens_compare.quantization import load_quantized
+        with gguf_bar_quiet_in_notebook():
+            if options.quantization is not None:
+                from lens_compare.quantization import load_quantized
 
-            model = load_quantized(ref, kwargs, options)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
+                model = load_quantized(ref, kwargs, options)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise _load_failure(ref, "weights", error) from error
     return model.eval()

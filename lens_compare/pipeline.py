@@ -26,6 +26,7 @@ from lens_compare.execution import Execution, default_execution
 from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.hooks import states_for_layers
+from lens_compare.loading import weights_ref
 from lens_compare.per_token import hook_metrics
 from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
 from lens_compare.result import ComparisonResult
@@ -82,6 +83,8 @@ def start_run(
         layout = shard_layout(run, streamed=True)
         facts.update(strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
         execution = decide(facts)
+    for side in run.sides:  # every check has passed: a demo checkpoint is built now, on first use
+        weights_ref(side.ref)
     return run, layout, execution
 
 

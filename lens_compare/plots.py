@@ -1,7 +1,9 @@
 """Figures of a comparison (optional extra ``plots``: matplotlib).
 
 Every function returns a ``matplotlib.figure.Figure``, draws into ``ax`` when one is given
-(so figures compose), and never calls ``plt.show()``.
+(so figures compose), and never calls ``plt.show()``. The figures it creates are not
+registered with pyplot: a notebook shows each once (as the cell's value), and nothing
+accumulates in pyplot's figure list; save one with ``figure.savefig(...)``.
 
 >>> from lens_compare import plots
 >>> plots.layer_curves([result], "relative_l2", noise_floor=floor_result)   # doctest: +SKIP
@@ -21,6 +23,7 @@ import numpy as np
 from lens_compare.errors import LensCompareError
 from lens_compare.hooks import HOOK_KINDS
 from lens_compare.metrics import METRIC_NAMES
+from lens_compare.progress import in_notebook
 
 # Metrics drawn as 1 - value on a log axis, and metrics drawn on a log axis as they are.
 ONE_MINUS = ("cosine", "base_cosine_prev", "sft_cosine_prev")
@@ -34,15 +37,39 @@ LOG_FLOOR = 1e-9
 
 def require_matplotlib() -> None:
     """Fail before any model loads when the plots extra is missing."""
-    _pyplot()
+    _matplotlib()
 
 
-def _pyplot():
+def _matplotlib():
     try:
-        import matplotlib.pyplot as plt
+        import matplotlib
+        import matplotlib.figure
     except ImportError:
         raise LensCompareError("plots need matplotlib: pip install 'lens_compare[plots]'") from None
-    return plt
+    if in_notebook():
+        _show_figures_inline()
+    return matplotlib
+
+
+def _show_figures_inline() -> None:
+    """Let Jupyter show a returned Figure as a PNG. The inline backend registers this only
+    once pyplot has drawn something, and our figures never go through pyplot; a formatter
+    already registered (by the backend, or the user) is left alone."""
+    from IPython import get_ipython
+    from IPython.core.pylabtools import print_figure
+    from matplotlib.figure import Figure
+
+    formatter = get_ipython().display_formatter.formatters["image/png"]
+    try:
+        formatter.lookup_by_type(Figure)
+    except KeyError:
+        formatter.for_type(Figure, lambda figure: print_figure(figure, "png", bbox_inches="tight"))
+
+
+def _subplots(figsize: tuple[float, float], ncols: int = 1, **kwargs):
+    """A new Figure outside pyplot and its axes."""
+    figure = _matplotlib().figure.Figure(figsize=figsize, layout="constrained")
+    return figure, figure.subplots(1, ncols, **kwargs)
 
 
 def _label(result) -> str:
@@ -96,21 +123,20 @@ def layer_curves(
 
     A depth diagnostic (``cosine_prev``, ``norm_delta``) is drawn for the base and the
     SFT model side by side: two axes, unless ``ax`` is given (then both in it)."""
-    plt = _pyplot()
     if metric in DEPTH:
         if ax is not None:
             for name in DEPTH[metric]:
                 layer_curves(runs, name, hooks=hooks, band=band, ax=ax)
             return ax.figure
-        figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True, layout="constrained")
+        figure, axes = _subplots((11.0, 3.8), 2, sharey=True)
         for axis, name in zip(axes, DEPTH[metric], strict=True):
             layer_curves(runs, name, hooks=hooks, band=band, ax=axis)
             axis.set_title(f"{name.split('_')[0]} model")
         return figure
     if metric not in METRIC_NAMES:
         raise LensCompareError(f"metric {metric!r}: expected one of {list(METRIC_NAMES)} or {list(DEPTH)}")
-    figure, ax = (plt.subplots(figsize=(7.5, 4), layout="constrained") if ax is None else (ax.figure, ax))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, ax = (_subplots((7.5, 4.0)) if ax is None else (ax.figure, ax))
+    colours = _matplotlib().rcParams["axes.prop_cycle"].by_key()["color"]
     if noise_floor is not None:
         layers, mean, low, high = _series(noise_floor, hooks[-1], metric, "std")
         # The floor's largest departure: mean + std (for a cosine, 1 - (mean - std)).
@@ -162,18 +188,28 @@ def layer_curves(
 
 def position_heatmap(result, metric: str, prompt: int, *, hook: str = "resid_post", ax=None):
     """``metric`` at every captured layer x position of one prompt, with its tokens on the x axis."""
-    plt = _pyplot()
     if result.metrics is None:
         raise LensCompareError("a heatmap needs per-token metrics: load a run saved with --parquet or --csv")
     if not 0 <= prompt < len(result.tokens.token_ids):
         raise LensCompareError(f"prompt {prompt}: this run has prompts 0..{len(result.tokens.token_ids) - 1}")
     length = len(result.tokens.token_ids[prompt])
     values = result.metrics[hook][metric][:, prompt, :length].numpy()
-    figure, ax = (plt.subplots(figsize=(max(6.0, 0.32 * length + 2), 0.22 * len(result.layers) + 2),
-                               layout="constrained") if ax is None else (ax.figure, ax))
+    figure, ax = (_subplots((max(6.0, 0.32 * length + 2), 0.22 * len(result.layers) + 2)) if ax is None else (ax.figure, ax))
     shown = 1.0 - values if metric in ONE_MINUS else values
-    image = ax.imshow(shown, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
-    figure.colorbar(image, ax=ax, label=_axis_label(metric).removesuffix(" (log)"))
+    # A log colour scale where the line plots use a log axis: one outlying token (an attention
+    # sink, say) would otherwise flatten every other cell into one colour. Exact zeros
+    # (identical in both models) cannot be drawn on it and are grey.
+    cmap = _matplotlib().colormaps["viridis"].copy()
+    cmap.set_bad("lightgrey")
+    norm, label = None, _axis_label(metric).removesuffix(" (log)")
+    positive = shown[np.isfinite(shown) & (shown > 0)]
+    if (metric in ONE_MINUS or metric in LOG_SCALE) and positive.size:
+        from matplotlib.colors import LogNorm
+
+        norm = LogNorm(vmin=max(float(positive.min()), LOG_FLOOR), vmax=float(positive.max()))
+        label += " (log" + ("; grey: 0, identical)" if (shown == 0).any() else ")")
+    image = ax.imshow(shown, aspect="auto", origin="lower", cmap=cmap, norm=norm, interpolation="nearest")
+    figure.colorbar(image, ax=ax, label=label)
     # Byte-level BPE marks a leading space with "Ġ" and a newline with "Ċ": shown as ␣ and ↵.
     tokens = [t.replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵") for t in result.token_strings[prompt][:length]]
     ax.set_xticks(range(length), tokens, rotation=90, fontsize=7)
@@ -187,8 +223,7 @@ def position_heatmap(result, metric: str, prompt: int, *, hook: str = "resid_pos
 
 def norm_profile(result, *, hook: str = "resid_post", ax=None):
     """Both models' mean residual norm by layer (log scale), with a ± 1 std band."""
-    plt = _pyplot()
-    figure, ax = (plt.subplots(figsize=(7.5, 4), layout="constrained") if ax is None else (ax.figure, ax))
+    figure, ax = (_subplots((7.5, 4.0)) if ax is None else (ax.figure, ax))
     for name, style in (("base_norm", "-"), ("sft_norm", "--")):
         # min-max, not ± std: norms are positive and a std band would run off the log axis.
         layers, mean, low, high = _series(result, hook, name, "minmax")
@@ -201,6 +236,39 @@ def norm_profile(result, *, hook: str = "resid_post", ax=None):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return figure
+
+
+def training_curve(report: dict[str, Any], *, window: int = 5, ax=None):
+    """A demo fine-tune's loss on answer tokens by step (``lens_compare.demo_ft``'s report), with
+    its running mean over ``window`` steps; the title gives held-out exact-match accuracy."""
+    figure, ax = (_subplots((7.5, 4.0)) if ax is None else (ax.figure, ax))
+    losses = np.asarray(report["losses"], dtype=float)
+    steps = np.arange(len(losses))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, marker=".", ms=3, label="batch loss")
+    if len(losses) >= window:
+        running = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], running, lw=2, label=f"mean of last {window} steps")
+    ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("cross-entropy on answer tokens (nats, log)")
+    before, after = report["before"]["exact_overall"], report["after"]["exact_overall"]
+    recipe = report["recipe"]
+    ax.set_title(f"{recipe['name']}: SFT loss, {recipe['batch_size']} examples/step; held-out exact match "
+                 f"{before:.0%} -> {after:.0%}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return figure
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Write ``figure`` as a PNG at ``path`` (atomically)."""
+    from lens_compare.outputs import write_atomically
+
+    return write_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
 STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "heatmap")
@@ -221,12 +289,5 @@ def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
 
 def save_standard_figures(result, stem: Path, noise_floor: Any = None) -> list[Path]:
     """Write the standard figures as ``<stem>.<name>.png`` (atomically); returns the paths."""
-    from lens_compare.outputs import write_atomically
-
-    plt = _pyplot()
-    written = []
-    for name, figure in standard_figures(result, noise_floor).items():
-        path = stem.with_name(f"{stem.name}.{name}.png")
-        written.append(write_atomically(path, lambda tmp, f=figure: f.savefig(tmp, format="png", dpi=110)))
-        plt.close(figure)
-    return written
+    return [save_figure(figure, stem.with_name(f"{stem.name}.{name}.png"))
+            for name, figure in standard_figures(result, noise_floor).items()]

@@ -2,10 +2,12 @@
 
 In a terminal: tqdm's text bar. In Jupyter with ipywidgets installed: a widget. In
 Jupyter without ipywidgets: nothing, rather than tqdm.auto's text fallback (a wall of
-bars) and its "IProgress not found" warning; transformers' and huggingface_hub's own
-bars are silenced there too.
+bars) and its "IProgress not found" warning. In Jupyter, transformers' and
+huggingface_hub's own bars (one per weight load and GGUF conversion) are silenced
+either way (``quiet_library_bars``): a cell shows lens_compare's own bar, one per run.
 """
 
+import contextlib
 import functools
 import importlib.util
 
@@ -29,13 +31,20 @@ def widgets_available() -> bool:
 def progress_bar(**kwargs):
     """A tqdm bar (same arguments) for where it will be seen (see the module docstring)."""
     if in_notebook():
+        _quiet_library_bars()
         if widgets_available():
             from tqdm.notebook import tqdm as widget_tqdm
 
             return widget_tqdm(**kwargs)
-        _quiet_library_bars()
         return text_tqdm(disable=True, **kwargs)
     return text_tqdm(**kwargs)
+
+
+def quiet_library_bars() -> None:
+    """In Jupyter, switch off transformers' and huggingface_hub's progress bars (call it before
+    loading weights); elsewhere, nothing."""
+    if in_notebook():
+        _quiet_library_bars()
 
 
 @functools.cache
@@ -45,3 +54,25 @@ def _quiet_library_bars() -> None:
 
     disable_progress_bar()
     disable_progress_bars()
+
+
+@contextlib.contextmanager
+def gguf_bar_quiet_in_notebook():
+    """transformers' GGUF conversion draws a ``tqdm.auto`` bar of its own, which its
+    ``disable_progress_bar()`` does not reach; in Jupyter, silence that one bar while a GGUF
+    loads (the module's ``tqdm`` name is swapped for a disabled one, then restored)."""
+    module = None
+    if in_notebook():
+        try:
+            import transformers.modeling_gguf_pytorch_utils as module
+        except ImportError:
+            module = None
+    original = getattr(module, "tqdm", None)
+    if original is None:
+        yield
+        return
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original

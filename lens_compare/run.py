@@ -18,6 +18,7 @@ from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.engines import Job
 from lens_compare.errors import LensCompareError
 from lens_compare.fingerprint import document_fingerprint
+from lens_compare.saved import load_run
 from lens_compare.loading import DTYPES
 from lens_compare.outputs import check_export_formats, check_output_dir, write_frame, write_json
 from lens_compare.pairs import builtin_pairs
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--csv", action="store_true", help="also write the token and summary tables as csv")
     p.add_argument("--plots", action="store_true",
                    help="also write the standard figures as PNG beside the JSON (needs the plots extra)")
+    p.add_argument("--noise-floor-run", metavar="RUN_JSON",
+                   help="a saved run (e.g. of smollm2-dtype) to read the drift against: a column of the "
+                        "verdict and a band in the --plots figures")
     p.add_argument("--out", help="output directory")
     p.add_argument("--list-pairs", action="store_true", help="print the registered pairs and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             from lens_compare.plots import require_matplotlib
 
             require_matplotlib()
+        floor = load_run(args.noise_floor_run) if args.noise_floor_run else None
         run, layout, execution = start_run(config, preflight=memory_preflight, held_in_memory=False)
         keep = config.save_residuals
         job = make_job(run, layout, execution, keep_states=keep)
@@ -191,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots:
             from lens_compare.plots import save_standard_figures
 
-            for path in save_standard_figures(result, stem):
+            for path in save_standard_figures(result, stem, noise_floor=floor):
                 print(path)
         if not keep:
             folder.drop_all_states()
-        logger.info("verdict:\n%s", verdict(result))
+        logger.info("verdict:\n%s", verdict(result, noise_floor=floor))
         logger.info(summary_line(run, execution, job, seconds))
         return 0
     except LensCompareError as error:

@@ -36,8 +36,11 @@ def load_run(path: str | Path) -> ComparisonResult:
         path = path.with_suffix(".json")
     if not path.is_file():
         raise LensCompareError(f"no run at {str(path)!r}: give the .json a run wrote")
-    document = json.loads(path.read_text())
-    version = document.get("schema_version")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LensCompareError(f"{str(path)!r} is not a lens_compare run (not JSON: {error})") from None
+    version = document.get("schema_version") if isinstance(document, dict) else None
     if version != SCHEMA_VERSION:
         raise LensCompareError(f"{str(path)!r} has schema_version {version!r}; this lens_compare reads {SCHEMA_VERSION}")
     provenance = document["provenance"]

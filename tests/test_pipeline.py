@@ -144,3 +144,25 @@ def test_verdict_names_the_layer_and_token_of_largest_drift(perturbed_llama):
         assert any(line.split()[0] == str(layer) for line in text.splitlines()[2:-1])
     same = lens_compare.compare(base=str(base), sft=str(base), prompts=["hello world"])
     assert verdict(same).endswith("no drift: resid_post is identical in both models at every captured layer")
+
+
+def test_verdict_reads_the_drift_against_a_noise_floor_run(perturbed_llama):
+    import lens_compare
+    from lens_compare.verdict import verdict
+
+    base, sft, block = perturbed_llama
+    prompts = ["the quick brown fox jumps", "hello world"]
+    result = lens_compare.compare(base=str(base), sft=str(sft), prompts=prompts)
+    same = lens_compare.compare(base=str(base), sft=str(base), prompts=prompts)
+    lines = verdict(result, noise_floor=result).splitlines()
+    assert lines[0].endswith("noise floor: custom:")
+    assert lines[1].split() == ["layer", "cosine", "relative_l2", "floor", "rel_l2", "x", "floor"]
+    rows = [line.split() for line in lines[2:-1]]
+    for row in rows:
+        layer = int(row[0])
+        if layer >= block:  # the floor is the run itself: ratio 1 wherever there is drift
+            assert row[3] == row[2] and row[4] == "1.0"
+        else:  # identical before the perturbed block: no ratio to a floor of 0
+            assert float(row[2]) == 0.0 and row[4] == "-"
+    floored = verdict(result, noise_floor=same).splitlines()
+    assert all(line.split()[4] == "-" for line in floored[2:-1])

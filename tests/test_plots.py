@@ -103,7 +103,8 @@ def test_cli_plots_writes_the_standard_figures(perturbed_llama, tmp_path, capsys
 
 
 def test_missing_matplotlib_is_one_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(LensCompareError, match=r"plots need matplotlib: pip install 'lens_compare\[plots\]'"):
         plots.require_matplotlib()
 
@@ -116,3 +117,19 @@ def test_identical_models_draw_empty_log_axes_without_error(runs, tmp_path):
     ax = plots.layer_curves([same], "relative_l2").axes[0]
     assert ax.get_yscale() == "log" and any("residuals are identical" in t.get_text() for t in ax.texts)
     assert ax.get_xlim() == (min(same.layers) - 0.5, max(same.layers) + 0.5)
+
+
+def test_heatmap_of_a_log_metric_uses_a_log_colour_scale_and_marks_zeros(runs):
+    from matplotlib.colors import LogNorm
+
+    changed, _ = runs
+    figure = plots.position_heatmap(changed, "relative_l2", prompt=0)
+    image = figure.axes[0].get_images()[0]
+    values = changed.metrics["resid_post"]["relative_l2"][:, 0, : len(changed.tokens.token_ids[0])].numpy()
+    assert isinstance(image.norm, LogNorm)
+    assert image.norm.vmin == pytest.approx(values[values > 0].min()) and image.norm.vmax == pytest.approx(values.max())
+    assert (values == 0).any() and "grey: 0, identical" in figure.axes[1].get_ylabel()
+    cosine = plots.position_heatmap(changed, "cosine", prompt=0).axes[0].get_images()[0]
+    assert isinstance(cosine.norm, LogNorm)
+    linear = plots.position_heatmap(changed, "base_norm", prompt=0).axes[0].get_images()[0]
+    assert not isinstance(linear.norm, LogNorm)

@@ -67,6 +67,12 @@ def _gguf_path(ref: str) -> Path:
 
 def resolve_source(ref: str) -> ModelSource:
     """The config of one model reference, without loading weights."""
+    if ref.startswith("demo:"):
+        # Built by lens_compare from its recipe's source, with the source's config, as float32 safetensors.
+        from lens_compare.demo_ft import recipe_for
+
+        source = resolve_source(recipe_for(ref).source)
+        return ModelSource(ref, source.config, checkpoint_of({"dtype": "float32"}))
     if ref.startswith("pkg:") or ref.endswith(".gguf"):
         path = _gguf_path(ref)
         if not path.is_file():
