@@ -225,7 +225,8 @@ def test_a_run_builds_the_checkpoint_after_every_check_and_zero_steps_is_the_bas
 
 
 def test_format_report_handles_no_steps():
-    report = {"recipe": {"name": "x", "source": "s", "steps": 0, "batch_size": 1, "learning_rate": 1e-5, "seed": 0},
+    report = {"recipe": {"name": "x", "source": "s", "steps": 0, "batch_size": 1, "learning_rate": 1e-5, "seed": 0,
+                         "max_new_tokens": 4},
               "trained_parameters": 1, "seconds": {"train": 0.0}, "torch_threads": 1, "losses": [],
               "heldout_examples": 1,
               "before": {"exact": {"addition": 0.0}, "contains": {"addition": 1.0}, "exact_overall": 0.0,
@@ -233,7 +234,7 @@ def test_format_report_handles_no_steps():
               "after": {"exact": {"addition": 1.0}, "contains": {"addition": 1.0}, "exact_overall": 1.0,
                         "contains_overall": 1.0}}
     text = demo_ft.format_report(report)
-    assert "no training step" in text and "addition        0% -> 100%" in text
+    assert "no training step" in text and "  addition       0% -> 100%       100% -> 100%" in text
 
 
 # ---------------------------------------------------------------------------- the real fine-tune

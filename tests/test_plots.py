@@ -133,3 +133,30 @@ def test_heatmap_of_a_log_metric_uses_a_log_colour_scale_and_marks_zeros(runs):
     assert isinstance(cosine.norm, LogNorm)
     linear = plots.position_heatmap(changed, "base_norm", prompt=0).axes[0].get_images()[0]
     assert not isinstance(linear.norm, LogNorm)
+
+
+def test_cli_reads_the_run_against_a_saved_noise_floor_run(perturbed_llama, tmp_path, capsys, caplog):
+    """--noise-floor-run: the verdict gains the floor's column and the figures its band; a path that
+    is not a run is refused before any model loads."""
+    import logging
+
+    from lens_compare.run import main
+
+    base, sft, _ = perturbed_llama
+    floor_dir, run_dir = tmp_path / "floor", tmp_path / "run"
+    assert main(["--base", str(base), "--sft", str(sft), "--prompt", PROMPTS[0], "--out", str(floor_dir), "-q"]) == 0
+    floor_json = next(floor_dir.glob("*.json"))
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="lens_compare"):
+        assert main(["--base", str(base), "--sft", str(sft), "--prompt", PROMPTS[0], "--plots", "--out", str(run_dir),
+                     "--noise-floor-run", str(floor_json)]) == 0
+    verdict = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("verdict:"))
+    assert "noise floor: custom" in verdict and "x floor" in verdict
+    assert any(row.split()[4] == "1.0" for row in verdict.splitlines()[3:-1])  # the same pair: ratio 1
+    capsys.readouterr()
+    (tmp_path / "not_a_run.json").write_text("[1, 2]")
+    for bad, message in ((tmp_path / "missing.json", "no run at"), (tmp_path / "not_a_run.json", "schema_version None")):
+        assert main(["--base", str(base), "--sft", str(sft), "--prompt", "hi", "--out", str(tmp_path / "x"),
+                     "--noise-floor-run", str(bad)]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
