@@ -1,5 +1,6 @@
-"""The ``smollm2-ft`` demo pair's SFT side: SmolLM2-135M-Instruct fine-tuned by lens_compare
-itself, offline, so that a first run shows a real fine-tuning signature.
+"""Build once, and report, the smollm2-ft demo pair's SFT side: SmolLM2-135M-Instruct fine-tuned offline.
+
+lens_compare fine-tunes it itself, so that a first run shows a real fine-tuning signature.
 
     python -m lens_compare.demo_ft            # build it (first use, a few minutes) and print its report
     python -m lens_compare.demo_ft --plot loss.png
@@ -273,6 +274,8 @@ def build(recipe: Recipe, directory: Path) -> dict[str, Any]:
         "losses": losses,
         "seconds": {"eval_before": evaluated - started, "train": tuned - evaluated, "eval_after": finished - tuned},
         "torch_threads": torch.get_num_threads(),
+        # The same recipe on other versions or thread counts may round differently.
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         "before": _accuracy_dict(before),
         "after": _accuracy_dict(after),
     }
@@ -281,6 +284,12 @@ def build(recipe: Recipe, directory: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(str(directory))
     (directory / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def _accuracy_dict(accuracy: Accuracy) -> dict[str, Any]:
@@ -319,10 +328,11 @@ def format_report(report: dict[str, Any], every: int = 10) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lens_compare.demo_ft", description=__doc__.split("\n")[0])
-    parser.add_argument("name", nargs="?", default="smollm2-ft", choices=sorted(RECIPES))
+    parser.add_argument("name", nargs="?", default="smollm2-ft", choices=sorted(RECIPES),
+                        help="which demo checkpoint (default: smollm2-ft)")
     parser.add_argument("--plot", metavar="PNG", help="also draw the loss curve into this PNG file")
     parser.add_argument("--replies", type=int, default=0, metavar="N",
-                        help="also print the first N held-out replies before and after")
+                        help="also print N held-out replies (spread over the task families), before and after")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         report = load_report(directory)
         print(directory)
         print(format_report(report))
-        for before, after in list(zip(report["before"]["replies"], report["after"]["replies"]))[: args.replies]:
+        pairs = list(zip(report["before"]["replies"], report["after"]["replies"]))
+        for before, after in pairs[:: max(1, len(pairs) // args.replies)][: args.replies] if args.replies > 0 else []:
             print(f"  {before['question']!r} ({before['answer']}): {before['reply']!r} -> {after['reply']!r}")
         if args.plot:
             from lens_compare.plots import save_figure, training_curve
