@@ -23,6 +23,8 @@ def compare(
     skip_first: int = 0,
     chat_template: str = "none",
     include_first_token: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
     batch_size: int = 8,
     strategy: str = "auto",
     shard_size: int | None = None,
@@ -35,6 +37,10 @@ def compare(
     >>> result = lens_compare.compare("smollm2-sanity", prompts=["The capital of France is"])
     >>> result.summary().query("metric == 'cosine'")      # doctest: +SKIP
     >>> result.to_dataframe()                               # doctest: +SKIP
+
+    Every per-layer mean gets a 95% percentile bootstrap interval (``ci_low``, ``ci_high``)
+    from ``bootstrap`` resamples of the prompts (of the tokens, with one prompt), drawn
+    with ``seed``; ``bootstrap=0`` leaves them out.
 
     ``check_memory`` asks the hardware planner first and refuses a run whose
     weights cannot fit on this machine (instead of failing halfway through loading).
@@ -54,6 +60,7 @@ def compare(
             "gpus": list(gpus) if gpus is not None else None, "shard_size": shard_size,
             "layers": list(layers) if layers is not None else None, "skip_first": skip_first,
             "chat_template": chat_template, "include_first_token": include_first_token,
+            "bootstrap": bootstrap, "seed": seed,
             "batch_size": batch_size, "strategy": strategy, "filler_text": filler_text,
         }.items() if value is not None
     })

@@ -45,6 +45,9 @@ class RunConfig:
     layers: tuple[int, ...] | None = None
     skip_first: int = 0
     include_first_token: bool = False
+    # Resamples of the 95% bootstrap interval of every per-layer mean (0: none), and its seed.
+    bootstrap: int = 1000
+    seed: int = 0
     batch_size: int = 8
     strategy: Strategy = "auto"
     # Prompts per shard (the unit of progress and resume); None: ~2 GiB of residuals per shard.
@@ -97,6 +100,8 @@ class RunConfig:
             problems.append(f"{path}.tokens: must be a positive integer, got {self.tokens}")
         if self.batch_size < 1:
             problems.append(f"{path}.batch_size: must be >= 1, got {self.batch_size}")
+        if self.bootstrap < 0:
+            problems.append(f"{path}.bootstrap: must be >= 0 resamples (0: no interval), got {self.bootstrap}")
         if self.shard_size is not None and self.shard_size < 1:
             problems.append(f"{path}.shard_size: must be >= 1 prompt, got {self.shard_size}")
         if self.gpus is not None and (

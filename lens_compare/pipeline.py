@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lens_compare.bootstrap import Bootstrap
 from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
 from lens_compare.errors import HardwareError
@@ -39,7 +40,8 @@ logger = logging.getLogger("lens_compare")
 Preflight = Callable[[dict[str, Any]], Execution]
 
 # Config keys that change what is written, not the numbers: left out of a run's fingerprint.
-OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "strategy", "gpus", "local_run", "config_file")
+OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "bootstrap", "seed", "strategy", "gpus",
+                    "local_run", "config_file")
 
 
 def shard_layout(run: PreparedRun, streamed: bool = False) -> ShardLayout:
@@ -194,6 +196,7 @@ def assemble(
         metrics=hook_metrics(per_state, job.states, run.layers),
         include_first_token=run.config.include_first_token,
         residuals=residuals,
+        bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
     )
 
 
@@ -275,6 +278,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
             {"id": t, "token": tokenizer.convert_ids_to_tokens(t), "norm_over_median": round(r, 6)}
             for t, r in untrained.items()
         ],
+        "bootstrap": {"resamples": run.config.bootstrap, "seed": run.config.seed},
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config_file": run.config.config_file,
         "config": run.config.to_dict(),

@@ -11,7 +11,8 @@ accumulates in pyplot's figure list; save one with ``figure.savefig(...)``.
 >>> plots.norm_profile(result)                                              # doctest: +SKIP
 
 Per-layer values are the means over tokens (position 0 excluded unless the run included
-it), with a band of one standard deviation or the min-max range. ``1 - cosine`` and
+it), with a band of one standard deviation, the min-max range, or (``band="ci"``) the 95%
+bootstrap interval of the mean. ``1 - cosine`` and
 ``relative_l2`` are drawn on a log scale, where small values matter.
 """
 
@@ -85,11 +86,15 @@ def _series(result, hook: str, metric: str, band: str) -> tuple[np.ndarray, np.n
     if band == "std":
         std = np.array([s.get("std") if s.get("std") is not None else np.nan for s in stats], dtype=float)
         low, high = mean - std, mean + std
-    elif band == "minmax":
-        low = np.array([s.get("min") if s.get("min") is not None else np.nan for s in stats], dtype=float)
-        high = np.array([s.get("max") if s.get("max") is not None else np.nan for s in stats], dtype=float)
+    elif band in ("minmax", "ci"):
+        lower, upper = ("min", "max") if band == "minmax" else ("ci_low", "ci_high")
+        if band == "ci" and not any(lower in s for s in stats):
+            raise LensCompareError("band 'ci': this run has no bootstrap intervals (it ran with bootstrap=0, or "
+                                   "before they existed)")
+        low = np.array([s.get(lower) if s.get(lower) is not None else np.nan for s in stats], dtype=float)
+        high = np.array([s.get(upper) if s.get(upper) is not None else np.nan for s in stats], dtype=float)
     else:
-        raise LensCompareError(f"band {band!r}: expected 'std' or 'minmax'")
+        raise LensCompareError(f"band {band!r}: expected 'std', 'minmax' or 'ci'")
     return layers, mean, low, high
 
 
@@ -179,7 +184,7 @@ def layer_curves(
     ax.set_xlim(min(all_layers) - 0.5, max(all_layers) + 0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel(_axis_label(metric))
-    spread = "± 1 std" if band == "std" else "min-max"
+    spread = {"std": "± 1 std", "minmax": "min-max", "ci": "95% bootstrap CI of the mean"}[band]
     ax.set_title(f"{metric} by layer (mean over tokens, band {spread})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -199,8 +204,7 @@ def position_heatmap(result, metric: str, prompt: int, *, hook: str = "resid_pos
     # A log colour scale where the line plots use a log axis: one outlying token (an attention
     # sink, say) would otherwise flatten every other cell into one colour. Exact zeros
     # (identical in both models) cannot be drawn on it and are grey.
-    cmap = _matplotlib().colormaps["viridis"].copy()
-    cmap.set_bad("lightgrey")
+    cmap = _matplotlib().colormaps["viridis"].with_extremes(bad="lightgrey")
     norm, label = None, _axis_label(metric).removesuffix(" (log)")
     positive = shown[np.isfinite(shown) & (shown > 0)]
     if (metric in ONE_MINUS or metric in LOG_SCALE) and positive.size:

@@ -10,14 +10,18 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from lens_compare.aggregate import layer_records, token_mask
+from lens_compare.bootstrap import Bootstrap, unit_for
 from lens_compare.capture import ResidualStates
 from lens_compare.errors import LensCompareError
 from lens_compare.hooks import HOOK_KINDS
-from lens_compare.metrics import METRIC_NAMES, STAT_NAMES
+from lens_compare.metrics import METRIC_NAMES
 from lens_compare.per_token import TokenMetrics
 from lens_compare.tokens import TokenizedPrompts
 
-SCHEMA_VERSION = 1
+# The summary's statistic columns: the mean, its interval (NaN without one), the spread.
+SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
+# 2: per-layer records carry ci_low/ci_high, aggregation.interval describes them.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class ComparisonResult:
     residuals: tuple[ResidualStates, ResidualStates] | None = field(default=None, repr=False)
     # positions -> hook -> per-layer records, for a saved run without its token table.
     stored_records: dict[str, dict[str, list[dict[str, Any]]]] | None = field(default=None, repr=False)
+    # The interval drawn around every per-layer mean (None: none).
+    bootstrap: Bootstrap | None = None
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
     _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -78,7 +84,8 @@ class ComparisonResult:
                 )
             return self.stored_records[positions]
         if positions not in self._records:
-            self._records[positions] = layer_records(self.metrics, self.layers, token_mask(self.real_tokens, positions))
+            self._records[positions] = layer_records(self.metrics, self.layers, token_mask(self.real_tokens, positions),
+                                                     self.bootstrap)
         return self._records[positions]
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +100,8 @@ class ComparisonResult:
                 "position_0": "included" if self.include_first_token else "excluded (see first_token)",
                 "n_tokens": int(mask.sum()),
                 "std": "population (ddof=0)",
+                "interval": self.bootstrap.describe(unit_for(len(self.tokens.token_ids)))
+                if self.bootstrap is not None and self.bootstrap.resamples > 0 else None,
             },
             "layers": list(self.layers),
             **self.layer_records(positions),
@@ -101,7 +110,8 @@ class ComparisonResult:
 
     def summary(self, *, hook: str | None = None, metric: str | None = None,
                 positions: str | None = None) -> pd.DataFrame:
-        """One row per hook x layer x metric with mean/std/min/max, plus the first token's own rows.
+        """One row per hook x layer x metric with mean, ci_low, ci_high (its bootstrap interval), std, min,
+        max, plus the first token's own rows.
 
         ``hook``, ``metric`` and ``positions`` (``rest``/``all``, ``first``) keep only those rows:
 
@@ -123,11 +133,11 @@ class ComparisonResult:
                     for name in METRIC_NAMES:
                         if metric is not None and name != metric:
                             continue
-                        stats = record[name] or dict.fromkeys(STAT_NAMES)
+                        stats = record[name] or dict.fromkeys(SUMMARY_STATS)
                         rows.append({"positions": where, "hook": kind, "layer": record["layer"],
                                      "metric": name, **stats})
-        frame = pd.DataFrame(rows, columns=["positions", "hook", "layer", "metric", *STAT_NAMES])
-        for column in STAT_NAMES:
+        frame = pd.DataFrame(rows, columns=["positions", "hook", "layer", "metric", *SUMMARY_STATS])
+        for column in SUMMARY_STATS:
             frame[column] = frame[column].astype("float64")
         return _shared_dtypes(frame)
 

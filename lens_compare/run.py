@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat-template", choices=("none", "sft"))
     p.add_argument("--include-first-token", action="store_true", default=None,
                    help="include position 0 in the per-layer aggregates")
+    p.add_argument("--bootstrap", type=int, metavar="N",
+                   help="resamples of the 95%% bootstrap interval of every per-layer mean (default 1000; 0: none)")
+    p.add_argument("--seed", type=int, help="seed of the bootstrap resamples (default 0; recorded in the provenance)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--strategy", choices=("auto", "resident", "sequential", "nf4", "stream"),
                    help="how to run the pair (default auto: the planner's pick among resident, sequential "
@@ -93,7 +96,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         "device": args.device, "skip_first": args.skip_first, "chat_template": args.chat_template,
         "include_first_token": args.include_first_token, "batch_size": args.batch_size,
         "strategy": args.strategy, "save_residuals": args.save_residuals, "output_dir": args.out,
-        "shard_size": args.shard_size,
+        "shard_size": args.shard_size, "bootstrap": args.bootstrap, "seed": args.seed,
     }
     if args.pair:
         changes.update(pair=args.pair, base_model=None, sft_model=None)

@@ -17,11 +17,15 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
+from lens_compare.bootstrap import Bootstrap
 from lens_compare.capture import ResidualStates
 from lens_compare.errors import LensCompareError
 from lens_compare.hooks import HOOK_KINDS, hook_name, states_for_layers
 from lens_compare.metrics import METRIC_NAMES
 from lens_compare.result import SCHEMA_VERSION, ComparisonResult
+
+# Schema 1 runs (before the bootstrap intervals) read the same, without ci_low/ci_high.
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
 from lens_compare.tokens import TokenizedPrompts
 
 
@@ -41,8 +45,9 @@ def load_run(path: str | Path) -> ComparisonResult:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise LensCompareError(f"{str(path)!r} is not a lens_compare run (not JSON: {error})") from None
     version = document.get("schema_version") if isinstance(document, dict) else None
-    if version != SCHEMA_VERSION:
-        raise LensCompareError(f"{str(path)!r} has schema_version {version!r}; this lens_compare reads {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise LensCompareError(f"{str(path)!r} has schema_version {version!r}; this lens_compare reads "
+                               f"{', '.join(map(str, READABLE_VERSIONS))}")
     provenance = document["provenance"]
     layers = tuple(document["layers"])
     token_ids = tuple(tuple(ids) for ids in provenance["token_ids"])
@@ -65,7 +70,15 @@ def load_run(path: str | Path) -> ComparisonResult:
         untrained_base_tokens=untrained, real_tokens=real, metrics=metrics, include_first_token=include_first,
         residuals=_residuals(_stem(path).with_suffix(".safetensors"), layers, provenance["n_layers"]),
         stored_records=stored,
+        bootstrap=_bootstrap(provenance),
     )
+
+
+def _bootstrap(provenance: dict[str, Any]) -> Bootstrap | None:
+    """The interval settings the run used (schema 1 runs had none), so that recomputing the
+    aggregates from the token table draws the same resamples."""
+    settings = provenance.get("bootstrap")
+    return None if settings is None else Bootstrap(settings["resamples"], settings["seed"])
 
 
 def _token_table(stem: Path) -> pd.DataFrame | None:

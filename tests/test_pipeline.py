@@ -23,7 +23,7 @@ def test_identical_models_give_cosine_one_everywhere(family, tiny_model_dirs):
         for record in document[hook]:
             assert abs(record["cosine"]["min"] - 1) <= 1e-6 and abs(record["cosine"]["max"] - 1) <= 1e-6
             for name in ("norm_delta", "relative_l2"):
-                assert record[name] == {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+                assert record[name] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
             assert record["norm_ratio"]["min"] == record["norm_ratio"]["max"] == 1.0
     assert document["resid_pre"][0]["base_cosine_prev"] is None
     assert document["resid_post"][0]["sft_norm_delta"] is None
@@ -84,7 +84,7 @@ def test_json_is_strict_and_dataframe_is_tidy(tiny_model_dirs):
     result = lens_compare.compare(base=directory, sft=directory, prompts=PROMPTS)
     text = json.dumps(result.to_dict(), allow_nan=False)
     document = json.loads(text)
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == 2
     for key in ("versions", "pair", "base_model", "sft_model", "dtype", "device", "token_ids",
                 "chat_template", "timestamp"):
         assert key in document["provenance"]
