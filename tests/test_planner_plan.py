@@ -388,3 +388,35 @@ def test_plan_text_says_which_layout_each_gpu_count_is_for():
     assert "min GPUs 3 (sequential layout there)" in text
     assert "resident (both models loaded at once) needs 22 GPUs in bfloat16" in text
     assert plan.to_dict()["strategies"]["nf4"]["min_gpus_layout"] == "sequential"
+
+
+def test_checkpoint_dtype_is_read_without_the_torch_dtype_deprecation(smollm2_gguf, caplog):
+    """A GGUF's config object has no dtype: checkpoint_of must not fall back to its deprecated
+    torch_dtype property (transformers logs '`torch_dtype` is deprecated' once per process)."""
+    import logging
+
+    from transformers import AutoConfig, LlamaConfig
+
+    from lens_compare.hardware.sources import checkpoint_of
+
+    config = AutoConfig.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    probe = LlamaConfig()
+    probe.dtype = None
+    touched = []
+    original = type(probe).__getattribute__
+
+    def spy(self, name):
+        if name == "torch_dtype":
+            touched.append(name)
+        return original(self, name)
+
+    with caplog.at_level(logging.WARNING):
+        type(probe).__getattribute__ = spy
+        try:
+            assert checkpoint_of(probe).precision == "float32"
+            assert checkpoint_of(config).precision == "float32"
+        finally:
+            type(probe).__getattribute__ = original
+    assert touched == []
+    assert checkpoint_of({"torch_dtype": "bfloat16"}).precision == "bfloat16"
+    assert checkpoint_of({"dtype": "float16"}).precision == "float16"

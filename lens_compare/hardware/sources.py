@@ -48,8 +48,10 @@ def checkpoint_of(config: Any, gguf_file_bytes: int = 0) -> Checkpoint:
     if quant and quant.get("quant_method") in ("fp8", "fbgemm_fp8"):
         block = quant.get("weight_block_size")
         return Checkpoint("fp8", tuple(block) if block else None, note=note)
-    # ``dtype`` first: reading ``torch_dtype`` off a transformers 5 config logs a deprecation.
-    dtype = str(_get(config, "dtype") or _get(config, "torch_dtype") or "float32")
+    # A transformers 5 config object has ``dtype``; reading its ``torch_dtype`` logs a deprecation
+    # (a GGUF config has neither). A plain config.json may still name ``torch_dtype``.
+    dtype = _get(config, "dtype") or (config.get("torch_dtype") if isinstance(config, dict) else None)
+    dtype = str(dtype or "float32")
     dtype = dtype.removeprefix("torch.")
     return Checkpoint(dtype if dtype in DTYPE_BYTES else "float32", note=note)
 
