@@ -5,7 +5,7 @@ resid_post, mean over tokens (position 0 excluded):
  layer    cosine  relative_l2
      0  1.000000     0.000000
    ...
-largest drift: layer 29 (relative_l2 0.3400, cosine 0.9400); token ' Paris' (prompt 1, position 6): relative_l2 0.5800
+largest drift: layer 29 (relative_l2 0.3400, 95% CI 0.3100-0.3700, cosine 0.9400); most-moved token ' Paris' (prompt 1, position 6): relative_l2 0.5800
 
 Given a noise-floor run (``--noise-floor-run``: e.g. a saved ``smollm2-dtype`` run, the same
 weights in two precisions), each row also shows that run's mean relative_l2 at the same
@@ -81,6 +81,9 @@ def _worst_token(result, record: dict, positions: str) -> str:
     flat = int(torch.argmax(masked))
     prompt, position = divmod(flat, values.shape[1])
     token = result.token_strings[prompt][position]
-    return (f"largest drift: layer {layer} (relative_l2 {record['relative_l2']['mean']:.4f}, cosine "
+    relative = record["relative_l2"]
+    interval = f", 95% CI {relative['ci_low']:.4f}-{relative['ci_high']:.4f}" \
+        if relative.get("ci_low") is not None and relative.get("ci_high") is not None else ""
+    return (f"largest drift: layer {layer} (relative_l2 {relative['mean']:.4f}{interval}, cosine "
             f"{record['cosine']['mean']:.4f}); most-moved token {token!r} (prompt {prompt}, position {position}): "
             f"relative_l2 {float(values[prompt, position]):.4f}")

@@ -134,7 +134,7 @@ def test_verdict_names_the_layer_and_token_of_largest_drift(perturbed_llama):
     rows = summary[(summary.positions == "rest") & (summary.hook == "resid_post") & (summary.metric == "relative_l2")]
     worst = int(rows.loc[rows["mean"].idxmax(), "layer"])
     assert worst >= block
-    assert f"largest drift: layer {worst} (relative_l2 {rows['mean'].max():.4f}" in text
+    assert f"largest drift: layer {worst} (relative_l2 {rows['mean'].max():.4f}, 95% CI " in text
     values = result.metrics["resid_post"]["relative_l2"][list(result.layers).index(worst)]
     mask = result.real_tokens.clone()
     mask[:, 0] = False
