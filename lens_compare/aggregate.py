@@ -6,7 +6,7 @@ from typing import Any
 
 import einops
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from lens_compare.bootstrap import Bootstrap, interval
@@ -33,44 +33,65 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def layer_stats(
+    values: Float[Tensor, "layer prompt pos"], mask: Bool[Tensor, "prompt pos"], bootstrap: Bootstrap | None = None,
+) -> list[dict[str, float | None] | None]:
+    """Per layer: ``{"mean", "ci_low", "ci_high", "std", "min", "max"}`` of ``values`` over ``mask``
+    (``ci_low``/``ci_high``, the bootstrap interval of the mean, only with ``bootstrap`` and
+    resamples > 0), or None where the value is undefined (NaN) on every selected token."""
+    n_layers = values.shape[0]
+    flat = einops.rearrange(values, "layer prompt pos -> layer (prompt pos)")
+    flat_mask = einops.repeat(mask, "prompt pos -> layer (prompt pos)", layer=n_layers)
+    # NaN marks an undefined value (no previous layer, a zero vector): left out.
+    stats = masked_stats(flat, flat_mask & ~torch.isnan(flat))
+    with_ci = bootstrap is not None and bootstrap.resamples > 0
+    if with_ci:
+        defined = einops.repeat(mask, "prompt pos -> layer prompt pos", layer=n_layers) & ~torch.isnan(values)
+        low, high = interval(values, defined, bootstrap)
+    out: list[dict[str, float | None] | None] = []
+    for row in range(n_layers):
+        found = dict(zip(STAT_NAMES, (_finite_or_none(v) for v in stats[row].tolist())))
+        if all(v is None for v in found.values()):
+            out.append(None)
+            continue
+        if with_ci:
+            found = {"mean": found["mean"], "ci_low": _finite_or_none(float(low[row])),
+                     "ci_high": _finite_or_none(float(high[row])),
+                     **{k: v for k, v in found.items() if k != "mean"}}
+        out.append(found)
+    return out
+
+
 def layer_records(
     metrics: TokenMetrics, layers: tuple[int, ...], mask: Bool[Tensor, "prompt pos"],
     bootstrap: Bootstrap | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """``{hook: [{"layer": l, metric: {"mean", "ci_low", "ci_high", "std", "min", "max"} | None}]}``
-    over ``mask``; ``ci_low``/``ci_high`` (the bootstrap interval of the mean,
-    ``lens_compare.bootstrap``) only with ``bootstrap`` and resamples > 0.
+    over ``mask`` (see ``layer_stats``).
 
     A metric that is undefined at a layer on every token (the depth metrics of the
     first captured layer) is ``None``; a NaN never reaches the output.
     """
     out: dict[str, list[dict[str, Any]]] = {}
-    flat_mask = einops.repeat(mask, "prompt pos -> layer (prompt pos)", layer=len(layers))
-    with_ci = bootstrap is not None and bootstrap.resamples > 0
     for kind in HOOK_KINDS:
-        stats, bounds = {}, {}
-        for name in METRIC_NAMES:
-            values = metrics[kind][name]
-            flat = einops.rearrange(values, "layer prompt pos -> layer (prompt pos)")
-            # NaN marks an undefined value (no previous layer, a zero vector): left out.
-            stats[name] = masked_stats(flat, flat_mask & ~torch.isnan(flat))
-            if with_ci:
-                defined = einops.repeat(mask, "prompt pos -> layer prompt pos", layer=len(layers)) & ~torch.isnan(values)
-                bounds[name] = interval(values, defined, bootstrap)
-        records = []
-        for row, layer in enumerate(layers):
-            record: dict[str, Any] = {"layer": layer}
-            for name in METRIC_NAMES:
-                values = dict(zip(STAT_NAMES, (_finite_or_none(v) for v in stats[name][row].tolist())))
-                if all(v is None for v in values.values()):
-                    record[name] = None
-                    continue
-                if with_ci:
-                    low, high = bounds[name]
-                    values = {"mean": values["mean"], "ci_low": _finite_or_none(float(low[row])),
-                              "ci_high": _finite_or_none(float(high[row])),
-                              **{k: v for k, v in values.items() if k != "mean"}}
-                record[name] = values
-            records.append(record)
-        out[kind] = records
+        stats = {name: layer_stats(metrics[kind][name], mask, bootstrap) for name in METRIC_NAMES}
+        out[kind] = [{"layer": layer, **{name: stats[name][row] for name in METRIC_NAMES}}
+                     for row, layer in enumerate(layers)]
     return out
+
+
+def analysis_records(
+    values: dict[str, Float[Tensor, "layer prompt pos"]], layers: tuple[int, ...], mask: Bool[Tensor, "prompt pos"],
+    bootstrap: Bootstrap | None = None,
+) -> list[dict[str, Any]]:
+    """One record per layer of an analysis's per-token ``values``; a dotted key nests
+    (``attn_out.cosine`` -> ``record["attn_out"]["cosine"]``)."""
+    records: list[dict[str, Any]] = [{"layer": layer} for layer in layers]
+    for key, tensor in values.items():
+        for record, stats in zip(records, layer_stats(tensor, mask, bootstrap), strict=True):
+            outer, _, inner = key.partition(".")
+            if inner:
+                record.setdefault(outer, {})[inner] = stats
+            else:
+                record[outer] = stats
+    return records

@@ -25,6 +25,8 @@ def compare(
     include_first_token: bool = False,
     bootstrap: int = 1000,
     seed: int = 0,
+    components: bool = True,
+    logit_lens: bool | None = None,
     batch_size: int = 8,
     strategy: str = "auto",
     shard_size: int | None = None,
@@ -41,6 +43,11 @@ def compare(
     Every per-layer mean gets a 95% percentile bootstrap interval (``ci_low``, ``ci_high``)
     from ``bootstrap`` resamples of the prompts (of the tokens, with one prompt), drawn
     with ``seed``; ``bootstrap=0`` leaves them out.
+
+    ``components`` also compares each block's attention and MLP outputs
+    (``result.analysis_records("components")``, ``summary(hook="mlp_out")``). ``logit_lens``
+    compares what each layer's stream predicts through both models' own final norm and
+    unembedding (None: on for models up to 8B parameters).
 
     ``check_memory`` asks the hardware planner first and refuses a run whose
     weights cannot fit on this machine (instead of failing halfway through loading).
@@ -60,7 +67,8 @@ def compare(
             "gpus": list(gpus) if gpus is not None else None, "shard_size": shard_size,
             "layers": list(layers) if layers is not None else None, "skip_first": skip_first,
             "chat_template": chat_template, "include_first_token": include_first_token,
-            "bootstrap": bootstrap, "seed": seed,
+            "bootstrap": bootstrap, "seed": seed, "components": components,
+            "logit_lens": logit_lens,
             "batch_size": batch_size, "strategy": strategy, "filler_text": filler_text,
         }.items() if value is not None
     })

@@ -18,7 +18,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_compare.errors import CaptureError
-from lens_compare.hooks import HookKind, state_hook_name, state_index
+from lens_compare.hooks import (
+    COMPONENTS,
+    Component,
+    HookKind,
+    component_hook_name,
+    state_hook_name,
+    state_index,
+)
 
 
 @dataclass(frozen=True)
@@ -28,11 +35,21 @@ class ResidualStates:
     ``states[i]`` is the state index held in ``values[i]`` (state ``s`` is the input of
     block ``s``; state ``n_layers`` is the output of the last block). Padding
     positions hold zeros.
+
+    ``components[i, c]`` is block ``component_layers[i]``'s write ``COMPONENTS[c]``
+    (``attn_out``, ``mlp_out``) into the stream, when those were captured.
     """
 
     n_layers: int
     states: tuple[int, ...]
     values: Float[Tensor, "state prompt pos d_model"]
+    component_layers: tuple[int, ...] = ()
+    components: Float[Tensor, "layer component prompt pos d_model"] | None = None
+
+    def component(self, component: Component, layer: int) -> Float[Tensor, "prompt pos d_model"]:
+        if self.components is None or layer not in self.component_layers:
+            raise CaptureError(f"{component} of layer {layer} was not captured (layers held: {self.component_layers})")
+        return self.components[self.component_layers.index(layer), COMPONENTS.index(component)]
 
     def view(self, kind: HookKind, layer: int) -> Float[Tensor, "prompt pos d_model"]:
         state = state_index(kind, layer)
@@ -61,15 +78,20 @@ def capture_states(
     batch_size: int,
     label: str,
     on_batch: Callable[[int], None] | None = None,
+    component_layers: tuple[int, ...] = (),
 ) -> ResidualStates:
-    """Run all prompts through ``bridge`` in right-padded batches and keep ``states``.
+    """Run all prompts through ``bridge`` in right-padded batches and keep ``states``, plus the
+    attention and MLP outputs of the blocks ``component_layers``.
 
     ``on_batch(n)`` is called after each batch with its number of prompts (progress).
     """
     n_layers = bridge.cfg.n_layers
     if not states or max(states) > n_layers or min(states) < 0:
         raise CaptureError(f"{label}: states {states} outside 0..{n_layers}")
+    if component_layers and (max(component_layers) >= n_layers or min(component_layers) < 0):
+        raise CaptureError(f"{label}: component layers {component_layers} outside 0..{n_layers - 1}")
     names = [state_hook_name(n_layers, state) for state in states]
+    part_names = [[component_hook_name(c, layer) for c in COMPONENTS] for layer in component_layers]
     # Where the embedding sits: the only device inputs go to, also on a split model.
     device = torch.device(bridge.cfg.device)
     extra = {"logits_to_keep": 1} if _takes_logits_to_keep(bridge) else {}
@@ -87,12 +109,12 @@ def capture_states(
                 _, cache = bridge.run_with_cache(
                     token_ids[start:stop, :batch_width].to(device),
                     attention_mask=batch_mask[:, :batch_width].long().to(device),
-                    names_filter=names,
+                    names_filter=names + [name for pair in part_names for name in pair],
                     return_cache_object=False,
                     device="cpu",
                     **extra,
                 )
-            missing = [name for name in names if name not in cache]
+            missing = [name for name in [*names, *(n for pair in part_names for n in pair)] if name not in cache]
             if missing:
                 raise CaptureError(f"{label}: hooks did not fire: {missing}")
             if values is None:
@@ -103,12 +125,25 @@ def capture_states(
                         (len(states), n_prompts, width, cache[names[0]].shape[-1]),
                         dtype=cache[names[0]].dtype,
                     )
+                    if part_names:
+                        parts = torch.empty((len(component_layers), len(COMPONENTS), *values.shape[1:]),
+                                            dtype=values.dtype)
             for row, name in enumerate(names):
                 values[row, start:stop, :batch_width] = cache[name]
-            values[:, start:stop, batch_width:] = 0
             padding = ~batch_mask[:, :batch_width]
-            if padding.any():
-                values[:, start:stop, :batch_width][:, padding] = 0
+            _zero_padding(values[:, start:stop], batch_width, padding)
+            for row, pair in enumerate(part_names):
+                for column, name in enumerate(pair):
+                    parts[row, column, start:stop, :batch_width] = cache[name]
+                _zero_padding(parts[row, :, start:stop], batch_width, padding)
             if on_batch is not None:
                 on_batch(stop - start)
-    return ResidualStates(n_layers=n_layers, states=states, values=values)
+    return ResidualStates(n_layers=n_layers, states=states, values=values, component_layers=tuple(component_layers),
+                          components=parts if part_names else None)
+
+
+def _zero_padding(values: Tensor, batch_width: int, padding: Tensor) -> None:
+    """Zero ``values[..., prompt, pos, :]`` past ``batch_width`` and wherever ``padding`` is set."""
+    values[:, :, batch_width:] = 0
+    if padding.any():
+        values[:, :, :batch_width][:, padding] = 0

@@ -48,6 +48,10 @@ class RunConfig:
     # Resamples of the 95% bootstrap interval of every per-layer mean (0: none), and its seed.
     bootstrap: int = 1000
     seed: int = 0
+    # Compare each block's attention and MLP outputs too (the components analysis).
+    components: bool = True
+    # The logit lens between the models; None: on for models up to 8B parameters.
+    logit_lens: bool | None = None
     batch_size: int = 8
     strategy: Strategy = "auto"
     # Prompts per shard (the unit of progress and resume); None: ~2 GiB of residuals per shard.

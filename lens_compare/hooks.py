@@ -10,12 +10,20 @@ exposes both hooks as views.
 ('blocks.3.hook_resid_pre', 'blocks.3.hook_resid_post')
 >>> state_hook_name(n_layers=30, state=30)
 'blocks.29.hook_resid_post'
+
+Each block also writes two sublayer outputs into the stream, ``attn_out`` and
+``mlp_out`` (``COMPONENTS``); ``component_hook_name`` spells their hooks:
+
+>>> component_hook_name("mlp_out", 3)
+'blocks.3.hook_mlp_out'
 """
 
 from typing import Literal
 
 HookKind = Literal["resid_pre", "resid_post"]
 HOOK_KINDS: tuple[HookKind, ...] = ("resid_pre", "resid_post")
+Component = Literal["attn_out", "mlp_out"]
+COMPONENTS: tuple[Component, ...] = ("attn_out", "mlp_out")
 
 
 def resid_pre(layer: int) -> str:
@@ -43,3 +51,9 @@ def state_hook_name(n_layers: int, state: int) -> str:
 def states_for_layers(layers: tuple[int, ...]) -> tuple[int, ...]:
     """The distinct states both hooks of ``layers`` need: ``{l} | {l + 1}``, sorted."""
     return tuple(sorted({*layers, *(layer + 1 for layer in layers)}))
+
+
+def component_hook_name(component: Component, layer: int) -> str:
+    """The bridge's hook on block ``layer``'s attention or MLP output (an alias of
+    ``blocks.{layer}.attn.hook_out`` / ``blocks.{layer}.mlp.hook_out``)."""
+    return f"blocks.{layer}.hook_{component}"

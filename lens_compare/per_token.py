@@ -71,8 +71,8 @@ def hook_metrics(per_state: StateMetrics, states: tuple[int, ...], layers: tuple
         rows = [states.index(state_index(kind, layer)) for layer in layers]
         defined_prev = torch.tensor([layer - 1 in layers for layer in layers])
         metrics = {}
-        for name, values in per_state.items():
-            picked = values[rows]
+        for name in METRIC_NAMES:  # a shard's metrics also hold the analyses' [layer, ...] values
+            picked = per_state[name][rows]
             if name.endswith(("_cosine_prev", "_norm_delta")) and name.startswith(("base_", "sft_")):
                 picked[~defined_prev] = torch.nan
             metrics[name] = picked

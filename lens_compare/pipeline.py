@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
@@ -51,11 +52,31 @@ def shard_layout(run: PreparedRun, streamed: bool = False) -> ShardLayout:
     size = run.config.shard_size
     if size is None:
         per_prompt = state_bytes_per_prompt(
-            2 if streamed else len(states_for_layers(run.layers)), max(run.tokenized.lengths), _d_model(run),
+            2 if streamed else captured_per_position(run), max(run.tokenized.lengths), _d_model(run),
             tuple(DTYPE_BYTES[side.dtype] for side in run.sides),
         )
         size = default_shard_size(per_prompt, run.config.batch_size)
     return ShardLayout(n_prompts, min(size, n_prompts))
+
+
+def component_layers(run: PreparedRun) -> tuple[int, ...]:
+    """The blocks whose attention and MLP outputs are compared (``components``)."""
+    return run.layers if run.config.components else ()
+
+
+def run_states(run: PreparedRun) -> tuple[int, ...]:
+    """The residual states a run captures: those of its layers' hooks, and the last one (the
+    models' final distributions) for the logit lens."""
+    states = set(states_for_layers(run.layers))
+    if run.logit_lens:
+        states.add(run.model_configs["base"].num_hidden_layers)
+    return tuple(sorted(states))
+
+
+def captured_per_position(run: PreparedRun) -> int:
+    """Vectors of ``d_model`` a bridge capture holds per model and token: every distinct residual
+    state, and each compared block's two sublayer outputs."""
+    return len(run_states(run)) + 2 * len(component_layers(run))
 
 
 def _d_model(run: PreparedRun) -> int:
@@ -92,7 +113,8 @@ def start_run(
 
 def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
     token_ids, real = run.tokenized.padded(pad_id(run.tokenizers["base"]))
-    return Job(run, execution.loads, layout, states_for_layers(run.layers), keep_states, token_ids, real)
+    return Job(run, execution.loads, layout, run_states(run), keep_states, token_ids, real,
+               component_layers=component_layers(run), logit_lens=run.logit_lens)
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -126,13 +148,16 @@ def spill_bytes(job: Job, execution: Execution) -> int:
     """Disk a run folder needs for spilled residual states, at most: the base model's for a
     sequential run, both models' when they are kept (``--save-residuals``), and a streamed
     run's resume point (two states of both models while the newer one is written)."""
-    models = 2 if job.keep_states else (1 if execution.schedule == "sequential" else 0)
+    streamed_lens = execution.schedule == "stream" and job.logit_lens  # keeps every state for the lens
+    models = 2 if job.keep_states or streamed_lens else (1 if execution.schedule == "sequential" else 0)
     d_model = _d_model(job.run)
     total = frontier = 0
     for start, stop in job.layout.bounds:
         width = max(job.run.tokenized.lengths[start:stop])
         per_state = (stop - start) * width * d_model
-        total += sum(len(job.states) * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides[:models])
+        # A streamed run keeps residual states only, a bridge run also the sublayer outputs.
+        vectors = len(job.states) if execution.schedule == "stream" else captured_per_position(job.run)
+        total += sum(vectors * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides[:models])
         frontier = max(frontier, sum(2 * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides))
     return total + (frontier if execution.schedule == "stream" else 0)
 
@@ -170,6 +195,7 @@ def assemble(
     """The result from the store's shards: identical whether the run was interrupted or not."""
     width = job.token_ids.shape[1]
     per_state = stack_metrics([store.get_metrics(shard) for shard in range(job.layout.count)], width)
+    analysis_metrics = {key: values for key, values in per_state.items() if key in ANALYSIS_KEYS}
     facts = {side.role: store.get_facts(side.role) for side in run.sides}
     untrained = {int(token): ratio for token, ratio in (facts["base"] or {}).get("untrained", {}).items()}
     tokenizer = run.tokenizers["base"]
@@ -197,6 +223,7 @@ def assemble(
         include_first_token=run.config.include_first_token,
         residuals=residuals,
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
+        analysis_metrics=analysis_metrics,
     )
 
 

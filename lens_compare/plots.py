@@ -9,6 +9,8 @@ accumulates in pyplot's figure list; save one with ``figure.savefig(...)``.
 >>> plots.layer_curves([result], "relative_l2", noise_floor=floor_result)   # doctest: +SKIP
 >>> plots.position_heatmap(result, "cosine", prompt=0)                      # doctest: +SKIP
 >>> plots.norm_profile(result)                                              # doctest: +SKIP
+>>> plots.sublayer_curves(result, "relative_l2")                            # doctest: +SKIP
+>>> plots.logit_lens_curves(result)                                         # doctest: +SKIP
 
 Per-layer values are the means over tokens (position 0 excluded unless the run included
 it), with a band of one standard deviation, the min-max range, or (``band="ci"``) the 95%
@@ -21,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from lens_compare.analyses.components import COMPONENT_METRICS
 from lens_compare.errors import LensCompareError
-from lens_compare.hooks import HOOK_KINDS
+from lens_compare.hooks import COMPONENTS, HOOK_KINDS
 from lens_compare.metrics import METRIC_NAMES
 from lens_compare.progress import in_notebook
 
@@ -78,10 +81,15 @@ def _label(result) -> str:
 
 
 def _series(result, hook: str, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """layers, mean, band low, band high of one hook's metric (NaN where undefined)."""
-    records = result.layer_records()[hook]
+    """layers, mean, band low, band high of one hook's metric (NaN where undefined); a sublayer
+    output (``attn_out``, ``mlp_out``) reads the components analysis."""
+    if hook in COMPONENTS:
+        records = result.analysis_records("components")
+        stats = [r[hook][metric] or {} for r in records]
+    else:
+        records = result.layer_records()[hook]
+        stats = [r[metric] or {} for r in records]
     layers = np.array([r["layer"] for r in records])
-    stats = [r[metric] or {} for r in records]
     mean = np.array([s.get("mean", np.nan) if s.get("mean") is not None else np.nan for s in stats], dtype=float)
     if band == "std":
         std = np.array([s.get("std") if s.get("std") is not None else np.nan for s in stats], dtype=float)
@@ -191,6 +199,118 @@ def layer_curves(
     return figure
 
 
+def sublayer_curves(result, metric: str = "relative_l2", *, band: str = "std", ax=None):
+    """Per-layer mean of ``metric`` for each block's attention write (``attn_out``) and MLP write
+    (``mlp_out``), base vs SFT, with the residual stream after the block (``resid_post``, grey)
+    for reference: where the stream drifts, which sublayer wrote the change."""
+    if metric not in COMPONENT_METRICS:
+        raise LensCompareError(f"metric {metric!r}: the sublayer comparison has {list(COMPONENT_METRICS)}")
+    if "components" not in [a.name for a in result.analyses()]:
+        raise LensCompareError("this run has no sublayer comparison: it ran with --no-components (components=False)")
+    figure, ax = (_subplots((7.5, 4.0)) if ax is None else (ax.figure, ax))
+    colours = _matplotlib().rcParams["axes.prop_cycle"].by_key()["color"]
+    logarithmic = metric in ONE_MINUS or metric in LOG_SCALE
+    drawn, zeros = [], False
+    lines = [("attn_out", colours[0], "-"), ("mlp_out", colours[1], "-")]
+    if metric in ("cosine", "relative_l2"):  # the drift of the stream itself; a norm is on another scale
+        lines.append(("resid_post", "0.5", ":"))
+    for hook, colour, style in lines:
+        layers, mean, low, high = _series(result, hook, metric, band)
+        if metric in ONE_MINUS:
+            low, high = high, low
+        shown = _transform(metric, mean)
+        zeros |= bool(np.any(np.isfinite(mean) & ~np.isfinite(shown)))
+        drawn.append(shown)
+        ax.plot(layers, shown, style, color=colour, lw=1.8, marker=".", ms=4,
+                label=hook + (" (the stream, for reference)" if hook == "resid_post" else ""))
+        lower = _transform(metric, low)
+        if logarithmic:
+            lower = np.where(np.isfinite(lower), lower, LOG_FLOOR)
+        ax.fill_between(layers, lower, _transform(metric, high), color=colour, alpha=0.12, lw=0)
+    if logarithmic:
+        ax.set_yscale("log")
+        positive = np.concatenate([d[np.isfinite(d)] for d in drawn])
+        ax.set_ylim(*((positive.min() / 5, None) if positive.size else (LOG_FLOOR, 1.0)))
+        if zeros:
+            ax.text(0.01, 0.02, "0 (identical in both models) is not drawn on a log axis", transform=ax.transAxes,
+                    fontsize=7, color="0.35")
+    ax.set_xlim(min(result.layers) - 0.5, max(result.layers) + 0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(_axis_label(metric))
+    spread = {"std": "± 1 std", "minmax": "min-max", "ci": "95% bootstrap CI of the mean"}[band]
+    ax.set_title(f"{_label(result)}: {metric} of each block's writes, base vs SFT (mean over tokens, band {spread})",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return figure
+
+
+def logit_lens_curves(result, *, band: str | None = None):
+    """The logit lens by layer, two axes: left, how far the two models' predictions are apart
+    (``kl_sft_base`` and ``js``, log) and how far each model's layer is from its own output
+    (``base_kl_to_final``, ``sft_kl_to_final``, dashed); right, the share of tokens whose top
+    prediction agrees (``top1_agree``).
+
+    ``band`` defaults to the 95% bootstrap interval of the mean (``ci``; ``std`` for a run
+    without intervals): divergences are skewed, and mean - std falls below 0 on a log axis."""
+    if "logit_lens" not in [a.name for a in result.analyses()]:
+        raise LensCompareError("this run has no logit lens: it ran with --no-logit-lens (logit_lens=False), or "
+                               "above 8B parameters without --logit-lens")
+    if band is None:
+        first = result.analysis_records("logit_lens")[0]["kl_sft_base"] or {}
+        band = "ci" if first.get("ci_low") is not None else "std"
+    figure, (left, right) = _subplots((11.0, 3.8), 2)
+    colours = _matplotlib().rcParams["axes.prop_cycle"].by_key()["color"]
+    records = result.analysis_records("logit_lens")
+    layers = np.array([r["layer"] for r in records])
+    drawn = []
+    for index, (key, style) in enumerate((("kl_sft_base", "-"), ("js", "-"), ("base_kl_to_final", "--"),
+                                          ("sft_kl_to_final", "--"))):
+        stats = [r[key] or {} for r in records]
+        mean, low, high = (np.array([st.get(k) if st.get(k) is not None else np.nan for st in stats], dtype=float)
+                           for k in _band_keys(band))
+        if band == "std":
+            low, high = mean - low, mean + low
+        shown = np.where(mean > 0, mean, np.nan)
+        drawn.append(shown)
+        left.plot(layers, shown, style, color=colours[index], lw=1.8, marker=".", ms=4, label=key)
+        left.fill_between(layers, np.where(low > 0, low, LOG_FLOOR), np.where(high > 0, high, np.nan),
+                          color=colours[index], alpha=0.1, lw=0)
+    left.set_yscale("log")
+    positive = np.concatenate([d[np.isfinite(d)] for d in drawn])
+    left.set_ylim(*((positive.min() / 5, None) if positive.size else (LOG_FLOOR, 1.0)))
+    left.set_ylabel("nats (log)")
+    left.set_title("divergences (KL(p_sft || p_base), JS; each model's KL from its own output)", fontsize=9)
+    left.text(0.01, 0.02, "0 is not drawn on a log axis", transform=left.transAxes, fontsize=7, color="0.35")
+    stats = [r["top1_agree"] or {} for r in records]
+    mean, low, high = (np.array([st.get(k) if st.get(k) is not None else np.nan for st in stats], dtype=float)
+                       for k in _band_keys(band))
+    if band == "std":
+        low, high = mean - low, mean + low
+    right.plot(layers, mean, "-", color=colours[4 % len(colours)], lw=1.8, marker=".", ms=4)
+    right.fill_between(layers, np.clip(low, 0, 1), np.clip(high, 0, 1), color=colours[4 % len(colours)], alpha=0.12,
+                       lw=0)
+    right.set_ylim(-0.02, 1.02)
+    right.set_ylabel("top1_agree")
+    right.set_title("share of tokens whose top prediction agrees", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel("layer")
+        ax.set_xlim(min(result.layers) - 0.5, max(result.layers) + 0.5)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="best")
+    spread = {"std": "± 1 std", "minmax": "min-max", "ci": "95% bootstrap CI of the mean"}[band]
+    figure.suptitle(f"{_label(result)}: logit lens through each model's own final norm and unembedding "
+                    f"(mean over tokens, band {spread})", fontsize=10)
+    return figure
+
+
+def _band_keys(band: str) -> tuple[str, str, str]:
+    """The record fields of the mean and of a band's two edges (for ``std``: the std, twice)."""
+    if band not in ("std", "minmax", "ci"):
+        raise LensCompareError(f"band {band!r}: expected 'std', 'minmax' or 'ci'")
+    return {"std": ("mean", "std", "std"), "minmax": ("mean", "min", "max"), "ci": ("mean", "ci_low", "ci_high")}[band]
+
+
 def position_heatmap(result, metric: str, prompt: int, *, hook: str = "resid_post", ax=None):
     """``metric`` at every captured layer x position of one prompt, with its tokens on the x axis."""
     if result.metrics is None:
@@ -275,7 +395,7 @@ def save_figure(figure, path: Path) -> Path:
     return write_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
-STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "heatmap")
+STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "components", "logit_lens", "heatmap")
 
 
 def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
@@ -286,6 +406,10 @@ def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
         "norms": norm_profile(result),
         "cosine_prev": layer_curves([result], "cosine_prev"),
     }
+    if "components" in [a.name for a in result.analyses()]:
+        figures["components"] = sublayer_curves(result, "relative_l2")
+    if "logit_lens" in [a.name for a in result.analyses()]:
+        figures["logit_lens"] = logit_lens_curves(result)
     if result.metrics is not None:
         figures["heatmap"] = position_heatmap(result, "relative_l2", prompt=0)
     return figures

@@ -60,6 +60,8 @@ def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan
         base_dtype=base.dtype,
         sft_dtype=sft.dtype,
         states=len(states_for_layers(facts["layers"])),
+        components=2 * len(facts["layers"]) if facts.get("components") else 0,
+        logit_lens=bool(facts.get("logit_lens")),
     )
     return plan_models(
         _source(base, facts["configs"]["base"], facts["device"]),

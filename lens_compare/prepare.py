@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lens_compare.analyses.logit_lens import resolve_logit_lens
 from lens_compare.config import RunConfig
 from lens_compare.errors import ConfigError, TokenizationError
 from lens_compare.loading import (
@@ -179,6 +180,8 @@ class PreparedRun:
     tokenized: TokenizedPrompts
     tokenizers: dict[str, Any]
     overrides: LoadOverrides
+    # Whether the logit lens runs (``config.logit_lens``, resolved: None means by model size).
+    logit_lens: bool = False
 
     @property
     def sides(self) -> tuple[Side, Side]:
@@ -191,7 +194,8 @@ class PreparedRun:
             "device": self.device, "gpus": self.gpus, "layers": self.layers,
             "n_prompts": len(self.tokenized.token_ids), "max_tokens": max(self.tokenized.lengths),
             "batch_size": self.config.batch_size, "strategy": self.config.strategy,
-            "model_kwargs": self.overrides.model_kwargs,
+            "model_kwargs": self.overrides.model_kwargs, "components": self.config.components,
+            "logit_lens": self.logit_lens,
         }
 
 
@@ -245,8 +249,9 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
     )
     for side in (base, sft):
         check_context(tokenized, context_length(model_configs[side.role]), f"{side.role} model {side.ref}")
+    logit_lens = resolve_logit_lens(config.logit_lens, model_configs)
     return PreparedRun(config, pair_label, base, sft, device, gpus, model_configs, layers, tokenized,
-                       tokenizers, overrides)
+                       tokenizers, overrides, logit_lens)
 
 
 def pad_id(tokenizer) -> int:

@@ -9,11 +9,12 @@ import pandas as pd
 from jaxtyping import Bool
 from torch import Tensor
 
-from lens_compare.aggregate import layer_records, token_mask
+from lens_compare.aggregate import analysis_records, layer_records, token_mask
+from lens_compare.analyses import ANALYSES, TokenAnalysis
 from lens_compare.bootstrap import Bootstrap, unit_for
 from lens_compare.capture import ResidualStates
 from lens_compare.errors import LensCompareError
-from lens_compare.hooks import HOOK_KINDS
+from lens_compare.hooks import COMPONENTS, HOOK_KINDS
 from lens_compare.metrics import METRIC_NAMES
 from lens_compare.per_token import TokenMetrics
 from lens_compare.tokens import TokenizedPrompts
@@ -21,7 +22,12 @@ from lens_compare.tokens import TokenizedPrompts
 # The summary's statistic columns: the mean, its interval (NaN without one), the spread.
 SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
 # 2: per-layer records carry ci_low/ci_high, aggregation.interval describes them.
-SCHEMA_VERSION = 2
+# 3: the analyses' records (``components``), also under ``first_token``.
+SCHEMA_VERSION = 3
+# The DataFrames' hook and metric categories: the residual hooks and metrics, then the analyses'.
+HOOK_COLUMN = (*HOOK_KINDS, *COMPONENTS)
+METRIC_COLUMN = tuple(dict.fromkeys(
+    (*METRIC_NAMES, *(a.hook_and_metric(k)[1] for a in ANALYSES for k in a.keys))))
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class ComparisonResult:
     stored_records: dict[str, dict[str, list[dict[str, Any]]]] | None = field(default=None, repr=False)
     # The interval drawn around every per-layer mean (None: none).
     bootstrap: Bootstrap | None = None
+    # The analyses' per-token values (``lens_compare.analyses``): key -> [layer, prompt, pos].
+    analysis_metrics: dict[str, Tensor] = field(default_factory=dict, repr=False)
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
     _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -88,6 +96,30 @@ class ComparisonResult:
                                                      self.bootstrap)
         return self._records[positions]
 
+    def analyses(self) -> tuple[TokenAnalysis, ...]:
+        """The analyses this result holds (per-token values, or records read back from a saved run)."""
+        if self.metrics is None:
+            held = {key for records in self.stored_records.values() for key in records}
+            return tuple(a for a in ANALYSES if a.name in held)
+        return tuple(a for a in ANALYSES if all(key in self.analysis_metrics for key in a.keys))
+
+    def analysis_records(self, name: str, positions: str | None = None) -> list[dict[str, Any]]:
+        """One analysis's per-layer records (``components``: ``{"layer", "attn_out": {...}, "mlp_out": {...}}``)."""
+        held = [a.name for a in self.analyses()]
+        if name not in held:
+            raise LensCompareError(f"this result has no {name!r} analysis; it holds {held or 'none'}")
+        if positions is None:
+            positions = "all" if self.include_first_token else "rest"
+        if self.metrics is None:
+            return self.layer_records(positions)[name]
+        key = f"{name}/{positions}"
+        if key not in self._records:
+            analysis = next(a for a in ANALYSES if a.name == name)
+            values = {k: self.analysis_metrics[k] for k in analysis.keys}
+            self._records[key] = analysis_records(values, self.layers, token_mask(self.real_tokens, positions),
+                                                  self.bootstrap)
+        return self._records[key]
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see the README for its schema)."""
         positions = "all" if self.include_first_token else "rest"
@@ -104,21 +136,24 @@ class ComparisonResult:
                 if self.bootstrap is not None and self.bootstrap.resamples > 0 else None,
             },
             "layers": list(self.layers),
-            **self.layer_records(positions),
-            "first_token": self.layer_records("first"),
+            **{kind: self.layer_records(positions)[kind] for kind in HOOK_KINDS},
+            **{a.name: self.analysis_records(a.name, positions) for a in self.analyses()},
+            "first_token": {**{kind: self.layer_records("first")[kind] for kind in HOOK_KINDS},
+                            **{a.name: self.analysis_records(a.name, "first") for a in self.analyses()}},
         }
 
     def summary(self, *, hook: str | None = None, metric: str | None = None,
                 positions: str | None = None) -> pd.DataFrame:
         """One row per hook x layer x metric with mean, ci_low, ci_high (its bootstrap interval), std, min,
-        max, plus the first token's own rows.
+        max, plus the first token's own rows. The analyses add their rows: ``components`` under hooks
+        ``attn_out`` and ``mlp_out`` (metrics cosine, relative_l2, base_norm, sft_norm).
 
         ``hook``, ``metric`` and ``positions`` (``rest``/``all``, ``first``) keep only those rows:
 
         >>> result.summary(hook="resid_post", metric="cosine").plot(x="layer", y="mean")  # doctest: +SKIP
         """
         main = "all" if self.include_first_token else "rest"
-        for name, value, allowed in (("hook", hook, HOOK_KINDS), ("metric", metric, METRIC_NAMES),
+        for name, value, allowed in (("hook", hook, HOOK_COLUMN), ("metric", metric, METRIC_COLUMN),
                                      ("positions", positions, (main, "first"))):
             if value is not None and value not in allowed:
                 raise LensCompareError(f"summary({name}={value!r}): expected one of {list(allowed)}")
@@ -126,23 +161,29 @@ class ComparisonResult:
         for where in (main, "first"):
             if positions is not None and where != positions:
                 continue
-            for kind, records in self.layer_records(where).items():
-                if hook is not None and kind != hook:
-                    continue
-                for record in records:
+            for kind in HOOK_KINDS:
+                for record in self.layer_records(where)[kind]:
                     for name in METRIC_NAMES:
-                        if metric is not None and name != metric:
-                            continue
-                        stats = record[name] or dict.fromkeys(SUMMARY_STATS)
                         rows.append({"positions": where, "hook": kind, "layer": record["layer"],
-                                     "metric": name, **stats})
+                                     "metric": name, **(record[name] or dict.fromkeys(SUMMARY_STATS))})
+            for analysis in self.analyses():
+                for record in self.analysis_records(analysis.name, where):
+                    for key in analysis.keys:
+                        kind, name = analysis.hook_and_metric(key)
+                        outer, _, inner = key.partition(".")
+                        stats = record[outer][inner] if inner else record[outer]
+                        rows.append({"positions": where, "hook": kind, "layer": record["layer"],
+                                     "metric": name, **(stats or dict.fromkeys(SUMMARY_STATS))})
+        rows = [row for row in rows if (hook is None or row["hook"] == hook)
+                and (metric is None or row["metric"] == metric)]
         frame = pd.DataFrame(rows, columns=["positions", "hook", "layer", "metric", *SUMMARY_STATS])
         for column in SUMMARY_STATS:
             frame[column] = frame[column].astype("float64")
         return _shared_dtypes(frame)
 
     def to_dataframe(self) -> pd.DataFrame:
-        """Tidy long table: one row per prompt x hook x layer x position x metric (real tokens only)."""
+        """Tidy long table: one row per prompt x hook x layer x position x metric (real tokens only),
+        the analyses' per-token values included (hooks ``attn_out``/``mlp_out`` for ``components``)."""
         if self.metrics is None:
             raise LensCompareError(
                 "this saved run has no token table beside its JSON; re-run it with --parquet or --csv "
@@ -159,9 +200,13 @@ class ComparisonResult:
         token_ids = id_grid[prompt_idx, position_idx]
         untrained = np.isin(token_ids, list(self.untrained_base_tokens))
         frames = []
-        for hook in HOOK_KINDS:
+        columns = [(hook, name, self.metrics[hook][name]) for hook in HOOK_KINDS for name in METRIC_NAMES]
+        for analysis in self.analyses():
+            columns += [(*analysis.hook_and_metric(key), self.analysis_metrics[key]) for key in analysis.keys]
+        for hook in dict.fromkeys(column[0] for column in columns):
+            names = [name for kind, name, _ in columns if kind == hook]
             stacked = einops.rearrange(
-                [self.metrics[hook][name] for name in METRIC_NAMES],
+                [values for kind, _, values in columns if kind == hook],
                 "metric layer prompt pos -> metric layer prompt pos",
             ).numpy()
             picked = stacked[:, :, prompt_idx, position_idx]
@@ -174,7 +219,7 @@ class ComparisonResult:
                 "token": np.tile(token_grid[prompt_idx, position_idx], n_metrics * n_layers),
                 "token_id": np.tile(token_ids, n_metrics * n_layers),
                 "base_untrained": np.tile(untrained, n_metrics * n_layers),
-                "metric": np.repeat(np.asarray(METRIC_NAMES, dtype=object), n_layers * n_tokens),
+                "metric": np.repeat(np.asarray(names, dtype=object), n_layers * n_tokens),
                 "value": einops.rearrange(picked, "metric layer token -> (metric layer token)"),
             }))
         frame = pd.concat(frames, ignore_index=True)
@@ -184,7 +229,7 @@ class ComparisonResult:
 
 def _shared_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns ``summary()`` and ``to_dataframe()`` share get one dtype in both."""
-    for column, categories in (("hook", HOOK_KINDS), ("metric", METRIC_NAMES), ("positions", ("rest", "all", "first"))):
+    for column, categories in (("hook", HOOK_COLUMN), ("metric", METRIC_COLUMN), ("positions", ("rest", "all", "first"))):
         if column in frame:
             frame[column] = pd.Categorical(frame[column], categories=list(categories))
     frame["layer"] = frame["layer"].astype("int64")

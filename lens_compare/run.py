@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, metavar="N",
                    help="resamples of the 95%% bootstrap interval of every per-layer mean (default 1000; 0: none)")
     p.add_argument("--seed", type=int, help="seed of the bootstrap resamples (default 0; recorded in the provenance)")
+    p.add_argument("--components", action=argparse.BooleanOptionalAction, default=None,
+                   help="also compare each block's attention and MLP outputs (default: on)")
+    p.add_argument("--logit-lens", action=argparse.BooleanOptionalAction, default=None,
+                   help="project every layer through both models' final norm and unembedding and compare the "
+                        "predictions (default: on for models up to 8B parameters)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--strategy", choices=("auto", "resident", "sequential", "nf4", "stream"),
                    help="how to run the pair (default auto: the planner's pick among resident, sequential "
@@ -97,6 +102,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         "include_first_token": args.include_first_token, "batch_size": args.batch_size,
         "strategy": args.strategy, "save_residuals": args.save_residuals, "output_dir": args.out,
         "shard_size": args.shard_size, "bootstrap": args.bootstrap, "seed": args.seed,
+        "components": args.components, "logit_lens": args.logit_lens,
     }
     if args.pair:
         changes.update(pair=args.pair, base_model=None, sft_model=None)

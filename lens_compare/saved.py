@@ -17,16 +17,18 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
+from lens_compare.analyses import ANALYSES
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.capture import ResidualStates
 from lens_compare.errors import LensCompareError
 from lens_compare.hooks import HOOK_KINDS, hook_name, states_for_layers
 from lens_compare.metrics import METRIC_NAMES
 from lens_compare.result import SCHEMA_VERSION, ComparisonResult
-
-# Schema 1 runs (before the bootstrap intervals) read the same, without ci_low/ci_high.
-READABLE_VERSIONS = (1, SCHEMA_VERSION)
 from lens_compare.tokens import TokenizedPrompts
+
+# Schema 1 runs (before the bootstrap intervals) read the same, without ci_low/ci_high;
+# schema 1 and 2 runs have no analyses.
+READABLE_VERSIONS = (1, 2, SCHEMA_VERSION)
 
 
 def _stem(path: Path) -> Path:
@@ -61,16 +63,19 @@ def load_run(path: str | Path) -> ComparisonResult:
     main = "all" if include_first else "rest"
     untrained = {int(entry["id"]): float(entry["norm_over_median"]) for entry in provenance["untrained_base_tokens"]}
     table = _token_table(_stem(path))
-    metrics, token_strings = (None, tuple(("",) * len(ids) for ids in token_ids)) if table is None \
-        else _metrics_from_table(table, layers, real)
-    stored = None if metrics is not None else {main: {k: document[k] for k in HOOK_KINDS},
-                                                 "first": document["first_token"]}
+    held = [a for a in ANALYSES if a.name in document]
+    metrics, analysis_metrics, token_strings = (None, {}, tuple(("",) * len(ids) for ids in token_ids)) \
+        if table is None else _metrics_from_table(table, layers, real, held)
+    stored = None if metrics is not None else {
+        main: {k: document[k] for k in (*HOOK_KINDS, *(a.name for a in held))},
+        "first": document["first_token"]}
     return ComparisonResult(
         provenance=provenance, layers=layers, tokens=tokens, token_strings=token_strings,
         untrained_base_tokens=untrained, real_tokens=real, metrics=metrics, include_first_token=include_first,
         residuals=_residuals(_stem(path).with_suffix(".safetensors"), layers, provenance["n_layers"]),
         stored_records=stored,
         bootstrap=_bootstrap(provenance),
+        analysis_metrics=analysis_metrics,
     )
 
 
@@ -91,26 +96,28 @@ def _token_table(stem: Path) -> pd.DataFrame | None:
     return None
 
 
-def _metrics_from_table(table: pd.DataFrame, layers: tuple[int, ...], real: torch.Tensor):
+def _metrics_from_table(table: pd.DataFrame, layers: tuple[int, ...], real: torch.Tensor, analyses):
+    """The residual metrics, the ``analyses``' per-token values and the token strings, from a token table."""
     shape = (len(layers), *real.shape)
     row_of = {layer: row for row, layer in enumerate(layers)}
     rows = torch.tensor(table["layer"].map(row_of).to_numpy())
     prompts = torch.tensor(table["prompt"].to_numpy())
     positions = torch.tensor(table["position"].to_numpy())
     values = torch.tensor(table["value"].to_numpy(dtype="float32"))
-    metrics: dict[str, dict[str, torch.Tensor]] = {}
-    for hook in HOOK_KINDS:
-        metrics[hook] = {}
-        for name in METRIC_NAMES:
-            grid = torch.full(shape, torch.nan)
-            pick = torch.tensor(((table["hook"] == hook) & (table["metric"] == name)).to_numpy())
-            grid[rows[pick], prompts[pick], positions[pick]] = values[pick]
-            metrics[hook][name] = grid
+
+    def grid(hook: str, name: str) -> torch.Tensor:
+        out = torch.full(shape, torch.nan)
+        pick = torch.tensor(((table["hook"] == hook) & (table["metric"] == name)).to_numpy())
+        out[rows[pick], prompts[pick], positions[pick]] = values[pick]
+        return out
+
+    metrics = {hook: {name: grid(hook, name) for name in METRIC_NAMES} for hook in HOOK_KINDS}
+    analysis_metrics = {key: grid(*analysis.hook_and_metric(key)) for analysis in analyses for key in analysis.keys}
     strings = [[""] * int(n) for n in real.sum(dim=1).tolist()]
     first = table.drop_duplicates(["prompt", "position"])
     for prompt, position, token in zip(first["prompt"], first["position"], first["token"], strict=True):
         strings[int(prompt)][int(position)] = "" if pd.isna(token) else str(token)
-    return metrics, tuple(tuple(row) for row in strings)
+    return metrics, analysis_metrics, tuple(tuple(row) for row in strings)
 
 
 def _residuals(path: Path, layers: tuple[int, ...], n_layers: int) -> tuple[ResidualStates, ResidualStates] | None:

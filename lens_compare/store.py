@@ -174,8 +174,11 @@ class RunFolder:
         return self._states_path(role, shard).is_file()
 
     def put_states(self, role: str, shard: int, states: ResidualStates) -> None:
-        metadata = {"n_layers": str(states.n_layers), "states": ",".join(map(str, states.states))}
+        metadata = {"n_layers": str(states.n_layers), "states": ",".join(map(str, states.states)),
+                    "component_layers": ",".join(map(str, states.component_layers))}
         tensors = {"values": states.values.contiguous()}
+        if states.components is not None:
+            tensors["components"] = states.components.contiguous()
         write_atomically(self._states_path(role, shard), lambda tmp: save_file(tensors, str(tmp), metadata))
 
     def get_states(self, role: str, shard: int) -> ResidualStates:
@@ -188,10 +191,13 @@ class RunFolder:
         with safe_open(str(self._states_path(role, shard)), "pt") as handle:
             metadata = handle.metadata()
             values = handle.get_tensor("values")
+            components = handle.get_tensor("components") if "components" in handle.keys() else None  # noqa: SIM118 (a safetensors handle)
         return ResidualStates(
             n_layers=int(metadata["n_layers"]),
             states=tuple(int(s) for s in metadata["states"].split(",")),
             values=values,
+            component_layers=tuple(int(s) for s in metadata.get("component_layers", "").split(",") if s),
+            components=components,
         )
 
     def state_slice(self, role: str, state: int, shard: int) -> torch.Tensor:
@@ -273,9 +279,15 @@ def stack_metrics(parts: list[dict[str, torch.Tensor]], width: int) -> StateMetr
 
 
 def stack_states(parts: list[ResidualStates], width: int) -> ResidualStates:
-    """Concatenate shards' residual states along the prompt axis, zero-padded to ``width``."""
-    values = []
-    for part in parts:
-        v = part.values
-        values.append(torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[2])))
-    return ResidualStates(n_layers=parts[0].n_layers, states=parts[0].states, values=torch.cat(values, dim=1))
+    """Concatenate shards' residual states (and sublayer outputs) along the prompt axis,
+    zero-padded to ``width``."""
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, 0, 0, width - tensor.shape[-2]))
+
+    values = torch.cat([padded(part.values) for part in parts], dim=1)
+    components = None
+    if all(part.components is not None for part in parts):
+        components = torch.cat([padded(part.components) for part in parts], dim=2)
+    return ResidualStates(n_layers=parts[0].n_layers, states=parts[0].states, values=values,
+                          component_layers=parts[0].component_layers if components is not None else (),
+                          components=components)

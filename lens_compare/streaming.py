@@ -27,11 +27,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from lens_compare.analyses.logit_lens import Head
 from lens_compare.capture import ResidualStates
 from lens_compare.checkpoint import SafetensorsCheckpoint, TensorHeader
 from lens_compare.errors import CaptureError, CheckpointError
 from lens_compare.fp8 import FP8_DTYPES, dequantize, expected_scale_shape, fp8_layout, scale_name
 from lens_compare.hardware.families import StreamRule, stream_rule
+from lens_compare.hooks import COMPONENTS
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import DTYPES
 
@@ -245,6 +247,22 @@ class StreamedModel:
 
     # -- running ---------------------------------------------------------------------
 
+    def read_head(self) -> Head:
+        """The final norm and the unembedding, read from the checkpoint to the run device (the
+        logit lens, after the last block). A tied unembedding is the token embedding's matrix."""
+        norm = self.load(self.rule.final_norm)
+        output = self.model.get_output_embeddings()
+        path = next(name for name, module in self.model.named_modules() if module is output)
+        names = {key: f"{path}.{key}" for key in ("weight", "bias") if getattr(output, key, None) is not None}
+        if names["weight"] not in self.checkpoint:
+            if not getattr(self.config, "tie_word_embeddings", False):
+                raise CheckpointError(f"{self.role} model {self.spec!r}: the unembedding {names['weight']!r} is "
+                                      "not in the checkpoint and the config does not tie it to the embedding")
+            names["weight"] = self._name(f"{self.rule.token_embedding}.weight")
+        with self.checkpoint.reader(self.device) as get:
+            tensors = {key: self._converted(get, name, self.dtype) for key, name in names.items()}
+        return Head(norm, tensors["weight"], tensors.get("bias"))
+
     def read_final_norm_weight(self) -> Tensor | None:
         """The last ``*norm.weight`` of the model (its final norm), as the weights fingerprint hashes it."""
         names = [name for name, _ in self.base.named_parameters() if name.endswith("norm.weight")]
@@ -314,31 +332,55 @@ class StreamedModel:
     def run_block(
         self, block: int, module: torch.nn.Module, hidden: Float[Tensor, "prompt pos d_model"],
         real: Bool[Tensor, "prompt pos"], contexts: list[BatchContext],
+        components: Float[Tensor, "component prompt pos d_model"] | None = None,
     ) -> Float[Tensor, "prompt pos d_model"]:
-        """Every prompt through one materialised block; the output on the host, padding zeroed."""
+        """Every prompt through one materialised block; the output on the host, padding zeroed.
+
+        ``components``, when given, receives the block's attention and MLP outputs
+        (``COMPONENTS`` order), read by forward hooks on its HF modules; padding zeroed."""
         out = torch.zeros_like(hidden)
         kind = self.mask_kind(block)
-        with torch.no_grad():
-            for ctx in contexts:
-                h = hidden[ctx.start:ctx.stop, :ctx.width].to(self.device)
-                kwargs: dict[str, Any] = dict(attention_mask=ctx.masks[kind], position_ids=ctx.position_ids,
-                                              use_cache=False)
-                if ctx.position_embeddings is not None:
-                    kwargs["position_embeddings"] = ctx.position_embeddings
-                result = module(h, **kwargs)
-                result = result.to("cpu")
-                batch_real = real[ctx.start:ctx.stop, :ctx.width]
-                bad = (~torch.isfinite(result)).any(dim=-1) & batch_real
-                if bad.any():
-                    prompt = ctx.start + int(bad.any(dim=1).nonzero()[0])
-                    raise CaptureError(
-                        f"{self.role} model {self.spec!r}: block {block} produced non-finite values for prompt "
-                        f"{prompt}; stopping before any metric of it is written (check the dtype: float16 "
-                        "overflows where bfloat16 does not)"
-                    )
-                out[ctx.start:ctx.stop, :ctx.width] = result
+        writes: dict[int, Tensor] = {}
+        handles = []
+        if components is not None:
+            components.zero_()
+            for index, name in enumerate((self.rule.attention, self.rule.mlp)):
+                def keep(_module, _args, output, index=index):
+                    writes[index] = output[0] if isinstance(output, tuple) else output
+                handles.append(module.get_submodule(name).register_forward_hook(keep))
+        try:
+            with torch.no_grad():
+                for ctx in contexts:
+                    h = hidden[ctx.start:ctx.stop, :ctx.width].to(self.device)
+                    kwargs: dict[str, Any] = dict(attention_mask=ctx.masks[kind], position_ids=ctx.position_ids,
+                                                  use_cache=False)
+                    if ctx.position_embeddings is not None:
+                        kwargs["position_embeddings"] = ctx.position_embeddings
+                    result = module(h, **kwargs)
+                    result = result.to("cpu")
+                    for index, written in writes.items():
+                        components[index, ctx.start:ctx.stop, :ctx.width] = written.to("cpu")
+                    writes.clear()
+                    self._check_finite(block, ctx, result, real)
+                    out[ctx.start:ctx.stop, :ctx.width] = result
+        finally:
+            for handle in handles:
+                handle.remove()
         out.masked_fill_(~real[..., None], 0)
+        if components is not None:
+            components.masked_fill_(~real[None, ..., None], 0)
         return out
+
+    def _check_finite(self, block: int, ctx: BatchContext, result: Tensor, real: Bool[Tensor, "prompt pos"]) -> None:
+        batch_real = real[ctx.start:ctx.stop, :ctx.width]
+        bad = (~torch.isfinite(result)).any(dim=-1) & batch_real
+        if bad.any():
+            prompt = ctx.start + int(bad.any(dim=1).nonzero()[0])
+            raise CaptureError(
+                f"{self.role} model {self.spec!r}: block {block} produced non-finite values for prompt "
+                f"{prompt}; stopping before any metric of it is written (check the dtype: float16 "
+                "overflows where bfloat16 does not)"
+            )
 
 
 def _quantization_config(config) -> dict[str, Any] | None:
@@ -372,6 +414,7 @@ def forward_batches(real: Bool[Tensor, "prompt pos"], batch_size: int) -> list[t
 def stream_states(
     role: str, ref, config, options: LoadOptions, token_ids: Int[Tensor, "prompt pos"],
     real: Bool[Tensor, "prompt pos"], states: tuple[int, ...], *, batch_size: int,
+    component_layers: tuple[int, ...] = (),
 ) -> ResidualStates:
     """One model's residual ``states`` for every prompt, streamed (what ``capture_states`` gives
     through TransformerBridge). The pair engine runs two models in lockstep instead."""
@@ -385,11 +428,16 @@ def stream_states(
     hidden.masked_fill_(~real[..., None], 0)
     contexts = model.contexts(hidden, real, batches)
     kept = {0: hidden} if 0 in states else {}
+    parts = {}
     for block in range(n_blocks):
         module = model.load(model.block_path(block))
-        hidden = model.run_block(block, module, hidden, real, contexts)
+        if block in component_layers:
+            parts[block] = hidden.new_empty((len(COMPONENTS), *hidden.shape))
+        hidden = model.run_block(block, module, hidden, real, contexts, parts.get(block))
         model.free(module)
         if block + 1 in states:
             kept[block + 1] = hidden
     values = torch.stack([kept[state] for state in states])
-    return ResidualStates(n_layers=model.n_layers, states=tuple(states), values=values)
+    components = torch.stack([parts[layer] for layer in component_layers]) if component_layers else None
+    return ResidualStates(n_layers=model.n_layers, states=tuple(states), values=values,
+                          component_layers=tuple(component_layers), components=components)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lens_compare.bootstrap import Bootstrap, interval, resample_counts, resampled_means
+from lens_compare.result import SCHEMA_VERSION
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a b c d e f"]
 
@@ -75,7 +76,7 @@ def test_results_carry_intervals_in_records_json_and_summary(perturbed_llama):
     base, sft, block = perturbed_llama
     result = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS, seed=7)
     document = result.to_dict()
-    assert document["schema_version"] == 2
+    assert document["schema_version"] == SCHEMA_VERSION
     assert document["aggregation"]["interval"]["resampled"].startswith("prompts")
     assert document["aggregation"]["interval"]["seed"] == 7 and result.provenance["bootstrap"]["seed"] == 7
     for record in document["resid_post"]:
@@ -145,7 +146,9 @@ def test_load_run_reads_schema_1_runs_without_intervals_and_recomputes_the_same_
     loaded = lens_compare.load_run(path)  # from the token table, with the run's own seed
     assert loaded.to_dict()["resid_post"] == written["resid_post"]
 
-    old = dict(written, schema_version=1)
+    # A schema 1 run: no intervals, no bootstrap provenance, no analyses.
+    old = {k: v for k, v in written.items() if k != "components"}
+    old.update(schema_version=1, first_token={k: v for k, v in written["first_token"].items() if k != "components"})
     old["provenance"] = {k: v for k, v in written["provenance"].items() if k != "bootstrap"}
     for records in (old["resid_pre"], old["resid_post"], *old["first_token"].values()):
         for record in records:

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import lens_compare
+from lens_compare.analyses.components import COMPONENT_METRICS
+from lens_compare.analyses.logit_lens import LOGIT_LENS_KEYS
 from lens_compare.metrics import METRIC_NAMES
+from lens_compare.result import SCHEMA_VERSION
 from tests.fixtures.tiny_models import FAMILIES
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a b c d e f g"]
@@ -84,13 +87,17 @@ def test_json_is_strict_and_dataframe_is_tidy(tiny_model_dirs):
     result = lens_compare.compare(base=directory, sft=directory, prompts=PROMPTS)
     text = json.dumps(result.to_dict(), allow_nan=False)
     document = json.loads(text)
-    assert document["schema_version"] == 2
+    assert document["schema_version"] == SCHEMA_VERSION
     for key in ("versions", "pair", "base_model", "sft_model", "dtype", "device", "token_ids",
                 "chat_template", "timestamp"):
         assert key in document["provenance"]
     frame = result.to_dataframe()
     n_tokens = int(result.real_tokens.sum())
-    assert len(frame) == 2 * 3 * n_tokens * len(METRIC_NAMES)
+    # Two residual hooks x 10 metrics, two sublayer outputs x 4 metrics, the logit lens's 5 (on
+    # resid_post), 3 layers, every real token.
+    assert len(frame) == 3 * n_tokens * (2 * len(METRIC_NAMES) + 2 * len(COMPONENT_METRICS) + len(LOGIT_LENS_KEYS))
+    mlp = frame.query("hook == 'mlp_out' and layer == 2 and metric == 'cosine' and prompt == 1 and position == 1")
+    assert mlp["value"].item() == result.analysis_metrics["mlp_out.cosine"][2, 1, 1].item()
     assert list(frame.columns) == ["prompt", "hook", "layer", "position", "token", "token_id",
                                    "base_untrained", "metric", "value"]
     row = frame.query("hook == 'resid_post' and layer == 2 and metric == 'base_norm' and prompt == 1 "

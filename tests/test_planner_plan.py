@@ -420,3 +420,28 @@ def test_checkpoint_dtype_is_read_without_the_torch_dtype_deprecation(smollm2_gg
     assert touched == []
     assert checkpoint_of({"torch_dtype": "bfloat16"}).precision == "bfloat16"
     assert checkpoint_of({"dtype": "float16"}).precision == "float16"
+
+
+def test_the_analyses_count_in_the_run_memory():
+    """Sublayer outputs are two more [batch, tokens, d_model] per block and model; the logit lens
+    keeps the first model's unembedding through a sequential run and streams both heads in."""
+    from dataclasses import replace
+
+    from lens_compare.hardware.machine import catalog_machine
+    from lens_compare.hardware.planner import plan_models, sources_for
+    from lens_compare.hardware.run_memory import Workload
+
+    machine = catalog_machine("H100 SXM 80GB", 1, None)
+    base, sft = sources_for("llama8b", None, None)
+    workload = Workload(tokens=250, batch=8)
+
+    def peaks(**changes):
+        plan = plan_models(base, sft, replace(workload, **changes), machine, pair="llama8b", with_cheapest=False)
+        return {name: result.peak_gib_per_gpu for name, result in plan.strategies.items()}
+
+    plain, components, lens = peaks(), peaks(components=64), peaks(logit_lens=True)
+    writes = 2 * 64 * 8 * 250 * 4096 * 2 / 2**30  # both models' sublayer outputs, bfloat16
+    assert components["resident"] - plain["resident"] == pytest.approx(writes, rel=0.06)  # with the 5% allocator overhead
+    head = 128256 * 4096 * 2 / 2**30
+    assert lens["sequential"] - plain["sequential"] == pytest.approx(head, rel=0.06)
+    assert lens["stream"] > 2 * head > plain["stream"]  # both heads at once, after the last block

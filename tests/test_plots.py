@@ -160,3 +160,39 @@ def test_cli_reads_the_run_against_a_saved_noise_floor_run(perturbed_llama, tmp_
                      "--noise-floor-run", str(bad)]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_sublayer_curves_draw_both_writes_and_the_stream(runs):
+    changed, _ = runs
+    ax = plots.sublayer_curves(changed, "relative_l2").axes[0]
+    lines = {line.get_label().split(" ")[0]: line for line in ax.get_lines()}
+    assert list(lines) == ["attn_out", "mlp_out", "resid_post"] and ax.get_yscale() == "log"
+    for hook in ("attn_out", "mlp_out"):
+        expected = changed.summary(hook=hook, metric="relative_l2", positions="rest")["mean"].to_numpy()
+        drawn = np.asarray(lines[hook].get_ydata(), dtype=float)
+        assert np.allclose(drawn[expected > 0], expected[expected > 0]) and np.isnan(drawn[expected == 0]).all()
+    norms = plots.sublayer_curves(changed, "sft_norm").axes[0]
+    assert norms.get_yscale() == "linear" and len(norms.get_lines()) == 2  # no stream line for a write's norm
+    with pytest.raises(LensCompareError, match="the sublayer comparison has"):
+        plots.sublayer_curves(changed, "norm_ratio")
+    plain = lens_compare.compare(base=str(changed.provenance["base_model"]["location"]),
+                                 sft=str(changed.provenance["base_model"]["location"]), prompts=PROMPTS[:1],
+                                 components=False)
+    assert "components" not in plots.standard_figures(plain)
+    with pytest.raises(LensCompareError, match="--no-components"):
+        plots.sublayer_curves(plain)
+
+
+def test_logit_lens_curves_draw_the_records(runs):
+    changed, same = runs
+    figure = plots.logit_lens_curves(changed)
+    left, right = figure.axes[:2]
+    lines = {line.get_label(): np.asarray(line.get_ydata(), dtype=float) for line in left.get_lines()}
+    assert list(lines) == ["kl_sft_base", "js", "base_kl_to_final", "sft_kl_to_final"] and left.get_yscale() == "log"
+    kl = changed.summary(hook="resid_post", metric="kl_sft_base", positions="rest")["mean"].to_numpy()
+    assert np.allclose(lines["kl_sft_base"][kl > 0], kl[kl > 0]) and np.isnan(lines["kl_sft_base"][kl == 0]).all()
+    agree = changed.summary(hook="resid_post", metric="top1_agree", positions="rest")["mean"].to_numpy()
+    assert np.allclose(np.asarray(right.get_lines()[0].get_ydata(), dtype=float), agree)
+    plots.logit_lens_curves(same, band="ci")  # identical models: nothing positive on the log axis
+    with pytest.raises(LensCompareError, match="band 'wide'"):
+        plots.logit_lens_curves(changed, band="wide")

@@ -196,8 +196,12 @@ def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, ca
     job = make_job(run, layout, execution, keep_states=False)
     lengths = run.tokenized.lengths
     widths = [max(lengths[a:b]) for a, b in layout.bounds]
-    expected = sum(4 * (b - a) * w * 64 * 4 for (a, b), w in zip(layout.bounds, widths))  # 4 states, d 64, fp32
+    # 4 states and 2 sublayer outputs of each of 3 blocks, d 64, float32.
+    expected = sum((4 + 2 * 3) * (b - a) * w * 64 * 4 for (a, b), w in zip(layout.bounds, widths))
     assert spill_bytes(job, execution) == expected
+    plain, plain_layout, plain_execution = start_run(config.replace(components=False), preflight=_cpu("sequential"))
+    assert spill_bytes(make_job(plain, plain_layout, plain_execution, keep_states=False),
+                       plain_execution) == expected * 4 // 10
     assert spill_bytes(make_job(run, layout, execution, keep_states=True), execution) == 2 * expected
     _, _, resident = start_run(config, preflight=_cpu("resident"))
     assert spill_bytes(make_job(run, layout, resident, keep_states=False), resident) == 0

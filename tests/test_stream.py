@@ -221,6 +221,9 @@ def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llam
     for hook, metrics in clean.metrics.items():
         for name in METRIC_NAMES:
             torch.testing.assert_close(resumed.metrics[hook][name], metrics[name], equal_nan=True, atol=0, rtol=0)
+    assert resumed.analysis_metrics.keys() == clean.analysis_metrics.keys() and clean.analysis_metrics
+    for key, values in clean.analysis_metrics.items():
+        torch.testing.assert_close(resumed.analysis_metrics[key], values, equal_nan=True, atol=0, rtol=0)
 
 
 def test_non_finite_block_output_names_block_and_prompt(tiny_model_dirs, tmp_path):

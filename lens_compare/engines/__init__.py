@@ -37,6 +37,10 @@ class Job:
     keep_states: bool
     token_ids: Int[Tensor, "prompt pos"]
     real: Bool[Tensor, "prompt pos"]
+    # Blocks whose attention and MLP outputs are compared (the components analysis); () for none.
+    component_layers: tuple[int, ...] = ()
+    # Compute the logit lens (``states`` then include the last one, ``n_layers``).
+    logit_lens: bool = False
 
     def shard_inputs(self, shard: int) -> tuple[Int[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
         """A shard's ids and mask, trimmed to the shard's longest prompt."""

@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lens_compare.analyses.components import component_metrics
+from lens_compare.analyses.logit_lens import Head, head_of, logit_lens_metrics
 from lens_compare.capture import ResidualStates, capture_states
 from lens_compare.engines import Job
+from lens_compare.hardware.families import final_norm_path
 from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_hf_model, weights_fingerprint
@@ -33,16 +36,18 @@ logger = logging.getLogger("lens_compare")
 class LoadedModel:
     """One model of the pair, loaded and wrapped; ``close()`` drops every reference to it."""
 
-    def __init__(self, role: str, hf_model, bridge, facts: dict[str, Any]):
+    def __init__(self, role: str, hf_model, bridge, facts: dict[str, Any], head: Head | None = None):
         self.role = role
         self.hf_model = hf_model
         self.bridge = bridge
         self.facts = facts
+        # The final norm and unembedding (the logit lens); outlives close() where kept.
+        self.head = head
 
     def capture(self, job: Job, shard: int, on_batch: Callable[[int], None] | None) -> ResidualStates:
         token_ids, real = job.shard_inputs(shard)
         states = capture_states(self.bridge, token_ids, real, job.states, batch_size=job.run.config.batch_size,
-                                label=self.role, on_batch=on_batch)
+                                label=self.role, on_batch=on_batch, component_layers=job.component_layers)
         release_host_memory()
         return states
 
@@ -87,15 +92,31 @@ def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
     hf_model = load_hf_model(side.ref, run.model_configs[side.role], options)
     # Before the bridge wraps the modules (and renames the final norm's weight).
     fingerprint = weights_fingerprint(hf_model)
+    head = head_of(hf_model, final_norm_path(hf_model.config.model_type)) if job.logit_lens else None
     bridge = boot_bridge(hf_model, side.ref, run.tokenizers[side.role], options)
     seen_ids = {t for ids in run.tokenized.token_ids for t in ids}
-    model = LoadedModel(side.role, hf_model, bridge, _facts(side, hf_model, bridge, options, seen_ids, fingerprint))
+    model = LoadedModel(side.role, hf_model, bridge, _facts(side, hf_model, bridge, options, seen_ids, fingerprint),
+                        head)
     del hf_model, bridge
     store.put_facts(side.role, model.facts)
     try:
         yield model
     finally:
         model.close()
+
+
+def shard_metrics(job: Job, shard: int, base: ResidualStates, sft: ResidualStates,
+                  heads: dict[str, Head] | None) -> dict:
+    """A shard's per-token metrics: every residual state's, the sublayer comparisons and, with
+    ``heads``, the logit lens."""
+    metrics = {**state_metrics(base, sft), **component_metrics(base, sft)}
+    if heads is not None:
+        captured = {"base": base, "sft": sft}
+        _, real = job.shard_inputs(shard)
+        metrics.update(logit_lens_metrics(
+            heads, lambda role, state: captured[role].values[captured[role].states.index(state)],
+            job.run.layers, base.n_layers, real))
+    return metrics
 
 
 def _pending(job: Job, store: Store) -> list[int]:
@@ -122,7 +143,8 @@ def run_resident(job: Job, store: Store) -> None:
                 if job.keep_states:
                     store.put_states("base", shard, base_states)
                     store.put_states("sft", shard, sft_states)
-                store.put_metrics(shard, state_metrics(base_states, sft_states))
+                heads = {"base": base.head, "sft": sft.head} if job.logit_lens else None
+                store.put_metrics(shard, shard_metrics(job, shard, base_states, sft_states, heads))
 
 
 def run_sequential(job: Job, store: Store) -> None:
@@ -130,18 +152,25 @@ def run_sequential(job: Job, store: Store) -> None:
     pending = _pending(job, store)
     base_side, sft_side = job.run.sides
     need_base = [shard for shard in pending if not store.has_states("base", shard)]
+    base_head = None
     if need_base:
         with loaded(job, base_side, store) as base, _bar(job, need_base, "base") as bar:
             for shard in need_base:
                 store.put_states("base", shard, base.capture(job, shard, bar.update))
+            base_head = base.head  # kept (final norm and unembedding only) for the logit lens
     if not pending:
         return
+    if job.logit_lens and base_head is None:
+        # Resumed after every base shard was spilled: the lens still needs the base model's head.
+        with loaded(job, base_side, store) as base:
+            base_head = base.head
     with loaded(job, sft_side, store) as sft, _bar(job, pending, "sft") as bar:
+        heads = {"base": base_head, "sft": sft.head} if job.logit_lens else None
         for shard in pending:
             sft_states = sft.capture(job, shard, bar.update)
             base_states = store.get_states("base", shard)
             if job.keep_states:
                 store.put_states("sft", shard, sft_states)
-            store.put_metrics(shard, state_metrics(base_states, sft_states))
+            store.put_metrics(shard, shard_metrics(job, shard, base_states, sft_states, heads))
             if not job.keep_states:
                 store.drop_states("base", shard)

@@ -23,7 +23,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_compare.analyses.components import COMPONENT_KEYS, block_component_metrics, stack_rows
+from lens_compare.analyses.logit_lens import logit_lens_metrics
 from lens_compare.engines import Job
+from lens_compare.hooks import COMPONENTS
 from lens_compare.host_memory import trim_heap
 from lens_compare.loading import fingerprint_tensors
 from lens_compare.per_token import one_state_metrics, stack_state_rows
@@ -138,20 +141,30 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
     with prefetched(loads) as modules, progress_bar(total=n_blocks, initial=start, desc=desc, unit="block",
                                             dynamic_ncols=True) as bar:
         for block in range(start, n_blocks):
-            following = {}
+            following, writes = {}, {}
             for role in ROLES:
                 module = next(modules)
-                following[role] = models[role].run_block(block, module, hidden[role], real, contexts[role])
+                if block in job.component_layers:
+                    writes[role] = hidden[role].new_empty((len(COMPONENTS), *hidden[role].shape))
+                following[role] = models[role].run_block(block, module, hidden[role], real, contexts[role],
+                                                         writes.get(role))
                 models[role].free(module)
                 del module
-            _finish_state(job, store, shard, block + 1, following, hidden)
+            _finish_state(job, store, shard, block + 1, following, hidden, writes)
             hidden = following
             # Both blocks' forward working sets are freed: give their pages back now, or
             # glibc's reuse of fragmented heap grows the run's memory block after block.
             trim_heap()
             bar.update(1)
     rows = [store.get_state_metrics(shard, state) for state in job.states]
-    store.put_metrics(shard, stack_state_rows(rows))
+    metrics = stack_state_rows(rows)
+    if job.component_layers:
+        # Block l's writes were stored with state l + 1, its output.
+        metrics.update(stack_rows([store.get_state_metrics(shard, layer + 1) for layer in job.component_layers],
+                                  COMPONENT_KEYS))
+    if job.logit_lens:
+        metrics.update(_streamed_logit_lens(job, store, models, shard, real))
+    store.put_metrics(shard, metrics)
     store.drop_state_metrics(shard)
     for role in ROLES:
         for state in store.layer_states(role, shard):
@@ -161,18 +174,36 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
             store.keep_layer_states(role, shard, models[role].n_layers, job.states)
 
 
+def _streamed_logit_lens(job: Job, store: Store, models: dict[str, StreamedModel], shard: int,
+                         real: Tensor) -> dict[str, Tensor]:
+    """The logit lens of a finished shard: both models' final norm and unembedding streamed in
+    after the last block, every kept state read back from the store once."""
+    heads = {role: model.read_head() for role, model in models.items()}
+    try:
+        return logit_lens_metrics(heads, lambda role, state: store.get_state(role, shard, state), job.run.layers,
+                                  models["base"].n_layers, real, states_in_memory=False)
+    finally:
+        for role, head in heads.items():
+            models[role].free(head.norm)
+
+
 def _finish_state(
     job: Job, store: Store, shard: int, state: int,
     current: dict[str, Float[Tensor, "prompt pos d_model"]],
     previous: dict[str, Float[Tensor, "prompt pos d_model"]] | None,
+    writes: dict[str, Float[Tensor, "component prompt pos d_model"]] | None = None,
 ) -> None:
-    """Store state ``state``'s metrics, then both models' state (the new resume point), then drop
-    the state before it unless it is kept. The order makes every resume point complete."""
+    """Store state ``state``'s metrics (with the sublayer metrics of the block that wrote it, from
+    ``writes``), then both models' state (the new resume point), then drop the state before it
+    unless it is kept. The order makes every resume point complete."""
     if state in job.states:
         before = (previous["base"], previous["sft"]) if previous is not None and state - 1 in job.states else None
-        store.put_state_metrics(shard, state, one_state_metrics(current["base"], current["sft"], before))
+        metrics = one_state_metrics(current["base"], current["sft"], before)
+        if writes:
+            metrics.update(block_component_metrics(writes["base"], writes["sft"]))
+        store.put_state_metrics(shard, state, metrics)
     for role in ROLES:
         store.put_state(role, shard, state, current[role])
-    if state > 0 and not (job.keep_states and state - 1 in job.states):
+    if state > 0 and not ((job.keep_states or job.logit_lens) and state - 1 in job.states):
         for role in ROLES:
             store.drop_state(role, shard, state - 1)

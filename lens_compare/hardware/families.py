@@ -49,6 +49,12 @@ class StreamRule:
     rotary: str | None = "rotary_emb"
     masks: Literal["causal", "layer_types", "sliding_window"] = "causal"
     expert_merges: tuple[ExpertMerge, ...] = ()
+    # A block's attention and MLP modules, whose outputs are its two writes into the stream
+    # (what TransformerBridge's hook_attn_out / hook_mlp_out read).
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    # The final norm, applied to the last block's output before the unembedding (the logit lens).
+    final_norm: str = "norm"
 
 
 @dataclass(frozen=True)
@@ -118,9 +124,16 @@ FAMILIES: dict[str, FamilyRule] = {
     "gpt2": FamilyRule(
         "gqa", True, True, "plain", True, "layernorm", learned_positions=True,
         required=("vocab_size", "n_embd", "n_layer", "n_head"),
-        stream=StreamRule(blocks="h", token_embedding="wte", position_embedding="wpe", rotary=None),
+        stream=StreamRule(blocks="h", token_embedding="wte", position_embedding="wpe", rotary=None,
+                          attention="attn", final_norm="ln_f"),
     ),
 }
+
+
+def final_norm_path(model_type: str) -> str | None:
+    """The final norm's path in the base model, where the family is known (else None)."""
+    rule = FAMILIES.get(model_type)
+    return None if rule is None or rule.stream is None else rule.stream.final_norm
 
 
 def stream_rule(model_type: str) -> StreamRule:

@@ -121,6 +121,7 @@ class Plan:
                 f"{t.metrics_upcast:.4f}, logits {t.logits:.4f}, attention {t.attention_scores:.4f}, "
                 f"activations {t.activations:.4f}, load transient {t.load_transient:.4f} "
                 f"(nf4 {t.nf4_load_transient:.4f})"
+                + (f", logit lens {t.logit_lens:.4f} (head {t.head:.4f})" if t.logit_lens else "")
             )
         for name, r in self.strategies.items():
             mark = "fits" if r.fits else "does not fit"

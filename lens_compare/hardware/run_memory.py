@@ -1,12 +1,16 @@
 """Memory a comparison run needs on top of the weights, term by term, per model.
 
 Terms (bytes; B = prompts, b = prompts per forward pass (``forward_batch``, at most B),
-T = tokens, S = residual states captured, at most L+1):
-- ``residuals``: S x B x T x d_model x activation bytes, held until both models ran.
+T = tokens, S = residual states captured, at most L+1, C = sublayer outputs captured, two
+per compared block (``components``)):
+- ``residuals``: (S + C) x B x T x d_model x activation bytes, held until both models ran.
 - ``metrics_upcast``: the metrics run one residual state at a time: float32 copies of
   both models' state plus their difference (3 x B x T x d_model x 4), and the float32
   per-token metric tensors (10 metrics x S x B x T x 4 per state, twice that again for
   the two hook views); split evenly between the two models.
+- ``logit_lens`` (with the lens): half of the lens's chunk of float32 ``[tokens, vocab]``
+  working tensors (``LOGIT_LENS_CHUNK_BYTES``); ``head``: the
+  unembedding (vocab x d_model), which a sequential run keeps for the first model.
 - ``logits``: b x vocab in the activation dtype plus its float32 upcast: the capture
   asks for the last position's logits only (``logits_to_keep=1``).
 - ``attention_scores``: eager attention's b x heads x T^2 scores, float32 softmax and
@@ -40,7 +44,7 @@ from typing import Any
 
 from lens_compare.errors import ConfigError
 from lens_compare.hardware.architecture import Architecture
-from lens_compare.hardware.units import DTYPE_BYTES, gib
+from lens_compare.hardware.units import DTYPE_BYTES, LOGIT_LENS_CHUNK_BYTES, gib
 
 CUDA_CONTEXT_GIB = 0.5
 MARGIN = 0.05
@@ -66,6 +70,12 @@ class Workload:
     # Prompts in the whole run, when more than ``batch`` are held at once (shards): the
     # time estimate runs them all. None means ``batch``.
     prompts: int | None = None
+    # Sublayer outputs (attention and MLP writes, two per compared block) captured per model
+    # beside the residual states, by the TransformerBridge strategies.
+    components: int = 0
+    # The logit lens runs (lens_compare.analyses.logit_lens): its chunked float32 working
+    # tensors after the forward passes; a sequential run keeps the first model's head.
+    logit_lens: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,11 +109,16 @@ class ModelRunTerms:
     load_transient: float
     nf4_load_transient: float = 0.0
     bridge_host: float = 0.0
+    # The logit lens's share of its chunk working tensors, and this model's final norm and
+    # unembedding (kept past the model's release in a sequential run).
+    logit_lens: float = 0.0
+    head: float = 0.0
 
     @property
     def forward_transient(self) -> float:
-        # Logits appear after the last block, when its attention/MLP buffers are freed.
-        return max(self.logits, self.attention_scores + self.activations)
+        # Logits appear after the last block, when its attention/MLP buffers are freed; the
+        # logit lens runs after both forwards.
+        return max(self.logits, self.attention_scores + self.activations, self.logit_lens)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -123,7 +138,7 @@ def model_run_terms(
     forward_batch = min(workload.forward_batch or workload.batch, workload.batch)
     forward_bt = forward_batch * workload.tokens
     states = min(workload.states or arch.n_layers + 1, arch.n_layers + 1)
-    residual_bytes = states * bt * arch.d_model * act
+    residual_bytes = (states + min(workload.components, 2 * arch.n_layers)) * bt * arch.d_model * act
     width = arch.d_mlp
     if arch.rule.moe:
         width = max(width, arch.d_moe * (arch.n_shared_experts + arch.experts_per_token))
@@ -144,6 +159,8 @@ def model_run_terms(
         load_transient=gib(load),
         nf4_load_transient=gib(nf4_load),
         bridge_host=BRIDGE_HOST_GIB_PER_BLOCK * arch.n_layers,
+        logit_lens=gib(LOGIT_LENS_CHUNK_BYTES / 2) if workload.logit_lens else 0.0,
+        head=gib(arch.vocab_size * arch.d_model * act) if workload.logit_lens else 0.0,
     )
 
 

@@ -159,14 +159,17 @@ def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: M
     residuals_all = sum(m.terms.residuals for m in models)
     metrics = residuals_all + sum(m.terms.metrics_upcast for m in models)
     per_model, layouts = [], []
+    kept_head = 0.0
     for m in models:
         if machine.kind == "cpu":
             weights = m.weights[_p(m, p)].gib + RUN_SETUP_HOST_GIB + m.terms.bridge_host
             # Host and device are one memory: earlier residuals stay beside the model.
-            per_model += [weights + _load(m, p) + residuals_all,
-                          weights + residuals_all + m.terms.forward_transient, weights + metrics]
+            per_model += [weights + _load(m, p) + residuals_all + kept_head,
+                          weights + residuals_all + m.terms.forward_transient + kept_head, weights + metrics + kept_head]
+            kept_head = m.terms.head  # the logit lens keeps the first model's head for the second
             continue
-        other = m.terms.residuals / n + m.terms.forward_transient
+        other = m.terms.residuals / n + m.terms.forward_transient + kept_head
+        kept_head = m.terms.head
         if n == 1:
             weights = m.weights[_p(m, p)].gib
         else:
@@ -265,6 +268,10 @@ def stream_peak(models: tuple[ModelEstimate, ...], machine: Machine, workload: W
     )
     contexts = gib(sum(_contexts_bytes(m, held, tokens) for m in models))
     device = gib(max(embedding, blocks)) + in_flight + contexts
+    # The logit lens streams both heads in after the last block, with its chunk's working tensors;
+    # the states it reads wait in the run folder on disk (or, in a notebook, in host memory).
+    lens = sum(m.terms.head + m.terms.logit_lens for m in models)
+    device = max(device, lens + contexts)
     host = RUN_SETUP_HOST_GIB + sum(
         gib(2 * held * tokens * m.arch.d_model * DTYPE_BYTES[m.dtype]) + m.terms.metrics_upcast for m in models
     )

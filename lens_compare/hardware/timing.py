@@ -55,6 +55,9 @@ def forward_seconds(model: ModelEstimate, precision: str | None, machine: Machin
     prompts = workload.prompts or workload.batch
     batches = -(-prompts // min(workload.forward_batch or prompts, prompts))
     flops = 2 * model.params.active * workload.tokens * prompts
+    if workload.logit_lens:
+        # The lens: the unembedding once per layer and token (the forward already counts one).
+        flops += 2 * model.arch.n_layers * model.arch.vocab_size * model.arch.d_model * workload.tokens * prompts
     nf4 = (precision or model.precision) == "nf4"
     if machine.kind == "cpu":
         dequant = batches * _quantized_16bit_bytes(model) * 2 / (CPU_NF4_DEQUANT_GBPS * 1e9) if nf4 else 0.0

@@ -13,3 +13,6 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 def gib(n_bytes: int | float) -> float:
     """Bytes to GiB."""
     return n_bytes / GIB
+
+# Float32 [tokens, vocab] working memory of one logit-lens chunk (lens_compare.analyses.logit_lens).
+LOGIT_LENS_CHUNK_BYTES = 256 * 2**20
