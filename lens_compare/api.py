@@ -27,6 +27,7 @@ def compare(
     seed: int = 0,
     components: bool = True,
     logit_lens: bool | None = None,
+    top_tokens: int = 10,
     batch_size: int = 8,
     strategy: str = "auto",
     shard_size: int | None = None,
@@ -47,7 +48,8 @@ def compare(
     ``components`` also compares each block's attention and MLP outputs
     (``result.analysis_records("components")``, ``summary(hook="mlp_out")``). ``logit_lens``
     compares what each layer's stream predicts through both models' own final norm and
-    unembedding (None: on for models up to 8B parameters).
+    unembedding (None: on for models up to 8B parameters). ``top_tokens``: how many tokens
+    ``result.top_tokens()`` lists per layer (0: none).
 
     ``check_memory`` asks the hardware planner first and refuses a run whose
     weights cannot fit on this machine (instead of failing halfway through loading).
@@ -68,7 +70,7 @@ def compare(
             "layers": list(layers) if layers is not None else None, "skip_first": skip_first,
             "chat_template": chat_template, "include_first_token": include_first_token,
             "bootstrap": bootstrap, "seed": seed, "components": components,
-            "logit_lens": logit_lens,
+            "logit_lens": logit_lens, "top_tokens": top_tokens,
             "batch_size": batch_size, "strategy": strategy, "filler_text": filler_text,
         }.items() if value is not None
     })

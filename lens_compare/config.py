@@ -52,6 +52,8 @@ class RunConfig:
     components: bool = True
     # The logit lens between the models; None: on for models up to 8B parameters.
     logit_lens: bool | None = None
+    # Tokens listed per layer where the stream moved most (top_tokens; 0: none).
+    top_tokens: int = 10
     batch_size: int = 8
     strategy: Strategy = "auto"
     # Prompts per shard (the unit of progress and resume); None: ~2 GiB of residuals per shard.
@@ -106,6 +108,8 @@ class RunConfig:
             problems.append(f"{path}.batch_size: must be >= 1, got {self.batch_size}")
         if self.bootstrap < 0:
             problems.append(f"{path}.bootstrap: must be >= 0 resamples (0: no interval), got {self.bootstrap}")
+        if self.top_tokens < 0:
+            problems.append(f"{path}.top_tokens: must be >= 0 tokens per layer (0: none), got {self.top_tokens}")
         if self.shard_size is not None and self.shard_size < 1:
             problems.append(f"{path}.shard_size: must be >= 1 prompt, got {self.shard_size}")
         if self.gpus is not None and (

@@ -41,7 +41,7 @@ logger = logging.getLogger("lens_compare")
 Preflight = Callable[[dict[str, Any]], Execution]
 
 # Config keys that change what is written, not the numbers: left out of a run's fingerprint.
-OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "bootstrap", "seed", "strategy", "gpus",
+OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "bootstrap", "seed", "top_tokens", "strategy", "gpus",
                     "local_run", "config_file")
 
 
@@ -212,7 +212,7 @@ def assemble(
             stack_states([store.get_states(role, shard) for shard in range(job.layout.count)], width)
             for role in ("base", "sft")
         )
-    return ComparisonResult(
+    result = ComparisonResult(
         provenance=_provenance(run, job, execution, facts, untrained),
         layers=run.layers,
         tokens=run.tokenized,
@@ -225,6 +225,9 @@ def assemble(
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
     )
+    for warning in result.warnings():
+        logger.warning(warning)
+    return result
 
 
 def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float) -> str:
@@ -294,6 +297,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         "placement": {role: facts[role]["placement"] for role in ("base", "sft")},
         "shards": {"count": job.layout.count, "size": job.layout.size},
         "n_layers": run.model_configs["base"].num_hidden_layers,
+        "model_types": {role: run.model_configs[role].model_type for role in ("base", "sft")},
         "d_model": facts["base"]["d_model"],
         "layers": list(run.layers),
         "chat_template": run.tokenized.chat_template,
@@ -301,6 +305,9 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         # What was tokenized, when a chat template (or filler text) changed the prompts.
         "texts": list(run.tokenized.texts) if run.tokenized.texts != run.tokenized.prompts else None,
         "token_ids": [list(ids) for ids in run.tokenized.token_ids],
+        # With a chat template: 1 where a token is the user's content, 0 where the template wrote it.
+        "token_content": None if run.tokenized.content is None
+        else [[int(flag) for flag in flags] for flags in run.tokenized.content],
         "untrained_base_tokens": [
             {"id": t, "token": tokenizer.convert_ids_to_tokens(t), "norm_over_median": round(r, 6)}
             for t, r in untrained.items()

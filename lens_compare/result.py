@@ -9,7 +9,7 @@ import pandas as pd
 from jaxtyping import Bool
 from torch import Tensor
 
-from lens_compare.aggregate import analysis_records, layer_records, token_mask
+from lens_compare.aggregate import analysis_records, largest_tokens, layer_records, token_mask
 from lens_compare.analyses import ANALYSES, TokenAnalysis
 from lens_compare.bootstrap import Bootstrap, unit_for
 from lens_compare.capture import ResidualStates
@@ -17,12 +17,15 @@ from lens_compare.errors import LensCompareError
 from lens_compare.hooks import COMPONENTS, HOOK_KINDS
 from lens_compare.metrics import METRIC_NAMES
 from lens_compare.per_token import TokenMetrics
+from lens_compare.plausibility import plausibility_warnings
+from lens_compare.token_classes import TOKEN_CLASSES, class_mask
 from lens_compare.tokens import TokenizedPrompts
 
 # The summary's statistic columns: the mean, its interval (NaN without one), the spread.
 SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
 # 2: per-layer records carry ci_low/ci_high, aggregation.interval describes them.
-# 3: the analyses' records (``components``), also under ``first_token``.
+# 3: the analyses' records (``components``, ``logit_lens``), also under ``first_token``;
+#    ``token_classes`` (template vs content tokens) and ``top_tokens``.
 SCHEMA_VERSION = 3
 # The DataFrames' hook and metric categories: the residual hooks and metrics, then the analyses'.
 HOOK_COLUMN = (*HOOK_KINDS, *COMPONENTS)
@@ -58,6 +61,9 @@ class ComparisonResult:
     bootstrap: Bootstrap | None = None
     # The analyses' per-token values (``lens_compare.analyses``): key -> [layer, prompt, pos].
     analysis_metrics: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    # A saved run's top_tokens as its JSON holds them (the per-token table was not saved).
+    stored_top_tokens: dict[str, Any] | None = field(default=None, repr=False)
+    stored_warnings: list[str] | None = field(default=None, repr=False)
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
     _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -80,8 +86,21 @@ class ComparisonResult:
             f"  resid_post (mean over tokens): {headline}"
         )
 
+    def token_classes(self) -> tuple[str, ...]:
+        """The token classes aggregated apart: ``template`` and ``content`` with a chat template."""
+        return TOKEN_CLASSES if self.tokens.content is not None else ()
+
+    def positions_mask(self, positions: str) -> Bool[Tensor, "prompt pos"]:
+        """The tokens an aggregate over ``positions`` covers (``all``, ``rest``, ``first`` or a token class)."""
+        if positions in TOKEN_CLASSES:
+            if self.tokens.content is None:
+                raise LensCompareError(f"positions {positions!r}: token classes need a run with --chat-template sft")
+            return class_mask(self.real_tokens, self.tokens.content, positions)
+        return token_mask(self.real_tokens, positions)
+
     def layer_records(self, positions: str | None = None) -> dict[str, list[dict[str, Any]]]:
-        """Per-layer aggregates; ``positions`` is ``all``, ``rest`` (no position 0) or ``first``."""
+        """Per-layer aggregates; ``positions`` is ``all``, ``rest`` (no position 0), ``first``, or with a
+        chat template ``template`` or ``content`` (see ``lens_compare.token_classes``)."""
         if positions is None:
             positions = "all" if self.include_first_token else "rest"
         if self.metrics is None:
@@ -92,7 +111,7 @@ class ComparisonResult:
                 )
             return self.stored_records[positions]
         if positions not in self._records:
-            self._records[positions] = layer_records(self.metrics, self.layers, token_mask(self.real_tokens, positions),
+            self._records[positions] = layer_records(self.metrics, self.layers, self.positions_mask(positions),
                                                      self.bootstrap)
         return self._records[positions]
 
@@ -116,7 +135,7 @@ class ComparisonResult:
         if key not in self._records:
             analysis = next(a for a in ANALYSES if a.name == name)
             values = {k: self.analysis_metrics[k] for k in analysis.keys}
-            self._records[key] = analysis_records(values, self.layers, token_mask(self.real_tokens, positions),
+            self._records[key] = analysis_records(values, self.layers, self.positions_mask(positions),
                                                   self.bootstrap)
         return self._records[key]
 
@@ -138,9 +157,49 @@ class ComparisonResult:
             "layers": list(self.layers),
             **{kind: self.layer_records(positions)[kind] for kind in HOOK_KINDS},
             **{a.name: self.analysis_records(a.name, positions) for a in self.analyses()},
-            "first_token": {**{kind: self.layer_records("first")[kind] for kind in HOOK_KINDS},
-                            **{a.name: self.analysis_records(a.name, "first") for a in self.analyses()}},
+            "first_token": self._records_over("first"),
+            "token_classes": {name: {"n_tokens": int(self.positions_mask(name).sum()), **self._records_over(name)}
+                              for name in self.token_classes()} or None,
+            "top_tokens": self.top_tokens(),
+            "warnings": self.warnings(),
         }
+
+    def warnings(self) -> list[str]:
+        """What looks implausible against published base-vs-chat ranges (``lens_compare.plausibility``)."""
+        if self.metrics is None and self.stored_warnings is not None:
+            return self.stored_warnings
+        models = (self.provenance.get("model_types") or {})
+        same = len(set(models.values())) == 1 if models else True
+        return plausibility_warnings(self.layer_records()["resid_post"], self.provenance["n_layers"], same)
+
+    def _records_over(self, positions: str) -> dict[str, list[dict[str, Any]]]:
+        """Every hook's and analysis's per-layer records over ``positions``."""
+        return {**{kind: self.layer_records(positions)[kind] for kind in HOOK_KINDS},
+                **{a.name: self.analysis_records(a.name, positions) for a in self.analyses()}}
+
+    def top_tokens(self, k: int | None = None, *, hook: str = "resid_post",
+                   metric: str = "relative_l2") -> dict[str, Any] | None:
+        """Per layer, the ``k`` tokens (default: the run's ``top_tokens``, 10) where ``metric`` of
+        ``hook`` is largest, over the aggregates' tokens: ``{"hook", "metric", "k", "layers": [{"layer",
+        "tokens": [{"prompt", "position", "token", "token_id", "value"}]}]}``. None when k is 0."""
+        if k is None:
+            if self.metrics is None:
+                return self.stored_top_tokens
+            k = int(self.provenance.get("config", {}).get("top_tokens", 10))
+        if k == 0:
+            return None
+        if self.metrics is None:
+            raise LensCompareError("top_tokens of a saved run without its token table: only the run's own "
+                                   "(result.top_tokens()); re-run with --parquet or --csv for others")
+        positions = "all" if self.include_first_token else "rest"
+        found = largest_tokens(self.metrics[hook][metric], self.positions_mask(positions), k)
+        layers = []
+        for row, layer in enumerate(self.layers):
+            layers.append({"layer": layer, "tokens": [
+                {"prompt": prompt, "position": position, "token": self.token_strings[prompt][position],
+                 "token_id": self.tokens.token_ids[prompt][position], "value": value}
+                for prompt, position, value in found[row]]})
+        return {"hook": hook, "metric": metric, "k": k, "layers": layers}
 
     def summary(self, *, hook: str | None = None, metric: str | None = None,
                 positions: str | None = None) -> pd.DataFrame:
@@ -153,12 +212,13 @@ class ComparisonResult:
         >>> result.summary(hook="resid_post", metric="cosine").plot(x="layer", y="mean")  # doctest: +SKIP
         """
         main = "all" if self.include_first_token else "rest"
+        groups = (main, "first", *self.token_classes())
         for name, value, allowed in (("hook", hook, HOOK_COLUMN), ("metric", metric, METRIC_COLUMN),
-                                     ("positions", positions, (main, "first"))):
+                                     ("positions", positions, groups)):
             if value is not None and value not in allowed:
                 raise LensCompareError(f"summary({name}={value!r}): expected one of {list(allowed)}")
         rows = []
-        for where in (main, "first"):
+        for where in groups:
             if positions is not None and where != positions:
                 continue
             for kind in HOOK_KINDS:
@@ -229,7 +289,7 @@ class ComparisonResult:
 
 def _shared_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns ``summary()`` and ``to_dataframe()`` share get one dtype in both."""
-    for column, categories in (("hook", HOOK_COLUMN), ("metric", METRIC_COLUMN), ("positions", ("rest", "all", "first"))):
+    for column, categories in (("hook", HOOK_COLUMN), ("metric", METRIC_COLUMN), ("positions", ("rest", "all", "first", *TOKEN_CLASSES))):
         if column in frame:
             frame[column] = pd.Categorical(frame[column], categories=list(categories))
     frame["layer"] = frame["layer"].astype("int64")

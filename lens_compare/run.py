@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logit-lens", action=argparse.BooleanOptionalAction, default=None,
                    help="project every layer through both models' final norm and unembedding and compare the "
                         "predictions (default: on for models up to 8B parameters)")
+    p.add_argument("--top-tokens", type=int, metavar="K",
+                   help="list per layer the K tokens whose stream moved most (relative_l2; default 10, 0: none)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--strategy", choices=("auto", "resident", "sequential", "nf4", "stream"),
                    help="how to run the pair (default auto: the planner's pick among resident, sequential "
@@ -103,6 +105,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         "strategy": args.strategy, "save_residuals": args.save_residuals, "output_dir": args.out,
         "shard_size": args.shard_size, "bootstrap": args.bootstrap, "seed": args.seed,
         "components": args.components, "logit_lens": args.logit_lens,
+        "top_tokens": args.top_tokens,
     }
     if args.pair:
         changes.update(pair=args.pair, base_model=None, sft_model=None)

@@ -54,7 +54,9 @@ def load_run(path: str | Path) -> ComparisonResult:
     layers = tuple(document["layers"])
     token_ids = tuple(tuple(ids) for ids in provenance["token_ids"])
     prompts = tuple(provenance["prompts"])
-    tokens = TokenizedPrompts(prompts, tuple(provenance["texts"] or prompts), token_ids, provenance["chat_template"])
+    content = provenance.get("token_content")
+    tokens = TokenizedPrompts(prompts, tuple(provenance["texts"] or prompts), token_ids, provenance["chat_template"],
+                              None if content is None else tuple(tuple(bool(f) for f in row) for row in content))
     width = max(tokens.lengths)
     real = torch.zeros((len(token_ids), width), dtype=torch.bool)
     for row, ids in enumerate(token_ids):
@@ -68,7 +70,7 @@ def load_run(path: str | Path) -> ComparisonResult:
         if table is None else _metrics_from_table(table, layers, real, held)
     stored = None if metrics is not None else {
         main: {k: document[k] for k in (*HOOK_KINDS, *(a.name for a in held))},
-        "first": document["first_token"]}
+        "first": document["first_token"], **(document.get("token_classes") or {})}
     return ComparisonResult(
         provenance=provenance, layers=layers, tokens=tokens, token_strings=token_strings,
         untrained_base_tokens=untrained, real_tokens=real, metrics=metrics, include_first_token=include_first,
@@ -76,6 +78,8 @@ def load_run(path: str | Path) -> ComparisonResult:
         stored_records=stored,
         bootstrap=_bootstrap(provenance),
         analysis_metrics=analysis_metrics,
+        stored_top_tokens=document.get("top_tokens"),
+        stored_warnings=document.get("warnings"),
     )
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lens_compare.errors import TokenizationError
 from lens_compare.metrics import l2_norm
+from lens_compare.token_classes import class_flags
 
 ChatTemplate = Literal["none", "sft"]
 CHAT_TEMPLATES: tuple[ChatTemplate, ...] = ("none", "sft")
@@ -31,6 +32,9 @@ class TokenizedPrompts:
     texts: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
     chat_template: ChatTemplate
+    # With a chat template: per token, whether it is the user's content (else the template's);
+    # None without a template (see lens_compare.token_classes).
+    content: tuple[tuple[bool, ...], ...] | None = None
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -144,8 +148,9 @@ def tokenize_prompts(
         if not base_ids:
             raise TokenizationError(f"prompt {index} tokenizes to no tokens at all")
         all_ids.append(base_ids)
+    content = class_flags(texts, contents, all_ids, base_tokenizer) if templated else None
     return TokenizedPrompts(
-        prompts=prompts, texts=texts, token_ids=tuple(all_ids), chat_template=chat_template
+        prompts=prompts, texts=texts, token_ids=tuple(all_ids), chat_template=chat_template, content=content
     )
 
 

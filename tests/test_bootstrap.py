@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from lens_compare.analyses import ANALYSES
 from lens_compare.bootstrap import Bootstrap, interval, resample_counts, resampled_means
 from lens_compare.result import SCHEMA_VERSION
 
@@ -147,8 +148,9 @@ def test_load_run_reads_schema_1_runs_without_intervals_and_recomputes_the_same_
     assert loaded.to_dict()["resid_post"] == written["resid_post"]
 
     # A schema 1 run: no intervals, no bootstrap provenance, no analyses.
-    old = {k: v for k, v in written.items() if k != "components"}
-    old.update(schema_version=1, first_token={k: v for k, v in written["first_token"].items() if k != "components"})
+    analyses = {a.name for a in ANALYSES}
+    old = {k: v for k, v in written.items() if k not in analyses}
+    old.update(schema_version=1, first_token={k: v for k, v in written["first_token"].items() if k not in analyses})
     old["provenance"] = {k: v for k, v in written["provenance"].items() if k != "bootstrap"}
     for records in (old["resid_pre"], old["resid_post"], *old["first_token"].values()):
         for record in records:
