@@ -28,6 +28,7 @@ def compare(
     components: bool = True,
     logit_lens: bool | None = None,
     top_tokens: int = 10,
+    cka: bool = False,
     batch_size: int = 8,
     strategy: str = "auto",
     shard_size: int | None = None,
@@ -49,7 +50,8 @@ def compare(
     (``result.analysis_records("components")``, ``summary(hook="mlp_out")``). ``logit_lens``
     compares what each layer's stream predicts through both models' own final norm and
     unembedding (None: on for models up to 8B parameters). ``top_tokens``: how many tokens
-    ``result.top_tokens()`` lists per layer (0: none).
+    ``result.top_tokens()`` lists per layer (0: none). ``cka``: linear CKA between every
+    base and every SFT layer (``result.cka``).
 
     ``check_memory`` asks the hardware planner first and refuses a run whose
     weights cannot fit on this machine (instead of failing halfway through loading).
@@ -70,7 +72,7 @@ def compare(
             "layers": list(layers) if layers is not None else None, "skip_first": skip_first,
             "chat_template": chat_template, "include_first_token": include_first_token,
             "bootstrap": bootstrap, "seed": seed, "components": components,
-            "logit_lens": logit_lens, "top_tokens": top_tokens,
+            "logit_lens": logit_lens, "top_tokens": top_tokens, "cka": cka,
             "batch_size": batch_size, "strategy": strategy, "filler_text": filler_text,
         }.items() if value is not None
     })

@@ -54,6 +54,8 @@ class RunConfig:
     logit_lens: bool | None = None
     # Tokens listed per layer where the stream moved most (top_tokens; 0: none).
     top_tokens: int = 10
+    # Linear CKA between every base and every SFT layer (resid_post); off by default.
+    cka: bool = False
     batch_size: int = 8
     strategy: Strategy = "auto"
     # Prompts per shard (the unit of progress and resume); None: ~2 GiB of residuals per shard.

@@ -9,6 +9,7 @@ per-state metrics; the result is assembled from the store. The CLI passes a
 """
 
 import logging
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from typing import Any
 
 import torch
 
+from lens_compare.aggregate import token_mask
 from lens_compare.analyses import ANALYSIS_KEYS
+from lens_compare.analyses.cka import cka_matrices, selected_features
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
@@ -224,10 +227,29 @@ def assemble(
         residuals=residuals,
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
+        cka=layer_cka(run, job, store) if run.config.cka else None,
     )
     for warning in result.warnings():
         logger.warning(warning)
     return result
+
+
+def layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
+    """CKA between every captured layer's resid_post of both models, over the aggregates' tokens,
+    read back from the store layer by layer (``lens_compare.analyses.cka``)."""
+    positions = "all" if run.config.include_first_token else "rest"
+    mask = token_mask(job.real, positions)
+    masks = [mask[start:stop] for start, stop in job.layout.bounds]
+    states = tuple(layer + 1 for layer in run.layers)
+    found = cka_matrices(
+        lambda role, state: selected_features(lambda shard: store.state_slice(role, state, shard),
+                                              job.layout.count, masks), states)
+
+    def rows(matrix) -> list[list[float | None]]:
+        return [[value if math.isfinite(value) else None for value in row] for row in matrix.tolist()]
+
+    return {"hook": "resid_post", "layers": list(run.layers), "n_tokens": int(mask.sum()),
+            "linear": rows(found["linear"]), "linear_debiased": rows(found["linear_debiased"])}
 
 
 def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float) -> str:
@@ -262,7 +284,7 @@ def run_comparison(
     runs sequentially on the configured device.
     """
     run, layout, execution = start_run(config, overrides=overrides, preflight=preflight)
-    job = make_job(run, layout, execution, keep_states=keep_residuals)
+    job = make_job(run, layout, execution, keep_states=keep_residuals or config.cka)
     store = MemoryStore()
     seconds = execute(job, execution, store)
     result = assemble(run, job, execution, store, keep_residuals=keep_residuals)

@@ -11,6 +11,7 @@ accumulates in pyplot's figure list; save one with ``figure.savefig(...)``.
 >>> plots.norm_profile(result)                                              # doctest: +SKIP
 >>> plots.sublayer_curves(result, "relative_l2")                            # doctest: +SKIP
 >>> plots.logit_lens_curves(result)                                         # doctest: +SKIP
+>>> plots.cka_matrix(result)                                                # doctest: +SKIP
 
 Per-layer values are the means over tokens (position 0 excluded unless the run included
 it), with a band of one standard deviation, the min-max range, or (``band="ci"``) the 95%
@@ -304,6 +305,33 @@ def logit_lens_curves(result, *, band: str | None = None):
     return figure
 
 
+def cka_matrix(result, estimator: str = "linear", *, ax=None):
+    """The layer x layer CKA matrix (``--cka``): base layers down, SFT layers across, with the
+    best-aligned SFT layer of each base layer marked. A diagonal of 1 is a fine-tune that kept
+    every layer's geometry."""
+    if result.cka is None:
+        raise LensCompareError("this run has no CKA: run it with --cka (compare(cka=True))")
+    if estimator not in ("linear", "linear_debiased"):
+        raise LensCompareError(f"estimator {estimator!r}: expected 'linear' or 'linear_debiased'")
+    figure, ax = (_subplots((6.2, 5.2)) if ax is None else (ax.figure, ax))
+    values = np.array([[np.nan if v is None else v for v in row] for row in result.cka[estimator]], dtype=float)
+    layers = result.cka["layers"]
+    image = ax.imshow(values, cmap="viridis", vmin=min(0.0, np.nanmin(values)), vmax=1.0, origin="upper",
+                      aspect="auto")
+    best = np.nanargmax(np.where(np.isfinite(values), values, -np.inf), axis=1)
+    ax.plot(best, np.arange(len(layers)), "w.", ms=5, label="best-aligned SFT layer")
+    ticks = np.arange(len(layers))[:: max(1, len(layers) // 10)]
+    ax.set_xticks(ticks, [layers[i] for i in ticks])
+    ax.set_yticks(ticks, [layers[i] for i in ticks])
+    ax.set_xlabel("SFT layer (resid_post)")
+    ax.set_ylabel("base layer (resid_post)")
+    ax.set_title(f"{_label(result)}: {estimator.replace('_', ' ')} CKA over {result.cka['n_tokens']} tokens",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    figure.colorbar(image, ax=ax, label="CKA")
+    return figure
+
+
 def _band_keys(band: str) -> tuple[str, str, str]:
     """The record fields of the mean and of a band's two edges (for ``std``: the std, twice)."""
     if band not in ("std", "minmax", "ci"):
@@ -395,7 +423,7 @@ def save_figure(figure, path: Path) -> Path:
     return write_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
-STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "components", "logit_lens", "heatmap")
+STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "components", "logit_lens", "cka", "heatmap")
 
 
 def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
@@ -410,6 +438,8 @@ def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
         figures["components"] = sublayer_curves(result, "relative_l2")
     if "logit_lens" in [a.name for a in result.analyses()]:
         figures["logit_lens"] = logit_lens_curves(result)
+    if result.cka is not None:
+        figures["cka"] = cka_matrix(result)
     if result.metrics is not None:
         figures["heatmap"] = position_heatmap(result, "relative_l2", prompt=0)
     return figures

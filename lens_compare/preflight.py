@@ -26,6 +26,7 @@ from lens_compare.hardware.machine import detect_gpus, host_ram_gib
 from lens_compare.hardware.planner import Plan
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
+from lens_compare.hardware.units import GIB
 from lens_compare.hooks import states_for_layers
 
 logger = logging.getLogger("lens_compare")
@@ -81,6 +82,30 @@ def _alternatives(plan: Plan) -> str:
     return "; what fits instead: " + ", ".join(fitting) if fitting else "; nothing else fits either"
 
 
+# The share of host RAM CKA's Gram matrices may take (the run's own states and the process share the rest).
+CKA_HOST_SHARE = 0.5
+
+
+def check_cka_memory(facts: dict[str, Any], machine: Machine) -> None:
+    """CKA holds one model's token x token Gram matrix of every layer in host memory after the
+    models ran: say so, and refuse a run whose matrices this machine cannot hold."""
+    n_tokens = facts.get("cka_tokens")
+    if not n_tokens:
+        return
+    from lens_compare.analyses.cka import gram_bytes
+
+    need = gram_bytes(len(facts["layers"]), n_tokens) / GIB
+    logger.info("cka: %d tokens x %d layers: %.2f GiB of float64 Gram matrices in host memory after the models ran",
+                n_tokens, len(facts["layers"]), need)
+    if need > CKA_HOST_SHARE * machine.host_ram_gib:
+        raise HardwareError(
+            f"refusing to start: --cka over {n_tokens:,} tokens needs {need:.1f} GiB of token x token Gram "
+            f"matrices ({len(facts['layers'])} layers), more than {CKA_HOST_SHARE:.0%} of this machine's "
+            f"{machine.host_ram_gib:.1f} GiB of RAM; use fewer prompts or tokens (it grows with their square), "
+            "fewer --layers, or drop --cka"
+        )
+
+
 def memory_preflight(facts: dict[str, Any]) -> Execution:
     """The execution for this run on this machine, or HardwareError with the planner's explanation."""
     base, sft = facts["base"], facts["sft"]
@@ -90,6 +115,7 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
 
         require_bitsandbytes()
     machine = machine_for(facts["device"], facts["gpus"])
+    check_cka_memory(facts, machine)
     try:
         plan = _plan(facts, machine, requested)
     except UnsupportedArchitectureError as error:

@@ -196,7 +196,12 @@ class PreparedRun:
             "batch_size": self.config.batch_size, "strategy": self.config.strategy,
             "model_kwargs": self.overrides.model_kwargs, "components": self.config.components,
             "logit_lens": self.logit_lens,
+            "cka_tokens": self.aggregated_tokens() if self.config.cka else 0,
         }
+
+    def aggregated_tokens(self) -> int:
+        """Real tokens the per-layer aggregates (and CKA) cover: position 0 left out unless included."""
+        return sum(self.tokenized.lengths) - (0 if self.config.include_first_token else len(self.tokenized.lengths))
 
 
 def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> PreparedRun:

@@ -25,7 +25,7 @@ from lens_compare.tokens import TokenizedPrompts
 SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
 # 2: per-layer records carry ci_low/ci_high, aggregation.interval describes them.
 # 3: the analyses' records (``components``, ``logit_lens``), also under ``first_token``;
-#    ``token_classes`` (template vs content tokens) and ``top_tokens``.
+#    ``token_classes`` (template vs content tokens), ``top_tokens``, ``warnings`` and ``cka``.
 SCHEMA_VERSION = 3
 # The DataFrames' hook and metric categories: the residual hooks and metrics, then the analyses'.
 HOOK_COLUMN = (*HOOK_KINDS, *COMPONENTS)
@@ -64,6 +64,8 @@ class ComparisonResult:
     # A saved run's top_tokens as its JSON holds them (the per-token table was not saved).
     stored_top_tokens: dict[str, Any] | None = field(default=None, repr=False)
     stored_warnings: list[str] | None = field(default=None, repr=False)
+    # Linear CKA between the layers (``--cka``): {"hook", "layers", "n_tokens", "linear", "linear_debiased"}.
+    cka: dict[str, Any] | None = field(default=None, repr=False)
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
     _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -162,6 +164,7 @@ class ComparisonResult:
                               for name in self.token_classes()} or None,
             "top_tokens": self.top_tokens(),
             "warnings": self.warnings(),
+            "cka": self.cka,
         }
 
     def warnings(self) -> list[str]:

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "predictions (default: on for models up to 8B parameters)")
     p.add_argument("--top-tokens", type=int, metavar="K",
                    help="list per layer the K tokens whose stream moved most (relative_l2; default 10, 0: none)")
+    p.add_argument("--cka", action="store_true", default=None,
+                   help="linear CKA (and its debiased estimator) between every base and every SFT layer's resid_post; "
+                        "keeps every captured state until the end")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--strategy", choices=("auto", "resident", "sequential", "nf4", "stream"),
                    help="how to run the pair (default auto: the planner's pick among resident, sequential "
@@ -105,7 +108,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         "strategy": args.strategy, "save_residuals": args.save_residuals, "output_dir": args.out,
         "shard_size": args.shard_size, "bootstrap": args.bootstrap, "seed": args.seed,
         "components": args.components, "logit_lens": args.logit_lens,
-        "top_tokens": args.top_tokens,
+        "top_tokens": args.top_tokens, "cka": args.cka,
     }
     if args.pair:
         changes.update(pair=args.pair, base_model=None, sft_model=None)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             require_matplotlib()
         floor = load_run(args.noise_floor_run) if args.noise_floor_run else None
         run, layout, execution = start_run(config, preflight=memory_preflight, held_in_memory=False)
-        keep = config.save_residuals
+        keep = config.save_residuals or config.cka  # CKA reads every captured state at the end
         job = make_job(run, layout, execution, keep_states=keep)
         manifest = run_manifest(run, layout, execution, keep)
         check_spill_space(job, execution, out_dir)
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in save_standard_figures(result, stem, noise_floor=floor):
                 print(path)
-        if not keep:
+        if not config.save_residuals:
             folder.drop_all_states()
         logger.info("verdict:\n%s", verdict(result, noise_floor=floor))
         logger.info(summary_line(run, execution, job, seconds))

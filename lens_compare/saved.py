@@ -80,6 +80,7 @@ def load_run(path: str | Path) -> ComparisonResult:
         analysis_metrics=analysis_metrics,
         stored_top_tokens=document.get("top_tokens"),
         stored_warnings=document.get("warnings"),
+        cka=document.get("cka"),
     )
 
 

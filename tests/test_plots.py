@@ -94,7 +94,7 @@ def test_cli_plots_writes_the_standard_figures(perturbed_llama, tmp_path, capsys
     from lens_compare.run import main
 
     base, sft, _ = perturbed_llama
-    assert main(["--base", str(base), "--sft", str(sft), "--prompt", PROMPTS[0], "--plots", "--out",
+    assert main(["--base", str(base), "--sft", str(sft), "--prompt", PROMPTS[0], "--plots", "--cka", "--out",
                  str(tmp_path), "-q"]) == 0
     written = [line for line in capsys.readouterr().out.split() if line.endswith(".png")]
     assert sorted(p.rsplit(".", 2)[1] for p in written) == sorted(plots.STANDARD)
@@ -196,3 +196,14 @@ def test_logit_lens_curves_draw_the_records(runs):
     plots.logit_lens_curves(same, band="ci")  # identical models: nothing positive on the log axis
     with pytest.raises(LensCompareError, match="band 'wide'"):
         plots.logit_lens_curves(changed, band="wide")
+
+
+def test_cka_matrix_draws_the_run_matrix(perturbed_llama, runs):
+    base, sft, _ = perturbed_llama
+    result = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS, cka=True, logit_lens=False)
+    ax = plots.cka_matrix(result, "linear_debiased").axes[0]
+    drawn = np.asarray(ax.get_images()[0].get_array(), dtype=float)
+    assert np.allclose(drawn, np.array(result.cka["linear_debiased"], dtype=float))
+    assert ax.get_xlabel().startswith("SFT layer") and ax.get_ylabel().startswith("base layer")
+    with pytest.raises(LensCompareError, match="run it with --cka"):
+        plots.cka_matrix(runs[0])
