@@ -29,6 +29,7 @@ def compare(
     logit_lens: bool | None = None,
     top_tokens: int = 10,
     cka: bool = False,
+    noise_floor: bool = False,
     batch_size: int = 8,
     strategy: str = "auto",
     shard_size: int | None = None,
@@ -51,7 +52,8 @@ def compare(
     compares what each layer's stream predicts through both models' own final norm and
     unembedding (None: on for models up to 8B parameters). ``top_tokens``: how many tokens
     ``result.top_tokens()`` lists per layer (0: none). ``cka``: linear CKA between every
-    base and every SFT layer (``result.cka``).
+    base and every SFT layer (``result.cka``). ``noise_floor`` runs the SFT model once more in a
+    second precision (``result.noise_floor``; every record gets ``clears_noise``).
 
     ``check_memory`` asks the hardware planner first and refuses a run whose
     weights cannot fit on this machine (instead of failing halfway through loading).
@@ -72,7 +74,7 @@ def compare(
             "layers": list(layers) if layers is not None else None, "skip_first": skip_first,
             "chat_template": chat_template, "include_first_token": include_first_token,
             "bootstrap": bootstrap, "seed": seed, "components": components,
-            "logit_lens": logit_lens, "top_tokens": top_tokens, "cka": cka,
+            "logit_lens": logit_lens, "top_tokens": top_tokens, "cka": cka, "noise_floor": noise_floor,
             "batch_size": batch_size, "strategy": strategy, "filler_text": filler_text,
         }.items() if value is not None
     })

@@ -56,6 +56,8 @@ class RunConfig:
     top_tokens: int = 10
     # Linear CKA between every base and every SFT layer (resid_post); off by default.
     cka: bool = False
+    # Run the SFT model once more in a second precision and report the noise floor.
+    noise_floor: bool = False
     batch_size: int = 8
     strategy: Strategy = "auto"
     # Prompts per shard (the unit of progress and resume); None: ~2 GiB of residuals per shard.

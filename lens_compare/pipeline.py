@@ -26,7 +26,7 @@ from lens_compare.analyses.cka import cka_matrices, selected_features
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
-from lens_compare.errors import HardwareError
+from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.execution import Execution, default_execution
 from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
@@ -109,6 +109,12 @@ def start_run(
         layout = shard_layout(run, streamed=True)
         facts.update(strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
         execution = decide(facts)
+    if config.noise_floor and any(options.quantization for options in execution.loads.values()):
+        raise ConfigError(
+            "--noise-floor measures a second float precision of the SFT model; this run quantizes it to NF4, whose "
+            "noise is the quantization's: compare the model with its own NF4 copy instead (as the smollm2-nf4 pair "
+            "does) and pass that run with --noise-floor-run"
+        )
     for side in run.sides:  # every check has passed: a demo checkpoint is built now, on first use
         weights_ref(side.ref)
     return run, layout, execution
@@ -116,8 +122,8 @@ def start_run(
 
 def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
     token_ids, real = run.tokenized.padded(pad_id(run.tokenizers["base"]))
-    return Job(run, execution.loads, layout, run_states(run), keep_states, token_ids, real,
-               component_layers=component_layers(run), logit_lens=run.logit_lens)
+    return Job(run, execution.loads, layout, run_states(run), keep_states or run.config.noise_floor, token_ids, real,
+               component_layers=component_layers(run), logit_lens=run.logit_lens, noise_floor=run.config.noise_floor)
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -189,6 +195,10 @@ def execute(job: Job, execution: Execution, store: Store) -> float:
         for device in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(device)
     engine_for(execution.schedule)(job, store)
+    if job.noise_floor:
+        from lens_compare.noise_floor import run_noise_floor
+
+        run_noise_floor(job, execution.schedule, store)
     return time.perf_counter() - start
 
 
@@ -228,10 +238,29 @@ def assemble(
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
         cka=layer_cka(run, job, store) if run.config.cka else None,
+        noise_floor=noise_floor_result(run, job, store, width) if job.noise_floor else None,
     )
     for warning in result.warnings():
         logger.warning(warning)
     return result
+
+
+def noise_floor_result(run: PreparedRun, job: Job, store: Store, width: int) -> ComparisonResult:
+    """The noise floor as a result of its own: the SFT model (its run precision as "base") against
+    itself in the second precision (as "sft"), with the residual metrics only."""
+    from lens_compare.noise_floor import floor_dtype
+
+    per_state = stack_metrics([store.get_noise(shard) for shard in range(job.layout.count)], width)
+    second = floor_dtype(run.sft.dtype)
+    tokenizer = run.tokenizers["base"]
+    return ComparisonResult(
+        provenance={"pair": f"noise floor: sft {run.sft.dtype} vs {second}", "n_layers": job.states[-1],
+                    "dtype": {"base": run.sft.dtype, "sft": second}, "model": run.sft.ref.spec},
+        layers=run.layers, tokens=run.tokenized,
+        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),
+        untrained_base_tokens={}, real_tokens=job.real, metrics=hook_metrics(per_state, job.states, run.layers),
+        include_first_token=run.config.include_first_token, bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
+    )
 
 
 def layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:

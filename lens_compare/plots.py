@@ -427,7 +427,10 @@ STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "components", "logi
 
 
 def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
-    """The figures ``--plots`` writes: name -> Figure."""
+    """The figures ``--plots`` writes: name -> Figure. The noise band is ``noise_floor``, else the
+    run's own (``--noise-floor``), if any."""
+    if noise_floor is None:
+        noise_floor = result.noise_floor
     figures = {
         "cosine": layer_curves([result], "cosine", noise_floor=noise_floor),
         "relative_l2": layer_curves([result], "relative_l2", noise_floor=noise_floor),

@@ -66,6 +66,9 @@ class ComparisonResult:
     stored_warnings: list[str] | None = field(default=None, repr=False)
     # Linear CKA between the layers (``--cka``): {"hook", "layers", "n_tokens", "linear", "linear_debiased"}.
     cka: dict[str, Any] | None = field(default=None, repr=False)
+    # The run's own noise floor (``--noise-floor``): the SFT model against itself in a second
+    # precision, a result with the residual metrics only.
+    noise_floor: "ComparisonResult | None" = field(default=None, repr=False)
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
     _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -113,8 +116,10 @@ class ComparisonResult:
                 )
             return self.stored_records[positions]
         if positions not in self._records:
-            self._records[positions] = layer_records(self.metrics, self.layers, self.positions_mask(positions),
-                                                     self.bootstrap)
+            records = layer_records(self.metrics, self.layers, self.positions_mask(positions), self.bootstrap)
+            if self.noise_floor is not None:
+                _add_clears_noise(records, self.noise_floor.layer_records(positions))
+            self._records[positions] = records
         return self._records[positions]
 
     def analyses(self) -> tuple[TokenAnalysis, ...]:
@@ -165,6 +170,10 @@ class ComparisonResult:
             "top_tokens": self.top_tokens(),
             "warnings": self.warnings(),
             "cka": self.cka,
+            "noise_floor": None if self.noise_floor is None else {
+                "model": self.noise_floor.provenance.get("model"), "dtype": self.noise_floor.provenance["dtype"],
+                **{kind: self.noise_floor.layer_records(positions)[kind] for kind in HOOK_KINDS},
+                "first_token": {kind: self.noise_floor.layer_records("first")[kind] for kind in HOOK_KINDS}},
         }
 
     def warnings(self) -> list[str]:
@@ -239,8 +248,15 @@ class ComparisonResult:
                                      "metric": name, **(stats or dict.fromkeys(SUMMARY_STATS))})
         rows = [row for row in rows if (hook is None or row["hook"] == hook)
                 and (metric is None or row["metric"] == metric)]
-        frame = pd.DataFrame(rows, columns=["positions", "hook", "layer", "metric", *SUMMARY_STATS])
-        for column in SUMMARY_STATS:
+        if self.noise_floor is not None:  # relative_l2 over the run's own noise floor, per hook and layer
+            ratios = {(where, kind, r["layer"]): r.get("clears_noise")
+                      for where in groups for kind in HOOK_KINDS for r in self.layer_records(where)[kind]}
+            for row in rows:
+                if row["metric"] == "relative_l2":
+                    row["clears_noise"] = ratios.get((row["positions"], row["hook"], row["layer"]))
+        extra = ["clears_noise"] if self.noise_floor is not None else []
+        frame = pd.DataFrame(rows, columns=["positions", "hook", "layer", "metric", *SUMMARY_STATS, *extra])
+        for column in (*SUMMARY_STATS, *extra):
             frame[column] = frame[column].astype("float64")
         return _shared_dtypes(frame)
 
@@ -288,6 +304,15 @@ class ComparisonResult:
         frame = pd.concat(frames, ignore_index=True)
         frame["token"] = frame["token"].astype("category")
         return _shared_dtypes(frame)
+
+
+def _add_clears_noise(records: dict[str, list[dict[str, Any]]], floor: dict[str, list[dict[str, Any]]]) -> None:
+    """Each record's ``clears_noise``: its mean relative_l2 over the floor's at the same hook and
+    layer (None where either is undefined or the floor is exactly 0)."""
+    for kind in HOOK_KINDS:
+        for record, noise in zip(records[kind], floor[kind], strict=True):
+            ours, theirs = (r["relative_l2"]["mean"] if r["relative_l2"] else None for r in (record, noise))
+            record["clears_noise"] = ours / theirs if ours is not None and theirs else None
 
 
 def _shared_dtypes(frame: pd.DataFrame) -> pd.DataFrame:

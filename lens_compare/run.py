@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cka", action="store_true", default=None,
                    help="linear CKA (and its debiased estimator) between every base and every SFT layer's resid_post; "
                         "keeps every captured state until the end")
+    p.add_argument("--noise-floor", action="store_true", default=None,
+                   help="run the SFT model once more in a second precision (float32 for a 16-bit run, bfloat16 for "
+                        "float32) and report each layer's drift against that numerical noise (clears_noise)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--strategy", choices=("auto", "resident", "sequential", "nf4", "stream"),
                    help="how to run the pair (default auto: the planner's pick among resident, sequential "
@@ -109,6 +112,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         "shard_size": args.shard_size, "bootstrap": args.bootstrap, "seed": args.seed,
         "components": args.components, "logit_lens": args.logit_lens,
         "top_tokens": args.top_tokens, "cka": args.cka,
+        "noise_floor": args.noise_floor,
     }
     if args.pair:
         changes.update(pair=args.pair, base_model=None, sft_model=None)
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             require_matplotlib()
         floor = load_run(args.noise_floor_run) if args.noise_floor_run else None
         run, layout, execution = start_run(config, preflight=memory_preflight, held_in_memory=False)
-        keep = config.save_residuals or config.cka  # CKA reads every captured state at the end
+        # CKA reads every captured state at the end, the noise floor the SFT model's.
+        keep = config.save_residuals or config.cka or config.noise_floor
         job = make_job(run, layout, execution, keep_states=keep)
         manifest = run_manifest(run, layout, execution, keep)
         check_spill_space(job, execution, out_dir)
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     f", {spilled} base shard(s) spilled" if spilled else "", state)
         seconds = execute(job, execution, folder)
         result = assemble(run, job, execution, folder, keep_residuals=False)
+        if floor is None:  # --noise-floor-run names another run's floor; else this run's own, if measured
+            floor = result.noise_floor
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         stem = out_dir / f"lens_compare_{result.provenance['pair']}_{stamp}"
         for path in write_outputs(result, config, stem, job, folder):

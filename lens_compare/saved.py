@@ -81,6 +81,21 @@ def load_run(path: str | Path) -> ComparisonResult:
         stored_top_tokens=document.get("top_tokens"),
         stored_warnings=document.get("warnings"),
         cka=document.get("cka"),
+        noise_floor=_noise_floor(document, provenance, layers, tokens, real, include_first, main),
+    )
+
+
+def _noise_floor(document, provenance, layers, tokens, real, include_first, main) -> ComparisonResult | None:
+    """The run's own noise floor, from its JSON records (the floor's per-token values are not saved)."""
+    floor = document.get("noise_floor")
+    if floor is None:
+        return None
+    return ComparisonResult(
+        provenance={"pair": f"noise floor: sft {floor['dtype']['base']} vs {floor['dtype']['sft']}",
+                    "n_layers": provenance["n_layers"], "dtype": floor["dtype"], "model": floor.get("model")},
+        layers=layers, tokens=tokens, token_strings=tuple(("",) * len(ids) for ids in tokens.token_ids),
+        untrained_base_tokens={}, real_tokens=real, metrics=None, include_first_token=include_first,
+        stored_records={main: {k: floor[k] for k in HOOK_KINDS}, "first": floor["first_token"]},
     )
 
 

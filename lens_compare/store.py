@@ -16,6 +16,7 @@ A ``RunFolder`` on disk::
       states/base-00003.safetensors  one shard's residual states, [state, prompt, pos, d_model]
       layers/00003/base-00012.safetensors  a streamed shard's state 12, [prompt, pos, d_model]
       layers/00003/metrics-00012.safetensors  its per-token metrics, [prompt, pos] each
+      noise/00003.safetensors    the noise floor's per-state metrics of a shard (--noise-floor)
 
 A streamed run (``--strategy stream``) goes layer by layer: after each block of both
 models it stores the newest state of both (the frontier it resumes from) and that
@@ -53,6 +54,8 @@ class MemoryStore:
         # One state at a time (the streamed engine).
         self._layer_states: dict[tuple[str, int, int], torch.Tensor] = {}
         self._layer_metrics: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        # The noise floor's per-state metrics (the SFT model against itself in a second precision).
+        self._noise: dict[int, StateMetrics] = {}
 
     def finished(self, shard: int) -> bool:
         return shard in self._metrics
@@ -113,6 +116,15 @@ class MemoryStore:
         for key in [k for k in self._layer_metrics if k[0] == shard]:
             del self._layer_metrics[key]
 
+    def put_noise(self, shard: int, metrics: StateMetrics) -> None:
+        self._noise[shard] = metrics
+
+    def get_noise(self, shard: int) -> StateMetrics:
+        return self._noise[shard]
+
+    def has_noise(self, shard: int) -> bool:
+        return shard in self._noise
+
     def keep_layer_states(self, role: str, shard: int, n_layers: int, states: tuple[int, ...]) -> None:
         """A streamed shard's kept states become the shard's ``ResidualStates``."""
         values = torch.stack([self._layer_states.pop((role, shard, state)) for state in states])
@@ -142,7 +154,7 @@ class RunFolder:
                 )
         else:
             write_json(manifest_path, self.manifest)
-        for directory in ("metrics", "states", "models", "layers"):
+        for directory in ("metrics", "states", "models", "layers", "noise"):
             (self.path / directory).mkdir(parents=True, exist_ok=True)
             for stale in (self.path / directory).rglob(".*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -251,6 +263,20 @@ class RunFolder:
         ``kept-{role}.json`` says which, for ``get_states``."""
         document = {"n_layers": n_layers, "states": list(states)}
         write_json(self.path / "layers" / f"{shard:05d}" / f"kept-{role}.json", document)
+
+    def _noise_path(self, shard: int) -> Path:
+        return self.path / "noise" / f"{shard:05d}.safetensors"
+
+    def put_noise(self, shard: int, metrics: StateMetrics) -> None:
+        tensors = {name: values.contiguous() for name, values in metrics.items()}
+        write_atomically(self._noise_path(shard), lambda tmp: save_file(tensors, str(tmp)))
+
+    def get_noise(self, shard: int) -> StateMetrics:
+        with safe_open(str(self._noise_path(shard)), "pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (a safetensors handle)
+
+    def has_noise(self, shard: int) -> bool:
+        return self._noise_path(shard).is_file()
 
     def put_facts(self, role: str, facts: dict[str, Any]) -> None:
         write_json(self.path / "models" / f"{role}.json", facts)

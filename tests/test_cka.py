@@ -24,10 +24,10 @@ def _numpy_linear(x: np.ndarray, y: np.ndarray) -> float:
     return np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
 
 
-def _numpy_hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+def _numpy_hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
     """Song et al. (2012), eq. 5, on uncentred Gram matrices, spelled out."""
     n = k.shape[0]
-    k, l = k.copy(), l.copy()  # noqa: E741
+    k, l = k.copy(), l.copy()
     np.fill_diagonal(k, 0)
     np.fill_diagonal(l, 0)
     one = np.ones(n)
@@ -36,7 +36,7 @@ def _numpy_hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
 
 
 def _numpy_debiased(x: np.ndarray, y: np.ndarray) -> float:
-    k, l = x @ x.T, y @ y.T  # noqa: E741
+    k, l = x @ x.T, y @ y.T
     return _numpy_hsic_unbiased(k, l) / np.sqrt(_numpy_hsic_unbiased(k, k) * _numpy_hsic_unbiased(l, l))
 
 

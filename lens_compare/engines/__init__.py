@@ -41,6 +41,8 @@ class Job:
     component_layers: tuple[int, ...] = ()
     # Compute the logit lens (``states`` then include the last one, ``n_layers``).
     logit_lens: bool = False
+    # Measure the noise floor after the run (``lens_compare.noise_floor``; needs keep_states).
+    noise_floor: bool = False
 
     def shard_inputs(self, shard: int) -> tuple[Int[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
         """A shard's ids and mask, trimmed to the shard's longest prompt."""
