@@ -28,6 +28,8 @@ from lens_compare.per_token import state_metrics
 from lens_compare.progress import progress_bar
 
 logger = logging.getLogger("lens_compare")
+# The floor's weights plus a quarter for its forward pass.
+WEIGHT_HEADROOM = 1.25
 
 
 def floor_dtype(run_dtype: str) -> str:
@@ -42,7 +44,7 @@ def floor_device(job: Job, schedule: str, dtype: str) -> str:
     if schedule == "stream" or not device.startswith("cuda"):
         return device
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    need = _weight_bytes(job, dtype) * 1.25
+    need = _weight_bytes(job, dtype) * WEIGHT_HEADROOM
     if need <= free:
         return device
     logger.info("noise floor: the SFT model in %s needs ~%.1f GiB, %s has %.1f GiB free: running it on the CPU",

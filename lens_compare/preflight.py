@@ -26,7 +26,7 @@ from lens_compare.hardware.machine import detect_gpus, host_ram_gib
 from lens_compare.hardware.planner import Plan
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
-from lens_compare.hardware.units import GIB
+from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.hooks import states_for_layers
 
 logger = logging.getLogger("lens_compare")
@@ -106,6 +106,27 @@ def check_cka_memory(facts: dict[str, Any], machine: Machine) -> None:
         )
 
 
+def check_noise_floor_memory(facts: dict[str, Any], machine: Machine) -> None:
+    """The noise floor loads the SFT model once more in its second precision, after the run's
+    models are released: on the run's GPU when it fits there, else in host RAM. Refuse, before
+    any model loads, a floor neither can hold."""
+    from lens_compare.hardware.architecture import architecture_from_config
+    from lens_compare.hardware.params import count_params
+    from lens_compare.noise_floor import WEIGHT_HEADROOM, floor_dtype
+
+    second = floor_dtype(facts["sft"].dtype)
+    need = count_params(architecture_from_config(facts["configs"]["sft"])).total * DTYPE_BYTES[second] / GIB
+    need *= WEIGHT_HEADROOM
+    room = max(machine.device_gib if machine.kind == "cuda" else 0.0, machine.host_ram_gib)
+    logger.info("noise floor: the SFT model once more in %s, ~%.2f GiB", second, need)
+    if need > room:
+        raise HardwareError(
+            f"refusing to start: --noise-floor runs the SFT model once more in {second} (~{need:.1f} GiB with its "
+            f"forward), which fits neither this machine's GPU nor its {machine.host_ram_gib:.1f} GiB of RAM; drop "
+            "--noise-floor, or measure the floor with --strategy stream (block by block)"
+        )
+
+
 def memory_preflight(facts: dict[str, Any]) -> Execution:
     """The execution for this run on this machine, or HardwareError with the planner's explanation."""
     base, sft = facts["base"], facts["sft"]
@@ -143,6 +164,8 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
         plan = _plan(facts, machine, chosen.name)
         chosen = plan.chosen
     schedule = "stream" if chosen.name == "stream" else "resident" if chosen.layout == "resident" else "sequential"
+    if facts.get("noise_floor") and schedule != "stream":
+        check_noise_floor_memory(facts, machine)
     gpus = facts["gpus"][: machine.count]
     device = f"cuda:{gpus[0]}" if machine.kind == "cuda" else "cpu"
     loads = side_loads(facts, chosen.name, device)

@@ -197,6 +197,7 @@ class PreparedRun:
             "model_kwargs": self.overrides.model_kwargs, "components": self.config.components,
             "logit_lens": self.logit_lens,
             "cka_tokens": self.aggregated_tokens() if self.config.cka else 0,
+            "noise_floor": self.config.noise_floor,
         }
 
     def aggregated_tokens(self) -> int:

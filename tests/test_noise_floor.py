@@ -108,3 +108,16 @@ def test_nf4_runs_are_refused_before_loading(perturbed_llama):
     base, sft, _ = perturbed_llama
     with pytest.raises(ConfigError, match="NF4 copy instead"):
         lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS, noise_floor=True, strategy="nf4")
+
+
+def test_plan_refuses_a_floor_no_memory_can_hold(perturbed_llama, monkeypatch):
+    from dataclasses import replace
+
+    from lens_compare import preflight
+    from lens_compare.errors import HardwareError
+
+    base, sft, _ = perturbed_llama
+    small = replace(preflight.machine_for("cpu", ()), host_ram_gib=1e-4)
+    monkeypatch.setattr(preflight, "machine_for", lambda device, gpus: replace(small, device_gib=10.0))
+    with pytest.raises(HardwareError, match="--noise-floor runs the SFT model once more in bfloat16"):
+        lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS, noise_floor=True)
