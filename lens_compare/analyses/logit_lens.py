@@ -21,7 +21,6 @@ working tensors), and for each chunk every layer in turn: a 128k vocabulary at
 dtype (as the model's own head does), everything after it in float32.
 """
 
-import copy
 import logging
 import math
 from collections.abc import Callable
@@ -72,10 +71,11 @@ class Head:
 
 
 def head_of(hf_model, final_norm: str) -> Head:
-    """The head of a loaded HF causal LM: a copy of its final norm (``final_norm``, a path in its
-    base model) and its output embedding's weight (shared, not copied). Taken before
-    TransformerBridge wraps the modules."""
-    norm = copy.deepcopy(hf_model.base_model.get_submodule(final_norm)).eval()
+    """The head of a loaded HF causal LM: its final norm module (``final_norm``, a path in its base
+    model) and its output embedding's weight, shared with the model, not copied (a sequential run
+    keeps them, and only them, alive after the model is released). Taken before TransformerBridge
+    wraps the modules; the bridge leaves the HF modules and their weights as they are."""
+    norm = hf_model.base_model.get_submodule(final_norm).eval()
     output = hf_model.get_output_embeddings()
     return Head(norm, output.weight.detach(), None if output.bias is None else output.bias.detach())
 
