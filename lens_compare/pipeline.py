@@ -254,7 +254,7 @@ def noise_floor_result(run: PreparedRun, job: Job, store: Store, width: int) -> 
     second = floor_dtype(run.sft.dtype)
     tokenizer = run.tokenizers["base"]
     return ComparisonResult(
-        provenance={"pair": f"noise floor: sft {run.sft.dtype} vs {second}", "n_layers": job.states[-1],
+        provenance={"pair": f"sft {run.sft.dtype} vs {second}", "n_layers": job.states[-1],
                     "dtype": {"base": run.sft.dtype, "sft": second}, "model": run.sft.ref.spec},
         layers=run.layers, tokens=run.tokenized,
         token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),

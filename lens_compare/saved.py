@@ -91,7 +91,7 @@ def _noise_floor(document, provenance, layers, tokens, real, include_first, main
     if floor is None:
         return None
     return ComparisonResult(
-        provenance={"pair": f"noise floor: sft {floor['dtype']['base']} vs {floor['dtype']['sft']}",
+        provenance={"pair": f"sft {floor['dtype']['base']} vs {floor['dtype']['sft']}",
                     "n_layers": provenance["n_layers"], "dtype": floor["dtype"], "model": floor.get("model")},
         layers=layers, tokens=tokens, token_strings=tuple(("",) * len(ids) for ids in tokens.token_ids),
         untrained_base_tokens={}, real_tokens=real, metrics=None, include_first_token=include_first,

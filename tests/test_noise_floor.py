@@ -65,7 +65,7 @@ def test_engines_json_dataframe_plots_and_saved_run(perturbed_llama, tmp_path, c
     from lens_compare import plots
 
     labels = [c.get_label() for c in plots.standard_figures(result)["relative_l2"].axes[0].collections]
-    assert any(label.startswith("noise floor: noise floor: sft float32 vs bfloat16") for label in labels)
+    assert any(label.startswith("noise floor: sft float32 vs bfloat16") for label in labels)
 
     assert main(["--base", str(base), "--sft", str(sft), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
                  "--noise-floor", "--out", str(tmp_path), "-q"]) == 0
