@@ -103,3 +103,25 @@ def _streamed(job: Job, dtype: str, device: str):
                              real, job.states, batch_size=job.run.config.batch_size)
 
     return capture
+
+
+def noise_floor_result(job: Job, store, width: int):
+    """The noise floor as a result of its own: the SFT model (its run precision as "base") against
+    itself in the second precision (as "sft"), with the residual metrics only."""
+    from lens_compare.bootstrap import Bootstrap
+    from lens_compare.per_token import hook_metrics
+    from lens_compare.result import ComparisonResult
+    from lens_compare.store import stack_metrics
+
+    run = job.run
+    per_state = stack_metrics([store.get_noise(shard) for shard in range(job.layout.count)], width)
+    second = floor_dtype(run.sft.dtype)
+    tokenizer = run.tokenizers["base"]
+    return ComparisonResult(
+        provenance={"pair": f"sft {run.sft.dtype} vs {second}", "n_layers": job.states[-1],
+                    "dtype": {"base": run.sft.dtype, "sft": second}, "model": run.sft.ref.spec},
+        layers=run.layers, tokens=run.tokenized,
+        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),
+        untrained_base_tokens={}, real_tokens=job.real, metrics=hook_metrics(per_state, job.states, run.layers),
+        include_first_token=run.config.include_first_token, bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
+    )

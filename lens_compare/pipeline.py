@@ -9,7 +9,6 @@ per-state metrics; the result is assembled from the store. The CLI passes a
 """
 
 import logging
-import math
 import resource
 import time
 from collections.abc import Callable
@@ -20,9 +19,8 @@ from typing import Any
 
 import torch
 
-from lens_compare.aggregate import token_mask
 from lens_compare.analyses import ANALYSIS_KEYS
-from lens_compare.analyses.cka import cka_matrices, selected_features
+from lens_compare.analyses.cka import layer_cka
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
@@ -32,6 +30,7 @@ from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, t
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.hooks import states_for_layers
 from lens_compare.loading import weights_ref
+from lens_compare.noise_floor import noise_floor_result, run_noise_floor
 from lens_compare.per_token import hook_metrics
 from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
 from lens_compare.result import ComparisonResult
@@ -196,8 +195,6 @@ def execute(job: Job, execution: Execution, store: Store) -> float:
             torch.cuda.reset_peak_memory_stats(device)
     engine_for(execution.schedule)(job, store)
     if job.noise_floor:
-        from lens_compare.noise_floor import run_noise_floor
-
         run_noise_floor(job, execution.schedule, store)
     return time.perf_counter() - start
 
@@ -237,48 +234,12 @@ def assemble(
         residuals=residuals,
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
-        cka=layer_cka(run, job, store) if run.config.cka else None,
-        noise_floor=noise_floor_result(run, job, store, width) if job.noise_floor else None,
+        cka=layer_cka(job, store) if run.config.cka else None,
+        noise_floor=noise_floor_result(job, store, width) if job.noise_floor else None,
     )
     for warning in result.warnings():
         logger.warning(warning)
     return result
-
-
-def noise_floor_result(run: PreparedRun, job: Job, store: Store, width: int) -> ComparisonResult:
-    """The noise floor as a result of its own: the SFT model (its run precision as "base") against
-    itself in the second precision (as "sft"), with the residual metrics only."""
-    from lens_compare.noise_floor import floor_dtype
-
-    per_state = stack_metrics([store.get_noise(shard) for shard in range(job.layout.count)], width)
-    second = floor_dtype(run.sft.dtype)
-    tokenizer = run.tokenizers["base"]
-    return ComparisonResult(
-        provenance={"pair": f"sft {run.sft.dtype} vs {second}", "n_layers": job.states[-1],
-                    "dtype": {"base": run.sft.dtype, "sft": second}, "model": run.sft.ref.spec},
-        layers=run.layers, tokens=run.tokenized,
-        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),
-        untrained_base_tokens={}, real_tokens=job.real, metrics=hook_metrics(per_state, job.states, run.layers),
-        include_first_token=run.config.include_first_token, bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
-    )
-
-
-def layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
-    """CKA between every captured layer's resid_post of both models, over the aggregates' tokens,
-    read back from the store layer by layer (``lens_compare.analyses.cka``)."""
-    positions = "all" if run.config.include_first_token else "rest"
-    mask = token_mask(job.real, positions)
-    masks = [mask[start:stop] for start, stop in job.layout.bounds]
-    states = tuple(layer + 1 for layer in run.layers)
-    found = cka_matrices(
-        lambda role, state: selected_features(lambda shard: store.state_slice(role, state, shard),
-                                              job.layout.count, masks), states)
-
-    def rows(matrix) -> list[list[float | None]]:
-        return [[value if math.isfinite(value) else None for value in row] for row in matrix.tolist()]
-
-    return {"hook": "resid_post", "layers": list(run.layers), "n_tokens": int(mask.sum()),
-            "linear": rows(found["linear"]), "linear_debiased": rows(found["linear_debiased"])}
 
 
 def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float) -> str:

@@ -22,12 +22,16 @@ n² x 8 bytes) plus one layer's; ``gram_bytes`` says how much, so the plan can r
 that cannot hold them before any model loads.
 """
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import einops
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from lens_compare.aggregate import token_mask
 
 
 def gram_bytes(n_layers: int, n_tokens: int) -> int:
@@ -91,3 +95,22 @@ def selected_features(
         state = read_state(shard)
         parts.append(state[masks[shard][:, : state.shape[1]]])
     return torch.cat(parts)
+
+
+def layer_cka(job, store) -> dict[str, Any]:
+    """CKA between every captured layer's resid_post of both models, over the aggregates' tokens
+    (``job``: the run's ``lens_compare.engines.Job``), read back from the ``store`` layer by layer."""
+    run = job.run
+    positions = "all" if run.config.include_first_token else "rest"
+    mask = token_mask(job.real, positions)
+    masks = [mask[start:stop] for start, stop in job.layout.bounds]
+    states = tuple(layer + 1 for layer in run.layers)
+    found = cka_matrices(
+        lambda role, state: selected_features(lambda shard: store.state_slice(role, state, shard),
+                                              job.layout.count, masks), states)
+
+    def rows(matrix) -> list[list[float | None]]:
+        return [[value if math.isfinite(value) else None for value in row] for row in matrix.tolist()]
+
+    return {"hook": "resid_post", "layers": list(run.layers), "n_tokens": int(mask.sum()),
+            "linear": rows(found["linear"]), "linear_debiased": rows(found["linear_debiased"])}
