@@ -222,14 +222,19 @@ def boot_bridge(hf_model, ref: ModelRef, tokenizer, options: LoadOptions):
     """Wrap an already-loaded HF model; raw weights, no processing.
 
     A split model carries its placement (``hf_device_map``); the bridge reads the
-    embedding's device from it, so no ``device`` is passed.
+    embedding's device from it, so no ``device`` is passed. Its norms skip the statistics
+    no hook reads (``lens_compare.norm_statistics``), so a capture costs a bare forward.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    return TransformerBridge.boot_transformers(
+    from lens_compare.norm_statistics import skip_unread_norm_statistics
+
+    bridge = TransformerBridge.boot_transformers(
         ref.location, hf_model=hf_model, tokenizer=tokenizer,
         device=None if options.split else options.device, dtype=DTYPES[options.dtype],
     )
+    skip_unread_norm_statistics(bridge)
+    return bridge
 
 
 def weights_fingerprint(hf_model, chunk_bytes: int = 64 * 2**20) -> str:
