@@ -25,6 +25,24 @@ analyses_parts_s (each analysis timed alone once, after the loop). Targets: rati
 load_ratio <= 1.25, analyses_ratio <= 1.3.
 
     python benchmarks/bench_overhead.py [--repeats 7] [--prompts 4] [--tokens 250]
+
+``--mode capture`` races the capture alone against bare forwards of one model (SmolLM2,
+16 prompts x 250 tokens, batch 8 by default), interleaved in one process:
+- lens: ``capture_states`` of every residual state through lens_compare's bridge;
+- stock: the same through a bridge whose norms run TransformerLens 4.3's own forward
+  (``restore_transformer_lens_norms``): the before of ``lens_compare.norm_statistics``;
+- eager / sdpa: the HF model alone, ``output_hidden_states=True``, ``logits_to_keep=1``,
+  ``use_cache=False``, over the same batches, with eager attention (TransformerLens runs its
+  own eager attention) and with sdpa.
+It prints ratio_eager (lens / eager, medians; target <= 1.03, goal <= 1.01), ratio (lens /
+sdpa), stock_ratio_eager, their paired medians, and the peaks: each side loads and runs once
+in a fresh subprocess, twice each, and reports its peak RSS while it runs (VmHWM, reset
+after loading). peak_ratio is lens / bare; peak_excess is lens / (bare + the captured
+residuals' own bytes), target <= 1.05. On CUDA (``--device cuda --dtype bfloat16``) the
+times come from CUDA events around synchronized calls, the peaks from
+``torch.cuda.max_memory_allocated`` (captured states go to the host as each hook fires).
+
+    python benchmarks/bench_overhead.py --mode capture [--repeats 9] [--batch 8]
 """
 
 import argparse
@@ -32,6 +50,8 @@ import gc
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,6 +75,7 @@ from lens_compare.loading import (  # noqa: E402
     resolve_ref,
     weights_fingerprint,
 )
+from lens_compare.norm_statistics import restore_transformer_lens_norms  # noqa: E402
 from lens_compare.per_token import token_metrics  # noqa: E402
 from lens_compare.tokens import tokenize_prompts, untrained_token_ids  # noqa: E402
 
@@ -77,12 +98,184 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=("pipeline", "capture"), default="pipeline")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=None, help="default 4 (pipeline), 16 (capture)")
     parser.add_argument("--tokens", type=int, default=250)
+    parser.add_argument("--batch", type=int, default=8, help="capture mode: prompts per forward")
+    parser.add_argument("--device", default="cpu", help="capture mode: cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="capture mode: float32 or bfloat16")
+    parser.add_argument("--peak-child", choices=("lens", "bare"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.prompts is None:
+        args.prompts = 16 if args.mode == "capture" else 4
+    if args.peak_child:
+        print(json.dumps(peak_child(args)))
+    elif args.mode == "capture":
+        capture_race(args)
+    else:
+        pipeline_and_analyses(args)
 
+
+def prompt_batch(tokenizer, n_prompts: int, n_tokens: int):
+    """``n_prompts`` distinct prompts of exactly ``n_tokens`` tokens: ids and the real-token mask."""
+    prompts = tuple(f"Prompt {i}. " + TEXT * 8 for i in range(n_prompts))
+    tokenized = tokenize_prompts(prompts, tokenizer, tokenizer, n_tokens=n_tokens)
+    return tokenized.padded(tokenizer.pad_token_id)
+
+
+def lens_model(ref, tokenizer, options: LoadOptions, stock: bool = False):
+    """A bridge as a run loads it; ``stock``: its norms as TransformerLens ships them."""
+    bridge = boot_bridge(load_hf_model(ref, load_config(ref), options), ref, tokenizer, options)
+    if stock:
+        restore_transformer_lens_norms(bridge)
+    return bridge
+
+
+def bare_model(ref, options: LoadOptions, attention: str):
+    kwargs = {"device_map": {"": options.device}} if options.device != "cpu" else {}
+    return AutoModelForCausalLM.from_pretrained(
+        ref.location, gguf_file=ref.gguf_file, dtype=getattr(torch, options.dtype), attn_implementation=attention,
+        quantization_config=GgufConfig(dequantize=True), **kwargs,
+    ).eval()
+
+
+def bare_forwards(model, ids, real, batch: int) -> None:
+    """What a hand-written capture does: each batch's hidden states, nothing kept past it."""
+    device = model.get_input_embeddings().weight.device
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch):
+            model(ids[start:start + batch].to(device), attention_mask=real[start:start + batch].long().to(device),
+                  output_hidden_states=True, logits_to_keep=1, use_cache=False)
+
+
+def clock(device: str):
+    """``timed`` for the host; on CUDA, CUDA events around a synchronized call."""
+    if not device.startswith("cuda"):
+        return timed
+
+    def cuda_timed(fn):
+        gc.collect()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        value = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000, value
+
+    return cuda_timed
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_child(args) -> dict:
+    """One side of the peak comparison, in this fresh process: load, reset the peak, run once."""
+    ref = resolve_ref(REF)
+    tokenizer = load_tokenizer(ref)
+    ids, real = prompt_batch(tokenizer, args.prompts, args.tokens)
+    options = LoadOptions(args.dtype, args.device)
+    n_layers = load_config(ref).num_hidden_layers
+    if args.peak_child == "lens":
+        bridge = lens_model(ref, tokenizer, options)
+        run = lambda: capture_states(bridge, ids, real, tuple(range(n_layers + 1)), batch_size=args.batch,  # noqa: E731
+                                     label="peak")
+    else:
+        model = bare_model(ref, options, "eager")
+        run = lambda: bare_forwards(model, ids, real, args.batch)  # noqa: E731
+    gc.collect()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # VmHWM restarts from the current RSS: the load's peak is not counted
+        before = _kib("VmRSS") * 1024
+    captured = run()
+    peak = torch.cuda.max_memory_allocated() if cuda else _kib("VmHWM") * 1024
+    residual_bytes = captured.values.nbytes if captured is not None else 0
+    return {"before_mib": before / 2**20, "peak_mib": peak / 2**20, "residual_mib": residual_bytes / 2**20}
+
+
+def capture_race(args) -> None:
+    ref = resolve_ref(REF)
+    tokenizer = load_tokenizer(ref)
+    ids, real = prompt_batch(tokenizer, args.prompts, args.tokens)
+    options = LoadOptions(args.dtype, args.device)
+    n_layers = load_config(ref).num_hidden_layers
+    every_state = tuple(range(n_layers + 1))
+    lens_bridge, stock_bridge = lens_model(ref, tokenizer, options), lens_model(ref, tokenizer, options, stock=True)
+    eager_model, sdpa_model = bare_model(ref, options, "eager"), bare_model(ref, options, "sdpa")
+
+    def lens():
+        return capture_states(lens_bridge, ids, real, every_state, batch_size=args.batch, label="lens")
+
+    def stock():
+        return capture_states(stock_bridge, ids, real, every_state, batch_size=args.batch, label="stock")
+
+    def eager():
+        return bare_forwards(eager_model, ids, real, args.batch)
+
+    def sdpa():
+        return bare_forwards(sdpa_model, ids, real, args.batch)
+
+    measure = clock(args.device)
+    contenders = [lens, eager, stock, sdpa]
+    for fn in contenders:
+        fn()  # warm-up
+    times = {fn.__name__: [] for fn in contenders}
+    for repeat in range(args.repeats):
+        order = contenders[repeat % 4:] + contenders[:repeat % 4]
+        for fn in order:
+            times[fn.__name__].append(measure(fn)[0])
+        print(f"repeat {repeat}: " + " ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+    median = {k: statistics.median(v) for k, v in times.items()}
+
+    def paired(a, b):
+        return round(statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)), 4)
+
+    del lens_bridge, stock_bridge, eager_model, sdpa_model
+    gc.collect()
+    peaks = {"lens": [], "bare": []}
+    for _ in range(2):
+        for side in peaks:
+            child = subprocess.run(
+                [sys.executable, __file__, "--peak-child", side, "--prompts", str(args.prompts),
+                 "--tokens", str(args.tokens), "--batch", str(args.batch), "--device", args.device,
+                 "--dtype", args.dtype],
+                check=True, capture_output=True, text=True,
+            )
+            peaks[side].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    lens_peak = statistics.median(p["peak_mib"] for p in peaks["lens"])
+    bare_peak = statistics.median(p["peak_mib"] for p in peaks["bare"])
+    residual = peaks["lens"][0]["residual_mib"]
+    result = {
+        "mode": "capture", "device": args.device, "dtype": args.dtype, "prompts": args.prompts,
+        "tokens": args.tokens, "batch": args.batch, "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        **{f"{k}_s": round(v, 4) for k, v in median.items()},
+        "ratio_eager": round(median["lens"] / median["eager"], 4),
+        "paired_ratio_eager": paired("lens", "eager"),
+        "ratio": round(median["lens"] / median["sdpa"], 4),
+        "paired_ratio": paired("lens", "sdpa"),
+        "stock_ratio_eager": round(median["stock"] / median["eager"], 4),
+        "paired_stock_ratio_eager": paired("stock", "eager"),
+        "lens_peak_mib": round(lens_peak, 1), "bare_peak_mib": round(bare_peak, 1),
+        "residual_mib": round(residual, 1),
+        "peak_ratio": round(lens_peak / bare_peak, 4),
+        "peak_excess": round(lens_peak / (bare_peak + residual), 4),
+        "peaks": peaks,
+    }
+    print(json.dumps(result))
+
+
+def pipeline_and_analyses(args) -> None:
     ref = resolve_ref(REF)
     config = load_config(ref)
     tokenizer = load_tokenizer(ref)

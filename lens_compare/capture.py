@@ -106,14 +106,14 @@ def capture_states(
                 # On a split model TransformerBridge warns that device= is ignored, yet it
                 # still moves each cached tensor there (bridge_core.py, run_with_cache).
                 warnings.filterwarnings("ignore", message=r"run_with_cache\(device=.*\) ignored: model is dispatched")
-                _, cache = bridge.run_with_cache(
+                cache = bridge.run_with_cache(
                     token_ids[start:stop, :batch_width].to(device),
                     attention_mask=batch_mask[:, :batch_width].long().to(device),
                     names_filter=names + [name for pair in part_names for name in pair],
                     return_cache_object=False,
                     device="cpu",
                     **extra,
-                )
+                )[1]  # the last position's logits are not kept
             missing = [name for name in [*names, *(n for pair in part_names for n in pair)] if name not in cache]
             if missing:
                 raise CaptureError(f"{label}: hooks did not fire: {missing}")
@@ -136,6 +136,9 @@ def capture_states(
                 for column, name in enumerate(pair):
                     parts[row, column, start:stop, :batch_width] = cache[name]
                 _zero_padding(parts[row, :, start:stop], batch_width, padding)
+            # The cache holds this batch's forward tensors: drop them before the next forward
+            # runs, not when its cache replaces this one.
+            del cache
             if on_batch is not None:
                 on_batch(stop - start)
     return ResidualStates(n_layers=n_layers, states=states, values=values, component_layers=tuple(component_layers),

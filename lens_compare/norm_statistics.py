@@ -87,3 +87,15 @@ def skip_unread_norm_statistics(bridge: nn.Module) -> int:
         module.__class__ = _skipping(type(module))
     logger.debug("%d norm bridges skip their unread statistics", len(norms))
     return len(norms)
+
+
+def restore_transformer_lens_norms(bridge: nn.Module) -> int:
+    """Undo ``skip_unread_norm_statistics``: every norm runs TransformerLens's own forward again
+    (its statistics computed on every call; GPT-2's LayerNorm rebuilt in Python). Returns how
+    many norms changed. For comparisons with TransformerLens as shipped (the benchmark's
+    ``stock`` column, the tests)."""
+    norms = [module for module in bridge.modules() if isinstance(module, SkipsUnreadStatistics)]
+    for module in norms:
+        module.__class__ = next(cls for cls in type(module).__mro__[1:]
+                                if not issubclass(cls, SkipsUnreadStatistics))
+    return len(norms)

@@ -11,12 +11,16 @@ import gc
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+from transformers import AutoModelForCausalLM
 
 from lens_compare.capture import capture_states
 from lens_compare.hooks import states_for_layers
-from lens_compare.norm_statistics import SkipsUnreadStatistics, skip_unread_norm_statistics
+from lens_compare.norm_statistics import (
+    SkipsUnreadStatistics,
+    restore_transformer_lens_norms,
+    skip_unread_norm_statistics,
+)
 from tests.fixtures.tiny_models import FAMILIES
 from tests.test_capture_parity import _batch, _bridge, _reference
 
@@ -82,13 +86,14 @@ def test_native_path_output_is_transformer_lens_own_bit_for_bit(family, tiny_mod
     ids, real = _batch(tokenizer)
     states = states_for_layers(tuple(range(bridge.cfg.n_layers)))
     lean = capture_states(bridge, ids, real, states, batch_size=3, label="lean")
-    stock = [m for m in bridge.modules() if isinstance(m, SkipsUnreadStatistics)]
-    for module in stock:
-        module.__class__ = type(module).__mro__[2]  # the TransformerLens class it was made from
+    n_norms = restore_transformer_lens_norms(bridge)
+    assert n_norms == 2 * bridge.cfg.n_layers + 1
     assert not any(isinstance(m, SkipsUnreadStatistics) for m in bridge.modules())
+    assert {type(m).__name__ for m in bridge.modules() if isinstance(m, NormalizationBridge)} \
+        == {"RMSNormalizationBridge" if family == "llama" else "NormalizationBridge"}
     reference = capture_states(bridge, ids, real, states, batch_size=3, label="stock")
     assert torch.equal(lean.values, reference.values)
-    assert skip_unread_norm_statistics(bridge) == len(stock)
+    assert skip_unread_norm_statistics(bridge) == n_norms
     assert skip_unread_norm_statistics(bridge) == 0  # idempotent
 
 
@@ -134,7 +139,9 @@ def test_hooked_statistics_still_fire_and_edit(family, tiny_model_dirs):
 
 
 def test_nothing_of_the_forward_outlives_its_batch(tiny_model_dirs):
-    """After a capture, the only new tensors alive are the captured states themselves."""
+    """Between batches (``on_batch``) and after the capture, the only new activation-shaped
+    tensor alive is the buffer of captured states: no batch's cache (or logits) lives on
+    through the next forward. (The batch's 2-d mask slices are views of the input mask.)"""
     bridge, tokenizer = _bridge(tiny_model_dirs["llama"])
     ids, real = _batch(tokenizer)
     states = states_for_layers((0, 1, 2))
@@ -146,7 +153,13 @@ def test_nothing_of_the_forward_outlives_its_batch(tiny_model_dirs):
         return [t for t in gc.get_objects() if issubclass(type(t), torch.Tensor)]
 
     before = {id(t) for t in live_tensors()}
-    captured = capture_states(bridge, ids, real, states, batch_size=1, label="capture")
+    between = []
+
+    def on_batch(_n):
+        between.append([tuple(t.shape) for t in live_tensors() if id(t) not in before and t.dim() >= 3])
+
+    captured = capture_states(bridge, ids, real, states, batch_size=1, label="capture", on_batch=on_batch)
     new = [t for t in live_tensors() if id(t) not in before]
     assert any(t is captured.values for t in new)  # the census does see tensors
     assert [t for t in new if t is not captured.values] == []
+    assert between == [[tuple(captured.values.shape)]] * len(ids)
