@@ -110,6 +110,12 @@ def main() -> None:
     parser.add_argument("--peak-child", choices=("lens", "bare"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here (torch {torch.__version__})")
+    if args.dtype not in ("float32", "bfloat16"):
+        parser.error(f"--dtype {args.dtype!r}: give float32 or bfloat16")
+    if min(args.batch, args.repeats, args.tokens, args.prompts or 1) < 1:
+        parser.error("--batch, --repeats, --tokens and --prompts must be at least 1")
     if args.prompts is None:
         args.prompts = 16 if args.mode == "capture" else 4
     if args.peak_child:
