@@ -229,7 +229,9 @@ def test_what_the_loader_and_the_bridge_receive_for_a_split(monkeypatch, tiny_mo
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda location, **kwargs: seen.update(load=(location, kwargs)) or Loaded())
-    monkeypatch.setattr(TransformerBridge, "boot_transformers", lambda *a, **kwargs: seen.update(boot=kwargs))
+    # A module stands for the bridge: boot_bridge adjusts the norms of what it gets back.
+    monkeypatch.setattr(TransformerBridge, "boot_transformers",
+                        lambda *a, **kwargs: seen.update(boot=kwargs) or torch.nn.Module())
     ref = resolve_ref(str(tiny_model_dirs["llama"]))
     device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1,
                   "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
