@@ -176,6 +176,16 @@ def clock(device: str):
     return cuda_timed
 
 
+def race_inputs(args):
+    """What the race and its peak children share: the model reference, its tokenizer, the
+    prompts' ids and mask, the load options and every residual state's index."""
+    ref = resolve_ref(REF)
+    tokenizer = load_tokenizer(ref)
+    ids, real = prompt_batch(tokenizer, args.prompts, args.tokens)
+    every_state = tuple(range(load_config(ref).num_hidden_layers + 1))
+    return ref, tokenizer, ids, real, LoadOptions(args.dtype, args.device), every_state
+
+
 def _kib(field: str) -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
@@ -183,17 +193,14 @@ def _kib(field: str) -> int:
 
 def peak_child(args) -> dict:
     """One side of the peak comparison, in this fresh process: load, reset the peak, run once."""
-    ref = resolve_ref(REF)
-    tokenizer = load_tokenizer(ref)
-    ids, real = prompt_batch(tokenizer, args.prompts, args.tokens)
-    options = LoadOptions(args.dtype, args.device)
-    n_layers = load_config(ref).num_hidden_layers
+    ref, tokenizer, ids, real, options, every_state = race_inputs(args)
     model = lens_model(ref, tokenizer, options) if args.peak_child == "lens" else bare_model(ref, options, "eager")
 
     def run():
         if args.peak_child == "lens":
-            return capture_states(model, ids, real, tuple(range(n_layers + 1)), batch_size=args.batch, label="peak")
+            return capture_states(model, ids, real, every_state, batch_size=args.batch, label="peak")
         return bare_forwards(model, ids, real, args.batch)
+
     gc.collect()
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -206,20 +213,15 @@ def peak_child(args) -> dict:
         before = _kib("VmRSS") * 1024
     captured = run()
     peak = torch.cuda.max_memory_allocated() if cuda else _kib("VmHWM") * 1024
-    # The captured states count against the peak only where they are held: on the host, also
-    # for a CUDA run (each state is copied there as its hook fires).
+    # The captured states count against the peak only on the device that holds them: the host
+    # (a CUDA run copies each state there as its hook fires, so its GPU peak excludes them).
     on_peak_device = captured is not None and captured.values.device.type == torch.device(args.device).type
     residual_bytes = captured.values.nbytes if on_peak_device else 0
     return {"before_mib": before / 2**20, "peak_mib": peak / 2**20, "residual_mib": residual_bytes / 2**20}
 
 
 def capture_race(args) -> None:
-    ref = resolve_ref(REF)
-    tokenizer = load_tokenizer(ref)
-    ids, real = prompt_batch(tokenizer, args.prompts, args.tokens)
-    options = LoadOptions(args.dtype, args.device)
-    n_layers = load_config(ref).num_hidden_layers
-    every_state = tuple(range(n_layers + 1))
+    ref, tokenizer, ids, real, options, every_state = race_inputs(args)
     lens_bridge, stock_bridge = lens_model(ref, tokenizer, options), lens_model(ref, tokenizer, options, stock=True)
     eager_model, sdpa_model = bare_model(ref, options, "eager"), bare_model(ref, options, "sdpa")
 
