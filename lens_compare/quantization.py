@@ -103,7 +103,7 @@ def _quantize(ref: ModelRef, kwargs: dict[str, Any], options: LoadOptions):
     return model_class.from_pretrained(None, config=config, state_dict=state_dict, quantization_config=bnb, **kwargs)
 
 
-def _load_cached(folder: Path, options: LoadOptions):
+def load_cached(folder: Path, options: LoadOptions):
     """A cached NF4 checkpoint, read with plain reads into the model's own tensors.
 
     Not memory-mapped: a mapped load leaves the unquantized tensors as views of the
@@ -145,10 +145,21 @@ def load_quantized(ref: ModelRef, kwargs: dict[str, Any], options: LoadOptions):
             del quantized
             gc.collect()
 
-        model = _load_cached(build_once(nf4_cache_dir(ref, options.dtype), build), options)
+        model = load_cached(build_once(nf4_cache_dir(ref, options.dtype), build), options)
+    return compute_as_asked(model)
+
+
+def compute_as_asked(model):
+    """``model`` with every bitsandbytes 4-bit layer computing in its own compute dtype, on any CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.45 and later) repacks a ``Linear4bit``'s weights
+    at its first forward and computes it in bfloat16, whatever ``bnb_4bit_compute_dtype`` says;
+    on a CPU without it, the same model computes in the compute dtype. So the same NF4 model
+    gives different numbers on different machines. Every NF4 model lens_compare loads, and every
+    NF4 reference its tests build, goes through here: the compute dtype asked for, everywhere.
+    Call it before the model's first forward (the repacking happens there). Returns ``model``.
+    """
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            # bitsandbytes repacks weights in place and computes in bf16 on CPUs with
-            # AVX512-BF16, whatever the compute dtype; keep the compute dtype asked for.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model

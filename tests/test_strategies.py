@@ -131,9 +131,33 @@ def test_sequential_returns_cuda_memory_to_the_baseline(perturbed_llama, monkeyp
 
 
 def _hf_nf4(directory):
+    """The same NF4 model straight from transformers, computing in float32 as asked on any CPU."""
+    from lens_compare.quantization import compute_as_asked
+
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    return compute_as_asked(AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=config, dtype=torch.float32, attn_implementation="eager").eval())
+
+
+def test_nf4_layers_compute_in_the_compute_dtype_asked_for_on_any_cpu(perturbed_llama):
+    """compute_as_asked: a 4-bit layer equals its own dequantized float32 weights in an independent
+    float32 product, exactly, whether or not the CPU has AVX512-BF16 (where stock bitsandbytes
+    repacks the weights and computes in bfloat16)."""
+    import bitsandbytes.functional as bnb_functional
+
+    base, _, _ = perturbed_llama
+    model = _hf_nf4(base)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    torch.manual_seed(0)
+    for layer in layers[:4]:
+        x = torch.randn(2, 5, layer.in_features)
+        weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        expected = torch.nn.functional.linear(x, weight, layer.bias)
+        with torch.no_grad():
+            got = layer(x)
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
 
 
 def test_nf4_capture_equals_the_same_nf4_models_hf_hidden_states(perturbed_llama):
