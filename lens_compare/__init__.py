@@ -1,43 +1,46 @@
 """lens_compare: what supervised fine-tuning did to a model's residual stream, layer by layer.
 
 >>> import lens_compare
->>> result = lens_compare.compare("smollm2-sanity", prompts=["Hello"])   # doctest: +SKIP
->>> result.summary(); result.to_dataframe()                             # doctest: +SKIP
+>>> result = lens_compare.compare("smollm2-sanity", prompts=["The capital of France is Paris."])  # doctest: +SKIP
+>>> result.summary(); result.to_dataframe()                                                     # doctest: +SKIP
+
+The public names below are imported on first use, so ``import lens_compare.<module>`` (the
+planner's ``python -m lens_compare.plan``, say) does not pay for torch and pandas unless
+that module needs them.
 """
 
-from lens_compare.api import compare
-from lens_compare.capture import ResidualStates
-from lens_compare.config import RunConfig
-from lens_compare.errors import (
-    CaptureError,
-    CheckpointError,
-    ConfigError,
-    HardwareError,
-    LensCompareError,
-    ModelLoadError,
-    PairError,
-    TokenizationError,
-)
-from lens_compare.pairs import PairSpec, builtin_pairs, get_pair
-from lens_compare.result import ComparisonResult
-from lens_compare.saved import concat_runs, load_run
+import importlib
 
-__all__ = [
-    "CaptureError",
-    "CheckpointError",
-    "ComparisonResult",
-    "ConfigError",
-    "HardwareError",
-    "LensCompareError",
-    "ModelLoadError",
-    "PairError",
-    "PairSpec",
-    "ResidualStates",
-    "RunConfig",
-    "TokenizationError",
-    "builtin_pairs",
-    "compare",
-    "concat_runs",
-    "get_pair",
-    "load_run",
-]
+_PUBLIC = {
+    "compare": "lens_compare.api",
+    "ResidualStates": "lens_compare.capture",
+    "RunConfig": "lens_compare.config",
+    "CaptureError": "lens_compare.errors",
+    "CheckpointError": "lens_compare.errors",
+    "ConfigError": "lens_compare.errors",
+    "HardwareError": "lens_compare.errors",
+    "LensCompareError": "lens_compare.errors",
+    "ModelLoadError": "lens_compare.errors",
+    "PairError": "lens_compare.errors",
+    "TokenizationError": "lens_compare.errors",
+    "PairSpec": "lens_compare.pairs",
+    "builtin_pairs": "lens_compare.pairs",
+    "get_pair": "lens_compare.pairs",
+    "ComparisonResult": "lens_compare.result",
+    "concat_runs": "lens_compare.saved",
+    "load_run": "lens_compare.saved",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'lens_compare' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

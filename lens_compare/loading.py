@@ -16,13 +16,10 @@ attention, in the requested dtype, with no LayerNorm folding or weight centring:
 we compare the streams the models really compute.
 """
 
-import functools
 import hashlib
 import importlib.util
 import logging
-import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from lens_compare.errors import ModelLoadError
+from lens_compare.hub import hub_reachable
 from lens_compare.load_options import LoadOptions
 from lens_compare.progress import gguf_bar_quiet_in_notebook
 
@@ -63,22 +61,6 @@ class ModelRef:
         return self.spec
 
 
-HUB_HOST = ("huggingface.co", 443)
-
-
-@functools.cache
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be reached (False under ``HF_HUB_OFFLINE``), probed once."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        socket.create_connection(HUB_HOST, timeout=timeout_s).close()
-    except OSError:
-        logger.info("huggingface.co cannot be reached: hub ids are read from the local cache only")
-        return False
-    return True
-
-
 def _package_file(spec: str) -> Path:
     package, _, relative = spec.removeprefix("pkg:").partition("/")
     found = importlib.util.find_spec(package) if package else None
@@ -110,6 +92,11 @@ def resolve_ref(spec: str) -> ModelRef:
                 "give a directory written by save_pretrained"
             )
         return ModelRef(spec, "dir", str(path.resolve()))
+    if path.is_file():
+        raise ModelLoadError(
+            f"model {spec!r}: {str(path)!r} is a file, not a model; give a directory written by save_pretrained "
+            "(with config.json), a .gguf file or a hub id of the form 'org/name'"
+        )
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.exists()
     if looks_local or not _HUB_ID.match(spec):
         raise ModelLoadError(
@@ -121,7 +108,11 @@ def resolve_ref(spec: str) -> ModelRef:
 
 def files_ref(ref: ModelRef) -> ModelRef:
     """Where ``ref``'s config and tokenizer are read: a demo checkpoint's own files once built,
-    its recipe's source model before."""
+    its recipe's source model before; a GGUF's, from the cache (``lens_compare.gguf``)."""
+    if ref.kind == "gguf":
+        from lens_compare.gguf import files_dir
+
+        return ModelRef(ref.spec, "dir", str(files_dir(ref)))
     if ref.kind != "demo":
         return ref
     if Path(ref.location).is_dir():
@@ -184,38 +175,55 @@ def context_length(config) -> int | None:
 def load_hf_model(ref: ModelRef, config, options: LoadOptions):
     """The HF causal LM with eager attention (TransformerLens runs eager; so must the reference),
     placed and quantized as ``options`` says."""
-    from transformers import AutoModelForCausalLM, GgufConfig
+    from transformers import AutoModelForCausalLM
 
     ref = weights_ref(ref)
-    kwargs: dict[str, Any] = {
-        "config": config,
-        "dtype": DTYPES[options.dtype],
-        "attn_implementation": "eager",
-        **ref.file_kwargs,
-    }
-    if ref.gguf_file:
-        # Plain dense modules: the bridge hooks nn.Linear-shaped blocks, not packed kernels.
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    placement: dict[str, Any] = {}
     if options.device_map is not None:
-        kwargs["device_map"] = dict(options.device_map)
+        placement["device_map"] = dict(options.device_map)
         if options.max_memory is not None:
-            kwargs["max_memory"] = dict(options.max_memory)
+            placement["max_memory"] = dict(options.max_memory)
         if options.offload_folder is not None:
-            kwargs["offload_folder"] = options.offload_folder
+            placement["offload_folder"] = options.offload_folder
     elif options.device != "cpu":
-        kwargs["device_map"] = {"": options.device}
-    kwargs.update(options.model_kwargs)
+        placement["device_map"] = {"": options.device}
+
+    def source() -> tuple[str, dict[str, Any]]:
+        """Where ``from_pretrained`` reads the weights, and its arguments (called only when needed:
+        a cached NF4 model reads neither)."""
+        location, kwargs = weights_source(ref, config, options)
+        return location, {**kwargs, **placement, **options.model_kwargs}
+
     try:
         with gguf_bar_quiet_in_notebook():
             if options.quantization is not None:
                 from lens_compare.quantization import load_quantized
 
-                model = load_quantized(ref, kwargs, options)
+                model = load_quantized(ref, source, options)
             else:
-                model = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
+                location, kwargs = source()
+                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise _load_failure(ref, "weights", error) from error
     return model.eval()
+
+
+def weights_source(ref: ModelRef, config, options: LoadOptions) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` reads ``ref``'s weights in ``options.dtype``, with eager attention:
+    a GGUF through its dequantized copy in the cache (``lens_compare.gguf``, written on first use),
+    or the GGUF itself, dequantized as it loads, when the cache has no room for it."""
+    kwargs: dict[str, Any] = {"config": config, "dtype": DTYPES[options.dtype], "attn_implementation": "eager"}
+    if not ref.gguf_file:
+        return ref.location, {**kwargs, **ref.file_kwargs}
+    from lens_compare.gguf import weights_dir
+
+    converted = weights_dir(ref, config, options.model_kwargs)
+    if converted is not None:
+        return str(converted), kwargs
+    from transformers import GgufConfig
+
+    # Plain dense modules: the bridge hooks nn.Linear-shaped blocks, not packed kernels.
+    return ref.location, {**kwargs, **ref.file_kwargs, "quantization_config": GgufConfig(dequantize=True)}
 
 
 def boot_bridge(hf_model, ref: ModelRef, tokenizer, options: LoadOptions):

@@ -105,23 +105,43 @@ def _streamed(job: Job, dtype: str, device: str):
     return capture
 
 
-def noise_floor_result(job: Job, store, width: int):
+def floor_provenance(model: str | None, dtypes: dict[str, str], n_layers: int, run: dict | None = None) -> dict:
+    """The provenance of a noise floor as a result of its own: the SFT model ``model`` in its run
+    precision (``dtypes["base"]``, the floor's "base" side) against itself in the second one
+    (``dtypes["sft"]``); ``run``, the run's own provenance, lends the strategy and device."""
+    run = run or {}
+    side = {"reference": model, "kind": "noise floor"}
+    return {
+        "kind": "noise_floor",
+        "pair": f"sft {dtypes['base']} vs {dtypes['sft']}",
+        "model": model,
+        "base_model": {**side, "dtype": dtypes["base"]},
+        "sft_model": {**side, "dtype": dtypes["sft"]},
+        "dtype": dict(dtypes),
+        "n_layers": n_layers,
+        "strategy": run.get("strategy"),
+        "device": run.get("device"),
+    }
+
+
+def noise_floor_result(job: Job, store, width: int, run_provenance: dict | None = None):
     """The noise floor as a result of its own: the SFT model (its run precision as "base") against
     itself in the second precision (as "sft"), with the residual metrics only."""
     from lens_compare.bootstrap import Bootstrap
     from lens_compare.per_token import hook_metrics
     from lens_compare.result import ComparisonResult
     from lens_compare.store import stack_metrics
+    from lens_compare.tokens import readable_tokens
 
     run = job.run
     per_state = stack_metrics([store.get_noise(shard) for shard in range(job.layout.count)], width)
     second = floor_dtype(run.sft.dtype)
     tokenizer = run.tokenizers["base"]
     return ComparisonResult(
-        provenance={"pair": f"sft {run.sft.dtype} vs {second}", "n_layers": job.states[-1],
-                    "dtype": {"base": run.sft.dtype, "sft": second}, "model": run.sft.ref.spec},
+        provenance=floor_provenance(run.sft.ref.spec, {"base": run.sft.dtype, "sft": second},
+                                    run.model_configs["sft"].num_hidden_layers, run_provenance),
         layers=run.layers, tokens=run.tokenized,
-        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),
+        token_strings=tuple(readable_tokens(tokenizer, ids) for ids in run.tokenized.token_ids),
         untrained_base_tokens={}, real_tokens=job.real, metrics=hook_metrics(per_state, job.states, run.layers),
         include_first_token=run.config.include_first_token, bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
     )

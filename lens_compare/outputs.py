@@ -1,5 +1,6 @@
 """Writing results to disk: every file appears whole or not at all."""
 
+import errno
 import json
 import os
 import tempfile
@@ -57,17 +58,28 @@ def write_json(path: Path, document: dict[str, Any]) -> Path:
 
 
 def check_output_dir(directory: Path) -> None:
-    """Fail before any model loads if results could not be written, without creating anything:
-    a run that fails validation leaves no empty directory behind."""
+    """Fail before any model loads if results could not be written, without leaving anything
+    behind: a run that fails validation leaves no empty directory.
+
+    The nearest existing ancestor must take a new file: a probe file is created there and
+    removed (``os.access`` is not enough: root passes it on read-only and virtual file systems
+    such as ``/proc`` and ``/sys``, where every write then fails).
+    """
     existing = Path(directory).absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"output directory {str(directory)!r} cannot be created: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".lens_compare-probe-", suffix=".tmp")
+    except OSError as error:
         where = "is not writable" if existing == Path(directory).absolute() else \
             f"cannot be created: {str(existing)!r} is not writable"
-        raise ConfigError(f"output directory {str(directory)!r} {where}")
+        # /proc answers ENOENT to a new file: "not writable" says it better than that errno.
+        reason = f" ({error.strerror})" if error.strerror and error.errno != errno.ENOENT else ""
+        raise ConfigError(f"output directory {str(directory)!r} {where}{reason}; pass another --out") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def check_export_formats(formats: tuple[str, ...]) -> None:

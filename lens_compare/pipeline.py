@@ -36,7 +36,7 @@ from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
 from lens_compare.result import ComparisonResult
 from lens_compare.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
 from lens_compare.store import MemoryStore, Store, stack_metrics, stack_states
-from lens_compare.tokens import UNTRAINED_NORM_RATIO
+from lens_compare.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 
 logger = logging.getLogger("lens_compare")
 
@@ -213,7 +213,7 @@ def assemble(
         logger.warning(
             "the base model's embedding rows look untrained for %s (row norm / median < %s); "
             "residuals at these positions are outliers, marked base_untrained in the outputs",
-            ", ".join(f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t})" for t in untrained),
+            ", ".join(f"{readable_tokens(tokenizer, [t])[0]!r} (id {t})" for t in untrained),
             UNTRAINED_NORM_RATIO,
         )
     residuals = None
@@ -222,11 +222,12 @@ def assemble(
             stack_states([store.get_states(role, shard) for shard in range(job.layout.count)], width)
             for role in ("base", "sft")
         )
+    provenance = _provenance(run, job, execution, facts, untrained)
     result = ComparisonResult(
-        provenance=_provenance(run, job, execution, facts, untrained),
+        provenance=provenance,
         layers=run.layers,
         tokens=run.tokenized,
-        token_strings=tuple(tuple(tokenizer.convert_ids_to_tokens(list(ids))) for ids in run.tokenized.token_ids),
+        token_strings=tuple(readable_tokens(tokenizer, ids) for ids in run.tokenized.token_ids),
         untrained_base_tokens=untrained,
         real_tokens=job.real,
         metrics=hook_metrics(per_state, job.states, run.layers),
@@ -235,20 +236,24 @@ def assemble(
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
         cka=layer_cka(job, store) if run.config.cka else None,
-        noise_floor=noise_floor_result(job, store, width) if job.noise_floor else None,
+        noise_floor=noise_floor_result(job, store, width, provenance) if job.noise_floor else None,
     )
     for warning in result.warnings():
         logger.warning(warning)
     return result
 
 
-def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float) -> str:
-    """One line for the end of a run: prompts, tokens, wall time, peak memory, strategy."""
+def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float,
+                 reused_seconds: float | None = None) -> str:
+    """One line for the end of a run: prompts, tokens, wall time, peak memory, strategy.
+    ``reused_seconds``: nothing ran, the run folder held every shard; the run's own time then."""
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    took = f"{seconds:.1f} s" if reused_seconds is None else \
+        f"reassembled from its run folder without loading a model (the run itself took {reused_seconds:.1f} s)"
     parts = [
         f"{len(run.tokenized.token_ids)} prompts",
         f"{sum(run.tokenized.lengths):,} tokens",
-        f"{seconds:.1f} s",
+        took,
         f"peak host RSS {peak_host:.2f} GiB",
     ]
     if run.device.startswith("cuda") and torch.cuda.is_available():
@@ -321,7 +326,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         "token_content": None if run.tokenized.content is None
         else [[int(flag) for flag in flags] for flags in run.tokenized.content],
         "untrained_base_tokens": [
-            {"id": t, "token": tokenizer.convert_ids_to_tokens(t), "norm_over_median": round(r, 6)}
+            {"id": t, "token": readable_tokens(tokenizer, [t])[0], "norm_over_median": round(r, 6)}
             for t, r in untrained.items()
         ],
         "bootstrap": {"resamples": run.config.bootstrap, "seed": run.config.seed},

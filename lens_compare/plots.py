@@ -362,7 +362,8 @@ def position_heatmap(result, metric: str, prompt: int, *, hook: str = "resid_pos
         label += " (log" + ("; grey: 0, identical)" if (shown == 0).any() else ")")
     image = ax.imshow(shown, aspect="auto", origin="lower", cmap=cmap, norm=norm, interpolation="nearest")
     figure.colorbar(image, ax=ax, label=label)
-    # Byte-level BPE marks a leading space with "Ġ" and a newline with "Ċ": shown as ␣ and ↵.
+    # Token strings are readable (lens_compare.tokens.readable_tokens); runs saved before that hold
+    # raw byte-level BPE, whose "Ġ" (a leading space) and "Ċ" (a newline) read ␣ and ↵ here too.
     tokens = [t.replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵") for t in result.token_strings[prompt][:length]]
     ax.set_xticks(range(length), tokens, rotation=90, fontsize=7)
     ax.set_yticks(range(len(result.layers)), [str(layer) for layer in result.layers], fontsize=7)

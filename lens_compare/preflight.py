@@ -43,6 +43,10 @@ def machine_for(device: str, gpus: tuple[int, ...]) -> Machine:
 def _source(side, config, device: str) -> ModelSource:
     gguf_bytes = (Path(side.ref.location) / side.ref.gguf_file).stat().st_size if side.ref.gguf_file else 0
     checkpoint = checkpoint_of(config, gguf_bytes)
+    if gguf_bytes:
+        from lens_compare.gguf import weights_cached
+
+        checkpoint = replace(checkpoint, gguf_cached=weights_cached(side.ref))
     if device == "cpu":
         from lens_compare.quantization import nf4_cache_dir
 

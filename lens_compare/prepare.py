@@ -129,6 +129,10 @@ def read_prompts(config: RunConfig) -> tuple[str, ...]:
     if not path.is_file():
         raise ConfigError(f"prompts file {str(path)!r} does not exist")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"prompts file {str(path)!r} holds no prompts (it is empty or blank); "
+                          + ("one JSON object per line, like {\"prompt\": \"...\"}" if path.suffix == ".jsonl"
+                             else "one prompt per line"))
     if path.suffix != ".jsonl":
         return tuple(lines)
     prompts = []
@@ -255,6 +259,13 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
     )
     for side in (base, sft):
         check_context(tokenized, context_length(model_configs[side.role]), f"{side.role} model {side.ref}")
+    if not config.include_first_token and max(tokenized.lengths) < 2:
+        raise TokenizationError(
+            f"every prompt is a single token ({', '.join(repr(p) for p in prompts[:3])}"
+            f"{', ...' if len(prompts) > 3 else ''}), and position 0 is left out of the per-layer aggregates "
+            "(the attention sink; it is reported on its own): nothing would be aggregated. Give longer prompts, "
+            "or pass --include-first-token (include_first_token=True) to aggregate position 0"
+        )
     logit_lens = resolve_logit_lens(config.logit_lens, model_configs)
     return PreparedRun(config, pair_label, base, sft, device, gpus, model_configs, layers, tokenized,
                        tokenizers, overrides, logit_lens)

@@ -11,6 +11,7 @@ norms and the head keep the compute dtype. Activations stay in the compute dtype
 import gc
 import importlib.util
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +84,21 @@ def nf4_cache_dir(ref: ModelRef, compute_dtype: str) -> Path:
     return cache_root() / "nf4" / f"{checkpoint_fingerprint(ref)}-{compute_dtype}-bnb{version}"
 
 
-def _quantize(ref: ModelRef, kwargs: dict[str, Any], options: LoadOptions):
+def _quantize(source: Callable[[], tuple[str, dict[str, Any]]], options: LoadOptions):
     """Quantize while loading: transformers' bitsandbytes quantizer, NF4 codes from the
-    checkpoint's own values."""
+    checkpoint's own values; ``source()`` says where the weights are read (``loading.weights_source``)."""
     from transformers import AutoModelForCausalLM
 
     bnb = nf4_config(options.dtype)
-    if not ref.gguf_file:
-        return AutoModelForCausalLM.from_pretrained(ref.location, **{**kwargs, "quantization_config": bnb})
-    # transformers will not combine a GGUF file with a quantization config: dequantize the
-    # GGUF (as every GGUF load does), then let the same quantizer load that state dict.
+    location, kwargs = source()
+    if "gguf_file" not in kwargs:
+        return AutoModelForCausalLM.from_pretrained(location, **{**kwargs, "quantization_config": bnb})
+    # A GGUF read as it is (no room to cache its dequantized copy): transformers will not combine
+    # a GGUF file with a quantization config, so dequantize it, then let the same quantizer load
+    # that state dict.
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    dense = AutoModelForCausalLM.from_pretrained(ref.location, **kwargs)
+    dense = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     config, state_dict = dense.config, dense.state_dict()
     del dense
     kwargs = {k: v for k, v in kwargs.items() if k not in ("config", "gguf_file", "quantization_config")}
@@ -124,8 +127,9 @@ def load_cached(folder: Path, options: LoadOptions):
                                        attn_implementation="eager", **options.model_kwargs)
 
 
-def load_quantized(ref: ModelRef, kwargs: dict[str, Any], options: LoadOptions):
-    """The model with NF4 weights; ``kwargs`` are the loader's other ``from_pretrained`` arguments.
+def load_quantized(ref: ModelRef, source: Callable[[], tuple[str, dict[str, Any]]], options: LoadOptions):
+    """The model with NF4 weights; ``source()`` gives where its weights are read and the loader's
+    other ``from_pretrained`` arguments (called only when the model is quantized here).
 
     On the CPU, where bitsandbytes quantizes at about 10 s per GB of 16-bit weights (two
     cores) and quantizing maps the whole 16/32-bit source into memory, the quantized
@@ -136,11 +140,11 @@ def load_quantized(ref: ModelRef, kwargs: dict[str, Any], options: LoadOptions):
     require_bitsandbytes()
     _quiet_bitsandbytes()
     if options.device != "cpu" or options.device_map is not None:
-        model = _quantize(ref, kwargs, options)
+        model = _quantize(source, options)
     else:
         def build(folder: Path) -> None:
             logger.info("quantizing %s to NF4 once, into %s", ref, folder.parent)
-            quantized = _quantize(ref, kwargs, options)
+            quantized = _quantize(source, options)
             quantized.save_pretrained(str(folder))
             del quantized
             gc.collect()

@@ -82,8 +82,11 @@ class ComparisonResult:
             f"last layer {last['layer']}: cosine {last['cosine']['mean']:.4f}, relative_l2 "
             f"{last['relative_l2']['mean']:.4f}; largest relative_l2 {worst['relative_l2']['mean']:.4f} "
             f"at layer {worst['layer']}")
+        what = "noise floor: the SFT model against itself in a second precision, " \
+            if p.get("kind") == "noise_floor" else ""
         return (
-            f"ComparisonResult(pair={p.get('pair')!r}, strategy={p.get('strategy')!r}, device={p.get('device')!r})\n"
+            f"ComparisonResult({what}pair={p.get('pair')!r}, strategy={p.get('strategy')!r}, "
+            f"device={p.get('device')!r})\n"
             f"  base: {p['base_model']['reference']} ({p['dtype']['base']})\n"
             f"  sft:  {p['sft_model']['reference']} ({p['dtype']['sft']})\n"
             f"  {len(self.layers)} layers ({self.layers[0]}..{self.layers[-1]}), {len(self.tokens.token_ids)} prompts, "
@@ -192,8 +195,17 @@ class ComparisonResult:
     def top_tokens(self, k: int | None = None, *, hook: str = "resid_post",
                    metric: str = "relative_l2") -> dict[str, Any] | None:
         """Per layer, the ``k`` tokens (default: the run's ``top_tokens``, 10) where ``metric`` of
-        ``hook`` is largest, over the aggregates' tokens: ``{"hook", "metric", "k", "layers": [{"layer",
-        "tokens": [{"prompt", "position", "token", "token_id", "value"}]}]}``. None when k is 0."""
+        ``hook`` is largest, over the aggregates' tokens. None when k is 0::
+
+            {"hook", "metric", "k", "shared_prefix": P, "layers": [{"layer",
+              "tokens": [{"prompt", "position", "token", "token_id", "value"}],
+              "shared_prefix_tokens": [...]}]}
+
+        Where every prompt starts with the same ``P`` tokens (a chat template's system prompt), a
+        causal model computes the same states there in every prompt: ``tokens`` ranks each prompt's
+        own tokens (positions >= P), and ``shared_prefix_tokens`` ranks that prefix once, in prompt 0
+        (absent when P is 0). When nothing follows the prefix (identical prompts), ``tokens`` ranks
+        the prefix of prompt 0."""
         if k is None:
             if self.metrics is None:
                 return self.stored_top_tokens
@@ -203,15 +215,36 @@ class ComparisonResult:
         if self.metrics is None:
             raise LensCompareError("top_tokens of a saved run without its token table: only the run's own "
                                    "(result.top_tokens()); re-run with --parquet or --csv for others")
-        positions = "all" if self.include_first_token else "rest"
-        found = largest_tokens(self.metrics[hook][metric], self.positions_mask(positions), k)
+        values = self.metrics[hook][metric]
+        own, prefix = self.split_at_shared_prefix()
+        if not own.any():
+            own, prefix = prefix, None
+
+        def entries(found: list[tuple[int, int, float]]) -> list[dict[str, Any]]:
+            return [{"prompt": prompt, "position": position, "token": self.token_strings[prompt][position],
+                     "token_id": self.tokens.token_ids[prompt][position], "value": value}
+                    for prompt, position, value in found]
+
+        ranked = largest_tokens(values, own, k)
+        in_prefix = largest_tokens(values, prefix, k) if prefix is not None and prefix.any() else None
         layers = []
         for row, layer in enumerate(self.layers):
-            layers.append({"layer": layer, "tokens": [
-                {"prompt": prompt, "position": position, "token": self.token_strings[prompt][position],
-                 "token_id": self.tokens.token_ids[prompt][position], "value": value}
-                for prompt, position, value in found[row]]})
-        return {"hook": hook, "metric": metric, "k": k, "layers": layers}
+            entry = {"layer": layer, "tokens": entries(ranked[row])}
+            if in_prefix is not None:
+                entry["shared_prefix_tokens"] = entries(in_prefix[row])
+            layers.append(entry)
+        return {"hook": hook, "metric": metric, "k": k, "shared_prefix": self.tokens.shared_prefix, "layers": layers}
+
+    def split_at_shared_prefix(self) -> tuple[Bool[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
+        """The aggregates' tokens split at the shared prefix: every prompt's own tokens, and the
+        prefix's tokens of prompt 0 only (see ``top_tokens``)."""
+        main = self.positions_mask("all" if self.include_first_token else "rest")
+        shared = self.tokens.shared_prefix
+        own, prefix = main.clone(), main.clone()
+        own[:, :shared] = False
+        prefix[1:] = False
+        prefix[0, shared:] = False
+        return own, prefix
 
     def summary(self, *, hook: str | None = None, metric: str | None = None,
                 positions: str | None = None) -> pd.DataFrame:
@@ -219,9 +252,11 @@ class ComparisonResult:
         max, plus the first token's own rows. The analyses add their rows: ``components`` under hooks
         ``attn_out`` and ``mlp_out`` (metrics cosine, relative_l2, base_norm, sft_norm).
 
-        ``hook``, ``metric`` and ``positions`` (``rest``/``all``, ``first``) keep only those rows:
+        ``hook``, ``metric`` and ``positions`` (``rest``/``all``, ``first``, and with a chat template
+        ``template``, ``content``) keep only those rows. A curve needs one row per layer, so pick the
+        positions too (or use ``result.plot``):
 
-        >>> result.summary(hook="resid_post", metric="cosine").plot(x="layer", y="mean")  # doctest: +SKIP
+        >>> result.summary(hook="resid_post", metric="cosine", positions="rest").plot(x="layer", y="mean")  # doctest: +SKIP
         """
         main = "all" if self.include_first_token else "rest"
         groups = (main, "first", *self.token_classes())
@@ -260,10 +295,28 @@ class ComparisonResult:
             frame[column] = frame[column].astype("float64")
         return _shared_dtypes(frame)
 
+    def plot(self, metric: str = "relative_l2", **kwargs):
+        """``metric`` by layer over the aggregates' tokens (``rest``, or ``all`` with the first token),
+        ``resid_pre`` dashed and ``resid_post`` solid, with a band: ``lens_compare.plots.layer_curves``
+        of this run (its keywords: ``hooks``, ``band``, ``noise_floor``, ``ax``). Needs the ``plots``
+        extra; returns the Figure.
+
+        >>> result.plot("cosine")                                      # doctest: +SKIP
+        >>> result.plot("relative_l2", noise_floor=result.noise_floor)  # doctest: +SKIP
+        """
+        from lens_compare.plots import layer_curves
+
+        return layer_curves([self], metric, **kwargs)
+
     def to_dataframe(self) -> pd.DataFrame:
         """Tidy long table: one row per prompt x hook x layer x position x metric (real tokens only),
         the analyses' per-token values included (hooks ``attn_out``/``mlp_out`` for ``components``)."""
         if self.metrics is None:
+            if self.provenance.get("kind") == "noise_floor":
+                raise LensCompareError(
+                    "a saved run keeps its noise floor's per-layer records only, not its per-token values: "
+                    "summary() and the plots work; for per-token values, compare(..., noise_floor=True) in memory"
+                )
             raise LensCompareError(
                 "this saved run has no token table beside its JSON; re-run it with --parquet or --csv "
                 "(the per-layer summary() is available)"

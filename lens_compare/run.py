@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sft", help="SFT model: hub id, save_pretrained directory or .gguf file")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="prompts, one per line (.txt) or {\"prompt\": ...} per line (.jsonl)")
-    p.add_argument("--tokens", type=int, help="make every prompt exactly N tokens")
+    p.add_argument("--tokens", type=int, help="make every prompt exactly N tokens: longer ones are cut, shorter "
+                                               "ones padded with --filler-text (else refused)")
+    p.add_argument("--filler-text", metavar="TEXT",
+                   help="text appended, repeated, to prompts shorter than --tokens (e.g. 'The history of science')")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--gpus", help="CUDA devices to split models over, e.g. 0,1,2,3 (default: all visible)")
@@ -105,7 +108,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     else:
         logger.info("config file: none; built-in defaults (lens_compare.config.RunConfig), flags replace them")
     changes = {
-        "pairs_file": args.pairs_file, "tokens": args.tokens, "dtype": args.dtype,
+        "pairs_file": args.pairs_file, "tokens": args.tokens, "filler_text": args.filler_text, "dtype": args.dtype,
         "device": args.device, "skip_first": args.skip_first, "chat_template": args.chat_template,
         "include_first_token": args.include_first_token, "batch_size": args.batch_size,
         "strategy": args.strategy, "save_residuals": args.save_residuals, "output_dir": args.out,
@@ -207,12 +210,25 @@ def main(argv: list[str] | None = None) -> int:
             state = "; resuming" if found or spilled else ""
         logger.info("run folder %s: %d of %d shard(s) already finished%s%s", folder.path, found, layout.count,
                     f", {spilled} base shard(s) spilled" if spilled else "", state)
+        earlier = folder.get_record("outputs")
+        nothing_pending = found == layout.count and not (
+            job.noise_floor and not all(folder.has_noise(shard) for shard in range(layout.count)))
         seconds = execute(job, execution, folder)
         result = assemble(run, job, execution, folder, keep_residuals=False)
         if floor is None:  # --noise-floor-run names another run's floor; else this run's own, if measured
             floor = result.noise_floor
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        stem = out_dir / f"lens_compare_{result.provenance['pair']}_{stamp}"
+        # One set of outputs per run folder: a rerun that only reassembles (or resumes) writes the
+        # same files again, under the stem of the folder's first outputs, instead of a new set.
+        reused = earlier is not None and nothing_pending
+        if earlier is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            earlier = {"stem": f"lens_compare_{result.provenance['pair']}_{stamp}", "seconds": 0.0}
+        run_seconds = earlier["seconds"] if reused else earlier["seconds"] + seconds
+        folder.put_record("outputs", {"stem": earlier["stem"], "seconds": run_seconds})
+        stem = out_dir / earlier["stem"]
+        if reused:
+            logger.info("every shard was already in the run folder: its outputs are rewritten in place (%s.*), "
+                        "not written again under a new name", stem)
         for path in write_outputs(result, config, stem, job, folder):
             print(path)
         if args.plots:
@@ -223,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if not config.save_residuals:
             folder.drop_all_states()
         logger.info("verdict:\n%s", verdict(result, noise_floor=floor))
-        logger.info(summary_line(run, execution, job, seconds))
+        logger.info(summary_line(run, execution, job, seconds, run_seconds if reused else None))
         return 0
     except LensCompareError as error:
         print(f"lens_compare: error: {' '.join(str(error).split())}", file=sys.stderr)

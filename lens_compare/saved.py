@@ -37,11 +37,11 @@ def _stem(path: Path) -> Path:
 
 def load_run(path: str | Path) -> ComparisonResult:
     """The result a run wrote to ``path`` (its ``.json``), with the files saved beside it."""
-    path = Path(path)
-    if path.suffix != ".json":
-        path = path.with_suffix(".json")
+    given = Path(path)
+    # The .json a run wrote, or its stem (``outputs/lens_compare_x_<UTC>``) without the suffix.
+    path = given if given.is_file() or given.suffix == ".json" else given.with_name(given.name + ".json")
     if not path.is_file():
-        raise LensCompareError(f"no run at {str(path)!r}: give the .json a run wrote")
+        raise LensCompareError(f"no run at {str(given)!r}: give the .json a run wrote")
     try:
         document = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -90,9 +90,10 @@ def _noise_floor(document, provenance, layers, tokens, real, include_first, main
     floor = document.get("noise_floor")
     if floor is None:
         return None
+    from lens_compare.noise_floor import floor_provenance
+
     return ComparisonResult(
-        provenance={"pair": f"sft {floor['dtype']['base']} vs {floor['dtype']['sft']}",
-                    "n_layers": provenance["n_layers"], "dtype": floor["dtype"], "model": floor.get("model")},
+        provenance=floor_provenance(floor.get("model"), floor["dtype"], provenance["n_layers"], provenance),
         layers=layers, tokens=tokens, token_strings=tuple(("",) * len(ids) for ids in tokens.token_ids),
         untrained_base_tokens={}, real_tokens=real, metrics=None, include_first_token=include_first,
         stored_records={main: {k: floor[k] for k in HOOK_KINDS}, "first": floor["first_token"]},

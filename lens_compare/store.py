@@ -278,6 +278,15 @@ class RunFolder:
     def has_noise(self, shard: int) -> bool:
         return self._noise_path(shard).is_file()
 
+    def put_record(self, name: str, document: dict[str, Any]) -> None:
+        """A small JSON record about the run itself (``outputs``: the stem its outputs were written
+        under and the seconds it took), kept beside its shards."""
+        write_json(self.path / f"{name}.json", document)
+
+    def get_record(self, name: str) -> dict[str, Any] | None:
+        path = self.path / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def put_facts(self, role: str, facts: dict[str, Any]) -> None:
         write_json(self.path / "models" / f"{role}.json", facts)
 

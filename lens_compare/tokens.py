@@ -40,6 +40,20 @@ class TokenizedPrompts:
     def lengths(self) -> tuple[int, ...]:
         return tuple(len(ids) for ids in self.token_ids)
 
+    @property
+    def shared_prefix(self) -> int:
+        """How many leading tokens every prompt shares (0 with one prompt): a chat template's system
+        prompt, say. A causal model computes the same states there in every prompt, so a ranking of
+        tokens lists that prefix once (prompt 0's) and each prompt's own tokens apart."""
+        if len(self.token_ids) < 2:
+            return 0
+        length = 0
+        for column in zip(*self.token_ids):
+            if len(set(column)) > 1:
+                break
+            length += 1
+        return length
+
     def padded(self, pad_id: int) -> tuple[Int[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
         """Right-padded ids and the mask of real tokens (right padding keeps positions aligned)."""
         width = max(self.lengths)
@@ -142,7 +156,8 @@ def tokenize_prompts(
             if len(base_ids) < n_tokens:
                 raise TokenizationError(
                     f"prompt {index} is {len(base_ids)} tokens, shorter than --tokens {n_tokens}; "
-                    "give a longer prompt or set filler_text in the config to pad it with text"
+                    "give a longer prompt, or pad it with text: --filler-text TEXT (filler_text in a config file, "
+                    "compare(filler_text=...))"
                 )
             base_ids = base_ids[:n_tokens]
         if not base_ids:
@@ -185,3 +200,36 @@ def untrained_token_ids(
         for token in sorted(token_ids)
         if token < norms.shape[0] and norms[token].item() < UNTRAINED_NORM_RATIO * median
     }
+
+
+# How whitespace is shown in a readable token: visible, so ' France' and 'France' differ on screen.
+VISIBLE_WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def readable_tokens(tokenizer, ids) -> tuple[str, ...]:
+    """Each id's token as the text it stands for, whitespace made visible: byte-level BPE's
+    ``ĠFrance`` and SentencePiece's ``▁France`` both read ``␣France``, ``Ċ`` and ``<0x0A>`` read
+    ``↵``; special tokens (``<|im_start|>``) stay as they are. The one form tables, JSON, the
+    verdict and the figures show; the raw id is kept beside it everywhere.
+
+    A token is decoded after a fixed one (``a``), and that prefix cut off again, so the decoder
+    cannot drop a leading space as it does at the start of a text; a token holding part of a
+    multi-byte character reads ``�``."""
+    raw = tokenizer.convert_ids_to_tokens(list(ids))
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    out = []
+    for token in raw:
+        if token is None:
+            out.append("")
+            continue
+        if token in special:
+            out.append(token)
+            continue
+        if decoder is not None:
+            text = decoder.decode(["a", token])
+            text = text[1:] if text.startswith("a") else text
+        else:
+            text = tokenizer.convert_tokens_to_string([token])
+        out.append("".join(VISIBLE_WHITESPACE.get(char, char) for char in text))
+    return tuple(out)

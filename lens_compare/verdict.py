@@ -14,7 +14,6 @@ layer and how many times the pair's drift exceeds it.
 
 import torch
 
-from lens_compare.aggregate import token_mask
 
 ROWS = 5
 
@@ -26,11 +25,11 @@ def verdict(result, rows: int = ROWS, noise_floor=None) -> str:
     positions = "all" if result.include_first_token else "rest"
     records = {r["layer"]: r for r in result.layer_records(positions)["resid_post"]}
     floor = {} if noise_floor is None else {
-        r["layer"]: r["relative_l2"]["mean"] for r in noise_floor.layer_records(positions)["resid_post"]}
+        r["layer"]: (r["relative_l2"] or {}).get("mean") for r in noise_floor.layer_records(positions)["resid_post"]}
     layers = list(result.layers)
     count = min(rows, len(layers))
     picks = sorted({layers[round(i * (len(layers) - 1) / max(count - 1, 1))] for i in range(count)})
-    means = {layer: records[layer]["relative_l2"]["mean"] for layer in layers}
+    means = {layer: (records[layer]["relative_l2"] or {}).get("mean") for layer in layers}
     defined = {layer: value for layer, value in means.items() if value is not None}
     worst = max(defined, key=defined.get) if defined else None
     if worst is not None and worst not in picks:
@@ -44,20 +43,22 @@ def verdict(result, rows: int = ROWS, noise_floor=None) -> str:
         title += f"; noise floor: {noise_floor.provenance.get('pair') or 'run'}"
     lines = [f"{title}:", header]
     for layer in picks:
-        cosine, relative = records[layer]["cosine"]["mean"], records[layer]["relative_l2"]["mean"]
+        cosine, relative = ((records[layer][name] or {}).get("mean") for name in ("cosine", "relative_l2"))
         mark = "  <- largest drift" if layer == worst else ""
         row = f"{layer:>6}  {_number(cosine):>10}  {_number(relative):>11}"
         if noise_floor is not None:
             row += f"  {_number(floor.get(layer)):>12}  {_ratio(relative, floor.get(layer)):>9}"
         lines.append(row + mark)
     if worst is None:
-        lines.append("largest drift: undefined (no token to aggregate)")
+        lines.append("largest drift: undefined (no token to aggregate"
+                     + ("" if result.include_first_token else ": every prompt is one token, and position 0 is "
+                        "excluded; --include-first-token includes it") + ")")
         return "\n".join(lines)
     if defined[worst] == 0:
         lines[-len(picks):] = [line.removesuffix("  <- largest drift") for line in lines[-len(picks):]]
         lines.append("no drift: resid_post is identical in both models at every captured layer")
         return "\n".join(lines)
-    lines.append(_worst_token(result, records[worst], positions))
+    lines.append(_worst_token(result, records[worst]))
     return "\n".join(lines)
 
 
@@ -72,18 +73,38 @@ def _ratio(value, floor) -> str:
     return f"{value / floor:.1f}"
 
 
-def _worst_token(result, record: dict, positions: str) -> str:
+def _worst_token(result, record: dict) -> str:
     layer = record["layer"]
     row = list(result.layers).index(layer)
     values = result.metrics["resid_post"]["relative_l2"][row]
-    mask = token_mask(result.real_tokens, positions) & ~torch.isnan(values)
-    masked = torch.where(mask, values, -torch.inf)
-    flat = int(torch.argmax(masked))
-    prompt, position = divmod(flat, values.shape[1])
-    token = result.token_strings[prompt][position]
     relative = record["relative_l2"]
     interval = f", 95% CI {relative['ci_low']:.4f}-{relative['ci_high']:.4f}" \
         if relative.get("ci_low") is not None and relative.get("ci_high") is not None else ""
-    return (f"largest drift: layer {layer} (relative_l2 {relative['mean']:.4f}{interval}, cosine "
-            f"{record['cosine']['mean']:.4f}); most-moved token {token!r} (prompt {prompt}, position {position}): "
-            f"relative_l2 {float(values[prompt, position]):.4f}")
+    line = (f"largest drift: layer {layer} (relative_l2 {relative['mean']:.4f}{interval}, cosine "
+            f"{record['cosine']['mean']:.4f})")
+    own, prefix = result.split_at_shared_prefix()
+    shared = result.tokens.shared_prefix
+    if not own.any():  # identical prompts: the prefix is all there is
+        own, prefix = prefix, None
+    found = _largest(values, own)
+    if found is not None:
+        prompt, position, value = found
+        whose = "of the prompts' own tokens" if shared else ""
+        line += (f"; most-moved token{' ' + whose if whose else ''} {result.token_strings[prompt][position]!r} "
+                 f"(prompt {prompt}, position {position}): relative_l2 {value:.4f}")
+    in_prefix = _largest(values, prefix) if prefix is not None and shared else None
+    if in_prefix is not None:
+        _, position, value = in_prefix
+        line += (f"\n  in the {shared} tokens every prompt starts with (the same states in each): "
+                 f"{result.token_strings[0][position]!r} (position {position}): relative_l2 {value:.4f}")
+    return line
+
+
+def _largest(values: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, float] | None:
+    """(prompt, position, value) of the largest defined value under ``mask``, or None."""
+    mask = mask & ~torch.isnan(values)
+    if not mask.any():
+        return None
+    flat = int(torch.argmax(torch.where(mask, values, -torch.inf)))
+    prompt, position = divmod(flat, values.shape[1])
+    return prompt, position, float(values[prompt, position])

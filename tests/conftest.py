@@ -8,6 +8,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One cache for `make demo` and `make test` (the Makefile sets it; the checkout's .cache/ by default):
+# the SmolLM2 weights dequantized once, the demo fine-tune trained once, NF4 copies quantized once.
+# Tests about building an entry build it in a cache of their own.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("LENS_COMPARE_CACHE", os.path.join(REPO, ".cache", "lens_compare"))
 
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -19,10 +24,10 @@ from tests.fixtures.tiny_models import FAMILIES, build_tiny_model, perturb_block
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_cache(tmp_path_factory):
-    """lens_compare's cache (NF4 checkpoints) in a session folder, never the user's ~/.cache."""
-    os.environ["LENS_COMPARE_CACHE"] = str(tmp_path_factory.mktemp("lens_compare_cache"))
+@pytest.fixture(scope="session")
+def shared_cache() -> Path:
+    """lens_compare's cache, shared with ``make demo`` (never the user's ~/.cache unless asked for)."""
+    return Path(os.environ["LENS_COMPARE_CACHE"])
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +54,7 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_safetensors(smollm2_gguf, private_cache) -> Path:
+def smollm2_safetensors(smollm2_gguf, shared_cache) -> Path:
     """The SmolLM2 weights converted once to a float32 safetensors checkpoint (for streaming)."""
     from lens_compare.convert import converted_checkpoint
 
@@ -57,9 +62,10 @@ def smollm2_safetensors(smollm2_gguf, private_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_ft(smollm2_gguf, private_cache) -> Path:
-    """The real smollm2-ft fine-tune (``demo:smollm2-ft``), built once per session (~4 min on two
-    cores) into the session cache, where runs and notebooks find it."""
+def smollm2_ft(smollm2_gguf, shared_cache) -> Path:
+    """The real smollm2-ft fine-tune (``demo:smollm2-ft``), trained once into the shared cache (about
+    two minutes on two cores; `make demo` and every later session reuse it), where runs and
+    notebooks find it."""
     from lens_compare.loading import resolve_ref, weights_ref
 
     return Path(weights_ref(resolve_ref("demo:smollm2-ft")).location)

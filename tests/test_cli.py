@@ -66,10 +66,18 @@ def test_run_writes_json_tables_and_residuals(tiny_model_dirs, tmp_path, capsys)
         (["--pair", "smollm2-sanity", "--prompts-file", "nope.txt"], "prompts file 'nope.txt' does not exist"),
         (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
         (["--pair", "llama8b", "--layers", "1,x"], "expected comma-separated integers"),
+        (["--base", "notamodel.txt", "--sft", "notamodel.txt"], "'notamodel.txt' is a file, not a model"),
+        (["--pair", "smollm2-sanity", "--prompts-file", "empty.txt"], "prompts file 'empty.txt' holds no prompts"),
+        (["--pair", "smollm2-sanity", "--out", "/proc/x"], "output directory '/proc/x' cannot be created: '/proc' "
+                                                          "is not writable"),
+        (["--pair", "smollm2-sanity", "--out", "/sys/x"], "is not writable"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_no_output(args, message, tmp_path, capsys):
-    code, out, err = run_cli(capsys, *args, "--prompt", "hi", "--out", "res")
+    (tmp_path / "notamodel.txt").write_text("not a model\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    code, out, err = run_cli(capsys, *args, *(["--prompt", "hi"] if "--prompts-file" not in args else []),
+                             *(["--out", "res"] if "--out" not in args else []))
     assert code == 1
     assert message in err
     assert len(err.strip().splitlines()) == 1
@@ -281,3 +289,54 @@ def test_unreachable_hub_reads_the_local_cache_at_once(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert ref.file_kwargs == {"local_files_only": True}
     loading.hub_reachable.cache_clear()
+
+
+def test_one_token_prompts_are_refused_before_loading_unless_position_0_is_aggregated(tiny_model_dirs, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """Position 0 is left out of the aggregates: prompts of one token leave nothing to aggregate."""
+    from lens_compare.engines import bridge
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    model = str(tiny_model_dirs["llama"])
+    with monkeypatch.context() as patch:
+        patch.setattr(bridge, "load_hf_model", no_loading)
+        code, _, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "", "--out", "res")
+    assert code == 1 and "every prompt is a single token" in err and "--include-first-token" in err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "", "--include-first-token",
+                             "--out", "res")
+    assert code == 0, err
+    document = json.loads(next(Path(p) for p in out.split() if p.endswith(".json")).read_text())
+    assert document["aggregation"]["n_tokens"] == 1 and document["resid_post"][0]["cosine"]["mean"] == 1.0
+
+
+def test_filler_text_flag_pads_short_prompts(tiny_model_dirs, capsys):
+    model = str(tiny_model_dirs["llama"])
+    code, _, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "hello", "--tokens", "20",
+                           "--out", "res")
+    assert code == 1 and "--filler-text TEXT" in err
+    code, out, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "hello", "--tokens", "20",
+                             "--filler-text", "the quick brown fox", "--out", "res", "-q")
+    assert code == 0, err
+    document = json.loads(next(Path(p) for p in out.split() if p.endswith(".json")).read_text())
+    assert [len(ids) for ids in document["provenance"]["token_ids"]] == [20]
+    assert document["provenance"]["texts"][0].startswith("hello the quick brown fox")
+
+
+def test_a_rerun_reuses_the_run_folder_and_its_outputs(tiny_model_dirs, tmp_path, capsys, caplog):
+    """The same command twice: the second loads no model, rewrites the first run's files in place and says so."""
+    import logging
+
+    model = str(tiny_model_dirs["llama"])
+    args = ["--base", model, "--sft", model, "--prompt", "the quick brown fox", "--csv", "--out", "res"]
+    code, first, err = run_cli(capsys, *args)
+    assert code == 0, err
+    before = outputs(tmp_path / "res")
+    with caplog.at_level(logging.INFO, logger="lens_compare"):
+        code, second, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert second.split() == first.split() and outputs(tmp_path / "res") == before
+    assert "rewritten in place" in caplog.text
+    assert "reassembled from its run folder without loading a model (the run itself took" in caplog.text

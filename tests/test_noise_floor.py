@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lens_compare
+from lens_compare import plots
 from lens_compare.capture import capture_states
 from lens_compare.errors import ConfigError
 from lens_compare.hooks import states_for_layers
@@ -62,7 +63,6 @@ def test_engines_json_dataframe_plots_and_saved_run(perturbed_llama, tmp_path, c
     assert document["resid_post"][block]["clears_noise"] > 10
     summary = result.summary(metric="relative_l2", hook="resid_post", positions="rest")
     assert summary["clears_noise"].tolist() == pytest.approx([r["clears_noise"] for r in document["resid_post"]])
-    from lens_compare import plots
 
     labels = [c.get_label() for c in plots.standard_figures(result)["relative_l2"].axes[0].collections]
     assert any(label.startswith("noise floor: sft float32 vs bfloat16") for label in labels)
@@ -75,6 +75,37 @@ def test_engines_json_dataframe_plots_and_saved_run(perturbed_llama, tmp_path, c
     loaded = lens_compare.load_run(path)
     assert loaded.to_dict()["noise_floor"] == written["noise_floor"]
     assert loaded.to_dict()["resid_post"] == written["resid_post"]
+    # The saved floor: its records, not its per-token values.
+    assert repr(loaded.noise_floor).startswith("ComparisonResult(noise floor")
+    assert loaded.noise_floor.summary(hook="resid_post", metric="relative_l2", positions="rest")["mean"].tolist() \
+        == pytest.approx([r["relative_l2"]["mean"] for r in written["noise_floor"]["resid_post"]])
+    with pytest.raises(lens_compare.LensCompareError, match="keeps its noise floor's per-layer records only"):
+        loaded.noise_floor.to_dataframe()
+    assert plots.layer_curves([loaded.noise_floor], "relative_l2").axes
+
+
+def test_the_noise_floor_is_a_result_of_its_own(perturbed_llama):
+    """repr, summary(), to_dataframe() and the plots work on result.noise_floor."""
+    from lens_compare import plots
+
+    base, sft, _ = perturbed_llama
+    result = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS, noise_floor=True)
+    floor = result.noise_floor
+    text = repr(floor)
+    assert text.startswith("ComparisonResult(noise floor: the SFT model against itself in a second precision")
+    assert f"base: {sft} (float32)" in text and f"sft:  {sft} (bfloat16)" in text
+    summary = floor.summary(hook="resid_post", metric="relative_l2", positions="rest")
+    assert summary["mean"].tolist() == pytest.approx(
+        [r["relative_l2"]["mean"] for r in result.to_dict()["noise_floor"]["resid_post"]])
+    table = floor.to_dataframe()
+    values = floor.metrics["resid_post"]["relative_l2"]
+    row = table.query("hook == 'resid_post' and metric == 'relative_l2' and layer == 1 and prompt == 0 "
+                      "and position == 2")["value"]
+    assert row.item() == pytest.approx(values[1, 0, 2].item())
+    assert set(table["token"]) <= {t for strings in result.token_strings for t in strings}
+    for figure in (plots.layer_curves([floor], "relative_l2"), plots.norm_profile(floor),
+                   plots.position_heatmap(floor, "relative_l2", prompt=0), floor.plot("cosine")):
+        assert figure.axes
 
 
 def test_an_interrupted_floor_resumes_with_the_missing_shards_only(perturbed_llama, tmp_path, capsys, monkeypatch):

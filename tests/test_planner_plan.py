@@ -445,3 +445,26 @@ def test_the_analyses_count_in_the_run_memory():
     head = 128256 * 4096 * 2 / 2**30
     assert lens["sequential"] - plain["sequential"] == pytest.approx(head, rel=0.06)
     assert lens["stream"] > 2 * head > plain["stream"]  # both heads at once, after the last block
+
+
+def test_hub_ids_plan_offline_from_the_shipped_configs_and_others_fail_at_once(monkeypatch, capsys):
+    """Planning reads no network for the models whose configs the package ships (the seed's pairs, both
+    sides); any other hub id fails in one line at once, offline, instead of retrying for half a minute."""
+    import time
+
+    from lens_compare.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    try:
+        assert main(["--base", "Qwen/Qwen2.5-0.5B", "--sft", "Qwen/Qwen2.5-0.5B-Instruct", "--json"]) == 0
+        planned = json.loads(capsys.readouterr().out)
+        assert planned["base_params"] == planned["sft_params"] == 494_032_768
+        started = time.perf_counter()
+        assert main(["--base", "someone/not-a-shipped-model", "--sft", "someone/other", "--json"]) == 2
+        err = capsys.readouterr().err
+        assert time.perf_counter() - started < 10
+        assert "cannot read the config of 'someone/not-a-shipped-model'" in err and "not in the local" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        hub_reachable.cache_clear()

@@ -55,6 +55,11 @@ def test_load_run_without_a_token_table_gives_the_summary_and_says_what_is_missi
         loaded.to_dataframe()
     with pytest.raises(LensCompareError, match="no run at"):
         lens_compare.load_run(tmp_path / "nothing.json")
+    # A file that is not a run is named as given (not as a .json beside it).
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    with pytest.raises(LensCompareError, match=r"'.*pyproject\.toml' is not a lens_compare run"):
+        lens_compare.load_run(tmp_path / "pyproject.toml")
+    assert lens_compare.load_run(written[".json"].with_suffix("")).summary().equals(loaded.summary())  # the stem
 
 
 def test_concat_runs_adds_pair_and_run_columns(perturbed_llama, in_memory, tmp_path, capsys):

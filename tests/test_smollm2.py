@@ -2,24 +2,29 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 import lens_compare
 from lens_compare.capture import capture_states
 from lens_compare.hooks import states_for_layers
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+from lens_compare.loading import boot_bridge, load_config, load_hf_model, load_tokenizer, resolve_ref
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is Paris. The capital of Italy is", "def add(a, b):\n    return"]
 
 
 def test_captures_equal_hf_hidden_states(smollm2_gguf):
+    """The capture against transformers' own GGUF load, which is also the reference for the GGUF's
+    copy in lens_compare's cache (lens_compare.gguf): the same config, tokenizer and weights, bit
+    for bit, in float32 and bfloat16."""
     ref = resolve_ref(str(smollm2_gguf))
     config = load_config(ref)
     tokenizer = AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file)
     options = LoadOptions("float32", "cpu")
-    bridge = boot_bridge(load_hf_model(ref, config, options), ref, tokenizer, options)
+    ours = load_hf_model(ref, config, options)
+    ours_weights = dict(ours.state_dict())  # before the bridge wraps (and renames) the modules
+    bridge = boot_bridge(ours, ref, tokenizer, options)
     encoded = tokenizer(PROMPTS, padding=True, return_tensors="pt", padding_side="right")
     real = encoded["attention_mask"].bool()
     layers = tuple(range(config.num_hidden_layers))
@@ -32,6 +37,23 @@ def test_captures_equal_hf_hidden_states(smollm2_gguf):
     with torch.no_grad():
         hidden = reference(encoded["input_ids"], attention_mask=real.long(), output_hidden_states=True).hidden_states
     assert len(hidden) == 31
+    expected = reference.state_dict()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = ours_weights if dtype == torch.float32 else \
+            load_hf_model(ref, config, LoadOptions("bfloat16", "cpu")).state_dict()
+        assert got.keys() == expected.keys()
+        assert all(got[k].dtype == dtype and torch.equal(got[k], expected[k].to(dtype)) for k in got), dtype
+    from lens_compare.gguf import files_dir, weights_cached
+
+    assert weights_cached(ref) and load_config(ref).to_dict() == {
+        **AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file).to_dict(),
+        "_name_or_path": str(files_dir(ref))}
+    cached_tokenizer = load_tokenizer(ref)
+    for text in (*PROMPTS, "日本 😀\n\tx"):
+        assert cached_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    chat = [{"role": "user", "content": "hi"}]
+    assert cached_tokenizer.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat,
+                                                                                                          tokenize=False)
     for layer in layers:
         torch.testing.assert_close(captured.resid_pre(layer)[real], hidden[layer][real], atol=1e-5, rtol=1.3e-6)
     torch.testing.assert_close(reference.model.norm(captured.resid_post(29))[real], hidden[30][real],

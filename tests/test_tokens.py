@@ -143,3 +143,30 @@ def test_tokens_beyond_the_context_fail_before_extending(tiny_model_dirs, monkey
     with pytest.raises(TokenizationError, match=r"--tokens 100000 is longer than the base model .* context of 256"):
         lens_compare.compare(base=directory, sft=directory, prompts=["the fox"], tokens=100000,
                              filler_text="the quick brown fox")
+
+
+def test_readable_tokens_show_the_text_with_visible_whitespace(tokenizer):
+    """Byte-level BPE (Ġ, Ċ) and SentencePiece (▁, byte fallback) tokens read as their text, with
+    spaces and newlines visible; special tokens stay as they are."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lens_compare.tokens import readable_tokens
+
+    ids = tokenizer("the quick\nfox", add_special_tokens=True)["input_ids"]
+    raw = tokenizer.convert_ids_to_tokens(ids)
+    assert raw[0] == "<s>" and "Ġqu" in raw and "Ċ" in raw
+    readable = readable_tokens(tokenizer, ids)
+    assert readable[0] == "<s>" and readable[raw.index("Ġqu")] == "␣qu" and readable[raw.index("Ċ")] == "↵"
+    assert "".join(readable[1:]) == "the␣quick↵fox"
+    # A SentencePiece-style tokenizer: ▁ marks a space, unknown characters fall back to bytes.
+    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.train_from_iterator(["The capital of France is Paris."], trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>"] + [f"<0x{i:02X}>" for i in range(256)], show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", unk_token="<unk>")
+    ids = fast("France\tis", add_special_tokens=False)["input_ids"]
+    assert "<0x09>" in fast.convert_ids_to_tokens(ids)
+    assert "".join(readable_tokens(fast, ids)) == "␣France⇥is"

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -61,22 +62,44 @@ def test_token_classes_split_the_tokens_and_aggregate_each(templated):
 
 
 def test_top_tokens_against_numpy(templated):
+    """Every templated prompt starts with the same tokens: their states are the same in every prompt,
+    so they are ranked once (prompt 0's), and each prompt's own tokens apart."""
     result = templated
     top = result.top_tokens()
     assert top["k"] == 4 and top["hook"] == "resid_post" and top["metric"] == "relative_l2"
-    values = result.metrics["resid_post"]["relative_l2"].numpy().copy()
-    values[:, ~result.positions_mask("rest").numpy()] = -np.inf  # position 0 and padding are left out
+    ids = result.tokens.token_ids
+    shared = next(i for i in range(min(map(len, ids))) if len({row[i] for row in ids}) > 1)
+    assert top["shared_prefix"] == result.tokens.shared_prefix == shared > 1
+    values = np.nan_to_num(result.metrics["resid_post"]["relative_l2"].numpy(), nan=-np.inf)
+    rest = result.positions_mask("rest").numpy()  # position 0 and padding are left out
+    own, prefix = rest.copy(), rest.copy()
+    own[:, :shared] = False
+    prefix[1:] = False
+    prefix[0, shared:] = False
     for row, entry in enumerate(top["layers"]):
-        flat = np.nan_to_num(values[row], nan=-np.inf).ravel()
-        expected = np.sort(flat)[::-1][:4]
-        assert [t["value"] for t in entry["tokens"]] == pytest.approx(expected.tolist(), rel=1e-6)
-        for token in entry["tokens"]:
-            assert values[row][token["prompt"], token["position"]] == pytest.approx(token["value"], rel=1e-6)
-            assert token["token_id"] == result.tokens.token_ids[token["prompt"]][token["position"]]
-            assert token["token"] == result.token_strings[token["prompt"]][token["position"]]
-            assert token["position"] > 0
+        for key, mask in (("tokens", own), ("shared_prefix_tokens", prefix)):
+            expected = np.sort(np.where(mask, values[row], -np.inf).ravel())[::-1][:4]
+            expected = expected[np.isfinite(expected)]
+            assert [t["value"] for t in entry[key]] == pytest.approx(expected.tolist(), rel=1e-6)
+            for token in entry[key]:
+                assert mask[token["prompt"], token["position"]]
+                assert values[row][token["prompt"], token["position"]] == pytest.approx(token["value"], rel=1e-6)
+                assert token["token_id"] == ids[token["prompt"]][token["position"]]
+                assert token["token"] == result.token_strings[token["prompt"]][token["position"]]
     assert len(result.top_tokens(k=2)["layers"][0]["tokens"]) == 2
     assert result.top_tokens(k=0) is None
+    assert replace(result.tokens, token_ids=ids[:1]).shared_prefix == 0  # one prompt: nothing is shared
+
+
+def test_verdict_names_the_most_moved_own_token_and_the_shared_prefix_apart(templated):
+    from lens_compare.verdict import verdict
+
+    text = verdict(templated)
+    shared = templated.tokens.shared_prefix
+    assert "most-moved token of the prompts' own tokens" in text
+    assert f"in the {shared} tokens every prompt starts with" in text
+    position = int(text.split("(prompt ")[1].split("position ")[1].split(")")[0])
+    assert position >= shared
 
 
 def test_saved_run_keeps_classes_top_tokens_and_warnings(perturbed_llama, tmp_path, capsys):

@@ -13,6 +13,8 @@ transformers itself would instantiate with.
 """
 
 import dataclasses
+import functools
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -100,7 +102,22 @@ def _switch(cfg: Any, value: bool | str) -> bool:
 
 
 def architecture_from_config(config: Any) -> Architecture:
-    """Normalise a PretrainedConfig or config dict into :class:`Architecture`."""
+    """Normalise a PretrainedConfig or config dict into :class:`Architecture`.
+
+    A config dict (the shipped ``model_configs.json`` entries, a local config.json) is read once per
+    process: building its transformers config object costs milliseconds, and the seed's table plans
+    every pair on a thousand machines."""
+    if isinstance(config, Mapping):
+        return _architecture_of_json(json.dumps(config, sort_keys=True, default=str))
+    return _architecture(config)
+
+
+@functools.cache
+def _architecture_of_json(text: str) -> Architecture:
+    return _architecture(json.loads(text))
+
+
+def _architecture(config: Any) -> Architecture:
     cfg = _config_object(config)
     rule = family_rule(cfg.model_type)
     d_model = int(cfg.hidden_size)

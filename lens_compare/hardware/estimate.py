@@ -1,5 +1,6 @@
 """Everything the planner knows about one model of a pair, computed once from its config."""
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ class Checkpoint:
     note: str | None = None
     # An NF4 copy of these weights is already in lens_compare's cache (CPU runs).
     nf4_cached: bool = False
+    # A GGUF's weights are in lens_compare's cache already, dequantized (lens_compare.gguf): read
+    # as float32 safetensors, nothing dequantized.
+    gguf_cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class ModelEstimate:
     @property
     def disk_gib(self) -> float:
         if self.checkpoint.precision == "gguf":
-            return self.checkpoint.gguf_file_bytes / 2**30
+            # Read from its dequantized float32 copy once cached; the first run reads the GGUF.
+            return self.weights["float32"].gib if self.checkpoint.gguf_cached else self.checkpoint.gguf_file_bytes / 2**30
         return self.weights[self.checkpoint.precision].gib
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,16 +73,9 @@ def estimate_model(
     workload: Workload, *, nf4_double_quant: bool = False,
 ) -> ModelEstimate:
     params = count_params(arch)
-    groups = model_groups(arch)
-    block = max(
-        (block_groups(arch, 1, moe) for moe in {False, arch.rule.moe}),
-        key=lambda gs: sum(g.numel for g in gs),
-    )
     # Without a block size an FP8 checkpoint scales per output row (fbgemm).
     fp8_block = checkpoint.fp8_block if checkpoint.precision == "fp8" else (128, 128)
-    kw = dict(fp8_block=fp8_block, nf4_double_quant=nf4_double_quant,
-              nf4_unquantized_bytes=DTYPE_BYTES[dtype])
-    weights = {p: weight_bytes(groups, p, **kw) for p in PRECISIONS}
+    weights, largest_block, chunks = _weights(arch, fp8_block, nf4_double_quant, DTYPE_BYTES[dtype])
     return ModelEstimate(
         ref=ref,
         arch=arch,
@@ -86,13 +84,29 @@ def estimate_model(
         dtype=dtype,
         precision=precision,
         weights=weights,
-        largest_block={p: weight_bytes(block, p, **kw) for p in PRECISIONS},
+        largest_block=largest_block,
         terms=model_run_terms(
             arch, dtype, workload, params=params.total, gguf_file_bytes=checkpoint.gguf_file_bytes,
-            nf4_cached=checkpoint.nf4_cached,
+            nf4_cached=checkpoint.nf4_cached, gguf_cached=checkpoint.gguf_cached,
         ),
-        chunks=_chunk_bytes(arch, kw),
+        chunks=chunks,
     )
+
+
+@functools.cache
+def _weights(arch: Architecture, fp8_block: tuple[int, int] | None, nf4_double_quant: bool, unquantized_bytes: int):
+    """Weight bytes per precision (whole model, largest block) and per-module bytes, which depend
+    on the architecture alone: computed once per process (the seed's table plans each pair on a
+    thousand machines)."""
+    groups = model_groups(arch)
+    block = max(
+        (block_groups(arch, 1, moe) for moe in {False, arch.rule.moe}),
+        key=lambda gs: sum(g.numel for g in gs),
+    )
+    kw = dict(fp8_block=fp8_block, nf4_double_quant=nf4_double_quant, nf4_unquantized_bytes=unquantized_bytes)
+    weights = {p: weight_bytes(groups, p, **kw) for p in PRECISIONS}
+    largest_block = {p: weight_bytes(block, p, **kw) for p in PRECISIONS}
+    return weights, largest_block, _chunk_bytes(arch, kw)
 
 
 def _chunk_bytes(arch: Architecture, kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -143,7 +143,7 @@ class Plan:
             lines.append(f"the {self.requested!r} strategy does not fit on {self.machine.label}")
         else:
             lines.append(f"nothing fits on {self.machine.label}")
-            if self.strategies["nf4"].fits:
+            if "nf4" in self.strategies and self.strategies["nf4"].fits:
                 lines.append("nf4 fits: it is never picked by auto, because 4-bit weights change the numbers; "
                              "request it with --strategy nf4 and read its drift against the NF4 noise floor")
         if self.beyond_one_machine:
@@ -248,8 +248,11 @@ def plan_models(
     pair: str | None = None,
     with_cheapest: bool = True,
     side_precisions: tuple[str | None, str | None] = (None, None),
+    only: tuple[str, ...] = STRATEGIES,
 ) -> Plan:
     """Plan two resolved models; ``precision`` forces the weights of resident/sequential.
+    ``only`` evaluates those strategies alone (the seed's table asks resident's GPU count of
+    every GPU type, a thousand plans).
 
     ``side_precisions`` fixes one side's weights whatever the strategy (a noise-floor
     pair that loads its SFT side as NF4). ``strategy`` forces one strategy; without
@@ -274,15 +277,15 @@ def plan_models(
     models = tuple(estimates)
     results = {
         name: evaluate(name, models, "nf4" if name == "nf4" else None, machine, workload)
-        for name in STRATEGIES
+        for name in STRATEGIES if name in only
     }
     if strategy:
         order: tuple[str, ...] = (strategy,)
     else:
         order = NF4_SIDES_ORDER if all(p == "nf4" for p in side_precisions) else AUTO_ORDER
-    chosen = next((n for n in order if results[n].fits), None)
+    chosen = next((n for n in order if n in results and results[n].fits), None)
     beyond = None
-    if machine.kind == "cuda" and results["resident"].min_gpus is None:
+    if machine.kind == "cuda" and "resident" in results and results["resident"].min_gpus is None:
         # Both models resident needs more GPUs than one machine has: say how many, per precision.
         beyond = {}
         for p in ("bfloat16", "fp8", "nf4"):
@@ -348,6 +351,7 @@ def plan_pair(
     states: int | None = None,
     machine: Machine | None = None,
     with_cheapest: bool = True,
+    only: tuple[str, ...] = STRATEGIES,
 ) -> Plan:
     """Plan a registered pair (or two model refs) for ``count`` GPUs of type ``gpu``."""
     machine = machine or catalog_machine(gpu, count, host_ram_gib)
@@ -355,7 +359,7 @@ def plan_pair(
     precision = dtype if dtype in ("float32", "bfloat16", "float16", "fp8") else None
     b, s = sources_for(pair, base, sft)
     return plan_models(b, s, workload, machine, precision=precision, strategy=strategy,
-                       pair=pair, with_cheapest=with_cheapest)
+                       pair=pair, with_cheapest=with_cheapest, only=only)
 
 
 def plan_for_machine(

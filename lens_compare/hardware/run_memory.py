@@ -16,18 +16,19 @@ per compared block (``components``)):
 - ``attention_scores``: eager attention's b x heads x T^2 scores, float32 softmax and
   cast back, for one layer at a time.
 - ``activations``: one block's working set (q/k/v, 4 x d_model, 3 x MLP width).
-- ``load_transient`` (host memory while loading, on top of the weights): GGUF
-  checkpoints are dequantized to float32 tensor by tensor before they are cast: the
-  memory-mapped file plus ``GGUF_DEQUANT_FACTOR`` x the float32 parameter bytes, a
-  factor fitted on one measurement (smollm2-sanity, CPU, peak RSS increase;
-  benchmarks/bench_planner_memory.py) and checked on smollm2-dtype. Safetensors are
-  memory-mapped: 0. (Converted to another dtype, or quantized, the source's pages stay
+- ``load_transient`` (host memory while loading, on top of the weights): a GGUF is
+  dequantized once, into lens_compare's cache (``lens_compare.gguf``): the whole model in
+  float32, tensor by tensor, which exceeds the weights in a 16-bit dtype by 2 bytes per
+  parameter, plus the memory-mapped file and ``GGUF_DEQUANT_FACTOR`` x the float32
+  parameter bytes, a factor fitted on one measurement (smollm2-sanity, CPU, peak RSS
+  increase; benchmarks/bench_planner_memory.py) and checked on smollm2-dtype. Once cached,
+  and for any safetensors checkpoint, the weights are memory-mapped: 0. (Converted to another dtype, or quantized, the source's pages stay
   mapped until the load ends and show in RSS while RAM is free; they are clean page
   cache the kernel reclaims under pressure, so they never decide whether a run fits.)
 - ``nf4_load_transient``: the same while loading NF4 weights on the CPU. A cached NF4
-  checkpoint is read straight into the model's tensors: 0. From a GGUF, the dequantized
-  float model exists while it is quantized: the GGUF transient plus the parameters in
-  the load dtype.
+  checkpoint is read straight into the model's tensors: 0. From a GGUF not yet dequantized
+  into the cache, the float32 model exists while it is written there: the GGUF transient
+  plus the float32 parameters.
 - ``bridge_host``: host memory of the TransformerBridge wrapping one model (its hook
   points and component wrappers), ``BRIDGE_HOST_GIB_PER_BLOCK`` per block; with
   ``RUN_SETUP_HOST_GIB`` for the run's tokenizers and prepared prompts, counted on the
@@ -132,6 +133,7 @@ def model_run_terms(
     params: int,
     gguf_file_bytes: int = 0,
     nf4_cached: bool = False,
+    gguf_cached: bool = False,
 ) -> ModelRunTerms:
     act = DTYPE_BYTES[dtype]
     bt = workload.batch * workload.tokens
@@ -145,9 +147,10 @@ def model_run_terms(
     heads_dim = (arch.n_heads + 2 * arch.n_kv_heads) * arch.head_dim
     load = 0.0
     nf4_load = 0.0
-    if gguf_file_bytes:
-        load = GGUF_DEQUANT_FACTOR * params * 4 + gguf_file_bytes
-        nf4_load = load + params * act
+    if gguf_file_bytes and not gguf_cached:
+        transient = GGUF_DEQUANT_FACTOR * params * 4 + gguf_file_bytes
+        load = transient + params * (4 - act)
+        nf4_load = transient + params * 4
     if nf4_cached:
         nf4_load = 0.0
     return ModelRunTerms(

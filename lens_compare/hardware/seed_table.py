@@ -80,13 +80,13 @@ def planner_pick(pair: str, tokens: int) -> str:
     """The smallest resident configuration: fewest GPUs, then the least memory per GPU."""
     best: tuple[tuple[int, float], str] | None = None
     for gpu in gpu_catalog().values():
-        plan: Plan = plan_pair(pair, tokens=tokens, gpu=gpu.name, count=1, with_cheapest=False)
+        plan: Plan = plan_pair(pair, tokens=tokens, gpu=gpu.name, count=1, with_cheapest=False, only=("resident",))
         n = plan.strategies["resident"].min_gpus
         if n is not None and (best is None or (n, gpu.usable_gib) < best[0]):
             best = ((n, gpu.usable_gib), f"{n}× {gpu.name}")
     if best:
         return best[1]
-    plan = plan_pair(pair, tokens=tokens, gpu="H200", count=1, with_cheapest=False)
+    plan = plan_pair(pair, tokens=tokens, gpu="H200", count=1, with_cheapest=False, only=("resident",))
     need = plan.beyond_one_machine or {}
     return "beyond one machine: " + ", ".join(f"{n}× H200 {p}" for p, n in need.items() if n)
 

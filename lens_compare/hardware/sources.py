@@ -7,7 +7,7 @@ architecture facts shipped in ``lens_compare/data/model_configs.json``.
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -81,8 +81,14 @@ def resolve_source(ref: str) -> ModelSource:
             raise ConfigError(f"GGUF file {str(path)!r} (from {ref!r}) does not exist")
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        return ModelSource(ref, config, checkpoint_of(config, path.stat().st_size))
+        from lens_compare.gguf import files_dir, weights_cached
+        from lens_compare.loading import ModelRef
+
+        model_ref = ModelRef(ref, "gguf", str(path.parent), path.name)
+        # Read from the GGUF once, then from the cache (lens_compare.gguf): the same config.
+        config = AutoConfig.from_pretrained(str(files_dir(model_ref)))
+        checkpoint = replace(checkpoint_of(config, path.stat().st_size), gguf_cached=weights_cached(model_ref))
+        return ModelSource(ref, config, checkpoint)
     path = Path(ref)
     if path.is_dir():
         path = path / "config.json"
@@ -91,22 +97,41 @@ def resolve_source(ref: str) -> ModelSource:
     if path.suffix == ".json":
         config = read_structured(path, "config file", ConfigError)
         return ModelSource(ref, config, checkpoint_of(config))
-    if ref in model_configs():
-        config = model_configs()[ref]
-        return ModelSource(ref, config, checkpoint_of(config))
+    shipped = shipped_config(ref)
+    if shipped is not None:
+        return ModelSource(ref, shipped, checkpoint_of(shipped))
     return _hub_source(ref)
+
+
+def shipped_config(ref: str) -> dict[str, Any] | None:
+    """The architecture facts lens_compare ships for a hub id: a model of ``model_configs.json``,
+    or the SFT side of a registered pair whose base is one (an SFT sibling has its base's shapes;
+    'sft_sibling_differences' lists only eos ids, context lengths and norm eps)."""
+    if ref in model_configs():
+        return model_configs()[ref]
+    from lens_compare.pairs import builtin_pairs
+
+    for spec in builtin_pairs().values():
+        if spec.config_key in model_configs() and ref in (spec.base, spec.sft):
+            return model_configs()[spec.config_key]
+    return None
 
 
 def _hub_source(ref: str) -> ModelSource:
     from transformers import AutoConfig
 
+    from lens_compare.hub import hub_reachable
+
+    online = hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(ref)
+        # Offline, the local Hugging Face cache at once (no retries); online, the hub.
+        config = AutoConfig.from_pretrained(ref, local_files_only=not online)
     except (OSError, ValueError) as exc:
+        where = ("the hub lookup failed: " + str(exc).splitlines()[0]) if online else \
+            "huggingface.co cannot be reached and it is not in the local Hugging Face cache"
         raise ConfigError(
-            f"cannot read the config of {ref!r} (not a file, directory or known model, and the "
-            f"hub lookup failed: {str(exc).splitlines()[0]}). With HF_HUB_OFFLINE=1 pass a "
-            "local config.json or directory instead."
+            f"cannot read the config of {ref!r}: not a file, directory or model whose config lens_compare ships, "
+            f"and {where}; pass a local config.json or model directory instead"
         ) from None
     return ModelSource(ref, config, checkpoint_of(config))
 

@@ -21,7 +21,6 @@ and its own context.
 from dataclasses import dataclass
 from typing import Any
 
-from lens_compare.fp8 import CHUNK_ELEMENTS
 from lens_compare.hardware.architecture import Architecture
 from lens_compare.hardware.estimate import ModelEstimate
 from lens_compare.hardware.layout import Layout, place
@@ -30,7 +29,7 @@ from lens_compare.hardware.params import TensorGroup, block_groups, model_groups
 from lens_compare.hardware.precision import weight_bytes
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB, MARGIN, RUN_SETUP_HOST_GIB, Workload
 from lens_compare.hardware.timing import run_cost, run_seconds, stream_seconds
-from lens_compare.hardware.units import DTYPE_BYTES, GIB, gib
+from lens_compare.hardware.units import DTYPE_BYTES, FP8_CHUNK_ELEMENTS, GIB, gib
 
 STRATEGIES: tuple[str, ...] = ("resident", "sequential", "nf4", "stream")
 
@@ -207,12 +206,12 @@ def _run(m: ModelEstimate, groups: list[TensorGroup]) -> int:
 def _arrival_bytes(m: ModelEstimate) -> int:
     """The one checkpoint tensor in flight while a block is read: as stored, beside its place
     in the block's run-dtype tensors; for FP8, plus the dequantization's float32 temporaries
-    (three of ``CHUNK_ELEMENTS``: ``lens_compare.fp8`` works a chunk of rows at a time)."""
+    (three of ``FP8_CHUNK_ELEMENTS``: ``lens_compare.fp8`` works a chunk of rows at a time)."""
     source = m.checkpoint.precision
     if source == m.dtype:
         return 0
     stored = _largest_tensor_numel(m.arch) * (1 if source == "fp8" else DTYPE_BYTES[source])
-    return stored + (3 * 4 * CHUNK_ELEMENTS if source == "fp8" else 0)
+    return stored + (3 * 4 * FP8_CHUNK_ELEMENTS if source == "fp8" else 0)
 
 
 def _block_read_bytes(m: ModelEstimate) -> int:
@@ -301,15 +300,26 @@ def min_gpus(name: str, models, p: str | None, machine: Machine, workload: Workl
              limit: int = MAX_GPUS_PER_MACHINE) -> int | None:
     """Fewest GPUs of this type that fit, up to ``limit``; None if none suffice.
 
-    ``stream`` computes on one GPU: more only count for a rented node's host RAM.
+    ``stream`` computes on one GPU: more only count for a rented node's host RAM. A strategy
+    that fits on n GPUs fits on more (each holds a smaller share), so the count is bisected.
     """
     if machine.kind == "cpu":
         return 1 if _fits(_peak(name, models, p, machine, workload), machine) else None
-    for n in range(1, limit + 1):
+
+    def fits(n: int) -> bool:
         trial = machine.with_count(n)
-        if _fits(_peak(name, models, p, trial, workload, balanced=False), trial):
-            return n
-    return None
+        return _fits(_peak(name, models, p, trial, workload, balanced=False), trial)
+
+    if not fits(limit):
+        return None
+    low, high = 1, limit
+    while low < high:
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
 
 
 def _unavailable(name: str, precision: str, reason: str) -> StrategyResult:
@@ -362,12 +372,27 @@ def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None
 
 
 def min_gpus_anywhere(models, precision: str | None, machine: Machine, limit: int = 4096) -> int | None:
-    """Resident GPUs needed ignoring the one-machine limit (for 'beyond one machine')."""
+    """Resident GPUs needed ignoring the one-machine limit (for 'beyond one machine').
+
+    Fit only improves with more GPUs (each takes a smaller share of the same modules), so
+    the count is found by doubling from the weights' own lower bound, then bisecting."""
     if machine.kind == "cpu":
         return None
-    lo_guess = sum(m.weights[_p(m, precision)].gib for m in models) / machine.device_gib
-    for n in range(max(1, int(lo_guess)), limit + 1):
+
+    def fits(n: int) -> bool:
         trial = machine.with_count(n)
-        if _fits(resident_peak(models, precision, trial, balanced=False), trial):
-            return n
-    return None
+        return _fits(resident_peak(models, precision, trial, balanced=False), trial)
+
+    low = max(1, int(sum(m.weights[_p(m, precision)].gib for m in models) / machine.device_gib))
+    high = low
+    while not fits(high):
+        if high >= limit:
+            return None
+        low, high = high + 1, min(2 * high, limit)
+    while low < high:
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high

@@ -82,8 +82,10 @@ def run_seconds(
             total += m.weights["nf4"].total / (CPU_NF4_LOAD_GBPS * 1e9)
         else:
             total += m.disk_gib * 2**30 / (DISK_GBPS * 1e9)
-            if machine.kind == "cpu" and m.checkpoint.precision == "gguf":
+            if m.checkpoint.precision == "gguf" and not m.checkpoint.gguf_cached:
+                # Dequantized once into the cache (lens_compare.gguf): on the host, whatever the device.
                 total += GGUF_DEQUANT_S_PER_GPARAM * m.params.total / 1e9
+                total += m.weights["float32"].total / (DISK_WRITE_GBPS * 1e9)
             if machine.kind == "cpu" and nf4:
                 total += CPU_NF4_QUANTIZE_S_PER_GB * _quantized_16bit_bytes(m) / 1e9
     return total

@@ -16,3 +16,7 @@ def gib(n_bytes: int | float) -> float:
 
 # Float32 [tokens, vocab] working memory of one logit-lens chunk (lens_compare.analyses.logit_lens).
 LOGIT_LENS_CHUNK_BYTES = 256 * 2**20
+
+# Elements of one slice of rows an FP8 tensor is dequantized in (lens_compare.fp8), so its float32
+# temporaries stay small whatever the tensor's size; the planner counts three of them.
+FP8_CHUNK_ELEMENTS = 2**22
