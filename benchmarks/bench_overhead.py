@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="capture mode: prompts per forward")
     parser.add_argument("--device", default="cpu", help="capture mode: cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="capture mode: float32 or bfloat16")
+    parser.add_argument("--model", default=REF, help="capture mode: the model (default: SmolLM2's GGUF)")
+    parser.add_argument("--no-peaks", action="store_true", help="capture mode: skip the peak-memory children")
     parser.add_argument("--peak-child", choices=("lens", "bare"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -143,10 +145,10 @@ def lens_model(ref, tokenizer, options: LoadOptions, stock: bool = False):
 
 def bare_model(ref, options: LoadOptions, attention: str):
     kwargs = {"device_map": {"": options.device}} if options.device != "cpu" else {}
+    if ref.gguf_file:
+        kwargs.update(gguf_file=ref.gguf_file, quantization_config=GgufConfig(dequantize=True))
     return AutoModelForCausalLM.from_pretrained(
-        ref.location, gguf_file=ref.gguf_file, dtype=getattr(torch, options.dtype), attn_implementation=attention,
-        quantization_config=GgufConfig(dequantize=True), **kwargs,
-    ).eval()
+        ref.location, dtype=getattr(torch, options.dtype), attn_implementation=attention, **kwargs).eval()
 
 
 def bare_forwards(model, ids, real, batch: int) -> None:
@@ -179,8 +181,10 @@ def clock(device: str):
 def race_inputs(args):
     """What the race and its peak children share: the model reference, its tokenizer, the
     prompts' ids and mask, the load options and every residual state's index."""
-    ref = resolve_ref(REF)
+    ref = resolve_ref(args.model)
     tokenizer = load_tokenizer(ref)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     ids, real = prompt_batch(tokenizer, args.prompts, args.tokens)
     every_state = tuple(range(load_config(ref).num_hidden_layers + 1))
     return ref, tokenizer, ids, real, LoadOptions(args.dtype, args.device), every_state
@@ -253,18 +257,18 @@ def capture_race(args) -> None:
         return round(statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)), 4)
 
     peaks = {"lens": [], "bare": []}
-    for _ in range(2):
+    for _ in range(0 if args.no_peaks else 2):
         for side in peaks:
             child = subprocess.run(
-                [sys.executable, __file__, "--peak-child", side, "--prompts", str(args.prompts),
+                [sys.executable, __file__, "--peak-child", side, "--model", args.model, "--prompts", str(args.prompts),
                  "--tokens", str(args.tokens), "--batch", str(args.batch), "--device", args.device,
                  "--dtype", args.dtype],
                 check=True, capture_output=True, text=True,
             )
             peaks[side].append(json.loads(child.stdout.strip().splitlines()[-1]))
-    lens_peak = statistics.median(p["peak_mib"] for p in peaks["lens"])
-    bare_peak = statistics.median(p["peak_mib"] for p in peaks["bare"])
-    residual = peaks["lens"][0]["residual_mib"]
+    lens_peak = statistics.median(p["peak_mib"] for p in peaks["lens"]) if peaks["lens"] else float("nan")
+    bare_peak = statistics.median(p["peak_mib"] for p in peaks["bare"]) if peaks["bare"] else float("nan")
+    residual = peaks["lens"][0]["residual_mib"] if peaks["lens"] else float("nan")
     result = {
         "mode": "capture", "device": args.device, "dtype": args.dtype, "prompts": args.prompts,
         "tokens": args.tokens, "batch": args.batch, "repeats": args.repeats,
@@ -282,6 +286,8 @@ def capture_race(args) -> None:
         "peak_excess": round(lens_peak / (bare_peak + residual), 4),
         "peaks": peaks,
     }
+    if args.no_peaks:
+        result.update(dict.fromkeys(("lens_peak_mib", "bare_peak_mib", "residual_mib", "peak_ratio", "peak_excess")))
     print(json.dumps(result))
 
 

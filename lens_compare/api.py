@@ -26,7 +26,7 @@ def compare(
     bootstrap: int = 1000,
     seed: int = 0,
     components: bool = True,
-    logit_lens: bool | None = None,
+    logit_lens: str | bool | Sequence[int | str] | None = "auto",
     top_tokens: int = 10,
     cka: bool = False,
     noise_floor: bool = False,
@@ -50,7 +50,9 @@ def compare(
     ``components`` also compares each block's attention and MLP outputs
     (``result.analysis_records("components")``, ``summary(hook="mlp_out")``). ``logit_lens``
     compares what each layer's stream predicts through both models' own final norm and
-    unembedding (None: on for models up to 8B parameters). ``top_tokens``: how many tokens
+    unembedding: ``"auto"`` (every layer when the planner says that costs at most a quarter of the
+    forward passes, else ``"final"``), ``"all"`` (or True), ``"final"`` (the models' actual outputs
+    only), layers (``[0, 8, "last"]``), ``"off"`` (or False). ``top_tokens``: how many tokens
     ``result.top_tokens()`` lists per layer (0: none). ``cka``: linear CKA between every
     base and every SFT layer (``result.cka``). ``noise_floor`` runs the SFT model once more in a
     second precision (``result.noise_floor``; every record gets ``clears_noise``).

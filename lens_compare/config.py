@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lens_compare.analyses.lens_choice import parse_lens_spec
 from lens_compare.errors import ConfigError
 from lens_compare.files import read_structured
 
@@ -50,8 +51,9 @@ class RunConfig:
     seed: int = 0
     # Compare each block's attention and MLP outputs too (the components analysis).
     components: bool = True
-    # The logit lens between the models; None: on for models up to 8B parameters.
-    logit_lens: bool | None = None
+    # Where the logit lens runs: auto, all, final, off, or layers like "0,8,16,last"
+    # (lens_compare.analyses.lens_choice; true/false/null and lists read as all/off/auto and layers).
+    logit_lens: str = "auto"
     # Tokens listed per layer where the stream moved most (top_tokens; 0: none).
     top_tokens: int = 10
     # Linear CKA between every base and every SFT layer (resid_post); off by default.
@@ -81,6 +83,12 @@ class RunConfig:
         values = {}
         hints = typing.get_type_hints(cls)
         for key, value in data.items():
+            if key == "logit_lens":  # true/false/null and a list of layers are other spellings of the modes
+                try:
+                    value = parse_lens_spec(value, f"{path}.{key}")
+                except ConfigError as error:
+                    problems.append(str(error))
+                    continue
             if key not in hints:
                 close = difflib.get_close_matches(str(key), list(hints), n=1)
                 problems.append(

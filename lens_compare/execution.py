@@ -7,6 +7,7 @@ choice; ``default_execution`` builds it without a planner (``check_memory=False`
 from dataclasses import dataclass
 from typing import Any
 
+from lens_compare.hardware.units import LOGIT_LENS_CHUNK_BYTES
 from lens_compare.load_options import LoadOptions
 
 SCHEDULES = ("resident", "sequential", "stream")
@@ -23,6 +24,9 @@ class Execution:
     schedule: str
     loads: dict[str, LoadOptions]
     estimate: dict[str, Any] | None = None
+    # Bytes the logit lens's working tensors may take per chunk of tokens (the preflight sizes it
+    # from the memory its plan leaves free).
+    lens_chunk_bytes: int = LOGIT_LENS_CHUNK_BYTES
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -67,12 +67,20 @@ def component_layers(run: PreparedRun) -> tuple[int, ...]:
 
 
 def run_states(run: PreparedRun) -> tuple[int, ...]:
-    """The residual states a run captures: those of its layers' hooks, and the last one (the
-    models' final distributions) for the logit lens."""
+    """The residual states a run captures: those of its layers' hooks, and for the logit lens each
+    lensed layer's resid_post and the last state (the models' final distributions)."""
     states = set(states_for_layers(run.layers))
-    if run.logit_lens:
+    if run.logit_lens.on:
+        states.update(layer + 1 for layer in run.logit_lens.layers)
         states.add(run.model_configs["base"].num_hidden_layers)
     return tuple(sorted(states))
+
+
+def lens_kept_states(run: PreparedRun) -> int:
+    """States per model a streamed run keeps for the logit lens beyond the two it streams with (every
+    lensed layer's resid_post but the last state, which is the newest anyway)."""
+    last = run.model_configs["base"].num_hidden_layers
+    return len({layer + 1 for layer in run.logit_lens.layers} - {last})
 
 
 def captured_per_position(run: PreparedRun) -> int:
@@ -101,7 +109,8 @@ def start_run(
     run = prepare_run(config, overrides)
     decide = preflight if preflight is not None else default_execution
     layout = shard_layout(run, streamed=config.strategy == "stream")
-    facts = {**run.plan_facts(), "held_prompts": layout.n_prompts if held_in_memory else layout.size}
+    facts = {**run.plan_facts(), "held_prompts": layout.n_prompts if held_in_memory else layout.size,
+             "lens_kept_states": lens_kept_states(run) if held_in_memory else 0}
     execution = decide(facts)
     if execution.schedule == "stream" and config.strategy != "stream":
         # auto picked stream: its shards hold two states per model; plan that run.
@@ -122,7 +131,9 @@ def start_run(
 def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
     token_ids, real = run.tokenized.padded(pad_id(run.tokenizers["base"]))
     return Job(run, execution.loads, layout, run_states(run), keep_states or run.config.noise_floor, token_ids, real,
-               component_layers=component_layers(run), logit_lens=run.logit_lens, noise_floor=run.config.noise_floor)
+               component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
+               lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
+               noise_floor=run.config.noise_floor)
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -145,6 +156,7 @@ def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, ke
         "device": run.device.partition(":")[0],
         "models": models,
         "layers": list(run.layers),
+        "logit_lens_layers": list(run.logit_lens.layers),
         "token_ids_sha256_16": token_ids_fingerprint(run.tokenized.token_ids),
         "n_prompts": layout.n_prompts,
         "shard_size": layout.size,
@@ -156,18 +168,21 @@ def spill_bytes(job: Job, execution: Execution) -> int:
     """Disk a run folder needs for spilled residual states, at most: the base model's for a
     sequential run, both models' when they are kept (``--save-residuals``), and a streamed
     run's resume point (two states of both models while the newer one is written)."""
-    streamed_lens = execution.schedule == "stream" and job.logit_lens  # keeps every state for the lens
-    models = 2 if job.keep_states or streamed_lens else (1 if execution.schedule == "sequential" else 0)
+    streamed = execution.schedule == "stream"
+    models = 2 if job.keep_states else (1 if execution.schedule == "sequential" else 0)
     d_model = _d_model(job.run)
     total = frontier = 0
     for start, stop in job.layout.bounds:
         width = max(job.run.tokenized.lengths[start:stop])
         per_state = (stop - start) * width * d_model
         # A streamed run keeps residual states only, a bridge run also the sublayer outputs.
-        vectors = len(job.states) if execution.schedule == "stream" else captured_per_position(job.run)
+        vectors = len(job.states) if streamed else captured_per_position(job.run)
         total += sum(vectors * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides[:models])
-        frontier = max(frontier, sum(2 * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides))
-    return total + (frontier if execution.schedule == "stream" else 0)
+        # A streamed shard's frontier: two states of both models while the newer one is written, and
+        # the states its logit lens reads at the shard's end.
+        extra = 0 if job.keep_states else lens_kept_states(job.run)
+        frontier = max(frontier, sum((2 + extra) * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides))
+    return total + (frontier if streamed else 0)
 
 
 def check_spill_space(job: Job, execution: Execution, directory) -> None:
@@ -237,6 +252,7 @@ def assemble(
         analysis_metrics=analysis_metrics,
         cka=layer_cka(job, store) if run.config.cka else None,
         noise_floor=noise_floor_result(job, store, width, provenance) if job.noise_floor else None,
+        analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
     )
     for warning in result.warnings():
         logger.warning(warning)
@@ -330,6 +346,8 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
             for t, r in untrained.items()
         ],
         "bootstrap": {"resamples": run.config.bootstrap, "seed": run.config.seed},
+        "logit_lens": run.logit_lens.to_dict(),
+        "plan": execution.estimate,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config_file": run.config.config_file,
         "config": run.config.to_dict(),

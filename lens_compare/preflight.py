@@ -26,7 +26,7 @@ from lens_compare.hardware.machine import detect_gpus, host_ram_gib
 from lens_compare.hardware.planner import Plan
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
-from lens_compare.hardware.units import DTYPE_BYTES, GIB
+from lens_compare.hardware.units import DTYPE_BYTES, GIB, LOGIT_LENS_CHUNK_BYTES
 from lens_compare.hooks import states_for_layers
 
 logger = logging.getLogger("lens_compare")
@@ -67,6 +67,9 @@ def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan
         states=len(states_for_layers(facts["layers"])),
         components=2 * len(facts["layers"]) if facts.get("components") else 0,
         logit_lens=bool(facts.get("logit_lens")),
+        lens_layers=facts.get("lens_layers", 0),
+        lens_chunk_bytes=facts.get("lens_chunk_bytes", LOGIT_LENS_CHUNK_BYTES),
+        kept_states=facts.get("lens_kept_states", 0),
     )
     return plan_models(
         _source(base, facts["configs"]["base"], facts["device"]),
@@ -167,6 +170,13 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
         machine = machine.with_count(chosen.min_gpus)
         plan = _plan(facts, machine, chosen.name)
         chosen = plan.chosen
+    lens_chunk = LOGIT_LENS_CHUNK_BYTES
+    if facts.get("logit_lens"):
+        # The lens's chunks take half of what the plan leaves free (within bounds), and are planned so.
+        sized = _plan({**facts, "lens_chunk_bytes": lens_chunk_budget(machine.device_gib - chosen.peak_gib_per_gpu)},
+                      machine, chosen.name)
+        if sized.chosen is not None:
+            plan, chosen, lens_chunk = sized, sized.chosen, sized.workload.lens_chunk_bytes
     schedule = "stream" if chosen.name == "stream" else "resident" if chosen.layout == "resident" else "sequential"
     if facts.get("noise_floor") and schedule != "stream":
         check_noise_floor_memory(facts, machine)
@@ -182,8 +192,24 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
         "peak_gib_per_device": round(chosen.peak_gib_per_gpu, 3),
         "host_gib": round(chosen.host_gib, 3),
         "seconds": None if chosen.est_seconds is None else round(chosen.est_seconds, 1),
+        "lens_chunk_mib": round(lens_chunk / 2**20, 1) if facts.get("logit_lens") else None,
     }
-    return Execution(chosen.name, schedule, loads, estimate)
+    return Execution(chosen.name, schedule, loads, estimate, lens_chunk)
+
+
+# The logit lens's chunk of working tensors: at least the planned default, at most this much.
+LENS_CHUNK_MAX_BYTES = 2**30
+
+
+def lens_chunk_budget(headroom_gib: float) -> int:
+    """Bytes of the lens's working tensors per chunk of tokens: the planned default plus half the
+    memory the plan leaves free, up to ``LENS_CHUNK_MAX_BYTES`` (larger chunks make larger, faster head
+    products; past a few hundred tokens a chunk gains little), rounded down to a power of two."""
+    extra = max(0.0, headroom_gib) * GIB / 2
+    budget = int(min(LENS_CHUNK_MAX_BYTES, LOGIT_LENS_CHUNK_BYTES + extra))
+    # A power of two: the same budget from run to run while the free memory merely fluctuates (the
+    # chunk size can move the lens's head products at the rounding level).
+    return max(LOGIT_LENS_CHUNK_BYTES, 1 << (budget.bit_length() - 1))
 
 
 def local_run_approval(block: dict[str, Any] | None, base: str, sft: str) -> LocalRunApproval | None:

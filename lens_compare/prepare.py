@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lens_compare.analyses.logit_lens import resolve_logit_lens
+from lens_compare.analyses.lens_choice import OFF, LensChoice, choose_logit_lens
 from lens_compare.config import RunConfig
 from lens_compare.errors import ConfigError, TokenizationError
 from lens_compare.loading import (
@@ -184,8 +184,8 @@ class PreparedRun:
     tokenized: TokenizedPrompts
     tokenizers: dict[str, Any]
     overrides: LoadOverrides
-    # Whether the logit lens runs (``config.logit_lens``, resolved: None means by model size).
-    logit_lens: bool = False
+    # Where the logit lens runs (``config.logit_lens`` resolved: see lens_compare.analyses.lens_choice).
+    logit_lens: LensChoice = OFF
 
     @property
     def sides(self) -> tuple[Side, Side]:
@@ -199,7 +199,7 @@ class PreparedRun:
             "n_prompts": len(self.tokenized.token_ids), "max_tokens": max(self.tokenized.lengths),
             "batch_size": self.config.batch_size, "strategy": self.config.strategy,
             "model_kwargs": self.overrides.model_kwargs, "components": self.config.components,
-            "logit_lens": self.logit_lens,
+            "logit_lens": self.logit_lens.on, "lens_layers": len(self.logit_lens.layers),
             "cka_tokens": self.aggregated_tokens() if self.config.cka else 0,
             "noise_floor": self.config.noise_floor,
         }
@@ -266,9 +266,32 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
             "(the attention sink; it is reported on its own): nothing would be aggregated. Give longer prompts, "
             "or pass --include-first-token (include_first_token=True) to aggregate position 0"
         )
-    logit_lens = resolve_logit_lens(config.logit_lens, model_configs)
+    logit_lens = choose_logit_lens(config.logit_lens, model_configs, tokenizers, layers,
+                                   estimate=lambda: _lens_estimate(config, model_configs, {"base": base.dtype, "sft": sft.dtype},
+                                                                   tokenized, device, gpus, layers))
+    _log_lens(logit_lens)
     return PreparedRun(config, pair_label, base, sft, device, gpus, model_configs, layers, tokenized,
                        tokenizers, overrides, logit_lens)
+
+
+def _lens_estimate(config: RunConfig, model_configs: dict[str, Any], dtypes: dict[str, str], tokenized: TokenizedPrompts,
+                   device: str, gpus: tuple[int, ...], layers: tuple[int, ...]) -> dict[str, float] | None:
+    """The planner's seconds for the two forward passes and for the logit lens, on the run's device."""
+    from lens_compare.hardware.planner import lens_time_estimate
+    from lens_compare.preflight import machine_for
+
+    return lens_time_estimate(model_configs, dtypes, machine_for(device, gpus), tokens=max(tokenized.lengths),
+                              prompts=len(tokenized.token_ids), forward_batch=config.batch_size, layers=len(layers))
+
+
+def _log_lens(choice: LensChoice) -> None:
+    if choice.on:
+        where = "every captured layer" if choice.mode == "all" else \
+            "the output only (each model's actual next-token distribution)" if choice.mode == "final" else \
+            f"layers {', '.join(map(str, choice.layers))}"
+        logger.info("logit lens: %s (%s: %s)", where, choice.requested, choice.reason)
+    if choice.vocabulary is not None:
+        logger.info("logit lens: %s", choice.vocabulary["note"])
 
 
 def pad_id(tokenizer) -> int:

@@ -26,7 +26,12 @@ SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
 # 2: per-layer records carry ci_low/ci_high, aggregation.interval describes them.
 # 3: the analyses' records (``components``, ``logit_lens``), also under ``first_token``;
 #    ``token_classes`` (template vs content tokens), ``top_tokens``, ``warnings`` and ``cka``.
-SCHEMA_VERSION = 3
+# 4: ``logit_lens`` records cover the layers ``provenance.logit_lens.layers`` names (the output
+#    only by default), ``provenance.logit_lens`` says how they were chosen and ``provenance.plan``
+#    gives the planner's figures; ``top_tokens`` ranks each prompt's own tokens apart from their
+#    shared prefix (``shared_prefix``, ``shared_prefix_tokens``); token strings are readable
+#    (``␣France``, not ``ĠFrance``), each beside its id.
+SCHEMA_VERSION = 4
 # The DataFrames' hook and metric categories: the residual hooks and metrics, then the analyses'.
 HOOK_COLUMN = (*HOOK_KINDS, *COMPONENTS)
 METRIC_COLUMN = tuple(dict.fromkeys(
@@ -69,6 +74,8 @@ class ComparisonResult:
     # The run's own noise floor (``--noise-floor``): the SFT model against itself in a second
     # precision, a result with the residual metrics only.
     noise_floor: "ComparisonResult | None" = field(default=None, repr=False)
+    # The layers each analysis covers (the rows of its tensors), where not every captured layer.
+    analysis_layers: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
     _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -125,6 +132,11 @@ class ComparisonResult:
             self._records[positions] = records
         return self._records[positions]
 
+    def analysis_layers_of(self, name: str) -> tuple[int, ...]:
+        """The layers an analysis's per-token values cover (the rows of its tensors): the captured
+        layers, unless it ran on fewer (the logit lens at the output only, or at chosen layers)."""
+        return tuple(self.analysis_layers.get(name) or self.layers)
+
     def analyses(self) -> tuple[TokenAnalysis, ...]:
         """The analyses this result holds (per-token values, or records read back from a saved run)."""
         if self.metrics is None:
@@ -145,7 +157,7 @@ class ComparisonResult:
         if key not in self._records:
             analysis = next(a for a in ANALYSES if a.name == name)
             values = {k: self.analysis_metrics[k] for k in analysis.keys}
-            self._records[key] = analysis_records(values, self.layers, self.positions_mask(positions),
+            self._records[key] = analysis_records(values, self.analysis_layers_of(name), self.positions_mask(positions),
                                                   self.bootstrap)
         return self._records[key]
 
@@ -332,21 +344,23 @@ class ComparisonResult:
         token_ids = id_grid[prompt_idx, position_idx]
         untrained = np.isin(token_ids, list(self.untrained_base_tokens))
         frames = []
-        columns = [(hook, name, self.metrics[hook][name]) for hook in HOOK_KINDS for name in METRIC_NAMES]
+        # (hook, metric, values [layer, prompt, pos], the layers of its rows): an analysis may cover
+        # fewer layers than the residual metrics (a logit lens at the output only).
+        columns = [(hook, name, self.metrics[hook][name], self.layers) for hook in HOOK_KINDS for name in METRIC_NAMES]
         for analysis in self.analyses():
-            columns += [(*analysis.hook_and_metric(key), self.analysis_metrics[key]) for key in analysis.keys]
-        for hook in dict.fromkeys(column[0] for column in columns):
-            names = [name for kind, name, _ in columns if kind == hook]
+            columns += [(*analysis.hook_and_metric(key), self.analysis_metrics[key], self.analysis_layers_of(analysis.name))
+                        for key in analysis.keys]
+        for hook, layers in dict.fromkeys((column[0], column[3]) for column in columns):
+            group = [(name, values) for kind, name, values, rows in columns if (kind, rows) == (hook, layers)]
+            names = [name for name, _ in group]
             stacked = einops.rearrange(
-                [values for kind, _, values in columns if kind == hook],
-                "metric layer prompt pos -> metric layer prompt pos",
-            ).numpy()
+                [values for _, values in group], "metric layer prompt pos -> metric layer prompt pos").numpy()
             picked = stacked[:, :, prompt_idx, position_idx]
             n_metrics, n_layers = picked.shape[:2]
             frames.append(pd.DataFrame({
                 "prompt": np.tile(prompt_idx, n_metrics * n_layers),
                 "hook": hook,
-                "layer": np.tile(np.repeat(np.asarray(self.layers), n_tokens), n_metrics),
+                "layer": np.tile(np.repeat(np.asarray(layers), n_tokens), n_metrics),
                 "position": np.tile(position_idx, n_metrics * n_layers),
                 "token": np.tile(token_grid[prompt_idx, position_idx], n_metrics * n_layers),
                 "token_id": np.tile(token_ids, n_metrics * n_layers),

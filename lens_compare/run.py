@@ -7,6 +7,7 @@ without it, from ``configs/dev_config.yaml`` when ``DEV_MODE=true`` and
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -65,9 +66,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed of the bootstrap resamples (default 0; recorded in the provenance)")
     p.add_argument("--components", action=argparse.BooleanOptionalAction, default=None,
                    help="also compare each block's attention and MLP outputs (default: on)")
-    p.add_argument("--logit-lens", action=argparse.BooleanOptionalAction, default=None,
-                   help="project every layer through both models' final norm and unembedding and compare the "
-                        "predictions (default: on for models up to 8B parameters)")
+    p.add_argument("--logit-lens", nargs="?", const="all", metavar="MODE",
+                   help="compare what each layer predicts through both models' final norm and unembedding: "
+                        "all (the default with the flag alone), final (the models' outputs only), layers like "
+                        "0,8,16,last, or auto (the default: every layer when that costs at most a quarter of the "
+                        "forward passes, else final)")
+    p.add_argument("--no-logit-lens", dest="logit_lens", action="store_const", const="off",
+                   help="no logit lens at all (same as --logit-lens off)")
     p.add_argument("--top-tokens", type=int, metavar="K",
                    help="list per layer the K tokens whose stream moved most (relative_l2; default 10, 0: none)")
     p.add_argument("--cka", action="store_true", default=None,
@@ -170,6 +175,16 @@ def _folder_name(pair: str, manifest: dict) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', pair)}-{document_fingerprint(manifest)}"
 
 
+def _first_plan(folder: RunFolder, execution):
+    """The plan a run folder's run started with: a resumed or repeated run reports it, and sizes its
+    logit lens's chunks as the first did (the same numbers, whatever memory is free now)."""
+    recorded = folder.get_record("plan")
+    if recorded is None:
+        folder.put_record("plan", {"estimate": execution.estimate, "lens_chunk_bytes": execution.lens_chunk_bytes})
+        return execution
+    return dataclasses.replace(execution, estimate=recorded["estimate"], lens_chunk_bytes=recorded["lens_chunk_bytes"])
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -198,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         run, layout, execution = start_run(config, preflight=memory_preflight, held_in_memory=False)
         # CKA reads every captured state at the end, the noise floor the SFT model's.
         keep = config.save_residuals or config.cka or config.noise_floor
-        job = make_job(run, layout, execution, keep_states=keep)
         manifest = run_manifest(run, layout, execution, keep)
-        check_spill_space(job, execution, out_dir)
+        check_spill_space(make_job(run, layout, execution, keep_states=keep), execution, out_dir)
         folder = RunFolder(out_dir / "runs" / _folder_name(run.pair, manifest), manifest)
+        execution = _first_plan(folder, execution)
+        job = make_job(run, layout, execution, keep_states=keep)
         found = len(folder.finished_shards())
         spilled = len(folder.spilled_shards("base"))
         if found == layout.count:

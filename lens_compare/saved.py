@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
@@ -27,8 +28,8 @@ from lens_compare.result import SCHEMA_VERSION, ComparisonResult
 from lens_compare.tokens import TokenizedPrompts
 
 # Schema 1 runs (before the bootstrap intervals) read the same, without ci_low/ci_high;
-# schema 1 and 2 runs have no analyses.
-READABLE_VERSIONS = (1, 2, SCHEMA_VERSION)
+# schema 1 and 2 runs have no analyses; schema 3 runs have a logit lens at every layer when any.
+READABLE_VERSIONS = (1, 2, 3, SCHEMA_VERSION)
 
 
 def _stem(path: Path) -> Path:
@@ -66,8 +67,10 @@ def load_run(path: str | Path) -> ComparisonResult:
     untrained = {int(entry["id"]): float(entry["norm_over_median"]) for entry in provenance["untrained_base_tokens"]}
     table = _token_table(_stem(path))
     held = [a for a in ANALYSES if a.name in document]
+    # Each analysis's layers, from its records: a logit lens may cover fewer layers than the run.
+    analysis_layers = {a.name: tuple(record["layer"] for record in document[a.name]) for a in held}
     metrics, analysis_metrics, token_strings = (None, {}, tuple(("",) * len(ids) for ids in token_ids)) \
-        if table is None else _metrics_from_table(table, layers, real, held)
+        if table is None else _metrics_from_table(table, layers, real, held, analysis_layers)
     stored = None if metrics is not None else {
         main: {k: document[k] for k in (*HOOK_KINDS, *(a.name for a in held))},
         "first": document["first_token"], **(document.get("token_classes") or {})}
@@ -82,6 +85,7 @@ def load_run(path: str | Path) -> ComparisonResult:
         stored_warnings=document.get("warnings"),
         cka=document.get("cka"),
         noise_floor=_noise_floor(document, provenance, layers, tokens, real, include_first, main),
+        analysis_layers=analysis_layers,
     )
 
 
@@ -117,23 +121,28 @@ def _token_table(stem: Path) -> pd.DataFrame | None:
     return None
 
 
-def _metrics_from_table(table: pd.DataFrame, layers: tuple[int, ...], real: torch.Tensor, analyses):
-    """The residual metrics, the ``analyses``' per-token values and the token strings, from a token table."""
-    shape = (len(layers), *real.shape)
-    row_of = {layer: row for row, layer in enumerate(layers)}
-    rows = torch.tensor(table["layer"].map(row_of).to_numpy())
+def _metrics_from_table(table: pd.DataFrame, layers: tuple[int, ...], real: torch.Tensor, analyses,
+                        analysis_layers: dict[str, tuple[int, ...]]):
+    """The residual metrics, the ``analyses``' per-token values (over ``analysis_layers``) and the token
+    strings, from a token table."""
+    table_layers = table["layer"].to_numpy()
     prompts = torch.tensor(table["prompt"].to_numpy())
     positions = torch.tensor(table["position"].to_numpy())
     values = torch.tensor(table["value"].to_numpy(dtype="float32"))
 
-    def grid(hook: str, name: str) -> torch.Tensor:
-        out = torch.full(shape, torch.nan)
-        pick = torch.tensor(((table["hook"] == hook) & (table["metric"] == name)).to_numpy())
-        out[rows[pick], prompts[pick], positions[pick]] = values[pick]
+    def grid(hook: str, name: str, over: tuple[int, ...]) -> torch.Tensor:
+        out = torch.full((len(over), *real.shape), torch.nan)
+        row_of = np.full(max(over, default=0) + 1, -1)
+        row_of[list(over)] = np.arange(len(over))
+        pick = ((table["hook"] == hook) & (table["metric"] == name)).to_numpy()
+        rows = torch.tensor(row_of[table_layers[pick]], dtype=torch.long)
+        pick = torch.tensor(pick)
+        out[rows, prompts[pick], positions[pick]] = values[pick]
         return out
 
-    metrics = {hook: {name: grid(hook, name) for name in METRIC_NAMES} for hook in HOOK_KINDS}
-    analysis_metrics = {key: grid(*analysis.hook_and_metric(key)) for analysis in analyses for key in analysis.keys}
+    metrics = {hook: {name: grid(hook, name, layers) for name in METRIC_NAMES} for hook in HOOK_KINDS}
+    analysis_metrics = {key: grid(*analysis.hook_and_metric(key), analysis_layers[analysis.name])
+                        for analysis in analyses for key in analysis.keys}
     strings = [[""] * int(n) for n in real.sum(dim=1).tolist()]
     first = table.drop_duplicates(["prompt", "position"])
     for prompt, position, token in zip(first["prompt"], first["position"], first["token"], strict=True):

@@ -59,7 +59,27 @@ def verdict(result, rows: int = ROWS, noise_floor=None) -> str:
         lines.append("no drift: resid_post is identical in both models at every captured layer")
         return "\n".join(lines)
     lines.append(_worst_token(result, records[worst]))
+    lens = _lens_line(result, positions)
+    if lens:
+        lines.append(lens)
     return "\n".join(lines)
+
+
+def _lens_line(result, positions: str) -> str | None:
+    """The logit lens at its last layer: at the last block, the two models' actual next-token
+    distributions compared (KL, JS, top-1 agreement)."""
+    if "logit_lens" not in [a.name for a in result.analyses()]:
+        return None
+    record = result.analysis_records("logit_lens", positions)[-1]
+    if not record.get("kl_sft_base"):
+        return None
+    at_output = record["layer"] == result.provenance.get("n_layers", 0) - 1
+    where = f"the models' outputs, layer {record['layer']}" if at_output else f"logit lens at layer {record['layer']}"
+    kl, js, top1 = record["kl_sft_base"], record["js"], record["top1_agree"]
+    interval = f" (95% CI {kl['ci_low']:.4f}-{kl['ci_high']:.4f})" \
+        if kl.get("ci_low") is not None and kl.get("ci_high") is not None else ""
+    return (f"next-token distributions ({where}): KL(sft || base) {kl['mean']:.4f} nats{interval}, "
+            f"JS {js['mean']:.4f}, top-1 agreement {top1['mean']:.1%}")
 
 
 def _number(value) -> str:

@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests about building an entry build it in a cache of their own.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("LENS_COMPARE_CACHE", os.path.join(REPO, ".cache", "lens_compare"))
+# Under pytest-xdist each worker gets its share of the cores (set before torch is imported; the
+# notebooks' kernels and the CLI subprocesses inherit it): two workers each asking for every core
+# would fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = _threads
 
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -241,6 +241,7 @@ def test_format_report_handles_no_steps():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2_ft")
 def test_the_real_fine_tune_learnt_the_task(smollm2_ft):
     """The SmolLM2 fine-tune (built once per session, ~4 min): the loss fell and the held-out
     exact-match accuracy rose. (Its time is reported, not asserted: this machine is noisy.)"""

@@ -210,8 +210,8 @@ def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llam
     with pytest.raises(KeyboardInterrupt):
         execute(job, execution, folder)
     assert not folder.finished(0)
-    # The logit lens (on by default) keeps every captured state until the shard's end; 2 is the frontier.
-    assert folder.layer_states("base", 0) == folder.layer_states("sft", 0) == [0, 1, 2]
+    # The default logit lens (the output only) keeps no state: the frontier, 2, is all there is.
+    assert folder.layer_states("base", 0) == folder.layer_states("sft", 0) == [2]
     blocks_run.clear()
     execute(job, execution, RunFolder(tmp_path / "run", run_manifest(run, layout, execution, False)))
     assert blocks_run == [("base", 2), ("sft", 2)]
@@ -508,7 +508,7 @@ def test_hub_id_streams_from_the_local_cache_and_downloads_nothing(weights, tiny
 def test_forcing_stream_on_a_gguf_pair_says_it_cannot_run_and_what_can(smollm2_gguf, capsys, tmp_path):
     from lens_compare.run import main
 
-    assert main(["--pair", "smollm2-sanity", "--prompt", "hi", "--strategy", "stream", "--out", str(tmp_path / "o"),
+    assert main(["--pair", "smollm2-sanity", "--prompt", "hi there", "--strategy", "stream", "--out", str(tmp_path / "o"),
                  "-q"]) == 1
     err = capsys.readouterr().err
     assert "the 'stream' strategy cannot run this pair on CPU" in err

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lens_compare.analyses.components import component_metrics
 from lens_compare.analyses.logit_lens import Head, head_of, logit_lens_metrics
 from lens_compare.capture import ResidualStates, capture_states
-from lens_compare.engines import Job
+from lens_compare.engines import Job, lens_progress
 from lens_compare.hardware.families import final_norm_path
 from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions
@@ -92,7 +92,10 @@ def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
     hf_model = load_hf_model(side.ref, run.model_configs[side.role], options)
     # Before the bridge wraps the modules (and renames the final norm's weight).
     fingerprint = weights_fingerprint(hf_model)
-    head = head_of(hf_model, final_norm_path(hf_model.config.model_type)) if job.logit_lens else None
+    head = None
+    if job.logit_lens:
+        head = head_of(hf_model, final_norm_path(hf_model.config.model_type))
+        head = head.shared(job.lens_vocab) if job.lens_vocab else head
     bridge = boot_bridge(hf_model, side.ref, run.tokenizers[side.role], options)
     seen_ids = {t for ids in run.tokenized.token_ids for t in ids}
     model = LoadedModel(side.role, hf_model, bridge, _facts(side, hf_model, bridge, options, seen_ids, fingerprint),
@@ -113,9 +116,10 @@ def shard_metrics(job: Job, shard: int, base: ResidualStates, sft: ResidualState
     if heads is not None:
         captured = {"base": base, "sft": sft}
         _, real = job.shard_inputs(shard)
-        metrics.update(logit_lens_metrics(
-            heads, lambda role, state: captured[role].values[captured[role].states.index(state)],
-            job.run.layers, base.n_layers, real))
+        with lens_progress(job, shard) as on_layer:
+            metrics.update(logit_lens_metrics(
+                heads, lambda role, state: captured[role].values[captured[role].states.index(state)],
+                job.lens_layers, base.n_layers, real, budget=job.lens_chunk_bytes, on_layer=on_layer))
     return metrics
 
 

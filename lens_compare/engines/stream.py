@@ -9,6 +9,13 @@ metrics go to the store: a killed run resumes from the last finished block, losi
 most the block in progress. With ``keep_states`` (``--save-residuals``) the captured
 states stay in the store, one per file.
 
+The logit lens: both models' final norm and unembedding are read before the first block and
+stay on the device for the whole run. At the output only (``final``, the default) the lens runs
+on the last state as it arrives, and a shard still holds two states per model. At other layers
+it needs each of those states until the last one arrives (every layer's distribution is compared
+with the final one): those states stay in the store (the run folder on disk for the CLI, memory
+for ``compare()``; the planner counts them) and the lens reads each back once at the shard's end.
+
 A shard is still a group of prompts (the CLI makes one shard of every prompt unless
 ``--shard-size`` says otherwise, since a streamed shard's memory is two states, not all
 of them); each shard reads both checkpoints once.
@@ -24,8 +31,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_compare.analyses.components import COMPONENT_KEYS, block_component_metrics, stack_rows
-from lens_compare.analyses.logit_lens import logit_lens_metrics
-from lens_compare.engines import Job
+from lens_compare.analyses.logit_lens import Head, logit_lens_metrics
+from lens_compare.engines import Job, lens_progress
 from lens_compare.hooks import COMPONENTS
 from lens_compare.host_memory import trim_heap
 from lens_compare.loading import fingerprint_tensors
@@ -107,14 +114,37 @@ def run_stream(job: Job, store: Store) -> None:
     if not pending:
         return
     models = _open_models(job)
-    for shard in pending:
-        _stream_shard(job, store, models, shard)
+    heads = _read_heads(job, models)
+    try:
+        for shard in pending:
+            _stream_shard(job, store, models, shard, heads)
+    finally:
+        for role, head in (heads or {}).items():
+            models[role].free(head.norm)
     for role, model in models.items():
-        logger.info("%s model: read %.3f GiB from its checkpoint of %.3f GiB (%d shard(s))", role,
-                    model.checkpoint.bytes_read / 2**30, model.checkpoint.total_bytes / 2**30, len(pending))
+        head = heads[role].weight.numel() * heads[role].weight.element_size() if heads else 0
+        logger.info("%s model: read %.3f GiB from its checkpoint of %.3f GiB (%d shard(s))%s", role,
+                    model.checkpoint.bytes_read / 2**30, model.checkpoint.total_bytes / 2**30, len(pending),
+                    f"; of it, {head / 2**30:.3f} GiB was its unembedding, read once more for the logit lens "
+                    "(with tied embeddings, the token embedding's matrix again)" if head else "")
 
 
-def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shard: int) -> None:
+def _read_heads(job: Job, models: dict[str, StreamedModel]) -> dict[str, Head] | None:
+    """Both models' final norm and unembedding, on the run device before the first block (the logit
+    lens), over the ids both vocabularies share."""
+    if not job.logit_lens:
+        return None
+    heads = {role: model.read_head() for role, model in models.items()}
+    return {role: head.shared(job.lens_vocab) if job.lens_vocab else head for role, head in heads.items()}
+
+
+def lens_states(job: Job) -> set[int]:
+    """The states the logit lens reads: each lensed layer's resid_post."""
+    return {layer + 1 for layer in job.lens_layers}
+
+
+def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shard: int,
+                  heads: dict[str, Head] | None) -> None:
     token_ids, real = job.shard_inputs(shard)
     batches = forward_batches(real, job.run.config.batch_size)
     n_blocks = max(job.states)
@@ -162,8 +192,8 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
         # Block l's writes were stored with state l + 1, its output.
         metrics.update(stack_rows([store.get_state_metrics(shard, layer + 1) for layer in job.component_layers],
                                   COMPONENT_KEYS))
-    if job.logit_lens:
-        metrics.update(_streamed_logit_lens(job, store, models, shard, real))
+    if heads is not None:
+        metrics.update(_streamed_logit_lens(job, store, heads, models["base"].n_layers, shard, real))
     store.put_metrics(shard, metrics)
     store.drop_state_metrics(shard)
     for role in ROLES:
@@ -174,17 +204,14 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
             store.keep_layer_states(role, shard, models[role].n_layers, job.states)
 
 
-def _streamed_logit_lens(job: Job, store: Store, models: dict[str, StreamedModel], shard: int,
+def _streamed_logit_lens(job: Job, store: Store, heads: dict[str, Head], n_layers: int, shard: int,
                          real: Tensor) -> dict[str, Tensor]:
-    """The logit lens of a finished shard: both models' final norm and unembedding streamed in
-    after the last block, every kept state read back from the store once."""
-    heads = {role: model.read_head() for role, model in models.items()}
-    try:
-        return logit_lens_metrics(heads, lambda role, state: store.get_state(role, shard, state), job.run.layers,
-                                  models["base"].n_layers, real, states_in_memory=False)
-    finally:
-        for role, head in heads.items():
-            models[role].free(head.norm)
+    """The logit lens of a finished shard, from the heads read before the first block and the lensed
+    states kept in the store (each read back once)."""
+    with lens_progress(job, shard) as on_layer:
+        return logit_lens_metrics(heads, lambda role, state: store.get_state(role, shard, state), job.lens_layers,
+                                  n_layers, real, budget=job.lens_chunk_bytes, states_in_memory=False,
+                                  on_layer=on_layer)
 
 
 def _finish_state(
@@ -204,6 +231,7 @@ def _finish_state(
         store.put_state_metrics(shard, state, metrics)
     for role in ROLES:
         store.put_state(role, shard, state, current[role])
-    if state > 0 and not ((job.keep_states or job.logit_lens) and state - 1 in job.states):
+    kept = (job.keep_states and state - 1 in job.states) or state - 1 in lens_states(job)
+    if state > 0 and not kept:
         for role in ROLES:
             store.drop_state(role, shard, state - 1)

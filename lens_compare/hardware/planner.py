@@ -362,6 +362,28 @@ def plan_pair(
                        pair=pair, with_cheapest=with_cheapest, only=only)
 
 
+def lens_time_estimate(configs: dict[str, Any], dtypes: dict[str, str], machine: Machine, *, tokens: int,
+                       prompts: int, forward_batch: int, layers: int) -> dict[str, float] | None:
+    """The seconds ``auto`` weighs (``lens_compare.analyses.lens_choice``): both models' forward passes
+    over every prompt, and the logit lens at all ``layers`` captured layers and at the output alone,
+    on ``machine``. None when the planner does not model these models' family."""
+    from lens_compare.errors import UnsupportedArchitectureError
+    from lens_compare.hardware.timing import forward_seconds, lens_seconds
+
+    workload = Workload(tokens=max(tokens, 1), batch=max(prompts, 1), forward_batch=max(forward_batch, 1),
+                        base_dtype=dtypes["base"], sft_dtype=dtypes["sft"])
+    try:
+        models = tuple(
+            estimate_model(role, architecture_from_config(configs[role]), checkpoint_of(configs[role]), dtypes[role],
+                           dtypes[role], workload)
+            for role in ("base", "sft"))
+    except UnsupportedArchitectureError:
+        return None
+    return {"forwards": sum(forward_seconds(m, None, machine, workload) for m in models),
+            "lens_all": lens_seconds(models, machine, workload, layers),
+            "lens_final": lens_seconds(models, machine, workload, 1)}
+
+
 def plan_for_machine(
     pair: str | None = None,
     *,

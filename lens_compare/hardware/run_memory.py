@@ -8,9 +8,11 @@ per compared block (``components``)):
   both models' state plus their difference (3 x B x T x d_model x 4), and the float32
   per-token metric tensors (10 metrics x S x B x T x 4 per state, twice that again for
   the two hook views); split evenly between the two models.
-- ``logit_lens`` (with the lens): half of the lens's chunk of float32 ``[tokens, vocab]``
-  working tensors (``LOGIT_LENS_CHUNK_BYTES``); ``head``: the
-  unembedding (vocab x d_model), which a sequential run keeps for the first model.
+- ``logit_lens`` (with the lens): half of the lens's chunk of ``[tokens, vocab]`` working
+  tensors (``Workload.lens_chunk_bytes``: the preflight sizes it from what the plan leaves free,
+  ``LOGIT_LENS_CHUNK_BYTES`` to plan with), each model's share, in a phase after both forwards;
+  ``head``: the unembedding (vocab x d_model), which a sequential run keeps for the first model
+  and a streamed run reads before its first block.
 - ``logits``: b x vocab in the activation dtype plus its float32 upcast: the capture
   asks for the last position's logits only (``logits_to_keep=1``).
 - ``attention_scores``: eager attention's b x heads x T^2 scores, float32 softmax and
@@ -77,6 +79,13 @@ class Workload:
     # The logit lens runs (lens_compare.analyses.logit_lens): its chunked float32 working
     # tensors after the forward passes; a sequential run keeps the first model's head.
     logit_lens: bool = False
+    # Layers the lens reads (its time; 0 with the lens off), and the bytes of its chunk's working
+    # tensors (its memory; sized from what the plan leaves free).
+    lens_layers: int = 0
+    lens_chunk_bytes: int = LOGIT_LENS_CHUNK_BYTES
+    # Residual states per model a streamed run keeps in host memory until its shard's last block,
+    # beyond the two it streams with (the logit lens's layers, compared with the final one).
+    kept_states: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -117,9 +126,9 @@ class ModelRunTerms:
 
     @property
     def forward_transient(self) -> float:
-        # Logits appear after the last block, when its attention/MLP buffers are freed; the
-        # logit lens runs after both forwards.
-        return max(self.logits, self.attention_scores + self.activations, self.logit_lens)
+        # Logits appear after the last block, when its attention/MLP buffers are freed. The logit
+        # lens runs after both forwards: a phase of its own (strategies.py).
+        return max(self.logits, self.attention_scores + self.activations)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -162,7 +171,7 @@ def model_run_terms(
         load_transient=gib(load),
         nf4_load_transient=gib(nf4_load),
         bridge_host=BRIDGE_HOST_GIB_PER_BLOCK * arch.n_layers,
-        logit_lens=gib(LOGIT_LENS_CHUNK_BYTES / 2) if workload.logit_lens else 0.0,
+        logit_lens=gib(workload.lens_chunk_bytes / 2) if workload.logit_lens else 0.0,
         head=gib(arch.vocab_size * arch.d_model * act) if workload.logit_lens else 0.0,
     )
 

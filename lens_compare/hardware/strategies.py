@@ -144,10 +144,12 @@ def resident_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Mac
     load = max(_load(m, p) for m in models) if on_cpu else 0.0
     # On the CPU the run's own host memory shares the one memory with the weights.
     host = RUN_SETUP_HOST_GIB + sum(m.terms.bridge_host for m in models) if on_cpu else 0.0
+    lens = sum(m.terms.logit_lens for m in models) / n
     phases = (
         weights + load + host,
         weights + residuals + transient + host,
         weights + residuals + upcast + host,
+        weights + residuals + lens + host,
     )
     return Peak(_with_overheads(max(phases), machine), 0.0, "resident", splits)
 
@@ -159,15 +161,19 @@ def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: M
     metrics = residuals_all + sum(m.terms.metrics_upcast for m in models)
     per_model, layouts = [], []
     kept_head = 0.0
-    for m in models:
+    # The logit lens runs with the second model loaded, the first one's head kept beside it.
+    lens = sum(m.terms.logit_lens for m in models)
+    for index, m in enumerate(models):
+        last = index == len(models) - 1
         if machine.kind == "cpu":
             weights = m.weights[_p(m, p)].gib + RUN_SETUP_HOST_GIB + m.terms.bridge_host
             # Host and device are one memory: earlier residuals stay beside the model.
             per_model += [weights + _load(m, p) + residuals_all + kept_head,
-                          weights + residuals_all + m.terms.forward_transient + kept_head, weights + metrics + kept_head]
+                          weights + residuals_all + m.terms.forward_transient + kept_head, weights + metrics + kept_head,
+                          weights + residuals_all + kept_head + (lens if last else 0.0)]
             kept_head = m.terms.head  # the logit lens keeps the first model's head for the second
             continue
-        other = m.terms.residuals / n + m.terms.forward_transient + kept_head
+        other = m.terms.residuals / n + max(m.terms.forward_transient, lens / n if last else 0.0) + kept_head
         kept_head = m.terms.head
         if n == 1:
             weights = m.weights[_p(m, p)].gib
@@ -266,13 +272,15 @@ def stream_peak(models: tuple[ModelEstimate, ...], machine: Machine, workload: W
         for m in models
     )
     contexts = gib(sum(_contexts_bytes(m, held, tokens) for m in models))
-    device = gib(max(embedding, blocks)) + in_flight + contexts
-    # The logit lens streams both heads in after the last block, with its chunk's working tensors;
-    # the states it reads wait in the run folder on disk (or, in a notebook, in host memory).
-    lens = sum(m.terms.head + m.terms.logit_lens for m in models)
-    device = max(device, lens + contexts)
+    # The logit lens reads both heads before the first block; they stay on the device throughout,
+    # and its chunk's working tensors join them after a shard's last block.
+    heads = sum(m.terms.head for m in models)
+    device = gib(max(embedding, blocks)) + in_flight + contexts + heads
+    device = max(device, heads + sum(m.terms.logit_lens for m in models) + contexts)
+    # Two states of each model, and the lensed states kept for the lens when held in memory.
     host = RUN_SETUP_HOST_GIB + sum(
-        gib(2 * held * tokens * m.arch.d_model * DTYPE_BYTES[m.dtype]) + m.terms.metrics_upcast for m in models
+        gib((2 + workload.kept_states) * held * tokens * m.arch.d_model * DTYPE_BYTES[m.dtype])
+        + m.terms.metrics_upcast for m in models
     )
     if machine.kind == "cpu":
         return Peak(_with_overheads(device + host, machine), 0.0, "stream")

@@ -43,6 +43,9 @@ GGUF_DEQUANT_S_PER_GPARAM = 150.0  # gguf-py to float32, 2 cores: 18-23 s for Sm
 CPU_NF4_QUANTIZE_S_PER_GB = 15.0  # bitsandbytes CPU, 2 cores, per GB of 16-bit weights: quantize + cache
 CPU_NF4_LOAD_GBPS = 0.25  # a cached NF4 checkpoint: bitsandbytes rebuilds its 4-bit parameters
 CPU_NF4_DEQUANT_GBPS = 3.15  # float32 weights bitsandbytes rebuilds per forward batch on the CPU
+# The logit lens's share of its machine's matmul rate, the divergence arithmetic included: 0.78-1.0
+# on the 2-core CPU (SmolLM2's head, 250 tokens x 30 layers, benchmarks/bench_overhead.py).
+LENS_EFFICIENCY = 0.8
 
 
 def _quantized_16bit_bytes(model: ModelEstimate) -> int:
@@ -50,14 +53,34 @@ def _quantized_16bit_bytes(model: ModelEstimate) -> int:
     return model.weights["nf4"].constants * 16 * 2
 
 
+def lens_flops(model: ModelEstimate, workload: Workload, layers: int) -> float:
+    """One model's head products of the logit lens at ``layers`` layers: its final norm and
+    unembedding once per lensed layer and token, and once more per token for the final
+    distributions the other layers are compared with."""
+    prompts = workload.prompts or workload.batch
+    applications = layers + (1 if layers > 1 else 0)
+    return 2.0 * applications * model.arch.vocab_size * model.arch.d_model * workload.tokens * prompts
+
+
+def lens_seconds(models: tuple[ModelEstimate, ...], machine: Machine, workload: Workload, layers: int) -> float:
+    """The logit lens at ``layers`` layers on ``machine``: both models' head products at the machine's
+    matmul rate, over ``LENS_EFFICIENCY`` for the divergence arithmetic around them."""
+    flops = sum(lens_flops(m, workload, layers) for m in models)
+    if machine.kind == "cpu":
+        rate = CPU_GFLOPS * 1e9
+    elif machine.gpu is None or not machine.gpu.dense_tflops:
+        return 0.0
+    else:
+        rate = machine.gpu.dense_tflops * 1e12 * MFU
+    return flops / (rate * LENS_EFFICIENCY)
+
+
 def forward_seconds(model: ModelEstimate, precision: str | None, machine: Machine, workload: Workload) -> float:
-    """Every prompt through ``model`` once, in batches of ``forward_batch``."""
+    """Every prompt through ``model`` once, in batches of ``forward_batch`` (the logit lens apart:
+    ``lens_seconds``)."""
     prompts = workload.prompts or workload.batch
     batches = -(-prompts // min(workload.forward_batch or prompts, prompts))
     flops = 2 * model.params.active * workload.tokens * prompts
-    if workload.logit_lens:
-        # The lens: the unembedding once per layer and token (the forward already counts one).
-        flops += 2 * model.arch.n_layers * model.arch.vocab_size * model.arch.d_model * workload.tokens * prompts
     nf4 = (precision or model.precision) == "nf4"
     if machine.kind == "cpu":
         dequant = batches * _quantized_16bit_bytes(model) * 2 / (CPU_NF4_DEQUANT_GBPS * 1e9) if nf4 else 0.0
@@ -73,7 +96,7 @@ def forward_seconds(model: ModelEstimate, precision: str | None, machine: Machin
 def run_seconds(
     models: tuple[ModelEstimate, ...], precision: str | None, machine: Machine, workload: Workload,
 ) -> float:
-    total = RUN_SETUP_S
+    total = RUN_SETUP_S + lens_seconds(models, machine, workload, workload.lens_layers)
     for m in models:
         nf4 = (precision or m.precision) == "nf4"
         total += MODEL_OVERHEAD_S + BRIDGE_BOOT_S_PER_BLOCK * m.arch.n_layers
@@ -99,7 +122,7 @@ def stream_seconds(models: tuple[ModelEstimate, ...], machine: Machine, workload
     every prompt per block: L x prompts x T x d_model x act bytes per model.
     """
     prompts = workload.prompts or workload.batch
-    total = RUN_SETUP_S
+    total = RUN_SETUP_S + lens_seconds(models, machine, workload, workload.lens_layers)
     for m in models:
         read = m.disk_gib * 2**30 / (DISK_GBPS * 1e9)
         compute = forward_seconds(m, m.dtype, machine, workload)
