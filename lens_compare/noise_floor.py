@@ -20,6 +20,7 @@ import torch
 
 from lens_compare.capture import ResidualStates, capture_states
 from lens_compare.engines import Job
+from lens_compare.hardware.precision import floor_dtype
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions
@@ -32,9 +33,6 @@ logger = logging.getLogger("lens_compare")
 WEIGHT_HEADROOM = 1.25
 
 
-def floor_dtype(run_dtype: str) -> str:
-    """The second precision: float32 for a 16-bit run, bfloat16 for a float32 one."""
-    return "bfloat16" if run_dtype == "float32" else "float32"
 
 
 def floor_device(job: Job, schedule: str, dtype: str) -> str:

@@ -24,6 +24,7 @@ from lens_compare.hardware.local_run import (
 )
 from lens_compare.hardware.machine import detect_gpus, host_ram_gib
 from lens_compare.hardware.planner import Plan
+from lens_compare.hardware.precision import floor_dtype
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
 from lens_compare.hardware.units import DTYPE_BYTES, GIB, LOGIT_LENS_CHUNK_BYTES
@@ -70,6 +71,7 @@ def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan
         lens_layers=facts.get("lens_layers", 0),
         lens_chunk_bytes=facts.get("lens_chunk_bytes", LOGIT_LENS_CHUNK_BYTES),
         kept_states=facts.get("lens_kept_states", 0),
+        noise_floor=floor_dtype(sft.dtype) if facts.get("noise_floor") else None,
     )
     return plan_models(
         _source(base, facts["configs"]["base"], facts["device"]),
@@ -119,7 +121,7 @@ def check_noise_floor_memory(facts: dict[str, Any], machine: Machine) -> None:
     any model loads, a floor neither can hold."""
     from lens_compare.hardware.architecture import architecture_from_config
     from lens_compare.hardware.params import count_params
-    from lens_compare.noise_floor import WEIGHT_HEADROOM, floor_dtype
+    from lens_compare.noise_floor import WEIGHT_HEADROOM
 
     second = floor_dtype(facts["sft"].dtype)
     need = count_params(architecture_from_config(facts["configs"]["sft"])).total * DTYPE_BYTES[second] / GIB
@@ -152,9 +154,9 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
         execution = default_execution(facts)
         logger.warning("no memory check for this run: %s Running %s without a plan.", error, execution.strategy)
         return execution
-    logger.info("hardware plan:\n%s", plan.explain())
     if plan.strategy is None:
-        # The whole plan is in the log just above; the error says what decided it.
+        # The whole plan goes to the log; the error says what decided it.
+        logger.info("hardware plan:\n%s", plan.explain())
         if requested:
             result = plan.strategies[requested]
             # An unavailable strategy (layout "n/a": a GGUF cannot stream) is not a memory verdict.
@@ -187,12 +189,15 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
         from lens_compare.placement import split_loads
 
         loads = split_loads(loads, chosen, facts["configs"], gpus, alternatives=_alternatives(plan))
+    logger.info(plan.brief())
     estimate = {
         "machine": machine.label,
         "peak_gib_per_device": round(chosen.peak_gib_per_gpu, 3),
         "host_gib": round(chosen.host_gib, 3),
         "seconds": None if chosen.est_seconds is None else round(chosen.est_seconds, 1),
         "lens_chunk_mib": round(lens_chunk / 2**20, 1) if facts.get("logit_lens") else None,
+        # Everything the planner worked out (python -m lens_compare.plan prints the same as text).
+        "plan": plan.to_dict(),
     }
     return Execution(chosen.name, schedule, loads, estimate, lens_chunk)
 

@@ -286,10 +286,10 @@ def _lens_estimate(config: RunConfig, model_configs: dict[str, Any], dtypes: dic
 
 def _log_lens(choice: LensChoice) -> None:
     if choice.on:
-        where = "every captured layer" if choice.mode == "all" else \
-            "the output only (each model's actual next-token distribution)" if choice.mode == "final" else \
-            f"layers {', '.join(map(str, choice.layers))}"
-        logger.info("logit lens: %s (%s: %s)", where, choice.requested, choice.reason)
+        where = "at every captured layer" if choice.mode == "all" else \
+            "at the output only: each model's actual next-token distribution" if choice.mode == "final" else \
+            f"at layers {', '.join(map(str, choice.layers))}"
+        logger.info("logit lens %s (--logit-lens %s: %s)", where, choice.requested, choice.reason)
     if choice.vocabulary is not None:
         logger.info("logit lens: %s", choice.vocabulary["note"])
 

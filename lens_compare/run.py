@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     folder = None
     try:
         config = resolve_config(args)
-        logger.info("resolved config: %s", config.to_dict())
+        logger.info("config (the values that differ from the built-in defaults; the JSON's provenance has all): %s",
+                    ", ".join(f"{key}={value!r}" for key, value in config.to_dict().items()
+                              if key != "config_file" and value != RunConfig().to_dict()[key]) or "none")
         out_dir = Path(config.output_dir)
         check_output_dir(out_dir)
         check_export_formats(config.export)
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         nothing_pending = found == layout.count and not (
             job.noise_floor and not all(folder.has_noise(shard) for shard in range(layout.count)))
         seconds = execute(job, execution, folder)
+        logger.info("assembling the result from %d shard(s): per-layer aggregates%s", layout.count,
+                    f" with {config.bootstrap} bootstrap resamples each" if config.bootstrap else "")
         result = assemble(run, job, execution, folder, keep_residuals=False)
         if floor is None:  # --noise-floor-run names another run's floor; else this run's own, if measured
             floor = result.noise_floor
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots:
             from lens_compare.plots import save_standard_figures
 
+            logger.info("drawing the figures")
             for path in save_standard_figures(result, stem, noise_floor=floor):
                 print(path)
         if not config.save_residuals:

@@ -340,3 +340,27 @@ def test_a_rerun_reuses_the_run_folder_and_its_outputs(tiny_model_dirs, tmp_path
     assert second.split() == first.split() and outputs(tmp_path / "res") == before
     assert "rewritten in place" in caplog.text
     assert "reassembled from its run folder without loading a model (the run itself took" in caplog.text
+
+
+def test_a_run_logs_what_applies_and_keeps_the_rest_in_the_json(tiny_model_dirs, capsys, caplog):
+    """A few lines before the models load: the config's non-default values, the logit lens's choice, the
+    plan in one line; no note that does not concern the run. The whole plan goes to the JSON."""
+    import logging
+
+    model = str(tiny_model_dirs["llama"])
+    with caplog.at_level(logging.INFO, logger="lens_compare"):
+        code, out, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "the quick brown fox",
+                                 "--out", "res")
+    assert code == 0, err
+    before = caplog.text.split("loading base model")[0].strip().splitlines()
+    assert len(before) <= 6, before
+    config_line = next(line for line in before if "differ from the built-in defaults" in line)
+    assert "base_model=" in config_line and "dtype=" not in config_line and "batch_size" not in config_line
+    assert any("logit lens at the output only" in line and "--logit-lens all would add" in line for line in before)
+    assert any("plan: resident on CPU" in line for line in before)
+    for stray in ("nf4", "skipping capture", "est_seconds", "run terms"):
+        assert stray not in caplog.text, stray
+    document = json.loads(next(Path(p) for p in out.split() if p.endswith(".json")).read_text())
+    plan = document["provenance"]["plan"]["plan"]
+    assert plan["strategy"] == "resident" and set(plan["strategies"]) == {"resident", "sequential", "nf4", "stream"}
+    assert any(note.startswith("est_seconds") for note in plan["notes"])

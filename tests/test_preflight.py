@@ -44,7 +44,7 @@ def test_planner_chooses_the_strategy_and_logs_its_plan(tiny_model_dirs, monkeyp
     with caplog.at_level(logging.INFO, logger="lens_compare"):
         result = pipeline.run_comparison(config, preflight=spy)
     assert result.provenance["strategy"] == seen["strategy"] == "resident"
-    assert "hardware plan" in caplog.text
+    assert "plan: resident on CPU" in caplog.text
 
 
 def _local_run_config(tmp_path, base, sft, entry_device="cpu"):

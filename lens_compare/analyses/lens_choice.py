@@ -136,11 +136,11 @@ def _auto(captured: tuple[int, ...], last: int, estimate: dict[str, float] | Non
     share = estimate["lens_all"] / max(estimate["forwards"], 1e-12)
     if share <= AUTO_SHARE:
         return LensChoice("auto", "all", tuple(captured),
-                          f"at every captured layer it costs ~{estimate['lens_all']:.1f} s, {share:.0%} of the two "
-                          f"forward passes' ~{estimate['forwards']:.1f} s (at most {AUTO_SHARE:.0%})", None, estimate)
+                          f"every layer takes ~{estimate['lens_all']:.1f} s, {share:.0%} of the two forward passes' "
+                          f"~{estimate['forwards']:.1f} s (at most {AUTO_SHARE:.0%})", None, estimate)
     return LensChoice("auto", "final", (last,),
-                      f"at every layer it would cost ~{estimate['lens_all']:.1f} s, {share:.1f}x the two forward "
-                      f"passes' ~{estimate['forwards']:.1f} s: the output only; --logit-lens all would add "
+                      f"every layer would take ~{estimate['lens_all']:.1f} s, {share:.1f}x the two forward passes' "
+                      f"~{estimate['forwards']:.1f} s; --logit-lens all would add "
                       f"~{estimate['lens_all'] - estimate['lens_final']:.1f} s", None, estimate)
 
 

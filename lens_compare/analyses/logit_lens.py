@@ -35,17 +35,19 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lens_compare.hardware.units import LOGIT_LENS_CHUNK_BYTES
+from lens_compare.hardware.units import (
+    LENS_FINAL_TENSORS,
+    LENS_SLICE_ELEMENTS,
+    LENS_SLICE_TENSORS,
+    LOGIT_LENS_CHUNK_BYTES,
+)
 
 
 LOGIT_LENS_KEYS = ("kl_sft_base", "js", "top1_agree", "base_kl_to_final", "sft_kl_to_final")
-# A chunk's [token, vocab] tensors kept for all its layers: both models' final log-probabilities
-# and probabilities, float32 (the layer's logits, in the head's dtype, come on top).
-FINAL_TENSORS = 4
-# The float32 [token, vocab] tensors of one slice the divergences work on at once, and a slice's
-# size in elements per tensor: small enough that a slice's tensors stay in a processor's cache.
-SLICE_TENSORS = 12
-SLICE_ELEMENTS = 2**20
+# The chunk's tensors and the slices' (lens_compare.hardware.units: the planner counts them too).
+FINAL_TENSORS = LENS_FINAL_TENSORS
+SLICE_TENSORS = LENS_SLICE_TENSORS
+SLICE_ELEMENTS = LENS_SLICE_ELEMENTS
 CHUNK_BYTES = LOGIT_LENS_CHUNK_BYTES
 
 
@@ -64,6 +66,14 @@ class Head:
     @property
     def vocab(self) -> int:
         return int(self.weight.shape[0])
+
+    def detached(self) -> "Head":
+        """A copy that holds nothing of its model: a sequential run keeps the first model's head
+        while the second runs, and a view of the first model's weights would keep every page of
+        its memory-mapped checkpoint resident with it (safetensors load as views of the file)."""
+        import copy
+
+        return Head(copy.deepcopy(self.norm), self.weight.clone(), None if self.bias is None else self.bias.clone())
 
     def shared(self, vocab: int) -> "Head":
         """This head over the first ``vocab`` token ids only (two vocabularies that differ in size

@@ -41,7 +41,8 @@ class LoadedModel:
         self.hf_model = hf_model
         self.bridge = bridge
         self.facts = facts
-        # The final norm and unembedding (the logit lens); outlives close() where kept.
+        # The final norm and unembedding (the logit lens): views of the model's weights, dropped by
+        # close() with the rest (a run that keeps a head past its model keeps a ``detached()`` copy).
         self.head = head
 
     def capture(self, job: Job, shard: int, on_batch: Callable[[int], None] | None) -> ResidualStates:
@@ -54,6 +55,7 @@ class LoadedModel:
     def close(self) -> None:
         self.hf_model = None
         self.bridge = None
+        self.head = None
         release_host_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -161,13 +163,14 @@ def run_sequential(job: Job, store: Store) -> None:
         with loaded(job, base_side, store) as base, _bar(job, need_base, "base") as bar:
             for shard in need_base:
                 store.put_states("base", shard, base.capture(job, shard, bar.update))
-            base_head = base.head  # kept (final norm and unembedding only) for the logit lens
+            # Kept for the logit lens: the final norm and unembedding only, copied out of the model.
+            base_head = base.head.detached() if base.head is not None else None
     if not pending:
         return
     if job.logit_lens and base_head is None:
         # Resumed after every base shard was spilled: the lens still needs the base model's head.
         with loaded(job, base_side, store) as base:
-            base_head = base.head
+            base_head = base.head.detached()
     with loaded(job, sft_side, store) as sft, _bar(job, pending, "sft") as bar:
         heads = {"base": base_head, "sft": sft.head} if job.logit_lens else None
         for shard in pending:

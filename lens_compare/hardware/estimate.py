@@ -88,9 +88,20 @@ def estimate_model(
         terms=model_run_terms(
             arch, dtype, workload, params=params.total, gguf_file_bytes=checkpoint.gguf_file_bytes,
             nf4_cached=checkpoint.nf4_cached, gguf_cached=checkpoint.gguf_cached,
+            cast_source_bytes=cast_source_bytes(checkpoint, dtype, weights),
         ),
         chunks=chunks,
     )
+
+
+def cast_source_bytes(checkpoint: Checkpoint, dtype: str, weights: dict[str, WeightBytes]) -> int:
+    """Bytes of a memory-mapped checkpoint cast to ``dtype`` as it loads (0 when it holds ``dtype``, or
+    when it is not mapped: a GGUF not yet in the cache is dequantized, which the GGUF terms count)."""
+    if checkpoint.precision == "gguf":
+        source = "float32" if checkpoint.gguf_cached else None
+    else:
+        source = checkpoint.precision
+    return 0 if source is None or source == dtype or source not in weights else weights[source].total
 
 
 @functools.cache

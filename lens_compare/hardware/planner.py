@@ -101,6 +101,23 @@ class Plan:
         out["notes"] = list(self.notes)
         return out
 
+    def brief(self) -> str:
+        """The plan in the few lines a run logs: the choice with its peak and time, what else fits, and
+        the notes that apply to this run (``explain()`` has everything, the JSON's provenance too)."""
+        chosen = self.chosen
+        others = []
+        for name, r in self.strategies.items():
+            if name == self.strategy or (name == "nf4" and chosen is not None and chosen.name != "nf4"):
+                continue  # nf4 is never picked for a run unless asked for: it changes the numbers
+            others.append(f"{name} {r.peak_gib_per_gpu:.2f} GiB" if r.fits else f"{name}: {r.reason or 'does not fit'}")
+        head = (f"plan: {chosen.name} on {self.machine.label}: peak ~{chosen.peak_gib_per_gpu:.2f} GiB"
+                + (f", ~{chosen.est_seconds:.0f} s" if chosen.est_seconds is not None else "")
+                + (f", ~${chosen.est_cost_usd:.4f}" if chosen.est_cost_usd is not None else "")
+                if chosen is not None else f"plan: nothing fits on {self.machine.label}")
+        lines = [head + (f" (also: {'; '.join(others)})" if others else "")]
+        lines += [f"note: {note}" for note in self.notes if _applies_to_run(note, chosen)]
+        return "\n".join(lines)
+
     def explain(self) -> str:
         """The plan as text: params, weights, run terms, each strategy, the choice."""
         lines = [f"pair: {self.pair or '-'}  ({self.base.ref} vs {self.sft.ref})",
@@ -156,6 +173,17 @@ class Plan:
                          f"~{c['est_seconds']:.0f} s, ~${c['est_cost_usd']:.4f} per run")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _applies_to_run(note: str, chosen: StrategyResult | None) -> bool:
+    """Whether a plan note concerns the run about to start (the plan command prints them all)."""
+    if note == NF4_CAVEAT or "bitsandbytes quantizes nn.Linear only" in note:
+        return chosen is not None and chosen.name == "nf4"
+    if note.startswith("skipping capture of the first"):
+        return chosen is None  # about weights that do not fit
+    if note == STREAM_NOTE:
+        return chosen is not None and chosen.name == "stream"
+    return not note.startswith(("est_seconds:", "host RAM assumed"))
 
 
 def _default_precision(source: ModelSource, dtype: str, machine: Machine, explicit: bool) -> str:

@@ -103,3 +103,9 @@ def weight_bytes(
         else:
             total += g.numel * _SIXTEEN_BIT
     return WeightBytes(precision, total, constants)
+
+
+def floor_dtype(run_dtype: str) -> str:
+    """The noise floor's second precision (``--noise-floor``): float32 for a 16-bit run, bfloat16 for
+    a float32 one."""
+    return "bfloat16" if run_dtype == "float32" else "float32"

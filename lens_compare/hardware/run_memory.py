@@ -24,7 +24,11 @@ per compared block (``components``)):
   parameter, plus the memory-mapped file and ``GGUF_DEQUANT_FACTOR`` x the float32
   parameter bytes, a factor fitted on one measurement (smollm2-sanity, CPU, peak RSS
   increase; benchmarks/bench_planner_memory.py) and checked on smollm2-dtype. Once cached,
-  and for any safetensors checkpoint, the weights are memory-mapped: 0. (Converted to another dtype, or quantized, the source's pages stay
+  and for any safetensors checkpoint, the weights are memory-mapped: 0 when the checkpoint
+  holds the run's dtype; in another dtype (a cached GGUF read as bfloat16, a bfloat16
+  checkpoint run in float32) the mapped source's pages are read while they are cast and count
+  until the load ends: ``CAST_SOURCE_RESIDENT`` of the checkpoint's bytes, fitted on one
+  measurement (on a GPU machine, in host memory). (Converted to another dtype, or quantized, the source's pages stay
   mapped until the load ends and show in RSS while RAM is free; they are clean page
   cache the kernel reclaims under pressure, so they never decide whether a run fits.)
 - ``nf4_load_transient``: the same while loading NF4 weights on the CPU. A cached NF4
@@ -47,7 +51,7 @@ from typing import Any
 
 from lens_compare.errors import ConfigError
 from lens_compare.hardware.architecture import Architecture
-from lens_compare.hardware.units import DTYPE_BYTES, LOGIT_LENS_CHUNK_BYTES, gib
+from lens_compare.hardware.units import DTYPE_BYTES, LOGIT_LENS_CHUNK_BYTES, gib, lens_working_bytes
 
 CUDA_CONTEXT_GIB = 0.5
 MARGIN = 0.05
@@ -58,6 +62,10 @@ MARGIN = 0.05
 RUN_SETUP_HOST_GIB = 0.055
 BRIDGE_HOST_GIB_PER_BLOCK = 0.0012
 GGUF_DEQUANT_FACTOR = 0.18
+# The share of a memory-mapped checkpoint's pages resident at the peak of a load that casts it to
+# another dtype: fitted on SmolLM2's float32 copy loaded as bfloat16 (0.5 GiB mapped, peak RSS
+# +0.37 GiB over the loaded weights; benchmarks/bench_planner_memory.py, smollm2-dtype).
+CAST_SOURCE_RESIDENT = 0.75
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,8 @@ class Workload:
     # Residual states per model a streamed run keeps in host memory until its shard's last block,
     # beyond the two it streams with (the logit lens's layers, compared with the final one).
     kept_states: int = 0
+    # The dtype the noise floor runs the SFT model in again, after the run (``--noise-floor``).
+    noise_floor: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -143,6 +153,7 @@ def model_run_terms(
     gguf_file_bytes: int = 0,
     nf4_cached: bool = False,
     gguf_cached: bool = False,
+    cast_source_bytes: int = 0,
 ) -> ModelRunTerms:
     act = DTYPE_BYTES[dtype]
     bt = workload.batch * workload.tokens
@@ -154,11 +165,13 @@ def model_run_terms(
     if arch.rule.moe:
         width = max(width, arch.d_moe * (arch.n_shared_experts + arch.experts_per_token))
     heads_dim = (arch.n_heads + 2 * arch.n_kv_heads) * arch.head_dim
-    load = 0.0
+    # A checkpoint stored in another dtype than the run's is memory-mapped and read page by page
+    # while it is cast: those pages count in the process's memory until the load ends.
+    load = CAST_SOURCE_RESIDENT * cast_source_bytes
     nf4_load = 0.0
     if gguf_file_bytes and not gguf_cached:
         transient = GGUF_DEQUANT_FACTOR * params * 4 + gguf_file_bytes
-        load = transient + params * (4 - act)
+        load = max(load, transient + params * (4 - act))
         nf4_load = transient + params * 4
     if nf4_cached:
         nf4_load = 0.0
@@ -171,7 +184,8 @@ def model_run_terms(
         load_transient=gib(load),
         nf4_load_transient=gib(nf4_load),
         bridge_host=BRIDGE_HOST_GIB_PER_BLOCK * arch.n_layers,
-        logit_lens=gib(workload.lens_chunk_bytes / 2) if workload.logit_lens else 0.0,
+        logit_lens=gib(lens_working_bytes(bt, arch.vocab_size, act, workload.lens_chunk_bytes) / 2)
+        if workload.logit_lens else 0.0,
         head=gib(arch.vocab_size * arch.d_model * act) if workload.logit_lens else 0.0,
     )
 

@@ -22,12 +22,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from lens_compare.hardware.architecture import Architecture
-from lens_compare.hardware.estimate import ModelEstimate
+from lens_compare.hardware.estimate import ModelEstimate, cast_source_bytes
 from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE, Machine
 from lens_compare.hardware.params import TensorGroup, block_groups, model_groups
 from lens_compare.hardware.precision import weight_bytes
-from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB, MARGIN, RUN_SETUP_HOST_GIB, Workload
+from lens_compare.hardware.run_memory import (
+    CAST_SOURCE_RESIDENT,
+    CUDA_CONTEXT_GIB,
+    MARGIN,
+    RUN_SETUP_HOST_GIB,
+    Workload,
+)
 from lens_compare.hardware.timing import run_cost, run_seconds, stream_seconds
 from lens_compare.hardware.units import DTYPE_BYTES, FP8_CHUNK_ELEMENTS, GIB, gib
 
@@ -48,6 +54,9 @@ class Peak:
     # A split over several GPUs: the layouts the device maps will follow (one for both
     # models when resident, one per model when sequential), None when not split.
     splits: tuple[Layout, ...] | None = None
+    # The device memory of each phase of the run (overheads included), whose largest is the
+    # peak: what benchmarks/bench_planner_memory.py measures phase by phase.
+    phases: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class StrategyResult:
     # The layout at ``min_gpus`` GPUs, which may differ from ``layout`` on this machine
     # (nf4 resident on 8 GPUs, sequential on its minimum of 3).
     min_gpus_layout: str | None = None
+    # Each phase's device GiB on this machine (see Peak.phases).
+    phases: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +96,7 @@ class StrategyResult:
             "split_weights_gib": None if self.splits is None else [
                 [round(b / GIB, 3) for b in layout.per_gpu] for layout in self.splits
             ],
+            "phases_gib": None if self.phases is None else {k: round(v, 4) for k, v in self.phases.items()},
         }
 
 
@@ -129,7 +141,7 @@ def _split_weights(models, p: str | None, machine: Machine, other_gib: float, ba
 
 
 def resident_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine,
-                  balanced: bool = True) -> Peak:
+                  balanced: bool = True, workload: Workload | None = None) -> Peak:
     n = machine.count
     residuals = sum(m.terms.residuals for m in models) / n
     upcast = sum(m.terms.metrics_upcast for m in models) / n
@@ -145,32 +157,53 @@ def resident_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Mac
     # On the CPU the run's own host memory shares the one memory with the weights.
     host = RUN_SETUP_HOST_GIB + sum(m.terms.bridge_host for m in models) if on_cpu else 0.0
     lens = sum(m.terms.logit_lens for m in models) / n
-    phases = (
-        weights + load + host,
-        weights + residuals + transient + host,
-        weights + residuals + upcast + host,
-        weights + residuals + lens + host,
-    )
-    return Peak(_with_overheads(max(phases), machine), 0.0, "resident", splits)
+    phases = {
+        "load": weights + load + host,
+        "forward": weights + residuals + transient + host,
+        "metrics": weights + residuals + upcast + host,
+        "lens": weights + residuals + lens + host,
+        **_noise_floor_phase(models, machine, workload),
+    }
+    phases = {name: _with_overheads(value, machine) for name, value in phases.items()}
+    return Peak(max(phases.values()), 0.0, "resident", splits, phases)
+
+
+def _noise_floor_phase(models: tuple[ModelEstimate, ...], machine: Machine,
+                       workload: Workload | None) -> dict[str, float]:
+    """The noise floor (``--noise-floor``), after the run's models are released: the SFT model again in
+    the second precision, one shard's forward, and (in host memory) the run's SFT states of that
+    shard beside the floor's own and their metrics. Empty without a floor."""
+    sft = models[-1]
+    second = workload.noise_floor if workload is not None else None
+    if not second:
+        return {}
+    weights = gib(sft.params.total * DTYPE_BYTES[second])
+    # Its load maps the checkpoint and casts it when it holds another dtype (the run's host memory).
+    load = CAST_SOURCE_RESIDENT * gib(cast_source_bytes(sft.checkpoint, second, sft.weights))
+    host = 2 * sft.terms.residuals + sft.terms.metrics_upcast + RUN_SETUP_HOST_GIB + sft.terms.bridge_host + load
+    return {"noise floor": weights + sft.terms.forward_transient + (host if machine.kind == "cpu" else 0.0)}
 
 
 def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Machine,
-                    balanced: bool = True) -> Peak:
+                    balanced: bool = True, workload: Workload | None = None) -> Peak:
     n = machine.count
     residuals_all = sum(m.terms.residuals for m in models)
     metrics = residuals_all + sum(m.terms.metrics_upcast for m in models)
-    per_model, layouts = [], []
+    phases, layouts = {}, []
     kept_head = 0.0
     # The logit lens runs with the second model loaded, the first one's head kept beside it.
     lens = sum(m.terms.logit_lens for m in models)
     for index, m in enumerate(models):
         last = index == len(models) - 1
+        role = ("base", "sft")[index] if len(models) == 2 else f"model{index}"
         if machine.kind == "cpu":
             weights = m.weights[_p(m, p)].gib + RUN_SETUP_HOST_GIB + m.terms.bridge_host
             # Host and device are one memory: earlier residuals stay beside the model.
-            per_model += [weights + _load(m, p) + residuals_all + kept_head,
-                          weights + residuals_all + m.terms.forward_transient + kept_head, weights + metrics + kept_head,
-                          weights + residuals_all + kept_head + (lens if last else 0.0)]
+            phases[f"{role} load"] = weights + _load(m, p) + residuals_all + kept_head
+            phases[f"{role} forward"] = weights + residuals_all + m.terms.forward_transient + kept_head
+            phases[f"{role} metrics"] = weights + metrics + kept_head
+            if last and lens:
+                phases["lens"] = weights + residuals_all + kept_head + lens
             kept_head = m.terms.head  # the logit lens keeps the first model's head for the second
             continue
         other = m.terms.residuals / n + max(m.terms.forward_transient, lens / n if last else 0.0) + kept_head
@@ -180,10 +213,12 @@ def sequential_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: M
         else:
             weights, layout = _split_weights((m,), p, machine, other, balanced)
             layouts.append(layout)
-        per_model.append(weights + other)
+        phases[role] = weights + other
     host = 0.0 if machine.kind == "cpu" else metrics + max(_load(m, p) for m in models)
     splits = tuple(layouts) if layouts and all(layouts) else None
-    return Peak(_with_overheads(max(per_model), machine), host, "sequential", splits)
+    phases.update(_noise_floor_phase(models, machine, workload))
+    phases = {name: _with_overheads(value, machine) for name, value in phases.items()}
+    return Peak(max(phases.values()), host, "sequential", splits, phases)
 
 
 def _largest_tensor_numel(arch: Architecture) -> int:
@@ -275,16 +310,21 @@ def stream_peak(models: tuple[ModelEstimate, ...], machine: Machine, workload: W
     # The logit lens reads both heads before the first block; they stay on the device throughout,
     # and its chunk's working tensors join them after a shard's last block.
     heads = sum(m.terms.head for m in models)
-    device = gib(max(embedding, blocks)) + in_flight + contexts + heads
-    device = max(device, heads + sum(m.terms.logit_lens for m in models) + contexts)
+    phases = {
+        "embed": gib(embedding) + contexts + heads,
+        "blocks": gib(blocks) + in_flight + contexts + heads,
+        "lens": heads + sum(m.terms.logit_lens for m in models) + contexts,
+    }
     # Two states of each model, and the lensed states kept for the lens when held in memory.
     host = RUN_SETUP_HOST_GIB + sum(
         gib((2 + workload.kept_states) * held * tokens * m.arch.d_model * DTYPE_BYTES[m.dtype])
         + m.terms.metrics_upcast for m in models
     )
     if machine.kind == "cpu":
-        return Peak(_with_overheads(device + host, machine), 0.0, "stream")
-    return Peak(_with_overheads(device, machine), host, "stream")
+        phases = {name: _with_overheads(value + host, machine) for name, value in phases.items()}
+        return Peak(max(phases.values()), 0.0, "stream", None, phases)
+    phases = {name: _with_overheads(value, machine) for name, value in phases.items()}
+    return Peak(max(phases.values()), host, "stream", None, phases)
 
 
 def _fits(peak: Peak, machine: Machine) -> bool:
@@ -296,12 +336,12 @@ def _peak(name: str, models, p: str | None, machine: Machine, workload: Workload
     if name == "stream":
         return stream_peak(models, machine, workload)
     if name == "resident":
-        return resident_peak(models, p, machine, balanced)
+        return resident_peak(models, p, machine, balanced, workload)
     if name == "sequential":
-        return sequential_peak(models, p, machine, balanced)
+        return sequential_peak(models, p, machine, balanced, workload)
     # nf4: resident when both models fit, else sequential.
-    peak = resident_peak(models, p, machine, balanced)
-    return peak if _fits(peak, machine) else sequential_peak(models, p, machine, balanced)
+    peak = resident_peak(models, p, machine, balanced, workload)
+    return peak if _fits(peak, machine) else sequential_peak(models, p, machine, balanced, workload)
 
 
 def min_gpus(name: str, models, p: str | None, machine: Machine, workload: Workload,
@@ -376,6 +416,7 @@ def evaluate(name: str, models: tuple[ModelEstimate, ...], precision: str | None
         est_cost_usd=run_cost(seconds, machine),
         reason=reason,
         splits=peak.splits if fits else None,
+        phases=peak.phases,
     )
 
 

@@ -14,8 +14,24 @@ def gib(n_bytes: int | float) -> float:
     """Bytes to GiB."""
     return n_bytes / GIB
 
-# Float32 [tokens, vocab] working memory of one logit-lens chunk (lens_compare.analyses.logit_lens).
+# The logit lens's working memory (lens_compare.analyses.logit_lens): the budget planned with before
+# the preflight sizes it from the memory its plan leaves free; the [token, vocab] tensors a chunk
+# keeps for all its layers (both models' final log-probabilities and probabilities, float32; each
+# model's logits of the layer at hand come on top, in the head's dtype); the float32 tensors of the
+# slice of a chunk the divergences work on, and a slice's size in elements per tensor (small
+# enough that a slice's tensors stay in a processor's cache).
 LOGIT_LENS_CHUNK_BYTES = 256 * 2**20
+LENS_FINAL_TENSORS = 4
+LENS_SLICE_TENSORS = 12
+LENS_SLICE_ELEMENTS = 2**20
+
+
+def lens_working_bytes(tokens: int, vocab: int, logits_bytes: int, budget: int) -> int:
+    """Bytes the logit lens's working tensors take for ``tokens`` tokens: a chunk of them (at most
+    ``budget``) with its slice's tensors."""
+    slice_tokens = max(1, LENS_SLICE_ELEMENTS // vocab)
+    per_token = vocab * (LENS_FINAL_TENSORS * 4 + 2 * logits_bytes)
+    return min(budget, tokens * per_token + LENS_SLICE_TENSORS * 4 * min(slice_tokens, tokens) * vocab)
 
 # Elements of one slice of rows an FP8 tensor is dequantized in (lens_compare.fp8), so its float32
 # temporaries stay small whatever the tensor's size; the planner counts three of them.
