@@ -63,7 +63,7 @@ from transformers import AutoModelForCausalLM, GgufConfig  # noqa: E402
 
 from lens_compare.aggregate import analysis_records, layer_records, token_mask  # noqa: E402
 from lens_compare.analyses.components import component_metrics  # noqa: E402
-from lens_compare.analyses.logit_lens import head_of, logit_lens_metrics  # noqa: E402
+from lens_compare.analyses.logit_lens import chunk_tokens, head_of, logit_lens_metrics  # noqa: E402
 from lens_compare.bootstrap import Bootstrap  # noqa: E402
 from lens_compare.capture import capture_states  # noqa: E402
 from lens_compare.hardware.families import final_norm_path  # noqa: E402
@@ -77,7 +77,10 @@ from lens_compare.loading import (  # noqa: E402
     resolve_ref,
     weights_fingerprint,
 )
+from lens_compare.config import RunConfig  # noqa: E402
 from lens_compare.norm_statistics import restore_transformer_lens_norms  # noqa: E402
+from lens_compare.pipeline import run_states, start_run  # noqa: E402
+from lens_compare.preflight import memory_preflight  # noqa: E402
 from lens_compare.per_token import token_metrics  # noqa: E402
 from lens_compare.tokens import tokenize_prompts, untrained_token_ids  # noqa: E402
 
@@ -108,6 +111,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="capture mode: cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="capture mode: float32 or bfloat16")
     parser.add_argument("--model", default=REF, help="capture mode: the model (default: SmolLM2's GGUF)")
+    parser.add_argument("--logit-lens", default="auto",
+                        help="pipeline mode: the lens of the analysed run, as lens_compare.run takes it (default auto)")
     parser.add_argument("--no-peaks", action="store_true", help="capture mode: skip the peak-memory children")
     parser.add_argument("--peak-child", choices=("lens", "bare"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -337,8 +342,22 @@ def pipeline_and_analyses(args) -> None:
         return layer_records(metrics, layers, token_mask(real, "rest"))
 
     pair = [lens_load(ref, "base"), lens_load(resolve_ref(SFT_REF), "sft")]
-    every_state = tuple(range(config.num_hidden_layers + 1))  # the logit lens needs the last one
+    # What a run of these prompts does by default (or with --logit-lens MODE): the lens's layers as
+    # its preflight chooses them, its chunks as sized from the memory the plan leaves free.
+    run, _, execution = start_run(RunConfig(pair="smollm2-ft", prompts=prompts, tokens=args.tokens,
+                                            logit_lens=args.logit_lens, batch_size=args.prompts),
+                                  preflight=memory_preflight)
+    lens_layers, budget = run.logit_lens.layers, execution.lens_chunk_bytes
+    every_state = run_states(run)
     settings = Bootstrap(1000, 0)
+    vocab, d_model = heads["base"].weight.shape
+    n_tokens = int(real.sum())
+    chunk = min(n_tokens, chunk_tokens(vocab, budget))
+    x = torch.randn(chunk, d_model)
+    # The lens's head products: both models at every lensed layer, and at the output once more per
+    # token for the final distributions when it reads more than the last layer.
+    applications = len(lens_layers) + (1 if len(lens_layers) > 1 else 0)
+    lens_flops = 2 * 2 * applications * n_tokens * vocab * d_model
 
     def core():
         captured = [capture_states(b, ids, real, states, batch_size=args.prompts, label="core") for b in pair]
@@ -352,12 +371,14 @@ def pipeline_and_analyses(args) -> None:
         out = []
         if "components" in parts:
             out.append(analysis_records(component_metrics(*captured), layers, mask, bootstrap))
-        if "logit_lens" in parts:
-            by_role = dict(zip(("base", "sft"), captured, strict=True))
-            lens = logit_lens_metrics(heads, lambda role, s: by_role[role].values[s], layers,
-                                      config.num_hidden_layers, real)
-            out.append(analysis_records(lens, layers, mask, bootstrap))
+        if "logit_lens" in parts and lens_layers:
+            out.append(analysis_records(lens_of(captured), lens_layers, mask, bootstrap))
         return out
+
+    def lens_of(captured):
+        by_role = dict(zip(("base", "sft"), captured, strict=True))
+        return logit_lens_metrics(heads, lambda role, s: by_role[role].values[by_role[role].states.index(s)],
+                                  lens_layers, config.num_hidden_layers, real, budget=budget)
 
     def analysed():
         captured = [capture_states(b, ids, real, every_state, batch_size=args.prompts, label="analysed",
@@ -370,12 +391,21 @@ def pipeline_and_analyses(args) -> None:
             return [m(ids, attention_mask=real.long(), output_hidden_states=True, logits_to_keep=1).hidden_states
                     for m in bare_models]
 
-    pipeline(), bare(), core(), analysed()  # warm-up
-    times = {fn: [] for fn in (pipeline, bare, core, analysed)}
+    lens_input = [capture_states(b, ids, real, every_state, batch_size=args.prompts, label="lens") for b in pair]
+
+    def lens():
+        return lens_of(lens_input)
+
+    def matmul():
+        return torch.nn.functional.linear(x, heads["base"].weight)
+
+    contenders = [pipeline, bare, core, analysed, *([lens] if lens_layers else []), matmul]
+    for fn in contenders:
+        fn()  # warm-up
+    times = {fn: [] for fn in contenders}
     for repeat in range(args.repeats):
         # Rotate which goes first, so a penalty for running first hits every one equally.
-        order = [pipeline, bare, core, analysed]
-        order = order[repeat % 4:] + order[:repeat % 4]
+        order = contenders[repeat % len(contenders):] + contenders[:repeat % len(contenders)]
         for fn in order:
             elapsed, _ = timed(fn)
             times[fn].append(elapsed)
@@ -406,7 +436,14 @@ def pipeline_and_analyses(args) -> None:
         "analysed_s": round(statistics.median(times[analysed]), 4),
         "analyses_ratio": round(statistics.median(times[analysed]) / statistics.median(times[core]), 3),
         "analyses_parts_s": {k: round(v, 3) for k, v in parts.items()},
+        "logit_lens": {"requested": args.logit_lens, "mode": run.logit_lens.mode, "layers": len(lens_layers),
+                       "chunk_tokens": chunk, "budget_mib": budget >> 20},
+        "lens_s": round(statistics.median(times[lens]), 4) if lens_layers else None,
+        "lens_gflops": round(lens_flops / statistics.median(times[lens]) / 1e9, 1) if lens_layers else None,
+        "matmul_gflops": round(2 * chunk * vocab * d_model / statistics.median(times[matmul]) / 1e9, 1),
     }
+    if lens_layers:
+        result["lens_ratio"] = round(result["lens_gflops"] / result["matmul_gflops"], 3)
     print(json.dumps(result))
 
 
