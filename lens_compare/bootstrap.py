@@ -62,7 +62,11 @@ def resampled_means(
     """The pooled mean of every resample: drawn units' sums over drawn units' token counts
     (NaN where a resample drew no token)."""
     total = einops.einsum(sums, draws, "row unit, resample unit -> row resample")
-    tokens = einops.einsum(counts, draws, "row unit, resample unit -> row resample")
+    if bool((counts == counts[:1]).all()):
+        # Every row counts the same tokens (no value undefined anywhere): one row's draws serve all.
+        tokens = einops.einsum(counts[:1], draws, "row unit, resample unit -> row resample")
+    else:
+        tokens = einops.einsum(counts, draws, "row unit, resample unit -> row resample")
     return torch.where(tokens > 0, total / tokens, torch.nan)
 
 

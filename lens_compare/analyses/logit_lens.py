@@ -229,14 +229,31 @@ def logit_lens_metrics(
     out = {key: torch.full((len(layers), n_tokens), torch.nan) for key in LOGIT_LENS_KEYS}
     buffers = {role: torch.empty((step, vocab), dtype=head.weight.dtype, device=head.device)
                for role, head in heads.items()}
-    # Each model's final log-probabilities and probabilities of a chunk, float32, written in place.
-    final_logp = {role: torch.empty((step, vocab), device=head.device) for role, head in heads.items()}
-    final_p = {role: torch.empty((step, vocab), device=head.device) for role, head in heads.items()}
+    # At the output only (the default), nothing of a chunk is kept: its slices are compared as they come.
+    only_final = all(layer + 1 == final_state for layer in layers)
+    # Else each model's final log-probabilities and probabilities of a chunk, float32, written in place.
+    final_logp = {} if only_final else {role: torch.empty((step, vocab), device=head.device)
+                                        for role, head in heads.items()}
+    final_p = {} if only_final else {role: torch.empty((step, vocab), device=head.device)
+                                     for role, head in heads.items()}
 
     with torch.inference_mode():
         finals = {role: read_state(role, final_state)[rows, columns] for role in heads}
         # The final distributions' entropies serve the other layers' KL to the final one only.
-        entropy = any(layer + 1 != final_state for layer in layers)
+        entropy = not only_final
+
+        if only_final:
+            for start, stop in chunks:
+                logits = {role: head.logits(finals[role][start:stop], out=buffers[role][: stop - start])
+                          for role, head in heads.items()}
+                for a in range(0, stop - start, sliced):
+                    ends = {role: Distributions.of(logits[role][a:a + sliced]) for role in heads}
+                    values = token_divergences(ends["base"], ends["sft"], ends["base"], ends["sft"])
+                    for key, value in values.items():
+                        out[key][:, start + a:start + a + len(value)] = value.cpu()
+            if on_layer is not None:
+                on_layer()
+            return _grids(out, real, rows, columns, len(layers))
 
         def final_distributions(start: int, stop: int) -> dict[str, Distributions]:
             """Both models' final distributions of a chunk (float32), into the buffers kept for it."""
@@ -283,9 +300,14 @@ def logit_lens_metrics(
                             {role: state[role][start:stop] for role in heads})
                 if on_layer is not None:
                     on_layer()
+    return _grids(out, real, rows, columns, len(layers))
+
+
+def _grids(out: dict[str, Tensor], real: Tensor, rows: Tensor, columns: Tensor, n_layers: int) -> dict[str, Tensor]:
+    """Each key's [layer, token] values back on the [layer, prompt, pos] grid (NaN at padding)."""
     grids = {}
     for key, flat in out.items():
-        grid = torch.full((len(layers), *real.shape), torch.nan)
+        grid = torch.full((n_layers, *real.shape), torch.nan)
         grid[:, rows, columns] = flat
         grids[key] = grid
     return grids
