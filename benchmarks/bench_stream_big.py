@@ -76,7 +76,9 @@ def build_checkpoint(directory: Path, name: str, layers: int, divisor: int, toke
         save_file(tensors, str(directory / file), {"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    total = sum((directory / file).stat().st_size for file in set(weight_map.values()))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config.save_pretrained(str(directory))
     if tokenizer is None:
         load_tokenizer(resolve_ref(TOKENIZER)).save_pretrained(str(directory))

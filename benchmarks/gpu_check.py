@@ -17,6 +17,8 @@ locally (``tests/fixtures/tiny_models.build_tokenizer``). In order of importance
    plain product of the same shape.
 5. ``stream_big``: ``benchmarks/bench_stream_big.py`` on 8 full-width Llama-3.1-70B blocks under a
    quarter of the GPU's memory.
+6. ``local_run_guard``: the seed's guard on the real card: it approves the card it names (with its
+   log line) and refuses another card, too little memory and an unlisted pair.
 
 Each check prints one JSON line (``{"check": ..., "ok": ..., "seconds": ..., ...}``) and writes it to
 ``$OUT/gpu_check.jsonl`` when ``OUT`` is set; a check that fails or times out says why and the
@@ -139,7 +141,9 @@ def run_script(command: list[str], timeout: int) -> dict:
 
 
 def planner_peak(args, base: Path, sft: Path) -> dict:
-    strategies = "resident,sequential,stream" + (",nf4" if _has("bitsandbytes") else "")
+    # A smoke test plans and measures two of them (each case is a fresh process).
+    strategies = "resident,stream" if args.smoke else \
+        "resident,sequential,stream" + (",nf4" if _has("bitsandbytes") else "")
     found = run_script(["benchmarks/bench_planner_memory.py", "--device", args.device, "--base", str(base),
                         "--sft", str(sft), "--strategies", strategies, "--tokens", "64" if args.smoke else "250"],
                        timeout=args.timeout)
@@ -211,6 +215,33 @@ def stream_big(args, work: Path) -> dict:
     return run_script(command, timeout=args.timeout)
 
 
+def local_run_guard(args, base: Path) -> dict:
+    """The seed's local_run guard on this machine's card: it approves a pair run on the card it names
+    (its name's last word, its memory) with the log line, and refuses a card it does not name, too
+    little memory, and a pair it does not list. Without CUDA it refuses with its own reason."""
+    from lens_compare.errors import HardwareError
+    from lens_compare.hardware.local_run import LocalRunConfig, check_local_run, query_cuda_device
+
+    gpu = query_cuda_device(0)
+
+    def guard(**changes):
+        block = {"enabled": True, "min_vram_gb": 1, "require_gpu_name_substring": gpu.name.split()[-1] if gpu else "H100",
+                 "allowed_pairs": [{"base": str(base), "sft": str(base), "dtype": "bfloat16"}], **changes}
+        try:
+            return check_local_run(LocalRunConfig.from_dict(block), str(base), str(base), gpu).log_line
+        except HardwareError as error:
+            return f"refused: {error}"
+
+    out = {"approved": guard(), "other_card": guard(require_gpu_name_substring="RTX 2080"),
+           "too_little_memory": guard(min_vram_gb=10_000), "unlisted_pair": guard(allowed_pairs=[])}
+    if gpu is None:
+        ok = all(value.startswith("refused") for value in out.values())
+    else:
+        ok = out["approved"].startswith("Local GPU execution enabled") and all(
+            out[key].startswith("refused") for key in ("other_card", "too_little_memory", "unlisted_pair"))
+    return {"ok": ok, **out}
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -221,7 +252,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke, anywhere)")
     parser.add_argument("--smoke", action="store_true", help="every size shrunk: a minute on a CPU")
-    parser.add_argument("--only", help="comma-separated check numbers (1-5), e.g. 1,4")
+    parser.add_argument("--only", help="comma-separated check numbers (1-6), e.g. 1,4")
     parser.add_argument("--timeout", type=int, default=240, help="seconds each script-based check may take")
     parser.add_argument("--work", help="folder for the checkpoints (default: a temporary one)")
     args = parser.parse_args()
@@ -229,7 +260,7 @@ def main() -> int:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu --smoke")
-    only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 6))
+    only = {int(n) for n in args.only.split(",")} if args.only else set(range(1, 7))
     work = Path(args.work or tempfile.mkdtemp(prefix="lens_compare_gpu_check_"))
     report({"check": "machine", "ok": True, "device": args.device, "smoke": args.smoke, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None})
@@ -240,6 +271,7 @@ def main() -> int:
         (3, "capture_overhead", lambda: capture_overhead(args, base)),
         (4, "lens_gflops", lambda: lens_gflops(args)),
         (5, "stream_big", lambda: stream_big(args, work)),
+        (6, "local_run_guard", lambda: local_run_guard(args, base)),
     ]
     failed = 0
     for number, name, check in checks:
@@ -247,7 +279,7 @@ def main() -> int:
             continue
         start = time.perf_counter()
         try:
-            if base is None and number in (1, 2, 3):
+            if base is None and number in (1, 2, 3, 6):
                 base, sft = checkpoints(work, args.smoke)
             record = check()
         except subprocess.TimeoutExpired:
