@@ -69,6 +69,7 @@ def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan
         components=2 * len(facts["layers"]) if facts.get("components") else 0,
         logit_lens=bool(facts.get("logit_lens")),
         lens_layers=facts.get("lens_layers", 0),
+        lens_final_only=facts.get("lens_mode") == "final",
         lens_chunk_bytes=facts.get("lens_chunk_bytes", LOGIT_LENS_CHUNK_BYTES),
         kept_states=facts.get("lens_kept_states", 0),
         noise_floor=floor_dtype(sft.dtype) if facts.get("noise_floor") else None,

@@ -200,6 +200,7 @@ class PreparedRun:
             "batch_size": self.config.batch_size, "strategy": self.config.strategy,
             "model_kwargs": self.overrides.model_kwargs, "components": self.config.components,
             "logit_lens": self.logit_lens.on, "lens_layers": len(self.logit_lens.layers),
+            "lens_mode": self.logit_lens.mode,
             "cka_tokens": self.aggregated_tokens() if self.config.cka else 0,
             "noise_floor": self.config.noise_floor,
         }

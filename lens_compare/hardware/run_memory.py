@@ -91,6 +91,8 @@ class Workload:
     # tensors (its memory; sized from what the plan leaves free).
     lens_layers: int = 0
     lens_chunk_bytes: int = LOGIT_LENS_CHUNK_BYTES
+    # The lens reads the last layer only (the default): a chunk keeps nothing but its logits.
+    lens_final_only: bool = False
     # Residual states per model a streamed run keeps in host memory until its shard's last block,
     # beyond the two it streams with (the logit lens's layers, compared with the final one).
     kept_states: int = 0
@@ -184,7 +186,8 @@ def model_run_terms(
         load_transient=gib(load),
         nf4_load_transient=gib(nf4_load),
         bridge_host=BRIDGE_HOST_GIB_PER_BLOCK * arch.n_layers,
-        logit_lens=gib(lens_working_bytes(bt, arch.vocab_size, act, workload.lens_chunk_bytes) / 2)
+        logit_lens=gib(lens_working_bytes(bt, arch.vocab_size, act, workload.lens_chunk_bytes,
+                                          keeps_finals=not workload.lens_final_only) / 2)
         if workload.logit_lens else 0.0,
         head=gib(arch.vocab_size * arch.d_model * act) if workload.logit_lens else 0.0,
     )

@@ -112,6 +112,17 @@ def _load(model: ModelEstimate, precision: str | None) -> float:
     return model.terms.load_transient
 
 
+def _mapped(m: ModelEstimate, precision: str | None) -> bool:
+    """Whether ``m``'s weights load as memory-mapped views of its checkpoint (stored in the run's dtype:
+    a safetensors checkpoint, or a GGUF's dequantized float32 copy in a float32 run), which the
+    host reads page by page only when a forward first touches them."""
+    if _p(m, precision) == "nf4":
+        return False
+    stored = ("float32" if m.checkpoint.gguf_cached else None) if m.checkpoint.precision == "gguf" \
+        else m.checkpoint.precision
+    return stored == m.dtype
+
+
 def _with_overheads(gib_: float, machine: Machine) -> float:
     context = CUDA_CONTEXT_GIB if machine.kind == "cuda" else 0.0
     return gib_ * (1 + MARGIN) + context
@@ -154,11 +165,14 @@ def resident_peak(models: tuple[ModelEstimate, ...], p: str | None, machine: Mac
         splits = (layout,) if layout else None
     on_cpu = machine.kind == "cpu"
     load = max(_load(m, p) for m in models) if on_cpu else 0.0
-    # On the CPU the run's own host memory shares the one memory with the weights.
+    # On the CPU the run's own host memory shares the one memory with the weights, and weights
+    # memory-mapped as they are stored are not read (resident) until the first forward.
+    loaded = sum(0.0 if _mapped(m, p) else m.weights[_p(m, p)].gib for m in models) if on_cpu and n == 1 \
+        else weights
     host = RUN_SETUP_HOST_GIB + sum(m.terms.bridge_host for m in models) if on_cpu else 0.0
     lens = sum(m.terms.logit_lens for m in models) / n
     phases = {
-        "load": weights + load + host,
+        "load": loaded + load + host,
         "forward": weights + residuals + transient + host,
         "metrics": weights + residuals + upcast + host,
         "lens": weights + residuals + lens + host,

@@ -26,11 +26,12 @@ LENS_SLICE_TENSORS = 12
 LENS_SLICE_ELEMENTS = 2**20
 
 
-def lens_working_bytes(tokens: int, vocab: int, logits_bytes: int, budget: int) -> int:
+def lens_working_bytes(tokens: int, vocab: int, logits_bytes: int, budget: int, keeps_finals: bool = True) -> int:
     """Bytes the logit lens's working tensors take for ``tokens`` tokens: a chunk of them (at most
-    ``budget``) with its slice's tensors."""
+    ``budget``) with its slice's tensors. At the output only (``keeps_finals`` False) a chunk keeps
+    both models' logits alone; at other layers also both models' final distributions."""
     slice_tokens = max(1, LENS_SLICE_ELEMENTS // vocab)
-    per_token = vocab * (LENS_FINAL_TENSORS * 4 + 2 * logits_bytes)
+    per_token = vocab * ((LENS_FINAL_TENSORS * 4 if keeps_finals else 0) + 2 * logits_bytes)
     return min(budget, tokens * per_token + LENS_SLICE_TENSORS * 4 * min(slice_tokens, tokens) * vocab)
 
 # Elements of one slice of rows an FP8 tensor is dequantized in (lens_compare.fp8), so its float32
