@@ -255,8 +255,10 @@ def logit_lens_curves(result, *, band: str | None = None):
     ``band`` defaults to the 95% bootstrap interval of the mean (``ci``; ``std`` for a run
     without intervals): divergences are skewed, and mean - std falls below 0 on a log axis."""
     if "logit_lens" not in [a.name for a in result.analyses()]:
-        raise LensCompareError("this run has no logit lens: it ran with --no-logit-lens (logit_lens=False), or "
-                               "above 8B parameters without --logit-lens")
+        raise LensCompareError("this run has no logit lens: it ran with --no-logit-lens (logit_lens='off'), or "
+                               "its models' logits cannot be lensed (see provenance.logit_lens.reason)")
+    if len(result.analysis_records("logit_lens")) == 1:
+        return _one_layer_lens(result)
     if band is None:
         first = result.analysis_records("logit_lens")[0]["kl_sft_base"] or {}
         band = "ci" if first.get("ci_low") is not None else "std"
@@ -302,6 +304,65 @@ def logit_lens_curves(result, *, band: str | None = None):
     spread = {"std": "± 1 std", "minmax": "min-max", "ci": "95% bootstrap CI of the mean"}[band]
     figure.suptitle(f"{_label(result)}: logit lens through each model's own final norm and unembedding "
                     f"(mean over tokens, band {spread})", fontsize=10)
+    return figure
+
+
+def _one_layer_lens(result):
+    """The lens at one layer (a default run's: the models' outputs): every token's KL(p_sft || p_base)
+    and JS by prompt (log), and each prompt's share of tokens whose top prediction agrees, each
+    with the run's mean and its 95% bootstrap interval. A saved run without its token table: the
+    means and intervals alone."""
+    record = result.analysis_records("logit_lens")[0]
+    layer = record["layer"]
+    at_output = layer == result.provenance.get("n_layers", 0) - 1
+    figure, (left, right) = _subplots((11.0, 3.8), 2)
+    colours = _matplotlib().rcParams["axes.prop_cycle"].by_key()["color"]
+    n_prompts = len(result.tokens.token_ids)
+    prompts = np.arange(n_prompts)
+    values = result.analysis_metrics if result.metrics is not None else {}
+    mask = result.positions_mask("all" if result.include_first_token else "rest").numpy()
+    for index, key in enumerate(("kl_sft_base", "js")):
+        colour, shift = colours[index], (index - 0.5) * 0.3
+        if key in values:
+            grid = values[key][0].numpy()
+            for prompt in prompts:
+                tokens = grid[prompt][mask[prompt]]
+                shown = tokens[tokens > 0]
+                left.plot(np.full(shown.shape, prompt + shift) + np.linspace(-0.08, 0.08, shown.size), shown, ".",
+                          color=colour, ms=3, alpha=0.5)
+        stats = record[key] or {}
+        if stats.get("mean"):
+            low, high = stats.get("ci_low"), stats.get("ci_high")
+            left.axhline(stats["mean"], color=colour, lw=1.5,
+                         label=f"{key}: mean {stats['mean']:.3g}" + (f" (95% CI {low:.3g}-{high:.3g})" if low else ""))
+            if low and high and low > 0:
+                left.axhspan(low, high, color=colour, alpha=0.12, lw=0)
+    left.set_yscale("log")
+    left.set_xticks(prompts, [str(p) for p in prompts])
+    left.set_xlabel("prompt (each dot a token; 0 is not drawn on a log axis)")
+    left.set_ylabel("nats (log)")
+    left.set_title("KL(p_sft || p_base) and JS, token by token", fontsize=9)
+    left.legend(fontsize=8, loc="best")
+    stats = record["top1_agree"] or {}
+    if "top1_agree" in values:
+        grid = values["top1_agree"][0].numpy()
+        shares = [float(grid[p][mask[p]].mean()) if mask[p].any() else np.nan for p in prompts]
+        right.bar(prompts, shares, color=colours[4 % len(colours)], alpha=0.6, label="each prompt's tokens")
+    if stats.get("mean") is not None:
+        right.axhline(stats["mean"], color="0.2", lw=1.5, label=f"all tokens: {stats['mean']:.1%}")
+        if stats.get("ci_low") is not None:
+            right.axhspan(stats["ci_low"], stats["ci_high"], color="0.2", alpha=0.12, lw=0, label="95% CI")
+    right.set_ylim(0, 1.02)
+    right.set_xticks(prompts, [str(p) for p in prompts])
+    right.set_xlabel("prompt")
+    right.set_ylabel("top1_agree")
+    right.set_title("share of tokens whose top prediction agrees", fontsize=9)
+    right.legend(fontsize=8, loc="best")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+    where = f"the models' outputs (layer {layer})" if at_output else f"layer {layer}"
+    figure.suptitle(f"{_label(result)}: next-token distributions at {where}, base vs SFT "
+                    "(--logit-lens all draws every layer)", fontsize=10)
     return figure
 
 
