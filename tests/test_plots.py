@@ -183,8 +183,10 @@ def test_sublayer_curves_draw_both_writes_and_the_stream(runs):
         plots.sublayer_curves(plain)
 
 
-def test_logit_lens_curves_draw_the_records(runs):
-    changed, same = runs
+def test_logit_lens_curves_draw_the_records(runs, perturbed_llama):
+    base, sft, _ = perturbed_llama
+    changed = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS, logit_lens="all")
+    same = lens_compare.compare(base=str(base), sft=str(base), prompts=PROMPTS, dtype="bfloat16", logit_lens="all")
     figure = plots.logit_lens_curves(changed)
     left, right = figure.axes[:2]
     lines = {line.get_label(): np.asarray(line.get_ydata(), dtype=float) for line in left.get_lines()}
@@ -196,6 +198,22 @@ def test_logit_lens_curves_draw_the_records(runs):
     plots.logit_lens_curves(same, band="ci")  # identical models: nothing positive on the log axis
     with pytest.raises(LensCompareError, match="band 'wide'"):
         plots.logit_lens_curves(changed, band="wide")
+
+
+def test_a_lens_at_the_output_only_draws_its_tokens_and_prompts(runs):
+    """The default lens (one layer, the outputs): each token's divergences by prompt, the mean and its
+    interval, and each prompt's share of tokens whose top prediction agrees."""
+    result = runs[0]
+    record = result.analysis_records("logit_lens")[0]
+    figure = plots.logit_lens_curves(result)
+    left, right = figure.axes[:2]
+    assert "next-token distributions at the models' outputs (layer 2)" in figure.get_suptitle()
+    means = [line.get_ydata()[0] for line in left.get_lines() if line.get_label().startswith(("kl_sft_base", "js"))]
+    assert means == pytest.approx([record["kl_sft_base"]["mean"], record["js"]["mean"]])
+    agree = result.analysis_metrics["top1_agree"][0]
+    mask = result.positions_mask("rest")
+    shares = [float(agree[p][mask[p]].mean()) for p in range(len(PROMPTS))]
+    assert [bar.get_height() for bar in right.patches[:len(PROMPTS)]] == pytest.approx(shares)
 
 
 def test_cka_matrix_draws_the_run_matrix(perturbed_llama, runs):
