@@ -114,7 +114,7 @@ def run_stream(job: Job, store: Store) -> None:
     if not pending:
         return
     models = _open_models(job)
-    heads = _read_heads(job, models)
+    heads, head_bytes = _read_heads(job, models)
     try:
         for shard in pending:
             _stream_shard(job, store, models, shard, heads)
@@ -122,20 +122,25 @@ def run_stream(job: Job, store: Store) -> None:
         for role, head in (heads or {}).items():
             models[role].free(head.norm)
     for role, model in models.items():
-        head = heads[role].weight.numel() * heads[role].weight.element_size() if heads else 0
         logger.info("%s model: read %.3f GiB from its checkpoint of %.3f GiB (%d shard(s))%s", role,
                     model.checkpoint.bytes_read / 2**30, model.checkpoint.total_bytes / 2**30, len(pending),
-                    f"; of it, {head / 2**30:.3f} GiB was its unembedding, read once more for the logit lens "
-                    "(with tied embeddings, the token embedding's matrix again)" if head else "")
+                    f"; of it, {head_bytes[role] / 2**30:.3f} GiB were its final norm and unembedding, read for "
+                    "the logit lens (with tied embeddings, the token embedding's matrix a second time)"
+                    if heads else "")
 
 
-def _read_heads(job: Job, models: dict[str, StreamedModel]) -> dict[str, Head] | None:
+def _read_heads(job: Job, models: dict[str, StreamedModel]) -> tuple[dict[str, Head] | None, dict[str, int]]:
     """Both models' final norm and unembedding, on the run device before the first block (the logit
-    lens), over the ids both vocabularies share."""
+    lens), over the ids both vocabularies share; and the bytes each read from its checkpoint."""
     if not job.logit_lens:
-        return None
-    heads = {role: model.read_head() for role, model in models.items()}
-    return {role: head.shared(job.lens_vocab) if job.lens_vocab else head for role, head in heads.items()}
+        return None, {}
+    heads, read = {}, {}
+    for role, model in models.items():
+        before = model.checkpoint.bytes_read
+        head = model.read_head()
+        read[role] = model.checkpoint.bytes_read - before
+        heads[role] = head.shared(job.lens_vocab) if job.lens_vocab else head
+    return heads, read
 
 
 def lens_states(job: Job) -> set[int]:
