@@ -372,9 +372,12 @@ def min_gpus(name: str, models, p: str | None, machine: Machine, workload: Workl
         trial = machine.with_count(n)
         return _fits(_peak(name, models, p, trial, workload, balanced=False), trial)
 
-    if not fits(limit):
-        return None
-    low, high = 1, limit
+    return _fewest(fits, 1, limit) if fits(limit) else None
+
+
+def _fewest(fits, low: int, high: int) -> int:
+    """The smallest n in [low, high] with ``fits(n)``, given that ``fits(high)`` and that fit only
+    improves with n (more GPUs each hold a smaller share)."""
     while low < high:
         middle = (low + high) // 2
         if fits(middle):
@@ -452,10 +455,4 @@ def min_gpus_anywhere(models, precision: str | None, machine: Machine, limit: in
         if high >= limit:
             return None
         low, high = high + 1, min(2 * high, limit)
-    while low < high:
-        middle = (low + high) // 2
-        if fits(middle):
-            high = middle
-        else:
-            low = middle + 1
-    return high
+    return _fewest(fits, low, high)
