@@ -239,8 +239,6 @@ def logit_lens_metrics(
 
     with torch.inference_mode():
         finals = {role: read_state(role, final_state)[rows, columns] for role in heads}
-        # The final distributions' entropies serve the other layers' KL to the final one only.
-        entropy = not only_final
 
         if only_final:
             for start, stop in chunks:
@@ -263,7 +261,8 @@ def logit_lens_metrics(
                 logits = head.logits(finals[role][start:stop], out=buffers[role][:n])
                 logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=final_logp[role][:n])
                 p = torch.softmax(logits, dim=-1, dtype=torch.float32, out=final_p[role][:n])
-                found[role] = Distributions(logp, p, logits.argmax(dim=-1), _dot(p, logp) if entropy else None)
+                # Its entropy serves the other layers' KL to the final one.
+                found[role] = Distributions(logp, p, logits.argmax(dim=-1), _dot(p, logp))
             return found
 
         def compare(row: int, start: int, stop: int, final: dict[str, Distributions],
@@ -280,15 +279,12 @@ def logit_lens_metrics(
                     out[key][row, start + a:start + b] = value.cpu()
 
         if states_in_memory or len(chunks) == 1:
-            whole = {role: {} for role in heads} if not states_in_memory else None
             for index, (start, stop) in enumerate(chunks):
                 final = final_distributions(start, stop)
                 for row, layer in enumerate(layers):
-                    if whole is None:
-                        resid = {role: read_state(role, layer + 1)[rows[start:stop], columns[start:stop]]
-                                 for role in heads}
-                    else:  # one chunk of every token: each state read once
-                        resid = {role: read_state(role, layer + 1)[rows, columns] for role in heads}
+                    # With one chunk of every token (states on disk): each state is read once.
+                    resid = {role: read_state(role, layer + 1)[rows[start:stop], columns[start:stop]]
+                             for role in heads}
                     compare(row, start, stop, final, resid)
                     if on_layer is not None and index == len(chunks) - 1:
                         on_layer()
