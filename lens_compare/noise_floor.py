@@ -122,24 +122,22 @@ def floor_provenance(model: str | None, dtypes: dict[str, str], n_layers: int, r
     }
 
 
-def noise_floor_result(job: Job, store, width: int, run_provenance: dict | None = None):
+def noise_floor_result(job: Job, store, width: int, run_provenance: dict, token_strings: tuple):
     """The noise floor as a result of its own: the SFT model (its run precision as "base") against
     itself in the second precision (as "sft"), with the residual metrics only."""
     from lens_compare.bootstrap import Bootstrap
     from lens_compare.per_token import hook_metrics
     from lens_compare.result import ComparisonResult
     from lens_compare.store import stack_metrics
-    from lens_compare.tokens import readable_tokens
 
     run = job.run
     per_state = stack_metrics([store.get_noise(shard) for shard in range(job.layout.count)], width)
     second = floor_dtype(run.sft.dtype)
-    tokenizer = run.tokenizers["base"]
     return ComparisonResult(
         provenance=floor_provenance(run.sft.ref.spec, {"base": run.sft.dtype, "sft": second},
                                     run.model_configs["sft"].num_hidden_layers, run_provenance),
         layers=run.layers, tokens=run.tokenized,
-        token_strings=tuple(readable_tokens(tokenizer, ids) for ids in run.tokenized.token_ids),
+        token_strings=token_strings,
         untrained_base_tokens={}, real_tokens=job.real, metrics=hook_metrics(per_state, job.states, run.layers),
         include_first_token=run.config.include_first_token, bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
     )

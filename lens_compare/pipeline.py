@@ -238,11 +238,12 @@ def assemble(
             for role in ("base", "sft")
         )
     provenance = _provenance(run, job, execution, facts, untrained)
+    token_strings = tuple(readable_tokens(tokenizer, ids) for ids in run.tokenized.token_ids)
     result = ComparisonResult(
         provenance=provenance,
         layers=run.layers,
         tokens=run.tokenized,
-        token_strings=tuple(readable_tokens(tokenizer, ids) for ids in run.tokenized.token_ids),
+        token_strings=token_strings,
         untrained_base_tokens=untrained,
         real_tokens=job.real,
         metrics=hook_metrics(per_state, job.states, run.layers),
@@ -251,7 +252,7 @@ def assemble(
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
         cka=layer_cka(job, store) if run.config.cka else None,
-        noise_floor=noise_floor_result(job, store, width, provenance) if job.noise_floor else None,
+        noise_floor=noise_floor_result(job, store, width, provenance, token_strings) if job.noise_floor else None,
         analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
     )
     for warning in result.warnings():
