@@ -45,7 +45,7 @@ import json, os, sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, transformers, transformer_lens.model_bridge, gguf  # noqa: F401  (the baseline)
 import lens_compare
-from lens_compare import pipeline, preflight
+from lens_compare import comparison, pipeline, preflight
 from lens_compare.engines import bridge, stream
 GIB = 2**30
 case = json.loads(sys.argv[1])
@@ -109,7 +109,7 @@ marked(bridge, "logit_lens_metrics", "lens")
 marked(stream, "logit_lens_metrics", "lens")
 marked(stream.StreamedModel, "embed", "embed")
 marked(stream.StreamedModel, "run_block", "blocks")
-marked(pipeline, "run_noise_floor", "noise floor")
+marked(comparison, "run_noise_floor", "noise floor")
 
 
 def recording(facts):
@@ -127,7 +127,7 @@ if cuda:
     context = (total - free) / GIB  # the CUDA context and cuBLAS workspace, before any tensor
 base = 0 if cuda else status("VmRSS")
 reset()
-pipeline.run_comparison(config, preflight=recording)
+comparison.run_comparison(config, preflight=recording)
 overall = max([peak(), *(v for k, v in phases.items())])
 phases = {k: (v - base) / GIB for k, v in phases.items() if not k.startswith("_")}
 print(json.dumps({"measured_gib": (overall - base) / GIB + context, "phases_gib": {k: v + context for k, v in phases.items()},

@@ -39,7 +39,7 @@ import json, os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, transformers, transformer_lens.model_bridge, bitsandbytes, safetensors  # noqa: F401 (baseline)
 import lens_compare
-from lens_compare import pipeline, preflight
+from lens_compare import comparison, pipeline, preflight
 GIB = 2**30
 def status(field):
     for line in open("/proc/self/status"):
@@ -56,7 +56,7 @@ config = lens_compare.RunConfig(base_model=base, sft_model=sft, prompts=(prompt,
                                 device=device, strategy=strategy, batch_size=1)
 before = status("VmRSS")
 start = time.perf_counter()
-result = pipeline.run_comparison(config, preflight=recording)
+result = comparison.run_comparison(config, preflight=recording)
 seconds = time.perf_counter() - start
 out = {"seconds": seconds, "estimate": seen["estimate"], "schedule": result.provenance["schedule"]}
 if device == "cpu":

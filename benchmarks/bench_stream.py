@@ -42,7 +42,7 @@ import json, os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, transformers, transformer_lens.model_bridge, safetensors, accelerate  # noqa: F401 (baseline)
 import lens_compare
-from lens_compare import pipeline
+from lens_compare import comparison
 from lens_compare.checkpoint import SafetensorsCheckpoint
 GIB = 2**30
 def status(field):
@@ -62,7 +62,7 @@ config = lens_compare.RunConfig(base_model=base, sft_model=sft, prompts=tuple(f"
                                 tokens=int(tokens), device=device, strategy=strategy, batch_size=int(batch))
 before = status("VmRSS")
 start = time.perf_counter()
-result = pipeline.run_comparison(config, keep_residuals=keep == "1")
+result = comparison.run_comparison(config, keep_residuals=keep == "1")
 seconds = time.perf_counter() - start
 out = {"seconds": seconds, "schedule": result.provenance["schedule"],
        "peak_gib": status("VmHWM") - before if device == "cpu" else torch.cuda.max_memory_allocated() / GIB}

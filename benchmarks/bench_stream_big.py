@@ -114,7 +114,7 @@ def main() -> int:
     import torch
 
     import lens_compare
-    from lens_compare import pipeline, preflight
+    from lens_compare import comparison, preflight
 
     work = Path(args.work or tempfile.mkdtemp(prefix="lens_compare_big_"))
     directory = build_checkpoint(work / f"{args.model.split('/')[-1]}-{args.layers}l-d{args.width_divisor}",
@@ -136,7 +136,7 @@ def main() -> int:
                                     prompts=tuple(f"{i}. {text}" for i in range(args.prompts)), tokens=args.tokens,
                                     device=args.device, strategy="stream", batch_size=args.batch)
     start = time.perf_counter()
-    result = pipeline.run_comparison(config, preflight=recording)
+    result = comparison.run_comparison(config, preflight=recording)
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
     estimate = seen["estimate"] or {}

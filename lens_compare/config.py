@@ -1,9 +1,17 @@
-"""The ``residual_compare:`` config block: one dataclass, strictly validated.
+"""Every run option, declared once: the ``residual_compare:`` config block, the CLI's flags,
+``compare()``'s keywords and the run fingerprint's exclusions are all read off ``RunConfig``.
 
-Unknown keys and wrong types are refused with the key's path; every problem is
-reported in one error. ``DEV_MODE=true`` selects ``configs/dev_config.yaml``,
-otherwise ``configs/prod_config.yaml`` (as in the seed's script); CLI flags
-override config values.
+A field's ``option(...)`` metadata says how it meets the user (``Option``): its help text, its
+flag, its keyword in ``compare()``, whether it only changes what is written. Unknown keys and
+wrong types are refused with the key's path; every problem is reported in one error.
+``DEV_MODE=true`` selects ``configs/dev_config.yaml``, otherwise ``configs/prod_config.yaml`` (as
+in the seed's script); CLI flags override config values.
+
+Adding an option is one field here plus the code that uses it:
+
+>>> @dataclass(frozen=True)
+... class Example:
+...     tokens: int | None = option(None, "make every prompt exactly N tokens", metavar="N")
 """
 
 import dataclasses
@@ -11,65 +19,140 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lens_compare.analyses.lens_choice import parse_lens_spec
+from lens_compare.choices import ChatTemplateName, Dtype, ExportFormat, StrategyChoice
 from lens_compare.errors import ConfigError
 from lens_compare.files import read_structured
 
-Dtype = Literal["float32", "bfloat16", "float16"]
-Strategy = Literal["auto", "resident", "sequential", "nf4", "stream"]
-ChatTemplateName = Literal["none", "sft"]
-ExportFormat = Literal["parquet", "csv"]
 BLOCK = "residual_compare"
+LENS_MODES = ("auto", "all", "final", "off")
+
+
+def parse_lens_spec(value: Any, path: str = "logit_lens") -> str:
+    """The ``logit_lens`` option in its one written form: a mode, or layers joined by commas.
+
+    >>> parse_lens_spec(True), parse_lens_spec(None), parse_lens_spec([0, 8, "last"])
+    ('all', 'auto', '0,8,last')
+    """
+    if value is None:
+        return "auto"
+    if value is True:
+        return "all"
+    if value is False:
+        return "off"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(item) for item in value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: expected one of {', '.join(LENS_MODES)} or layers like 0,8,16,last; "
+                          f"got {value!r}")
+    text = value.strip().lower()
+    if text in LENS_MODES:
+        return text
+    items = [item.strip() for item in text.split(",")]
+    if not items or any(not (item == "last" or item.isdigit()) for item in items):
+        raise ConfigError(f"{path}: {value!r} is neither one of {', '.join(LENS_MODES)} nor comma-separated "
+                          "layers like 0,8,16,last")
+    return ",".join(items)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one ``RunConfig`` field meets the user.
+
+    ``flag``: the CLI flag (``""``: ``--`` and the name with dashes; None: config file only).
+    ``keyword``: its name in ``compare()`` (``""``: the field's; None: not a keyword there).
+    ``output_only``: it changes what is written, not the numbers: left out of a run's fingerprint,
+    so a run folder is reused across it. ``replaces``: fields a given value resets to their
+    defaults (a pair replaces base/sft models). ``normalize``: turns any accepted spelling into the
+    stored one before type checks. ``cli``: extra ``argparse`` keywords; ``off_flag``: a flag that
+    stores ``off_value``. ``accumulates``: a given list adds to the configured one.
+    """
+
+    help: str
+    flag: str | None = ""
+    keyword: str | None = ""
+    output_only: bool = False
+    metavar: str | None = None
+    replaces: tuple[str, ...] = ()
+    normalize: Callable[[Any, str], Any] | None = None
+    cli: dict[str, Any] = dataclasses.field(default_factory=dict)
+    off_flag: str | None = None
+    off_value: Any = None
+    accumulates: bool = False
+
+
+def option(default: Any, help: str, **spec: Any) -> Any:
+    """A ``RunConfig`` field with its ``Option`` (see there)."""
+    return dataclasses.field(default=default, metadata={"option": Option(help, **spec)})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one comparison run needs. ``pair`` or both ``base_model``/``sft_model``."""
 
-    pair: str | None = None
-    base_model: str | None = None
-    sft_model: str | None = None
-    pairs_file: str | None = None
-    prompts: tuple[str, ...] = ()
-    prompts_file: str | None = None
-    tokens: int | None = None
-    filler_text: str | None = None
-    chat_template: ChatTemplateName = "none"
-    dtype: Dtype = "float32"
-    device: str = "cpu"
-    # CUDA devices a run may split models over; None: every visible device.
-    gpus: tuple[int, ...] | None = None
-    layers: tuple[int, ...] | None = None
-    skip_first: int = 0
-    include_first_token: bool = False
-    # Resamples of the 95% bootstrap interval of every per-layer mean (0: none), and its seed.
-    bootstrap: int = 1000
-    seed: int = 0
-    # Compare each block's attention and MLP outputs too (the components analysis).
-    components: bool = True
-    # Where the logit lens runs: auto, all, final, off, or layers like "0,8,16,last"
-    # (lens_compare.analyses.lens_choice; true/false/null and lists read as all/off/auto and layers).
-    logit_lens: str = "auto"
-    # Tokens listed per layer where the stream moved most (top_tokens; 0: none).
-    top_tokens: int = 10
-    # Linear CKA between every base and every SFT layer (resid_post); off by default.
-    cka: bool = False
-    # Run the SFT model once more in a second precision and report the noise floor.
-    noise_floor: bool = False
-    batch_size: int = 8
-    strategy: Strategy = "auto"
-    # Prompts per shard (the unit of progress and resume); None: ~2 GiB of residuals per shard.
-    shard_size: int | None = None
-    save_residuals: bool = False
-    output_dir: str = "outputs"
-    export: tuple[ExportFormat, ...] = ()
-    local_run: dict[str, Any] | None = None
-    # The file these values came from (the CLI sets it; None: built-in defaults and flags).
-    config_file: str | None = None
+    pair: str | None = option(None, "registered pair key (see --list-pairs)",
+                              replaces=("base_model", "sft_model"))
+    base_model: str | None = option(None, "base model: hub id, save_pretrained directory or .gguf file",
+                                    flag="--base", keyword="base", replaces=("pair",))
+    sft_model: str | None = option(None, "SFT model: hub id, save_pretrained directory or .gguf file",
+                                   flag="--sft", keyword="sft", replaces=("pair",))
+    pairs_file: str | None = option(None, "YAML file declaring extra pairs")
+    prompts: tuple[str, ...] = option((), "a prompt (repeatable on the command line)", flag="--prompt",
+                                      replaces=("prompts_file",), cli={"action": "append"})
+    prompts_file: str | None = option(
+        None, 'prompts, one per line (.txt) or {"prompt": ...} per line (.jsonl)', replaces=("prompts",))
+    tokens: int | None = option(None, "make every prompt exactly N tokens: longer ones are cut, shorter ones "
+                                      "padded with --filler-text (else refused)", metavar="N")
+    filler_text: str | None = option(None, "text appended, repeated, to prompts shorter than --tokens "
+                                           "(e.g. 'The history of science')", metavar="TEXT")
+    chat_template: ChatTemplateName = option("none", "wrap each prompt in the SFT model's chat template (sft) "
+                                                     "or not (none)")
+    dtype: Dtype = option("float32", "the precision both models run in")
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto")
+    gpus: tuple[int, ...] | None = option(
+        None, "CUDA devices to split models over, e.g. 0,1,2,3 (default: every visible one); naming GPUs "
+              "asks for device cuda", metavar="0,1,2,3", output_only=True)
+    layers: tuple[int, ...] | None = option(None, "layer indices to capture, e.g. 0,5,10 (default: all)",
+                                            metavar="0,5,10", replaces=("skip_first",))
+    skip_first: int = option(0, "do not capture the first K layers", metavar="K")
+    include_first_token: bool = option(False, "include position 0 in the per-layer aggregates",
+                                       output_only=True)
+    bootstrap: int = option(1000, "resamples of the 95% bootstrap interval of every per-layer mean "
+                                  "(0: none)", metavar="N", output_only=True)
+    seed: int = option(0, "seed of the bootstrap resamples (recorded in the provenance)", output_only=True)
+    components: bool = option(True, "also compare each block's attention and MLP outputs")
+    logit_lens: str = option(
+        "auto", "compare what each layer predicts through both models' final norm and unembedding: all (the "
+                "flag alone), final (the models' outputs only), layers like 0,8,16,last, off, or auto (every "
+                "layer when that costs at most a quarter of the forward passes, else final); a config also "
+                "takes true/false/null and a list of layers",
+        metavar="MODE", normalize=parse_lens_spec, cli={"nargs": "?", "const": "all"},
+        off_flag="--no-logit-lens", off_value="off")
+    top_tokens: int = option(10, "list per layer the K tokens whose stream moved most (relative_l2; 0: none)",
+                             metavar="K", output_only=True)
+    cka: bool = option(False, "linear CKA (and its debiased estimator) between every base and every SFT "
+                              "layer's resid_post; keeps every captured state until the end")
+    noise_floor: bool = option(False, "run the SFT model once more in a second precision (float32 for a "
+                                      "16-bit run, bfloat16 for float32) and report each layer's drift "
+                                      "against that numerical noise (clears_noise)")
+    batch_size: int = option(8, "prompts per forward pass")
+    strategy: StrategyChoice = option("auto", "how to run the pair (auto: the planner's pick among resident, "
+                                              "sequential and stream; nf4 only when asked)", output_only=True)
+    shard_size: int | None = option(None, "prompts per shard, the unit of progress and resume (default: ~2 GiB "
+                                          "of residuals; a streamed run resumes block by block within a shard)")
+    save_residuals: bool = option(False, "also write the captured residuals to a .safetensors file",
+                                  keyword=None)
+    output_dir: str = option("outputs", "output directory", flag="--out", keyword=None, output_only=True)
+    export: tuple[ExportFormat, ...] = option((), "also write the token and summary tables in this format",
+                                              keyword=None, output_only=True, accumulates=True)
+    local_run: dict[str, Any] | None = option(None, "the seed's local-GPU guard (see the docs' strategies page)",
+                                              flag=None, keyword=None, output_only=True)
+    config_file: str | None = option(None, "the file these values came from (set by lens_compare)",
+                                     flag=None, keyword=None, output_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -82,19 +165,20 @@ class RunConfig:
         problems = []
         values = {}
         hints = typing.get_type_hints(cls)
+        specs = {field.name: spec for field, spec in run_options()}
         for key, value in data.items():
-            if key == "logit_lens":  # true/false/null and a list of layers are other spellings of the modes
-                try:
-                    value = parse_lens_spec(value, f"{path}.{key}")
-                except ConfigError as error:
-                    problems.append(str(error))
-                    continue
             if key not in hints:
                 close = difflib.get_close_matches(str(key), list(hints), n=1)
                 problems.append(
                     f"{path}.{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
                 )
                 continue
+            if specs[key].normalize is not None:
+                try:
+                    value = specs[key].normalize(value, f"{path}.{key}")
+                except ConfigError as error:
+                    problems.append(str(error))
+                    continue
             problem = _type_problem(value, hints[key])
             if problem:
                 problems.append(f"{path}.{key}: {problem}")
@@ -110,6 +194,34 @@ class RunConfig:
         """A copy with ``changes`` applied and validated (``None`` values are ignored)."""
         merged = {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
         return RunConfig.from_dict(merged)
+
+    def given(self, values: dict[str, Any], path: str = BLOCK) -> "RunConfig":
+        """A copy with the options a user gave (a CLI's flags, ``compare()``'s keywords) applied on
+        top: each one resets the fields it ``replaces``, and naming GPUs asks for device cuda unless
+        a device was given too. Validated as a whole.
+
+        >>> RunConfig(pair="smollm2-sanity").given({"base_model": "a", "sft_model": "b"}).pair is None
+        True
+        """
+        merged = self.to_dict()
+        defaults = RunConfig().to_dict()
+        specs = run_options_by_name()
+        for key in values:
+            for other in specs[key].replaces if key in specs else ():
+                if other not in values:
+                    merged[other] = defaults[other]
+        for key, value in values.items():
+            accumulates = key in specs and specs[key].accumulates
+            merged[key] = sorted({*merged[key], *value}) if accumulates else value
+        if values.get("gpus") and "device" not in values and not str(merged["device"]).startswith("cuda"):
+            merged["device"] = "cuda"
+        return RunConfig.from_dict(merged, path)
+
+    def differences(self) -> dict[str, Any]:
+        """The values that differ from the built-in defaults (what a run logs at its start)."""
+        defaults = RunConfig().to_dict()
+        return {key: value for key, value in self.to_dict().items()
+                if key != "config_file" and value != defaults[key]}
 
     def check(self, path: str = BLOCK) -> None:
         """Cross-field rules that types alone cannot express."""
@@ -180,6 +292,29 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is str:
         return None if isinstance(value, str) else f"expected a string, got {type(value).__name__} {value!r}"
     return None
+
+
+
+
+def run_options() -> Iterator[tuple[dataclasses.Field, Option]]:
+    """Every ``RunConfig`` field with its ``Option``, in declaration order."""
+    for field in dataclasses.fields(RunConfig):
+        yield field, field.metadata["option"]
+
+
+def run_options_by_name() -> dict[str, Option]:
+    return {field.name: spec for field, spec in run_options()}
+
+
+def keyword_options() -> dict[str, dataclasses.Field]:
+    """``compare()``'s keywords: each one's field."""
+    return {spec.keyword or field.name: field for field, spec in run_options() if spec.keyword is not None}
+
+
+def fingerprinted(config: RunConfig) -> dict[str, Any]:
+    """The options a run folder's fingerprint covers: all but the output-only ones."""
+    return {field.name: value for (field, spec), value in zip(run_options(), config.to_dict().values())
+            if not spec.output_only}
 
 
 def default_config_path() -> Path | None:

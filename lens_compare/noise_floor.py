@@ -60,7 +60,7 @@ def _weight_bytes(job: Job, dtype: str) -> int:
 
 def run_noise_floor(job: Job, schedule: str, store) -> None:
     """The floor of every shard the store does not hold yet (the run's SFT states must be kept)."""
-    pending = [shard for shard in range(job.layout.count) if not store.has_noise(shard)]
+    pending = [shard for shard in job.selected_shards() if not store.has_noise(shard)]
     if not pending:
         return
     side = job.run.sft

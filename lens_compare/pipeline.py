@@ -202,18 +202,6 @@ def check_spill_space(job: Job, execution: Execution, directory) -> None:
         )
 
 
-def execute(job: Job, execution: Execution, store: Store) -> float:
-    """Run every pending shard into ``store``; returns the wall time in seconds."""
-    start = time.perf_counter()
-    if torch.cuda.is_available():
-        for device in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(device)
-    engine_for(execution.schedule)(job, store)
-    if job.noise_floor:
-        run_noise_floor(job, execution.schedule, store)
-    return time.perf_counter() - start
-
-
 def assemble(
     run: PreparedRun, job: Job, execution: Execution, store: Store, *, keep_residuals: bool
 ) -> ComparisonResult:
@@ -279,29 +267,6 @@ def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: floa
     parts.append(f"strategy {execution.strategy} ({execution.schedule}, {job.layout.count} shard(s) "
                  f"of up to {job.layout.size} prompts)")
     return "done: " + ", ".join(parts)
-
-
-def run_comparison(
-    config: RunConfig,
-    *,
-    overrides: LoadOverrides | None = None,
-    preflight: Preflight | None = None,
-    keep_residuals: bool = False,
-) -> ComparisonResult:
-    """Run one comparison as ``config`` describes, in memory, and return the result.
-
-    ``preflight`` gets ``PreparedRun.plan_facts()`` before any weights are loaded and
-    returns the ``Execution`` (``lens_compare.preflight.memory_preflight`` asks the
-    hardware planner), or raises to refuse the run. Without one, ``strategy: auto``
-    runs sequentially on the configured device.
-    """
-    run, layout, execution = start_run(config, overrides=overrides, preflight=preflight)
-    job = make_job(run, layout, execution, keep_states=keep_residuals or config.cka)
-    store = MemoryStore()
-    seconds = execute(job, execution, store)
-    result = assemble(run, job, execution, store, keep_residuals=keep_residuals)
-    logger.info(summary_line(run, execution, job, seconds))
-    return result
 
 
 def _versions() -> dict[str, str]:

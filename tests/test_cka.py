@@ -12,7 +12,7 @@ import lens_compare
 from lens_compare import RunConfig
 from lens_compare.analyses.cka import cka_matrices
 from lens_compare.errors import HardwareError
-from lens_compare.pipeline import run_comparison
+from lens_compare.comparison import run_comparison
 from lens_compare.run import main
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]

@@ -182,7 +182,7 @@ def _tiny_cpu(monkeypatch) -> None:
     [
         (["--gpus", "0,5"], lambda mp: fake_cuda(mp, [(*H100, 81000)] * 2),
          "--gpus names cuda:5, which does not exist: this machine has 2 CUDA device(s) (0..1)"),
-        (["--gpus", "0,x"], lambda mp: None, "expected comma-separated CUDA indices"),
+        (["--gpus", "0,x"], lambda mp: None, "expected comma-separated integers like 0,1,2,3"),
         (["--gpus", "0"], lambda mp: mp.setattr(torch.cuda, "is_available", lambda: False),
          "--gpus 0 needs CUDA devices, and CUDA is not available here"),
         (["--gpus", "1", "--device", "cpu"], lambda mp: None, "add --device cuda"),

@@ -14,7 +14,7 @@ from lens_compare.capture import capture_states
 from lens_compare.hooks import COMPONENTS, states_for_layers
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import load_config, resolve_ref
-from lens_compare.pipeline import run_comparison
+from lens_compare.comparison import run_comparison
 from lens_compare.run import main
 from lens_compare.streaming import stream_states
 from tests.fixtures.tiny_models import FAMILIES, perturb_block

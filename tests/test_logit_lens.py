@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 import lens_compare
 from lens_compare import RunConfig
-from lens_compare.analyses.lens_choice import choose_logit_lens, parse_lens_spec
+from lens_compare.analyses.lens_choice import choose_logit_lens
+from lens_compare.config import parse_lens_spec
 from lens_compare.analyses.logit_lens import (
     LOGIT_LENS_KEYS,
     FINAL_TENSORS,
@@ -23,7 +24,7 @@ from lens_compare.analyses.logit_lens import (
     token_divergences,
 )
 from lens_compare.errors import ConfigError
-from lens_compare.pipeline import run_comparison
+from lens_compare.comparison import run_comparison
 from lens_compare.run import main
 from tests.fixtures.tiny_models import FAMILIES
 

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 import lens_compare
-from lens_compare import pipeline, preflight
+from lens_compare import comparison, pipeline, preflight
 from lens_compare.engines import bridge
 from lens_compare.errors import HardwareError
 from lens_compare.hardware import Machine
@@ -42,7 +42,7 @@ def test_planner_chooses_the_strategy_and_logs_its_plan(tiny_model_dirs, monkeyp
     directory = str(tiny_model_dirs["llama"])
     config = lens_compare.RunConfig(base_model=directory, sft_model=directory, prompts=tuple(PROMPTS))
     with caplog.at_level(logging.INFO, logger="lens_compare"):
-        result = pipeline.run_comparison(config, preflight=spy)
+        result = comparison.run_comparison(config, preflight=spy)
     assert result.provenance["strategy"] == seen["strategy"] == "resident"
     assert "plan: resident on CPU" in caplog.text
 
@@ -86,7 +86,7 @@ def test_approved_local_run_logs_first_and_applies_its_overrides(tiny_model_dirs
     directory = str(tiny_model_dirs["qwen2"])
     config = lens_compare.config.load_config_file(_local_run_config(tmp_path, directory, directory))
     with caplog.at_level(logging.INFO, logger="lens_compare"):
-        result = pipeline.run_comparison(config)
+        result = comparison.run_comparison(config)
     messages = [record.getMessage() for record in caplog.records]
     approved = next(i for i, m in enumerate(messages) if m.startswith("Local GPU execution enabled"))
     first_load = next(i for i, m in enumerate(messages) if m.startswith("loading base model"))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from lens_compare import RunConfig
 from lens_compare.execution import Execution
 from lens_compare.load_options import LoadOptions
-from lens_compare.pipeline import run_comparison
+from lens_compare.comparison import run_comparison
 from lens_compare.run import main
 from lens_compare.shards import ShardLayout, default_shard_size
 from lens_compare.store import RunFolder, RunFolderError
@@ -54,6 +54,28 @@ def test_sharded_run_equals_one_shard(perturbed_llama, schedule):
     strip = lambda d: {k: v for k, v in d.items() if k != "provenance"}  # noqa: E731
     assert strip(sharded.to_dict()) == strip(whole.to_dict())
     assert sharded.residuals[0].values.shape[1] == len(PROMPTS)
+
+
+def test_shards_run_one_at_a_time_by_separate_comparisons_equal_one_run(perturbed_llama, tmp_path):
+    """What a sweep's workers do: each builds the same Comparison, finds the run folder by the
+    run's fingerprint and runs one shard; the driver assembles once all are in."""
+    from lens_compare.comparison import Comparison, open_run_folder
+
+    base, sft, _ = perturbed_llama
+    config = RunConfig(base_model=str(base), sft_model=str(sft), prompts=tuple(PROMPTS), batch_size=2, shard_size=4)
+    whole = run_comparison(config, preflight=_cpu("sequential"))
+    driver = Comparison(config, preflight=_cpu("sequential"), held_in_memory=False)
+    folder = open_run_folder(driver, tmp_path)
+    with pytest.raises(RuntimeError, match="3 of 3 shard"):
+        driver.assemble(folder)
+    for shard in (2, 0, 1):
+        worker = Comparison(config, preflight=_cpu("sequential"), held_in_memory=False)
+        worker.run_shard(shard, open_run_folder(worker, tmp_path))
+        assert driver.pending(folder) == [s for s in (0, 1, 2) if s not in (2, 0, 1)[: (2, 0, 1).index(shard) + 1]]
+    with pytest.raises(IndexError, match="shard 3 does not exist"):
+        driver.run_shard(3, folder)
+    strip = lambda d: {k: v for k, v in d.items() if k != "provenance"}  # noqa: E731
+    assert strip(driver.assemble(folder).to_dict()) == strip(whole.to_dict())
 
 
 def _cli(tmp_path: Path, base, sft, out: str, *extra: str, prompts=PROMPTS) -> list[str]:
@@ -189,24 +211,26 @@ def test_resume_clears_leftover_temporary_files(tmp_path):
 def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from lens_compare.pipeline import make_job, spill_bytes, start_run
+    from lens_compare.comparison import Comparison
+    from lens_compare.pipeline import spill_bytes
 
     base, sft, _ = perturbed_llama
     config = RunConfig(base_model=str(base), sft_model=str(sft), prompts=tuple(PROMPTS), batch_size=2,
                        shard_size=4)
-    run, layout, execution = start_run(config, preflight=_cpu("sequential"))
-    job = make_job(run, layout, execution, keep_states=False)
-    lengths = run.tokenized.lengths
-    widths = [max(lengths[a:b]) for a, b in layout.bounds]
+
+    def spilled(config, schedule, keep_residuals=False):
+        planned = Comparison(config, preflight=_cpu(schedule), keep_residuals=keep_residuals).plan()
+        return spill_bytes(planned.job, planned.execution), planned
+
+    sequential, planned = spilled(config, "sequential")
+    lengths = planned.run.tokenized.lengths
+    widths = [max(lengths[a:b]) for a, b in planned.layout.bounds]
     # 4 states and 2 sublayer outputs of each of 3 blocks, d 64, float32.
-    expected = sum((4 + 2 * 3) * (b - a) * w * 64 * 4 for (a, b), w in zip(layout.bounds, widths))
-    assert spill_bytes(job, execution) == expected
-    plain, plain_layout, plain_execution = start_run(config.replace(components=False), preflight=_cpu("sequential"))
-    assert spill_bytes(make_job(plain, plain_layout, plain_execution, keep_states=False),
-                       plain_execution) == expected * 4 // 10
-    assert spill_bytes(make_job(run, layout, execution, keep_states=True), execution) == 2 * expected
-    _, _, resident = start_run(config, preflight=_cpu("resident"))
-    assert spill_bytes(make_job(run, layout, resident, keep_states=False), resident) == 0
+    expected = sum((4 + 2 * 3) * (b - a) * w * 64 * 4 for (a, b), w in zip(planned.layout.bounds, widths))
+    assert sequential == expected
+    assert spilled(config.replace(components=False), "sequential")[0] == expected * 4 // 10
+    assert spilled(config, "sequential", keep_residuals=True)[0] == 2 * expected
+    assert spilled(config, "resident")[0] == 0
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1))

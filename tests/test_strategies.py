@@ -12,7 +12,7 @@ from lens_compare.engines import bridge
 from lens_compare.execution import Execution
 from lens_compare.load_options import LoadOptions
 from lens_compare.metrics import METRIC_NAMES
-from lens_compare.pipeline import run_comparison
+from lens_compare.comparison import run_comparison
 from lens_compare.placement import meta_model, placement_units
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a b c d e f g", "two plus two is four"]

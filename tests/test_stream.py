@@ -20,7 +20,7 @@ from lens_compare.fp8 import dequantize_blockwise, dequantize_rowwise
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
 from lens_compare.metrics import METRIC_NAMES
-from lens_compare.pipeline import run_comparison
+from lens_compare.comparison import run_comparison
 from lens_compare.streaming import StreamedModel, stream_states
 from tests.fixtures.fp8_checkpoints import write_fp8_pair
 from tests.fixtures.tiny_models import build_tiny_model, save_random_model, tokenizer_fields
@@ -188,14 +188,11 @@ def test_each_checkpoint_is_read_once_whatever_the_prompts(tiny_model_dirs, monk
 
 
 def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llama, tmp_path, monkeypatch):
-    from lens_compare.pipeline import assemble, execute, make_job, run_manifest, start_run
-    from lens_compare.store import RunFolder
+    from lens_compare.comparison import Comparison, open_run_folder
 
     base, sft, _ = perturbed_llama
     config = _pair_config(base, sft, strategy="stream")
-    run, layout, execution = start_run(config, held_in_memory=False)
-    job = make_job(run, layout, execution, keep_states=False)
-    folder = RunFolder(tmp_path / "run", run_manifest(run, layout, execution, False))
+    folder = open_run_folder(Comparison(config, held_in_memory=False), tmp_path)
     blocks_run, died = [], []
     original = StreamedModel.run_block
 
@@ -208,15 +205,19 @@ def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llam
 
     monkeypatch.setattr(StreamedModel, "run_block", dying_run_block)
     with pytest.raises(KeyboardInterrupt):
-        execute(job, execution, folder)
+        Comparison(config, held_in_memory=False).run(folder)
     assert not folder.finished(0)
     # The default logit lens (the output only) keeps no state: the frontier, 2, is all there is.
     assert folder.layer_states("base", 0) == folder.layer_states("sft", 0) == [2]
     blocks_run.clear()
-    execute(job, execution, RunFolder(tmp_path / "run", run_manifest(run, layout, execution, False)))
+    # A fresh process would build its own Comparison and find the folder by the run's fingerprint.
+    resuming = Comparison(config, held_in_memory=False)
+    again = open_run_folder(resuming, tmp_path)
+    assert again.path == folder.path
+    resuming.run(again)
     assert blocks_run == [("base", 2), ("sft", 2)]
-    resumed = assemble(run, job, execution, folder, keep_residuals=False)
-    assert not list((tmp_path / "run" / "layers").rglob("*.safetensors"))
+    resumed = resuming.assemble(again)
+    assert not list((folder.path / "layers").rglob("*.safetensors"))
     monkeypatch.setattr(StreamedModel, "run_block", original)
     clean = run_comparison(config)
     for hook, metrics in clean.metrics.items():

@@ -26,41 +26,15 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lens_compare.config import parse_lens_spec
 from lens_compare.errors import ConfigError
 
 logger = logging.getLogger("lens_compare")
 
-MODES = ("auto", "all", "final", "off")
 # ``auto`` lenses every layer when that costs at most this share of the two forward passes.
 AUTO_SHARE = 0.25
 # Config fields that change logits after the unembedding; a model using one cannot be lensed.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def parse_lens_spec(value: Any, path: str = "logit_lens") -> str:
-    """The option in its one written form: a mode, or layers joined by commas (``0,8,last``).
-
-    >>> parse_lens_spec(True), parse_lens_spec(None), parse_lens_spec([0, 8, "last"])
-    ('all', 'auto', '0,8,last')
-    """
-    if value is None:
-        return "auto"
-    if value is True:
-        return "all"
-    if value is False:
-        return "off"
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(item) for item in value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{path}: expected one of {', '.join(MODES)} or layers like 0,8,16,last; got {value!r}")
-    text = value.strip().lower()
-    if text in MODES:
-        return text
-    items = [item.strip() for item in text.split(",")]
-    if not items or any(not (item == "last" or item.isdigit()) for item in items):
-        raise ConfigError(f"{path}: {value!r} is neither one of {', '.join(MODES)} nor comma-separated layers "
-                          "like 0,8,16,last")
-    return ",".join(items)
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,15 @@ class Job:
     lens_vocab: int | None = None
     # Measure the noise floor after the run (``lens_compare.noise_floor``; needs keep_states).
     noise_floor: bool = False
+    # The shards this call runs (None: every one); an engine skips those the store holds already.
+    shards: tuple[int, ...] | None = None
 
     @property
     def logit_lens(self) -> bool:
         return bool(self.lens_layers)
+
+    def selected_shards(self) -> tuple[int, ...]:
+        return tuple(range(self.layout.count)) if self.shards is None else self.shards
 
     def shard_inputs(self, shard: int) -> tuple[Int[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
         """A shard's ids and mask, trimmed to the shard's longest prompt."""

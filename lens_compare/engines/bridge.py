@@ -126,11 +126,11 @@ def shard_metrics(job: Job, shard: int, base: ResidualStates, sft: ResidualState
 
 
 def _pending(job: Job, store: Store) -> list[int]:
-    return [shard for shard in range(job.layout.count) if not store.finished(shard)]
+    return [shard for shard in job.selected_shards() if not store.finished(shard)]
 
 
 def _bar(job: Job, shards: list[int], desc: str) -> tqdm:
-    total = sum(job.shard_prompts(shard) for shard in range(job.layout.count))
+    total = sum(job.shard_prompts(shard) for shard in job.selected_shards())
     done = total - sum(job.shard_prompts(shard) for shard in shards)
     return progress_bar(total=total, initial=done, desc=desc, unit="prompt", dynamic_ncols=True)
 

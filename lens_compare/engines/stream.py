@@ -110,7 +110,7 @@ def _resume_point(store: Store, shard: int) -> int | None:
 
 def run_stream(job: Job, store: Store) -> None:
     """Every pending shard through both models, layer-major (see the module docstring)."""
-    pending = [shard for shard in range(job.layout.count) if not store.finished(shard)]
+    pending = [shard for shard in job.selected_shards() if not store.finished(shard)]
     if not pending:
         return
     models = _open_models(job)
