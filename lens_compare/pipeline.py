@@ -22,7 +22,7 @@ import torch
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.bootstrap import Bootstrap
-from lens_compare.config import RunConfig
+from lens_compare.config import RunConfig, fingerprinted
 from lens_compare.engines import Job, engine_for
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.execution import Execution, default_execution
@@ -41,11 +41,6 @@ from lens_compare.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 logger = logging.getLogger("lens_compare")
 
 Preflight = Callable[[dict[str, Any]], Execution]
-
-# Config keys that change what is written, not the numbers: left out of a run's fingerprint.
-OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "bootstrap", "seed", "top_tokens", "strategy", "gpus",
-                    "local_run", "config_file")
-
 
 def shard_layout(run: PreparedRun, streamed: bool = False) -> ShardLayout:
     """The run's shards: ``shard_size`` prompts each, or ~2 GiB of both models' states (a
@@ -138,7 +133,7 @@ def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_s
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
     """What a run folder's name is a fingerprint of (see ``lens_compare.fingerprint``)."""
-    config = {k: v for k, v in run.config.to_dict().items() if k not in OUTPUT_ONLY_KEYS}
+    config = fingerprinted(run.config)
     models = {
         side.role: {
             "reference": side.ref.spec,
