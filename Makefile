@@ -35,6 +35,7 @@ demo: $(STAMP)
 	DEV_MODE=true HF_HUB_OFFLINE=1 $(BIN)/python -m lens_compare.run --plots
 
 test: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir $$(mktemp -d)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 bench: $(STAMP)
