@@ -9,13 +9,12 @@ directory is a complete model reference. ``converted_checkpoint`` keeps one such
 source and dtype in the cache (``$LENS_COMPARE_CACHE/safetensors/``).
 """
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 from lens_compare.errors import LensCompareError
-from lens_compare.pairs import DTYPES
+from lens_compare.choices import DTYPES
+from lens_compare.cli import Parser, parse_or_exit, run_command
 
 
 def convert(spec: str, out_dir: Path, dtype: str = "float32") -> Path:
@@ -55,17 +54,14 @@ def _write(spec: str, directory: Path, dtype: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lens_compare.convert", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m lens_compare.convert", description=__doc__.split("\n")[0])
     parser.add_argument("source", help="model reference: a .gguf file, pkg:..., a directory or a hub id")
     parser.add_argument("out_dir", help="new directory for the safetensors checkpoint")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    args = parser.parse_args(argv)
-    try:
-        print(convert(args.source, Path(args.out_dir), args.dtype))
-    except LensCompareError as error:
-        print(f"lens_compare.convert: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    return 0
+    args = parse_or_exit(parser, argv)
+    if isinstance(args, int):
+        return args
+    return run_command("lens_compare.convert", lambda: print(convert(args.source, Path(args.out_dir), args.dtype)) or 0)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,10 @@ written once into ``$LENS_COMPARE_CACHE/demo/`` and reused; the model reference
 ``demo:smollm2-ft`` names it, and builds it on first use.
 """
 
-import argparse
 import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_compare.demo_task import FAMILIES, Example, grade, split_examples
+from lens_compare.cli import Parser, parse_or_exit, run_command, setup_logging
 from lens_compare.errors import ModelLoadError
 
 logger = logging.getLogger("lens_compare")
@@ -326,31 +325,33 @@ def format_report(report: dict[str, Any], every: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _report(args) -> int:
+    directory = demo_checkpoint(RECIPES[args.name])
+    report = load_report(directory)
+    print(directory)
+    print(format_report(report))
+    pairs = list(zip(report["before"]["replies"], report["after"]["replies"]))
+    for before, after in pairs[:: max(1, len(pairs) // args.replies)][: args.replies] if args.replies > 0 else []:
+        print(f"  {before['question']!r} ({before['answer']}): {before['reply']!r} -> {after['reply']!r}")
+    if args.plot:
+        from lens_compare.plots import save_figure, training_curve
+
+        print(save_figure(training_curve(report), Path(args.plot)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lens_compare.demo_ft", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m lens_compare.demo_ft", description=__doc__.split("\n")[0])
     parser.add_argument("name", nargs="?", default="smollm2-ft", choices=sorted(RECIPES),
                         help="which demo checkpoint (default: smollm2-ft)")
     parser.add_argument("--plot", metavar="PNG", help="also draw the loss curve into this PNG file")
     parser.add_argument("--replies", type=int, default=0, metavar="N",
                         help="also print N held-out replies (spread over the task families), before and after")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        directory = demo_checkpoint(RECIPES[args.name])
-        report = load_report(directory)
-        print(directory)
-        print(format_report(report))
-        pairs = list(zip(report["before"]["replies"], report["after"]["replies"]))
-        for before, after in pairs[:: max(1, len(pairs) // args.replies)][: args.replies] if args.replies > 0 else []:
-            print(f"  {before['question']!r} ({before['answer']}): {before['reply']!r} -> {after['reply']!r}")
-        if args.plot:
-            from lens_compare.plots import save_figure, training_curve
-
-            print(save_figure(training_curve(report), Path(args.plot)))
-    except ModelLoadError as error:
-        print(f"lens_compare.demo_ft: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    return 0
+    args = parse_or_exit(parser, argv)
+    if isinstance(args, int):
+        return args
+    setup_logging(quiet=False)
+    return run_command("lens_compare.demo_ft", lambda: _report(args))
 
 
 if __name__ == "__main__":

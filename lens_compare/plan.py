@@ -3,33 +3,34 @@
     python -m lens_compare.plan --pair qwen7b --tokens 250 --gpu a100-40gb
     python -m lens_compare.plan --pair llama70b --gpu h100 --count 4 --json
     python -m lens_compare.plan --base ./ckpt/config.json --sft ./ckpt_sft --here
+    python -m lens_compare.plan --model-config ./ckpt/config.json --gpu 4090
     python -m lens_compare.plan --table
 
-Exit status: 0 when a strategy fits, 1 when nothing fits (the plan still explains
-why), 2 on bad input.
+Exit status (as every lens_compare command): 0 when a strategy fits, 1 on a refused input
+(one line on stderr), 3 when nothing fits (the plan still explains why).
 """
 
 import argparse
 import json
-import sys
 
-from lens_compare.errors import LensCompareError
+from lens_compare.choices import DTYPES, STRATEGIES
+from lens_compare.cli import Parser, add_run_options, parse_or_exit, run_command
 from lens_compare.hardware.machine import catalog_machine, detect_machine
 from lens_compare.hardware.planner import plan_pair
-from lens_compare.hardware.strategies import STRATEGIES
+
+NOTHING_FITS = 3
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lens_compare.plan", description=__doc__.split("\n")[0])
-    p.add_argument("--pair", help="registered pair key (see python -m lens_compare.run --list-pairs)")
-    p.add_argument("--base", help="base model: hub id, directory, config.json, .gguf or pkg: ref")
-    p.add_argument("--sft", help="SFT model reference (same forms as --base)")
-    p.add_argument("--config", help="one config.json (or directory) used for both models")
+def _parser() -> Parser:
+    p = Parser(prog="python -m lens_compare.plan", description=__doc__.split("\n")[0])
+    add_run_options(p, ["pair", "base_model", "sft_model"])
+    p.add_argument("--model-config", metavar="CONFIG_JSON",
+                   help="one model's config.json (or its directory), planned for both models")
     p.add_argument("--tokens", type=int, default=250, help="tokens per prompt (default 250)")
-    p.add_argument("--batch", type=int, default=1, help="number of prompts (default 1)")
+    p.add_argument("--n-prompts", type=int, default=1, metavar="N", help="number of prompts (default 1)")
     p.add_argument("--gpu", default="H100 SXM 80GB", help="GPU type: a gpus.json key or alias (h100, 4090, a100-40gb)")
     p.add_argument("--count", type=int, default=1, help="GPUs of that type in the machine (default 1)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp8"],
+    p.add_argument("--dtype", choices=[*DTYPES, "fp8"],
                    help="weight precision for resident/sequential (default: the pair's, else bfloat16; "
                         "with --here, what lens_compare.run uses: float32)")
     p.add_argument("--strategy", choices=STRATEGIES, help="only consider this strategy")
@@ -57,27 +58,29 @@ def _dtype(args: argparse.Namespace) -> str | None:
     return RunConfig().dtype
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.table:
-            from lens_compare.hardware.seed_table import render_table
+def _plan(args: argparse.Namespace) -> int:
+    if args.table:
+        from lens_compare.hardware.seed_table import render_table
 
-            print(render_table())
-            return 0
-        base, sft = args.base, args.sft
-        if args.config:
-            base = sft = args.config
-        machine = detect_machine() if args.here else catalog_machine(args.gpu, args.count, args.host_ram_gib)
-        plan = plan_pair(
-            args.pair, base=base, sft=sft, tokens=args.tokens, batch=args.batch, dtype=_dtype(args),
-            strategy=args.strategy, states=args.states, machine=machine,
-        )
-    except LensCompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(render_table())
+        return 0
+    base, sft = args.base_model, args.sft_model
+    if args.model_config:
+        base = sft = args.model_config
+    machine = detect_machine() if args.here else catalog_machine(args.gpu, args.count, args.host_ram_gib)
+    plan = plan_pair(
+        args.pair, base=base, sft=sft, tokens=args.tokens, batch=args.n_prompts, dtype=_dtype(args),
+        strategy=args.strategy, states=args.states, machine=machine,
+    )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.explain())
-    return 0 if plan.strategy else 1
+    return 0 if plan.strategy else NOTHING_FITS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_or_exit(_parser(), argv)
+    if isinstance(args, int):
+        return args
+    return run_command("lens_compare.plan", lambda: _plan(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import lens_compare
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -364,3 +366,31 @@ def test_a_run_logs_what_applies_and_keeps_the_rest_in_the_json(tiny_model_dirs,
     plan = document["provenance"]["plan"]["plan"]
     assert plan["strategy"] == "resident" and set(plan["strategies"]) == {"resident", "sequential", "nf4", "stream"}
     assert any(note.startswith("est_seconds") for note in plan["notes"])
+
+
+@pytest.mark.parametrize("module", ["run", "plan", "convert", "demo_ft"])
+@pytest.mark.parametrize("argv", [["--frobnicate"], ["--dtype", "fp16"]])
+def test_every_command_refuses_a_bad_flag_with_one_prefixed_line_and_exit_1(module, argv, capsys):
+    import importlib
+
+    main = importlib.import_module(f"lens_compare.{module}").main
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lens_compare: error: ") and len(err.strip().splitlines()) == 1
+    assert f"python -m lens_compare.{module} --help" in err
+
+
+def test_run_flags_and_compare_keywords_come_from_the_config_declarations():
+    import inspect
+
+    from lens_compare.config import RunConfig, fingerprinted, run_options
+    from lens_compare.run import parser
+
+    flags = {action.dest for action in parser()._actions}
+    keywords = set(inspect.signature(lens_compare.compare).parameters)
+    for field, spec in run_options():
+        assert (field.name in flags) == (spec.flag is not None), field.name
+        assert ((spec.keyword or field.name) in keywords) == (spec.keyword is not None), field.name
+    assert set(fingerprinted(RunConfig())) == {field.name for field, spec in run_options() if not spec.output_only}
+    with pytest.raises(lens_compare.ConfigError, match="unknown keyword 'tokns' \\(did you mean 'tokens'\\?\\)"):
+        lens_compare.compare("smollm2-sanity", "hi", tokns=5)

@@ -187,15 +187,15 @@ def test_cli_json_keys(capsys):
 
 
 def test_cli_bad_input_exit_code(capsys):
-    assert main(["--pair", "qwen7b", "--gpu", "h1000"]) == 2
+    assert main(["--pair", "qwen7b", "--gpu", "h1000"]) == 1
     assert "Did you mean" in capsys.readouterr().err
-    assert main(["--pair", "qwen7b", "--count", "0"]) == 2
+    assert main(["--pair", "qwen7b", "--count", "0"]) == 1
 
 
 def test_cli_local_config(tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(QWEN7B))
-    assert main(["--config", str(path), "--gpu", "a100", "--json"]) == 0
+    assert main(["--model-config", str(path), "--gpu", "a100", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["base_params"] == 7_615_616_512
 
 
@@ -461,7 +461,7 @@ def test_hub_ids_plan_offline_from_the_shipped_configs_and_others_fail_at_once(m
         planned = json.loads(capsys.readouterr().out)
         assert planned["base_params"] == planned["sft_params"] == 494_032_768
         started = time.perf_counter()
-        assert main(["--base", "someone/not-a-shipped-model", "--sft", "someone/other", "--json"]) == 2
+        assert main(["--base", "someone/not-a-shipped-model", "--sft", "someone/other", "--json"]) == 1
         err = capsys.readouterr().err
         assert time.perf_counter() - started < 10
         assert "cannot read the config of 'someone/not-a-shipped-model'" in err and "not in the local" in err
