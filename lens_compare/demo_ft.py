@@ -35,6 +35,7 @@ from torch import Tensor
 from lens_compare.demo_task import FAMILIES, Example, grade, split_examples
 from lens_compare.cli import Parser, parse_or_exit, run_command, setup_logging
 from lens_compare.errors import ModelLoadError
+from lens_compare.versions import package_version
 
 logger = logging.getLogger("lens_compare")
 
@@ -274,7 +275,7 @@ def build(recipe: Recipe, directory: Path) -> dict[str, Any]:
         "seconds": {"eval_before": evaluated - started, "train": tuned - evaluated, "eval_after": finished - tuned},
         "torch_threads": torch.get_num_threads(),
         # The same recipe on other versions or thread counts may round differently.
-        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+        "versions": {"torch": torch.__version__, "transformers": package_version("transformers")},
         "before": _accuracy_dict(before),
         "after": _accuracy_dict(after),
     }
@@ -283,12 +284,6 @@ def build(recipe: Recipe, directory: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(str(directory))
     (directory / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def _accuracy_dict(accuracy: Accuracy) -> dict[str, Any]:

@@ -27,17 +27,14 @@ from typing import Any, Literal
 import torch
 
 from lens_compare.errors import ModelLoadError
+from lens_compare.choices import DTYPES
 from lens_compare.hub import hub_reachable
 from lens_compare.load_options import LoadOptions
 from lens_compare.progress import gguf_bar_quiet_in_notebook
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -212,7 +209,7 @@ def weights_source(ref: ModelRef, config, options: LoadOptions) -> tuple[str, di
     """Where ``from_pretrained`` reads ``ref``'s weights in ``options.dtype``, with eager attention:
     a GGUF through its dequantized copy in the cache (``lens_compare.gguf``, written on first use),
     or the GGUF itself, dequantized as it loads, when the cache has no room for it."""
-    kwargs: dict[str, Any] = {"config": config, "dtype": DTYPES[options.dtype], "attn_implementation": "eager"}
+    kwargs: dict[str, Any] = {"config": config, "dtype": TORCH_DTYPES[options.dtype], "attn_implementation": "eager"}
     if not ref.gguf_file:
         return ref.location, {**kwargs, **ref.file_kwargs}
     from lens_compare.gguf import weights_dir
@@ -239,7 +236,7 @@ def boot_bridge(hf_model, ref: ModelRef, tokenizer, options: LoadOptions):
 
     bridge = TransformerBridge.boot_transformers(
         ref.location, hf_model=hf_model, tokenizer=tokenizer,
-        device=None if options.split else options.device, dtype=DTYPES[options.dtype],
+        device=None if options.split else options.device, dtype=TORCH_DTYPES[options.dtype],
     )
     skip_unread_norm_statistics(bridge)
     return bridge

@@ -21,7 +21,8 @@ import torch
 from lens_compare.capture import ResidualStates, capture_states
 from lens_compare.engines import Job
 from lens_compare.hardware.precision import floor_dtype
-from lens_compare.hardware.units import DTYPE_BYTES, GIB
+from lens_compare.choices import DTYPE_BYTES
+from lens_compare.hardware.units import GIB
 from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_hf_model, weights_ref

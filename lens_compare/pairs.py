@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
+from lens_compare.choices import DTYPES
 from lens_compare.errors import PairError
 from lens_compare.files import read_structured
 from lens_compare.load_options import QUANTIZATIONS
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,8 @@ per-state metrics; the result is assembled from the store. The CLI passes a
 
 import logging
 import resource
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +21,22 @@ from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.config import RunConfig, fingerprinted
-from lens_compare.engines import Job, engine_for
+from lens_compare.engines import Job
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.execution import Execution, default_execution
 from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
-from lens_compare.hardware.units import DTYPE_BYTES, GIB
+from lens_compare.choices import DTYPE_BYTES
+from lens_compare.hardware.units import GIB
 from lens_compare.hooks import states_for_layers
 from lens_compare.loading import weights_ref
-from lens_compare.noise_floor import noise_floor_result, run_noise_floor
+from lens_compare.noise_floor import noise_floor_result
 from lens_compare.per_token import hook_metrics
 from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
 from lens_compare.result import ComparisonResult
 from lens_compare.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
-from lens_compare.store import MemoryStore, Store, stack_metrics, stack_states
+from lens_compare.store import Store, stack_metrics, stack_states
 from lens_compare.tokens import UNTRAINED_NORM_RATIO, readable_tokens
+from lens_compare.versions import recorded_versions
 
 logger = logging.getLogger("lens_compare")
 
@@ -144,7 +144,7 @@ def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, ke
         for side in run.sides
     }
     return {
-        "lens_compare": _versions()["lens_compare"],
+        "lens_compare": recorded_versions()["lens_compare"],
         "code_sha256_16": code_fingerprint(),
         "pair": run.pair,
         "config": config,
@@ -264,21 +264,11 @@ def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: floa
     return "done: " + ", ".join(parts)
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("lens_compare", "transformer-lens", "torch", "transformers", "bitsandbytes"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
 def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, Any],
                 untrained: dict[int, float]) -> dict[str, Any]:
     tokenizer = run.tokenizers["base"]
     return {
-        "versions": _versions(),
+        "versions": recorded_versions(),
         "pair": run.pair,
         "base_model": _side_provenance(run.base, facts["base"]),
         "sft_model": _side_provenance(run.sft, facts["sft"]),

@@ -36,7 +36,7 @@ import torch
 from lens_compare.errors import HardwareError
 from lens_compare.hardware.units import GIB
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import DTYPES
+from lens_compare.loading import TORCH_DTYPES
 
 logger = logging.getLogger("lens_compare")
 
@@ -60,7 +60,7 @@ def meta_model(config: Any, dtype: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config_object(config), dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config_object(config), dtype=TORCH_DTYPES[dtype])
     # transformers 5 records ties but does not tie in from_config; accelerate only sees
     # ties that are shared Parameter objects (a tied head must sit with the embedding).
     if getattr(model.config, "tie_word_embeddings", False):

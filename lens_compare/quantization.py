@@ -18,7 +18,8 @@ from typing import Any
 from lens_compare.cache import build_once
 from lens_compare.errors import ConfigError
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import DTYPES, ModelRef
+from lens_compare.loading import TORCH_DTYPES, ModelRef
+from lens_compare.versions import package_version
 
 logger = logging.getLogger("lens_compare")
 
@@ -40,7 +41,7 @@ def nf4_config(compute_dtype: str):
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype],
         bnb_4bit_use_double_quant=False,
     )
 
@@ -56,17 +57,8 @@ def quantization_facts(options: LoadOptions) -> dict[str, Any]:
         "double_quant": False,
         "compute_dtype": options.dtype,
         "skipped": "lm_head, embeddings and norms stay in the compute dtype",
-        "bitsandbytes": _version("bitsandbytes"),
+        "bitsandbytes": package_version("bitsandbytes"),
     }
-
-
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _quiet_bitsandbytes() -> None:
@@ -80,7 +72,7 @@ def nf4_cache_dir(ref: ModelRef, compute_dtype: str) -> Path:
     from lens_compare.cache import cache_root
     from lens_compare.fingerprint import checkpoint_fingerprint
 
-    version = _version("bitsandbytes")
+    version = package_version("bitsandbytes")
     return cache_root() / "nf4" / f"{checkpoint_fingerprint(ref)}-{compute_dtype}-bnb{version}"
 
 
@@ -123,7 +115,7 @@ def load_cached(folder: Path, options: LoadOptions):
         with safe_open(str(file), "pt", backend="pread") as handle:
             state_dict.update({name: handle.get_tensor(name) for name in handle.keys()})
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    return model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=DTYPES[options.dtype],
+    return model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=TORCH_DTYPES[options.dtype],
                                        attn_implementation="eager", **options.model_kwargs)
 
 

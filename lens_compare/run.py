@@ -16,7 +16,7 @@ from lens_compare.cli import Parser, add_run_options, given_run_options, parse_o
 from lens_compare.comparison import Comparison, open_run_folder
 from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.engines import Job
-from lens_compare.loading import DTYPES
+from lens_compare.loading import TORCH_DTYPES
 from lens_compare.outputs import check_export_formats, check_output_dir, write_frame, write_json
 from lens_compare.pairs import builtin_pairs
 from lens_compare.pipeline import check_spill_space, summary_line
@@ -72,7 +72,7 @@ def write_outputs(result, config: RunConfig, stem: Path, job: Job, folder: RunFo
         written.append(write_residual_file(
             stem.with_suffix(".safetensors"),
             token_ids=job.token_ids.masked_fill(~job.real, 0), real=job.real, layers=run.layers,
-            dtypes={side.role: DTYPES[side.dtype] for side in run.sides},
+            dtypes={side.role: TORCH_DTYPES[side.dtype] for side in run.sides},
             d_model=result.provenance["d_model"], bounds=job.layout.bounds, state_slice=folder.state_slice,
             metadata={"pair": str(result.provenance["pair"]), "layers": ",".join(map(str, result.layers))},
         ))

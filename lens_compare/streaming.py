@@ -35,7 +35,7 @@ from lens_compare.fp8 import FP8_DTYPES, dequantize, expected_scale_shape, fp8_l
 from lens_compare.hardware.families import StreamRule, stream_rule
 from lens_compare.hooks import COMPONENTS
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import DTYPES
+from lens_compare.loading import TORCH_DTYPES
 
 _FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
 
@@ -97,7 +97,7 @@ class StreamedModel:
         self.spec = spec
         self.config = config
         self.device = torch.device(options.device)
-        self.dtype = DTYPES[options.dtype]
+        self.dtype = TORCH_DTYPES[options.dtype]
         self.rule: StreamRule = stream_rule(config.model_type)
         self.checkpoint = checkpoint
         self.fp8 = fp8_layout(_quantization_config(config))

@@ -22,7 +22,7 @@ from lens_compare.hardware.planner import Plan, plan_for_machine, plan_models, p
 from lens_compare.hardware.precision import PRECISIONS, weight_bytes
 from lens_compare.hardware.run_memory import Workload
 from lens_compare.hardware.sources import ModelSource, resolve_source
-from lens_compare.hardware.strategies import STRATEGIES
+from lens_compare.choices import STRATEGIES
 
 __all__ = [
     "PRECISIONS",

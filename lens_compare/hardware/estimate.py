@@ -15,7 +15,7 @@ from lens_compare.hardware.params import (
 )
 from lens_compare.hardware.precision import PRECISIONS, WeightBytes, weight_bytes
 from lens_compare.hardware.run_memory import ModelRunTerms, Workload, model_run_terms
-from lens_compare.hardware.units import DTYPE_BYTES
+from lens_compare.choices import DTYPE_BYTES
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lens_compare.choices import DTYPES
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.hardware.units import GIB
 
-_DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -76,8 +76,8 @@ class LocalRunConfig:
             for required in ("base", "sft"):
                 if required not in entry:
                     problems.append(f"{where}.{required}: missing (each allowed pair names both models)")
-            if isinstance(entry.get("dtype"), str) and entry["dtype"] not in _DTYPES:
-                problems.append(f"{where}.dtype: {entry['dtype']!r} is not one of {', '.join(_DTYPES)}")
+            if isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
+                problems.append(f"{where}.dtype: {entry['dtype']!r} is not one of {', '.join(DTYPES)}")
             device = entry.get("device")
             if isinstance(device, str) and not _DEVICE.match(device):
                 problems.append(f"{where}.device: {device!r} is not 'cuda', 'cuda:N' or 'cpu'")

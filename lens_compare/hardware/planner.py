@@ -8,6 +8,7 @@
 from dataclasses import dataclass
 from typing import Any
 
+from lens_compare.choices import DTYPES, STRATEGIES
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.hardware.architecture import architecture_from_config
 from lens_compare.hardware.estimate import ModelEstimate, estimate_model
@@ -22,15 +23,12 @@ from lens_compare.hardware.precision import check_precision
 from lens_compare.hardware.run_memory import Workload, skip_savings_gib
 from lens_compare.hardware.sources import ModelSource, checkpoint_of, pair_sources, resolve_source
 from lens_compare.hardware.strategies import (
-    STRATEGIES,
     StrategyResult,
     evaluate,
     min_gpus_anywhere,
 )
 from lens_compare.pairs import get_pair
 
-# What lens_compare.run executes.
-RUNNABLE: tuple[str, ...] = ("resident", "sequential", "nf4", "stream")
 # What ``auto`` tries, in order. nf4 changes the residual stream itself, so auto never
 # picks it: it runs when requested, or when both sides of the pair load as NF4 already.
 AUTO_ORDER: tuple[str, ...] = ("resident", "sequential", "stream")
@@ -354,7 +352,7 @@ def sources_for(pair: str | None = None, base: str | None = None, sft: str | Non
 def _workload(pair: str | None, tokens: int, batch: int, dtype: str | None,
               base_dtype: str | None, sft_dtype: str | None, states: int | None) -> Workload:
     spec = get_pair(pair) if pair else None
-    default = dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+    default = dtype if dtype in DTYPES else "bfloat16"
     return Workload(
         tokens=tokens,
         batch=batch,
@@ -384,7 +382,7 @@ def plan_pair(
     """Plan a registered pair (or two model refs) for ``count`` GPUs of type ``gpu``."""
     machine = machine or catalog_machine(gpu, count, host_ram_gib)
     workload = _workload(pair, tokens, batch, dtype, None, None, states)
-    precision = dtype if dtype in ("float32", "bfloat16", "float16", "fp8") else None
+    precision = dtype if dtype in (*DTYPES, "fp8") else None
     b, s = sources_for(pair, base, sft)
     return plan_models(b, s, workload, machine, precision=precision, strategy=strategy,
                        pair=pair, with_cheapest=with_cheapest, only=only)
@@ -444,5 +442,5 @@ def plan_for_machine(
     return plan
 
 
-__all__ = ["AUTO_ORDER", "MAX_GPUS_PER_MACHINE", "NF4_CAVEAT", "RUNNABLE", "STREAM_NOTE", "Plan", "plan_for_machine",
+__all__ = ["AUTO_ORDER", "MAX_GPUS_PER_MACHINE", "NF4_CAVEAT", "STREAM_NOTE", "Plan", "plan_for_machine",
            "plan_models", "plan_pair", "sources_for"]

@@ -26,7 +26,8 @@ from typing import Any
 
 from lens_compare.errors import ConfigError
 from lens_compare.hardware.params import TensorGroup
-from lens_compare.hardware.units import DTYPE_BYTES, gib
+from lens_compare.choices import DTYPE_BYTES
+from lens_compare.hardware.units import gib
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "fp8", "nf4")
 

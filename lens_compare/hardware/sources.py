@@ -16,7 +16,7 @@ from typing import Any
 from lens_compare.errors import ConfigError, PairError
 from lens_compare.files import read_structured
 from lens_compare.hardware.estimate import Checkpoint
-from lens_compare.hardware.units import DTYPE_BYTES
+from lens_compare.choices import DTYPE_BYTES
 from lens_compare.pairs import PairSpec
 
 

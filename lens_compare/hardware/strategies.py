@@ -35,9 +35,9 @@ from lens_compare.hardware.run_memory import (
     Workload,
 )
 from lens_compare.hardware.timing import run_cost, run_seconds, stream_seconds
-from lens_compare.hardware.units import DTYPE_BYTES, FP8_CHUNK_ELEMENTS, GIB, gib
+from lens_compare.choices import DTYPE_BYTES
+from lens_compare.hardware.units import FP8_CHUNK_ELEMENTS, GIB, gib
 
-STRATEGIES: tuple[str, ...] = ("resident", "sequential", "nf4", "stream")
 
 STREAM_NEEDS_SAFETENSORS = (
     "needs a safetensors checkpoint; convert the GGUF with `python -m lens_compare.convert SRC OUT`"

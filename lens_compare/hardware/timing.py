@@ -23,7 +23,7 @@ TransformerBridge, so there is no bridge boot.
 from lens_compare.hardware.estimate import ModelEstimate
 from lens_compare.hardware.machine import Machine
 from lens_compare.hardware.run_memory import Workload
-from lens_compare.hardware.units import DTYPE_BYTES
+from lens_compare.choices import DTYPE_BYTES
 
 DISK_GBPS = 2.0  # local NVMe read, GB/s
 # Local NVMe sustained write, GB/s: assumed (not measured) at half the read, which

@@ -6,10 +6,6 @@ GPU capacities come from ``gpus.json`` as the MiB that nvidia-smi reports, so a
 
 GIB = 2**30
 
-# Bytes per element of the dtypes a model can be loaded in (weights and activations).
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def gib(n_bytes: int | float) -> float:
     """Bytes to GiB."""
     return n_bytes / GIB
