@@ -29,6 +29,9 @@ _PUBLIC = {
     "ComparisonResult": "lens_compare.result",
     "concat_runs": "lens_compare.saved",
     "load_run": "lens_compare.saved",
+    "verdict": "lens_compare.verdict",
+    # The figures, a module of functions (lens_compare.plots.layer_profile(result), ...).
+    "plots": None,
 }
 
 __all__ = sorted(_PUBLIC)
@@ -37,7 +40,9 @@ __all__ = sorted(_PUBLIC)
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'lens_compare' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    module = _PUBLIC[name]
+    value = importlib.import_module(f"lens_compare.{name}") if module is None else \
+        getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
