@@ -23,13 +23,14 @@ from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.config import RunConfig
+from lens_compare.demo_ft import demo_checkpoint
+from lens_compare.demo_recipes import recipe_for
 from lens_compare.engines import Job, engine_for
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.execution import Execution, default_execution
 from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.hooks import states_for_layers
-from lens_compare.loading import weights_ref
 from lens_compare.noise_floor import noise_floor_result, run_noise_floor
 from lens_compare.per_token import hook_metrics
 from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
@@ -124,7 +125,8 @@ def start_run(
             "does) and pass that run with --noise-floor-run"
         )
     for side in run.sides:  # every check has passed: a demo checkpoint is built now, on first use
-        weights_ref(side.ref)
+        if side.ref.kind == "demo":
+            demo_checkpoint(recipe_for(side.ref.spec))
     return run, layout, execution
 
 

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
+from lens_compare.dtypes import DTYPES
 from lens_compare.errors import HardwareError
 from lens_compare.hardware.units import GIB
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import DTYPES
 
 logger = logging.getLogger("lens_compare")
 

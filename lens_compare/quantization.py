@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.cache import build_once
+from lens_compare.dtypes import DTYPES
 from lens_compare.errors import ConfigError
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import DTYPES, ModelRef
+from lens_compare.refs import ModelRef
 
 logger = logging.getLogger("lens_compare")
 
