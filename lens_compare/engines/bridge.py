@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lens_compare.analyses.components import component_metrics
 from lens_compare.analyses.logit_lens import Head, head_of, logit_lens_metrics
 from lens_compare.capture import ResidualStates, capture_states
-from lens_compare.engines import Job, lens_progress
+from lens_compare.engines.job import Job, lens_progress
 from lens_compare.hardware.families import final_norm_path
 from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions

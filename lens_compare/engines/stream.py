@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lens_compare.analyses.components import COMPONENT_KEYS, block_component_metrics, stack_rows
 from lens_compare.analyses.logit_lens import Head, logit_lens_metrics
-from lens_compare.engines import Job, lens_progress
+from lens_compare.engines.job import Job, lens_progress
 from lens_compare.hooks import COMPONENTS
 from lens_compare.host_memory import trim_heap
 from lens_compare.loading import fingerprint_tensors
