@@ -189,11 +189,11 @@ def test_tied_head_sits_with_the_embedding():
 def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, metas):
     """The whole chain on a fake 4-GPU machine: the planner's pick, its split, the maps."""
     from lens_compare import preflight
+    from lens_compare.hardware.architecture import transformers_config
     from lens_compare.loading import ModelRef
-    from lens_compare.placement import config_object
     from lens_compare.prepare import Side
 
-    config = config_object(two_layers("meta-llama/Llama-3.1-70B"))
+    config = transformers_config(two_layers("meta-llama/Llama-3.1-70B"))
     units = placement_units(metas["meta-llama/Llama-3.1-70B"])
     weights_gib = sum(size for _, size in units) / GIB
     # each GPU holds a little more than one model: resident needs 3 of the 4
