@@ -12,6 +12,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +28,7 @@ from lens_compare.demo_ft import demo_checkpoint
 from lens_compare.demo_recipes import recipe_for
 from lens_compare.engines import Job, engine_for
 from lens_compare.errors import ConfigError, HardwareError
-from lens_compare.execution import Execution, default_execution
+from lens_compare.execution import Execution, PlanFacts, default_execution
 from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.hooks import states_for_layers
@@ -41,7 +42,7 @@ from lens_compare.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 
 logger = logging.getLogger("lens_compare")
 
-Preflight = Callable[[dict[str, Any]], Execution]
+Preflight = Callable[[PlanFacts], Execution]
 
 # Config keys that change what is written, not the numbers: left out of a run's fingerprint.
 OUTPUT_ONLY_KEYS = ("output_dir", "export", "include_first_token", "bootstrap", "seed", "top_tokens", "strategy", "gpus",
@@ -110,13 +111,13 @@ def start_run(
     run = prepare_run(config, overrides)
     decide = preflight if preflight is not None else default_execution
     layout = shard_layout(run, streamed=config.strategy == "stream")
-    facts = {**run.plan_facts(), "held_prompts": layout.n_prompts if held_in_memory else layout.size,
-             "lens_kept_states": lens_kept_states(run) if held_in_memory else 0}
+    facts = replace(run.plan_facts(), held_prompts=layout.n_prompts if held_in_memory else layout.size,
+                    lens_kept_states=lens_kept_states(run) if held_in_memory else 0)
     execution = decide(facts)
     if execution.schedule == "stream" and config.strategy != "stream":
         # auto picked stream: its shards hold two states per model; plan that run.
         layout = shard_layout(run, streamed=True)
-        facts.update(strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
+        facts = replace(facts, strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
         execution = decide(facts)
     if config.noise_floor and any(options.quantization for options in execution.loads.values()):
         raise ConfigError(

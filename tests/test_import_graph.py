@@ -3,6 +3,9 @@
 A function-level import hides a cycle from Python (the module is complete by the time the
 function runs) but not from the design: two modules that import each other are one module
 in two files. The graph is read from the source with ``ast``, nothing imported.
+
+Imports under ``if TYPE_CHECKING:`` are left out: they never run, and they are how a module
+names a type it receives from a layer above it (``execution.PlanFacts`` holds ``prepare.Side``s).
 """
 
 import ast
@@ -32,14 +35,29 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join([*base, *([node.module] if node.module else [])])
 
 
+def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    """The import statements inside ``if TYPE_CHECKING:`` blocks."""
+    return {
+        node
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for statement in block.body
+        for node in ast.walk(statement)
+    }
+
+
 def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package's modules that ``module`` imports anywhere in its source (functions included).
 
     ``from x import y`` counts as importing ``x.y`` where that is a module, else ``x``.
     """
     is_package = path.name == "__init__.py"
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = _type_checking_only(tree)
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(tree):
+        if node in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -89,10 +107,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_the_graph_sees_function_level_imports():
+def test_the_graph_sees_function_level_imports_and_skips_type_checking_ones():
     graph = import_graph()
     # engines/__init__ imports its engines only inside ``_engines()``.
     assert "lens_compare.engines.bridge" in graph["lens_compare.engines"]
+    # execution imports prepare for a type only.
+    assert "lens_compare.prepare" not in graph["lens_compare.execution"]
     assert len(graph) > 50
 
 
