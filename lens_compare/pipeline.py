@@ -32,6 +32,7 @@ from lens_compare.execution import Execution, PlanFacts, default_execution
 from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.hardware.units import DTYPE_BYTES, GIB
 from lens_compare.hooks import states_for_layers
+from lens_compare.model_facts import ModelFacts
 from lens_compare.noise_floor import noise_floor_result, run_noise_floor
 from lens_compare.per_token import hook_metrics
 from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
@@ -224,8 +225,8 @@ def assemble(
     width = job.token_ids.shape[1]
     per_state = stack_metrics([store.get_metrics(shard) for shard in range(job.layout.count)], width)
     analysis_metrics = {key: values for key, values in per_state.items() if key in ANALYSIS_KEYS}
-    facts = {side.role: store.get_facts(side.role) for side in run.sides}
-    untrained = {int(token): ratio for token, ratio in (facts["base"] or {}).get("untrained", {}).items()}
+    facts = {side.role: ModelFacts.from_dict(store.get_facts(side.role)) for side in run.sides}
+    untrained = facts["base"].untrained
     tokenizer = run.tokenizers["base"]
     if untrained:
         logger.warning(
@@ -317,7 +318,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, Any],
+def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, ModelFacts],
                 untrained: dict[int, float]) -> dict[str, Any]:
     tokenizer = run.tokenizers["base"]
     return {
@@ -330,12 +331,12 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         "gpus": list(run.gpus),
         "strategy": execution.strategy,
         "schedule": execution.schedule,
-        "quantization": {role: facts[role]["quantization"] for role in ("base", "sft")},
-        "placement": {role: facts[role]["placement"] for role in ("base", "sft")},
+        "quantization": {role: facts[role].quantization for role in ("base", "sft")},
+        "placement": {role: facts[role].placement for role in ("base", "sft")},
         "shards": {"count": job.layout.count, "size": job.layout.size},
         "n_layers": run.model_configs["base"].num_hidden_layers,
         "model_types": {role: run.model_configs[role].model_type for role in ("base", "sft")},
-        "d_model": facts["base"]["d_model"],
+        "d_model": facts["base"].d_model,
         "layers": list(run.layers),
         "chat_template": run.tokenized.chat_template,
         "prompts": list(run.tokenized.prompts),
@@ -358,7 +359,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
     }
 
 
-def _side_provenance(side, facts: dict[str, Any]) -> dict[str, Any]:
+def _side_provenance(side, facts: ModelFacts) -> dict[str, Any]:
     return {
         "reference": side.ref.spec,
         "kind": side.ref.kind,
@@ -366,5 +367,5 @@ def _side_provenance(side, facts: dict[str, Any]) -> dict[str, Any]:
         "gguf_file": side.ref.gguf_file,
         "seed_id": side.seed_id,
         "dtype": side.dtype,
-        "weights_sha256_16": facts["weights_sha256_16"],
+        "weights_sha256_16": facts.weights_sha256_16,
     }
