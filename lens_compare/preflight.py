@@ -96,21 +96,21 @@ def _alternatives(plan: Plan) -> str:
 CKA_HOST_SHARE = 0.5
 
 
-def check_cka_memory(facts: PlanFacts, machine: Machine) -> None:
-    """CKA holds one model's token x token Gram matrix of every layer in host memory after the
-    models ran: say so, and refuse a run whose matrices this machine cannot hold."""
-    n_tokens = facts.cka_tokens
+def check_cka_memory(n_tokens: int, n_layers: int, machine: Machine) -> None:
+    """CKA over ``n_tokens`` tokens (0: no CKA) holds one model's token x token Gram matrix of each of
+    ``n_layers`` layers in host memory after the models ran: say so, and refuse a run whose matrices
+    this machine cannot hold."""
     if not n_tokens:
         return
     from lens_compare.analyses.cka import gram_bytes
 
-    need = gram_bytes(len(facts.layers), n_tokens) / GIB
+    need = gram_bytes(n_layers, n_tokens) / GIB
     logger.info("cka: %d tokens x %d layers: %.2f GiB of float64 Gram matrices in host memory after the models ran",
-                n_tokens, len(facts.layers), need)
+                n_tokens, n_layers, need)
     if need > CKA_HOST_SHARE * machine.host_ram_gib:
         raise HardwareError(
             f"refusing to start: --cka over {n_tokens:,} tokens needs {need:.1f} GiB of token x token Gram "
-            f"matrices ({len(facts.layers)} layers), more than {CKA_HOST_SHARE:.0%} of this machine's "
+            f"matrices ({n_layers} layers), more than {CKA_HOST_SHARE:.0%} of this machine's "
             f"{machine.host_ram_gib:.1f} GiB of RAM; use fewer prompts or tokens (it grows with their square), "
             "fewer --layers, or drop --cka"
         )
@@ -146,7 +146,7 @@ def memory_preflight(facts: PlanFacts) -> Execution:
 
         require_bitsandbytes()
     machine = machine_for(facts.device, facts.gpus)
-    check_cka_memory(facts, machine)
+    check_cka_memory(facts.cka_tokens, len(facts.layers), machine)
     try:
         plan = _plan(facts, machine, requested)
     except UnsupportedArchitectureError as error:
