@@ -27,7 +27,7 @@ from lens_compare.hardware.planner import Plan
 from lens_compare.hardware.precision import floor_dtype
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
-from lens_compare.hardware.units import DTYPE_BYTES, GIB, LOGIT_LENS_CHUNK_BYTES
+from lens_compare.hardware.units import GIB, LOGIT_LENS_CHUNK_BYTES
 from lens_compare.hooks import states_for_layers
 
 logger = logging.getLogger("lens_compare")
@@ -120,13 +120,10 @@ def check_noise_floor_memory(facts: PlanFacts, machine: Machine) -> None:
     """The noise floor loads the SFT model once more in its second precision, after the run's
     models are released: on the run's GPU when it fits there, else in host RAM. Refuse, before
     any model loads, a floor neither can hold."""
-    from lens_compare.hardware.architecture import architecture_from_config
-    from lens_compare.hardware.params import count_params
-    from lens_compare.noise_floor import WEIGHT_HEADROOM
+    from lens_compare.noise_floor import floor_bytes
 
     second = floor_dtype(facts.sft.dtype)
-    need = count_params(architecture_from_config(facts.configs["sft"])).total * DTYPE_BYTES[second] / GIB
-    need *= WEIGHT_HEADROOM
+    need = floor_bytes(facts.configs["sft"], second) / GIB
     room = max(machine.device_gib if machine.kind == "cuda" else 0.0, machine.host_ram_gib)
     logger.info("noise floor: the SFT model once more in %s, ~%.2f GiB", second, need)
     if need > room:

@@ -69,9 +69,9 @@ def _quantization_facts(options: LoadOptions) -> dict[str, Any] | None:
     return quantization_facts(options)
 
 
-@contextmanager
-def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
-    """Load ``side`` as ``job.loads`` says, record its facts in ``store``, free it on exit."""
+def open_model(job: Job, side) -> LoadedModel:
+    """Load ``side`` as ``job.loads`` says, with what it learns from the weights (``facts``) and,
+    for the logit lens, its head; ``close()`` frees it."""
     run = job.run
     options = job.loads[side.role]
     logger.info("loading %s model %s (%s): %s", side.role, side.ref, side.ref.kind, options.describe())
@@ -88,8 +88,13 @@ def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
         load=options.describe(), quantization=_quantization_facts(options),
         placement=summarize_placement(hf_model, model_device_map(hf_model), [block.name for block in bridge.blocks]),
     )
-    model = LoadedModel(side.role, hf_model, bridge, facts, head)
-    del hf_model, bridge
+    return LoadedModel(side.role, hf_model, bridge, facts, head)
+
+
+@contextmanager
+def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
+    """Load ``side`` as ``job.loads`` says, record its facts in ``store``, free it on exit."""
+    model = open_model(job, side)
     store.put_facts(side.role, model.facts.to_dict())
     try:
         yield model
