@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lens_compare.aggregate import token_mask
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.bootstrap import Bootstrap
@@ -255,13 +256,21 @@ def assemble(
         residuals=residuals,
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
-        cka=layer_cka(job, store) if run.config.cka else None,
+        cka=_layer_cka(run, job, store) if run.config.cka else None,
         noise_floor=noise_floor_result(job, store, width, provenance, token_strings) if job.noise_floor else None,
         analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
     )
     for warning in result.warnings():
         logger.warning(warning)
     return result
+
+
+def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
+    """CKA over the aggregates' tokens, each state read back from the store shard by shard."""
+    mask = token_mask(job.real, "all" if run.config.include_first_token else "rest")
+    masks = [mask[start:stop] for start, stop in job.layout.bounds]
+    return layer_cka(lambda role, state: (store.state_slice(role, state, shard) for shard in range(job.layout.count)),
+                     run.layers, masks)
 
 
 def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float,
