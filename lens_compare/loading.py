@@ -11,7 +11,6 @@ we compare the streams the models really compute.
 """
 
 import hashlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,6 @@ from lens_compare.hub import hub_reachable
 from lens_compare.load_options import LoadOptions
 from lens_compare.progress import gguf_bar_quiet_in_notebook
 from lens_compare.refs import ModelRef, resolve_plain_ref
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_ref(spec: str) -> ModelRef:
