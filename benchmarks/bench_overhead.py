@@ -67,6 +67,8 @@ from lens_compare.analyses.logit_lens import chunk_tokens, head_of, logit_lens_m
 from lens_compare.bootstrap import Bootstrap  # noqa: E402
 from lens_compare.capture import capture_states  # noqa: E402
 from lens_compare.hardware.families import final_norm_path  # noqa: E402
+from lens_compare.demo_ft import demo_checkpoint  # noqa: E402
+from lens_compare.demo_recipes import recipe_for  # noqa: E402
 from lens_compare.hooks import states_for_layers  # noqa: E402
 from lens_compare.load_options import LoadOptions  # noqa: E402
 from lens_compare.loading import (  # noqa: E402
@@ -341,6 +343,7 @@ def pipeline_and_analyses(args) -> None:
         metrics = token_metrics(captured[0], captured[1], layers)
         return layer_records(metrics, layers, token_mask(real, "rest"))
 
+    demo_checkpoint(recipe_for(SFT_REF))  # built once, as a run builds it before loading
     pair = [lens_load(ref, "base"), lens_load(resolve_ref(SFT_REF), "sft")]
     # What a run of these prompts does by default (or with --logit-lens MODE): the lens's layers as
     # its preflight chooses them, its chunks as sized from the memory the plan leaves free.

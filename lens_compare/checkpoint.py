@@ -28,28 +28,16 @@ SINGLE_FILE = "model.safetensors"
 CONVERT_HINT = "convert it once with `python -m lens_compare.convert {spec} OUT_DIR` and pass OUT_DIR"
 FETCH_HINT = "streaming downloads nothing: fetch the weights first (`hf download {repo}`) or pass a local directory"
 
-# safetensors' dtype names -> bytes per element.
-_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                  "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
 @dataclass(frozen=True)
 class TensorHeader:
     dtype: str
     shape: tuple[int, ...]
 
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * _ELEMENT_BYTES[self.dtype]
-
 
 def checkpoint_directory(ref) -> Path:
     """The local directory holding ``ref``'s safetensors files (a hub id: its cached snapshot).
 
-    Nothing is downloaded: streaming reads what is on disk (a ``demo:`` checkpoint is built).
+    Nothing is downloaded: streaming reads what is on disk (a ``demo:`` checkpoint must be built).
     """
     from lens_compare.loading import weights_ref
 

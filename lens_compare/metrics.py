@@ -18,7 +18,6 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 CROSS_MODEL_METRICS = ("cosine", "norm_delta", "norm_ratio", "relative_l2")
-DEPTH_METRICS = ("cosine_prev", "norm_delta")
 METRIC_NAMES = (
     *CROSS_MODEL_METRICS,
     "base_cosine_prev",

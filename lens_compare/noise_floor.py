@@ -15,25 +15,31 @@ stored as soon as it is computed, so an interrupted floor resumes too.
 """
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import replace
 
 import torch
 
-from lens_compare.capture import ResidualStates, capture_states
-from lens_compare.engines import Job
-from lens_compare.hardware.precision import floor_dtype
-from lens_compare.choices import DTYPE_BYTES
+from lens_compare.capture import ResidualStates
+from lens_compare.engines.bridge import open_model
+from lens_compare.engines.job import Job
+from lens_compare.hardware.precision import floor_dtype, model_weight_bytes
 from lens_compare.hardware.units import GIB
 from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import boot_bridge, load_hf_model, weights_ref
 from lens_compare.per_token import state_metrics
 from lens_compare.progress import progress_bar
+from lens_compare.streaming import stream_states
 
 logger = logging.getLogger("lens_compare")
 # The floor's weights plus a quarter for its forward pass.
 WEIGHT_HEADROOM = 1.25
 
 
+def floor_bytes(config, dtype: str) -> int:
+    """What the floor's SFT model takes in ``dtype``: its weights, and a quarter more for its forward."""
+    return int(model_weight_bytes(config, dtype) * WEIGHT_HEADROOM)
 
 
 def floor_device(job: Job, schedule: str, dtype: str) -> str:
@@ -43,7 +49,7 @@ def floor_device(job: Job, schedule: str, dtype: str) -> str:
     if schedule == "stream" or not device.startswith("cuda"):
         return device
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    need = _weight_bytes(job, dtype) * WEIGHT_HEADROOM
+    need = floor_bytes(job.run.model_configs["sft"], dtype)
     if need <= free:
         return device
     logger.info("noise floor: the SFT model in %s needs ~%.1f GiB, %s has %.1f GiB free: running it on the CPU",
@@ -51,12 +57,10 @@ def floor_device(job: Job, schedule: str, dtype: str) -> str:
     return "cpu"
 
 
-def _weight_bytes(job: Job, dtype: str) -> int:
-    from lens_compare.hardware.architecture import architecture_from_config
-    from lens_compare.hardware.params import count_params
-
-    config = job.run.model_configs["sft"]
-    return count_params(architecture_from_config(config)).total * DTYPE_BYTES[dtype]
+def floor_job(job: Job, dtype: str, device: str) -> Job:
+    """The run's job as the floor runs it: the SFT model in ``dtype`` on ``device``, residual states only."""
+    options = LoadOptions(dtype, device, model_kwargs=dict(job.loads["sft"].model_kwargs))
+    return replace(job, loads={**job.loads, "sft": options}, component_layers=(), lens_layers=())
 
 
 def run_noise_floor(job: Job, schedule: str, store) -> None:
@@ -68,8 +72,8 @@ def run_noise_floor(job: Job, schedule: str, store) -> None:
     dtype = floor_dtype(side.dtype)
     device = floor_device(job, schedule, dtype)
     logger.info("noise floor: the SFT model once more in %s on %s, against its %s run", dtype, device, side.dtype)
-    capture = _streamed(job, dtype, device) if schedule == "stream" else _bridged(job, dtype, device)
-    with progress_bar(total=len(pending), desc="noise floor", unit="shard", dynamic_ncols=True) as bar:
+    with _second_capture(floor_job(job, dtype, device), schedule) as capture, \
+            progress_bar(total=len(pending), desc="noise floor", unit="shard", dynamic_ncols=True) as bar:
         for shard in pending:
             second = capture(shard)
             store.put_noise(shard, state_metrics(store.get_states("sft", shard), second))
@@ -77,31 +81,22 @@ def run_noise_floor(job: Job, schedule: str, store) -> None:
     release_host_memory()
 
 
-def _bridged(job: Job, dtype: str, device: str):
+@contextmanager
+def _second_capture(job: Job, schedule: str) -> Iterator[Callable[[int], ResidualStates]]:
+    """A shard's SFT states in the floor's precision: through the bridge engines' loaded model, or
+    streamed block by block after a streamed run; the model is freed on exit."""
     side = job.run.sft
-    options = LoadOptions(dtype, device, model_kwargs=dict(job.loads["sft"].model_kwargs))
-    model = load_hf_model(weights_ref(side.ref), job.run.model_configs["sft"], options)
-    bridge = boot_bridge(model, side.ref, job.run.tokenizers["sft"], options)
+    if schedule != "stream":
+        with closing(open_model(job, side)) as model:
+            yield lambda shard: model.capture(job, shard, None)
+        return
 
-    def capture(shard: int) -> ResidualStates:
+    def streamed(shard: int) -> ResidualStates:
         token_ids, real = job.shard_inputs(shard)
-        return capture_states(bridge, token_ids, real, job.states, batch_size=job.run.config.batch_size,
-                              label="sft (noise floor)")
+        return stream_states("sft", side.ref, job.run.model_configs["sft"], job.loads["sft"], token_ids, real,
+                             job.states, batch_size=job.run.config.batch_size)
 
-    return capture
-
-
-def _streamed(job: Job, dtype: str, device: str):
-    from lens_compare.streaming import stream_states
-
-    side = job.run.sft
-
-    def capture(shard: int) -> ResidualStates:
-        token_ids, real = job.shard_inputs(shard)
-        return stream_states("sft", side.ref, job.run.model_configs["sft"], LoadOptions(dtype, device), token_ids,
-                             real, job.states, batch_size=job.run.config.batch_size)
-
-    return capture
+    yield streamed
 
 
 def floor_provenance(model: str | None, dtypes: dict[str, str], n_layers: int, run: dict | None = None) -> dict:

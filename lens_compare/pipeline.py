@@ -11,24 +11,28 @@ per-state metrics; the result is assembled from the store. The CLI passes a
 import logging
 import resource
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lens_compare.aggregate import token_mask
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.config import RunConfig, fingerprinted
+from lens_compare.demo_ft import demo_checkpoint
+from lens_compare.demo_recipes import recipe_for
 from lens_compare.engines import Job
 from lens_compare.errors import ConfigError, HardwareError
-from lens_compare.execution import Execution, default_execution
+from lens_compare.execution import Execution, PlanFacts, default_execution
 from lens_compare.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.choices import DTYPE_BYTES
 from lens_compare.hardware.units import GIB
 from lens_compare.hooks import states_for_layers
-from lens_compare.loading import weights_ref
+from lens_compare.model_facts import ModelFacts
 from lens_compare.noise_floor import noise_floor_result
 from lens_compare.per_token import hook_metrics
 from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
@@ -40,7 +44,7 @@ from lens_compare.versions import recorded_versions
 
 logger = logging.getLogger("lens_compare")
 
-Preflight = Callable[[dict[str, Any]], Execution]
+Preflight = Callable[[PlanFacts], Execution]
 
 def shard_layout(run: PreparedRun, streamed: bool = False) -> ShardLayout:
     """The run's shards: ``shard_size`` prompts each, or ~2 GiB of both models' states (a
@@ -104,13 +108,13 @@ def start_run(
     run = prepare_run(config, overrides)
     decide = preflight if preflight is not None else default_execution
     layout = shard_layout(run, streamed=config.strategy == "stream")
-    facts = {**run.plan_facts(), "held_prompts": layout.n_prompts if held_in_memory else layout.size,
-             "lens_kept_states": lens_kept_states(run) if held_in_memory else 0}
+    facts = replace(run.plan_facts(), held_prompts=layout.n_prompts if held_in_memory else layout.size,
+                    lens_kept_states=lens_kept_states(run) if held_in_memory else 0)
     execution = decide(facts)
     if execution.schedule == "stream" and config.strategy != "stream":
         # auto picked stream: its shards hold two states per model; plan that run.
         layout = shard_layout(run, streamed=True)
-        facts.update(strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
+        facts = replace(facts, strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
         execution = decide(facts)
     if config.noise_floor and any(options.quantization for options in execution.loads.values()):
         raise ConfigError(
@@ -119,7 +123,8 @@ def start_run(
             "does) and pass that run with --noise-floor-run"
         )
     for side in run.sides:  # every check has passed: a demo checkpoint is built now, on first use
-        weights_ref(side.ref)
+        if side.ref.kind == "demo":
+            demo_checkpoint(recipe_for(side.ref.spec))
     return run, layout, execution
 
 
@@ -204,8 +209,8 @@ def assemble(
     width = job.token_ids.shape[1]
     per_state = stack_metrics([store.get_metrics(shard) for shard in range(job.layout.count)], width)
     analysis_metrics = {key: values for key, values in per_state.items() if key in ANALYSIS_KEYS}
-    facts = {side.role: store.get_facts(side.role) for side in run.sides}
-    untrained = {int(token): ratio for token, ratio in (facts["base"] or {}).get("untrained", {}).items()}
+    facts = {side.role: ModelFacts.from_dict(store.get_facts(side.role)) for side in run.sides}
+    untrained = facts["base"].untrained
     tokenizer = run.tokenizers["base"]
     if untrained:
         logger.warning(
@@ -234,13 +239,21 @@ def assemble(
         residuals=residuals,
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
-        cka=layer_cka(job, store) if run.config.cka else None,
+        cka=_layer_cka(run, job, store) if run.config.cka else None,
         noise_floor=noise_floor_result(job, store, width, provenance, token_strings) if job.noise_floor else None,
         analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
     )
     for warning in result.warnings():
         logger.warning(warning)
     return result
+
+
+def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
+    """CKA over the aggregates' tokens, each state read back from the store shard by shard."""
+    mask = token_mask(job.real, "all" if run.config.include_first_token else "rest")
+    masks = [mask[start:stop] for start, stop in job.layout.bounds]
+    return layer_cka(lambda role, state: (store.state_slice(role, state, shard) for shard in range(job.layout.count)),
+                     run.layers, masks)
 
 
 def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float,
@@ -264,7 +277,7 @@ def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: floa
     return "done: " + ", ".join(parts)
 
 
-def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, Any],
+def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, ModelFacts],
                 untrained: dict[int, float]) -> dict[str, Any]:
     tokenizer = run.tokenizers["base"]
     return {
@@ -277,12 +290,12 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         "gpus": list(run.gpus),
         "strategy": execution.strategy,
         "schedule": execution.schedule,
-        "quantization": {role: facts[role]["quantization"] for role in ("base", "sft")},
-        "placement": {role: facts[role]["placement"] for role in ("base", "sft")},
+        "quantization": {role: facts[role].quantization for role in ("base", "sft")},
+        "placement": {role: facts[role].placement for role in ("base", "sft")},
         "shards": {"count": job.layout.count, "size": job.layout.size},
         "n_layers": run.model_configs["base"].num_hidden_layers,
         "model_types": {role: run.model_configs[role].model_type for role in ("base", "sft")},
-        "d_model": facts["base"]["d_model"],
+        "d_model": facts["base"].d_model,
         "layers": list(run.layers),
         "chat_template": run.tokenized.chat_template,
         "prompts": list(run.tokenized.prompts),
@@ -305,7 +318,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
     }
 
 
-def _side_provenance(side, facts: dict[str, Any]) -> dict[str, Any]:
+def _side_provenance(side, facts: ModelFacts) -> dict[str, Any]:
     return {
         "reference": side.ref.spec,
         "kind": side.ref.kind,
@@ -313,5 +326,5 @@ def _side_provenance(side, facts: dict[str, Any]) -> dict[str, Any]:
         "gguf_file": side.ref.gguf_file,
         "seed_id": side.seed_id,
         "dtype": side.dtype,
-        "weights_sha256_16": facts["weights_sha256_16"],
+        "weights_sha256_16": facts.weights_sha256_16,
     }

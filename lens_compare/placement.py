@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
+from lens_compare.dtypes import TORCH_DTYPES
 from lens_compare.errors import HardwareError
+from lens_compare.hardware.architecture import transformers_config
 from lens_compare.hardware.units import GIB
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import TORCH_DTYPES
 
 logger = logging.getLogger("lens_compare")
 
@@ -45,22 +46,13 @@ _NO_RESERVE_SENTINEL = "mps"
 NF4_BLOCK = 64
 
 
-def config_object(config: Any):
-    """A transformers config for ``config`` (a config object, or a config.json dict)."""
-    if not isinstance(config, dict):
-        return config
-    from lens_compare.hardware.architecture import _config_object
-
-    return _config_object(config)
-
-
 def meta_model(config: Any, dtype: str) -> torch.nn.Module:
     """The model's skeleton on the meta device, in ``dtype``, with tied weights tied."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config_object(config), dtype=TORCH_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(transformers_config(config), dtype=TORCH_DTYPES[dtype])
     # transformers 5 records ties but does not tie in from_config; accelerate only sees
     # ties that are shared Parameter objects (a tied head must sit with the embedding).
     if getattr(model.config, "tie_word_embeddings", False):

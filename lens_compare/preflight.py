@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.errors import HardwareError, UnsupportedArchitectureError
-from lens_compare.execution import Execution, default_execution, side_loads
+from lens_compare.execution import Execution, PlanFacts, default_execution, side_loads
 from lens_compare.hardware import Machine, Workload, plan_models
 from lens_compare.hardware.local_run import (
     LocalRunApproval,
@@ -27,7 +27,6 @@ from lens_compare.hardware.planner import Plan
 from lens_compare.hardware.precision import floor_dtype
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
-from lens_compare.choices import DTYPE_BYTES
 from lens_compare.hardware.units import GIB, LOGIT_LENS_CHUNK_BYTES
 from lens_compare.hooks import states_for_layers
 
@@ -56,32 +55,32 @@ def _source(side, config, device: str) -> ModelSource:
     return ModelSource(side.ref.spec, config, checkpoint)
 
 
-def _plan(facts: dict[str, Any], machine: Machine, strategy: str | None) -> Plan:
-    base, sft = facts["base"], facts["sft"]
-    held = facts.get("held_prompts") or facts["n_prompts"]
+def _plan(facts: PlanFacts, machine: Machine, strategy: str | None) -> Plan:
+    base, sft = facts.base, facts.sft
+    held = facts.held_prompts or facts.n_prompts
     workload = Workload(
-        tokens=facts["max_tokens"],
+        tokens=facts.max_tokens,
         batch=held,
-        forward_batch=min(facts["batch_size"], held),
-        prompts=facts["n_prompts"],
+        forward_batch=min(facts.batch_size, held),
+        prompts=facts.n_prompts,
         base_dtype=base.dtype,
         sft_dtype=sft.dtype,
-        states=len(states_for_layers(facts["layers"])),
-        components=2 * len(facts["layers"]) if facts.get("components") else 0,
-        logit_lens=bool(facts.get("logit_lens")),
-        lens_layers=facts.get("lens_layers", 0),
-        lens_final_only=facts.get("lens_mode") == "final",
-        lens_chunk_bytes=facts.get("lens_chunk_bytes", LOGIT_LENS_CHUNK_BYTES),
-        kept_states=facts.get("lens_kept_states", 0),
-        noise_floor=floor_dtype(sft.dtype) if facts.get("noise_floor") else None,
+        states=len(states_for_layers(facts.layers)),
+        components=2 * len(facts.layers) if facts.components else 0,
+        logit_lens=facts.logit_lens,
+        lens_layers=facts.lens_layers,
+        lens_final_only=facts.lens_mode == "final",
+        lens_chunk_bytes=facts.lens_chunk_bytes,
+        kept_states=facts.lens_kept_states,
+        noise_floor=floor_dtype(sft.dtype) if facts.noise_floor else None,
     )
     return plan_models(
-        _source(base, facts["configs"]["base"], facts["device"]),
-        _source(sft, facts["configs"]["sft"], facts["device"]),
+        _source(base, facts.configs["base"], facts.device),
+        _source(sft, facts.configs["sft"], facts.device),
         workload,
         machine,
         strategy=strategy,
-        pair=facts.get("pair"),
+        pair=facts.pair,
         with_cheapest=False,
         side_precisions=(base.quantization, sft.quantization),
     )
@@ -97,37 +96,34 @@ def _alternatives(plan: Plan) -> str:
 CKA_HOST_SHARE = 0.5
 
 
-def check_cka_memory(facts: dict[str, Any], machine: Machine) -> None:
-    """CKA holds one model's token x token Gram matrix of every layer in host memory after the
-    models ran: say so, and refuse a run whose matrices this machine cannot hold."""
-    n_tokens = facts.get("cka_tokens")
+def check_cka_memory(n_tokens: int, n_layers: int, machine: Machine) -> None:
+    """CKA over ``n_tokens`` tokens (0: no CKA) holds one model's token x token Gram matrix of each of
+    ``n_layers`` layers in host memory after the models ran: say so, and refuse a run whose matrices
+    this machine cannot hold."""
     if not n_tokens:
         return
     from lens_compare.analyses.cka import gram_bytes
 
-    need = gram_bytes(len(facts["layers"]), n_tokens) / GIB
+    need = gram_bytes(n_layers, n_tokens) / GIB
     logger.info("cka: %d tokens x %d layers: %.2f GiB of float64 Gram matrices in host memory after the models ran",
-                n_tokens, len(facts["layers"]), need)
+                n_tokens, n_layers, need)
     if need > CKA_HOST_SHARE * machine.host_ram_gib:
         raise HardwareError(
             f"refusing to start: --cka over {n_tokens:,} tokens needs {need:.1f} GiB of token x token Gram "
-            f"matrices ({len(facts['layers'])} layers), more than {CKA_HOST_SHARE:.0%} of this machine's "
+            f"matrices ({n_layers} layers), more than {CKA_HOST_SHARE:.0%} of this machine's "
             f"{machine.host_ram_gib:.1f} GiB of RAM; use fewer prompts or tokens (it grows with their square), "
             "fewer --layers, or drop --cka"
         )
 
 
-def check_noise_floor_memory(facts: dict[str, Any], machine: Machine) -> None:
+def check_noise_floor_memory(facts: PlanFacts, machine: Machine) -> None:
     """The noise floor loads the SFT model once more in its second precision, after the run's
     models are released: on the run's GPU when it fits there, else in host RAM. Refuse, before
     any model loads, a floor neither can hold."""
-    from lens_compare.hardware.architecture import architecture_from_config
-    from lens_compare.hardware.params import count_params
-    from lens_compare.noise_floor import WEIGHT_HEADROOM
+    from lens_compare.noise_floor import floor_bytes
 
-    second = floor_dtype(facts["sft"].dtype)
-    need = count_params(architecture_from_config(facts["configs"]["sft"])).total * DTYPE_BYTES[second] / GIB
-    need *= WEIGHT_HEADROOM
+    second = floor_dtype(facts.sft.dtype)
+    need = floor_bytes(facts.configs["sft"], second) / GIB
     room = max(machine.device_gib if machine.kind == "cuda" else 0.0, machine.host_ram_gib)
     logger.info("noise floor: the SFT model once more in %s, ~%.2f GiB", second, need)
     if need > room:
@@ -138,16 +134,16 @@ def check_noise_floor_memory(facts: dict[str, Any], machine: Machine) -> None:
         )
 
 
-def memory_preflight(facts: dict[str, Any]) -> Execution:
+def memory_preflight(facts: PlanFacts) -> Execution:
     """The execution for this run on this machine, or HardwareError with the planner's explanation."""
-    base, sft = facts["base"], facts["sft"]
-    requested = None if facts["strategy"] == "auto" else facts["strategy"]
+    base, sft = facts.base, facts.sft
+    requested = None if facts.strategy == "auto" else facts.strategy
     if requested == "nf4" or base.quantization or sft.quantization:
         from lens_compare.quantization import require_bitsandbytes
 
         require_bitsandbytes()
-    machine = machine_for(facts["device"], facts["gpus"])
-    check_cka_memory(facts, machine)
+    machine = machine_for(facts.device, facts.gpus)
+    check_cka_memory(facts.cka_tokens, len(facts.layers), machine)
     try:
         plan = _plan(facts, machine, requested)
     except UnsupportedArchitectureError as error:
@@ -175,29 +171,29 @@ def memory_preflight(facts: dict[str, Any]) -> Execution:
         plan = _plan(facts, machine, chosen.name)
         chosen = plan.chosen
     lens_chunk = LOGIT_LENS_CHUNK_BYTES
-    if facts.get("logit_lens"):
+    if facts.logit_lens:
         # The lens's chunks take half of what the plan leaves free (within bounds), and are planned so.
-        sized = _plan({**facts, "lens_chunk_bytes": lens_chunk_budget(machine.device_gib - chosen.peak_gib_per_gpu)},
-                      machine, chosen.name)
+        budget = lens_chunk_budget(machine.device_gib - chosen.peak_gib_per_gpu)
+        sized = _plan(replace(facts, lens_chunk_bytes=budget), machine, chosen.name)
         if sized.chosen is not None:
             plan, chosen, lens_chunk = sized, sized.chosen, sized.workload.lens_chunk_bytes
     schedule = "stream" if chosen.name == "stream" else "resident" if chosen.layout == "resident" else "sequential"
-    if facts.get("noise_floor") and schedule != "stream":
+    if facts.noise_floor and schedule != "stream":
         check_noise_floor_memory(facts, machine)
-    gpus = facts["gpus"][: machine.count]
+    gpus = facts.gpus[: machine.count]
     device = f"cuda:{gpus[0]}" if machine.kind == "cuda" else "cpu"
     loads = side_loads(facts, chosen.name, device)
     if machine.kind == "cuda" and machine.count > 1:
         from lens_compare.placement import split_loads
 
-        loads = split_loads(loads, chosen, facts["configs"], gpus, alternatives=_alternatives(plan))
+        loads = split_loads(loads, chosen, facts.configs, gpus, alternatives=_alternatives(plan))
     logger.info(plan.brief())
     estimate = {
         "machine": machine.label,
         "peak_gib_per_device": round(chosen.peak_gib_per_gpu, 3),
         "host_gib": round(chosen.host_gib, 3),
         "seconds": None if chosen.est_seconds is None else round(chosen.est_seconds, 1),
-        "lens_chunk_mib": round(lens_chunk / 2**20, 1) if facts.get("logit_lens") else None,
+        "lens_chunk_mib": round(lens_chunk / 2**20, 1) if facts.logit_lens else None,
         # Everything the planner worked out (python -m lens_compare.plan prints the same as text).
         "plan": plan.to_dict(),
     }

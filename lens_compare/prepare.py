@@ -16,6 +16,7 @@ import torch
 from lens_compare.analyses.lens_choice import OFF, LensChoice, choose_logit_lens
 from lens_compare.config import RunConfig
 from lens_compare.errors import ConfigError, TokenizationError
+from lens_compare.execution import PlanFacts
 from lens_compare.loading import (
     ModelRef,
     context_length,
@@ -191,19 +192,19 @@ class PreparedRun:
     def sides(self) -> tuple[Side, Side]:
         return self.base, self.sft
 
-    def plan_facts(self) -> dict[str, Any]:
+    def plan_facts(self) -> PlanFacts:
         """What the preflight (the hardware planner) needs to judge the run."""
-        return {
-            "pair": self.pair, "base": self.base, "sft": self.sft, "configs": self.model_configs,
-            "device": self.device, "gpus": self.gpus, "layers": self.layers,
-            "n_prompts": len(self.tokenized.token_ids), "max_tokens": max(self.tokenized.lengths),
-            "batch_size": self.config.batch_size, "strategy": self.config.strategy,
-            "model_kwargs": self.overrides.model_kwargs, "components": self.config.components,
-            "logit_lens": self.logit_lens.on, "lens_layers": len(self.logit_lens.layers),
-            "lens_mode": self.logit_lens.mode,
-            "cka_tokens": self.aggregated_tokens() if self.config.cka else 0,
-            "noise_floor": self.config.noise_floor,
-        }
+        return PlanFacts(
+            pair=self.pair, base=self.base, sft=self.sft, configs=self.model_configs,
+            device=self.device, gpus=self.gpus, layers=self.layers,
+            n_prompts=len(self.tokenized.token_ids), max_tokens=max(self.tokenized.lengths),
+            batch_size=self.config.batch_size, strategy=self.config.strategy,
+            model_kwargs=self.overrides.model_kwargs, components=self.config.components,
+            logit_lens=self.logit_lens.on, lens_layers=len(self.logit_lens.layers),
+            lens_mode=self.logit_lens.mode,
+            cka_tokens=self.aggregated_tokens() if self.config.cka else 0,
+            noise_floor=self.config.noise_floor,
+        )
 
     def aggregated_tokens(self) -> int:
         """Real tokens the per-layer aggregates (and CKA) cover: position 0 left out unless included."""

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.cache import build_once
+from lens_compare.dtypes import TORCH_DTYPES
 from lens_compare.errors import ConfigError
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import TORCH_DTYPES, ModelRef
+from lens_compare.refs import ModelRef
 from lens_compare.versions import package_version
 
 logger = logging.getLogger("lens_compare")

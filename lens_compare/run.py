@@ -16,7 +16,7 @@ from lens_compare.cli import Parser, add_run_options, given_run_options, parse_o
 from lens_compare.comparison import Comparison, open_run_folder
 from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.engines import Job
-from lens_compare.loading import TORCH_DTYPES
+from lens_compare.dtypes import TORCH_DTYPES
 from lens_compare.outputs import check_export_formats, check_output_dir, write_frame, write_json
 from lens_compare.pairs import builtin_pairs
 from lens_compare.pipeline import check_spill_space, summary_line

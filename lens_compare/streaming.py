@@ -30,12 +30,12 @@ from torch import Tensor
 from lens_compare.analyses.logit_lens import Head
 from lens_compare.capture import ResidualStates
 from lens_compare.checkpoint import SafetensorsCheckpoint, TensorHeader
+from lens_compare.dtypes import TORCH_DTYPES
 from lens_compare.errors import CaptureError, CheckpointError
 from lens_compare.fp8 import FP8_DTYPES, dequantize, expected_scale_shape, fp8_layout, scale_name
 from lens_compare.hardware.families import StreamRule, stream_rule
 from lens_compare.hooks import COMPONENTS
 from lens_compare.load_options import LoadOptions
-from lens_compare.loading import TORCH_DTYPES
 
 _FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
 

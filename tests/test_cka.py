@@ -114,6 +114,6 @@ def test_plan_refuses_cka_it_cannot_hold():
     from lens_compare.preflight import check_cka_memory, machine_for
 
     machine = replace(machine_for("cpu", ()), host_ram_gib=1.0)
-    check_cka_memory({"cka_tokens": 2000, "layers": list(range(4))}, machine)  # 0.19 GiB: fine
+    check_cka_memory(2000, 4, machine)  # 0.19 GiB: fine
     with pytest.raises(HardwareError, match=r"--cka over 20,000 tokens needs 17.9 GiB .* grows with their square"):
-        check_cka_memory({"cka_tokens": 20000, "layers": list(range(4))}, machine)
+        check_cka_memory(20000, 4, machine)

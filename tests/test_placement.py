@@ -189,21 +189,22 @@ def test_tied_head_sits_with_the_embedding():
 def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, metas):
     """The whole chain on a fake 4-GPU machine: the planner's pick, its split, the maps."""
     from lens_compare import preflight
+    from lens_compare.execution import PlanFacts
+    from lens_compare.hardware.architecture import transformers_config
     from lens_compare.loading import ModelRef
-    from lens_compare.placement import config_object
     from lens_compare.prepare import Side
 
-    config = config_object(two_layers("meta-llama/Llama-3.1-70B"))
+    config = transformers_config(two_layers("meta-llama/Llama-3.1-70B"))
     units = placement_units(metas["meta-llama/Llama-3.1-70B"])
     weights_gib = sum(size for _, size in units) / GIB
     # each GPU holds a little more than one model: resident needs 3 of the 4
     fake_cuda(monkeypatch, [(*H100, (weights_gib * 0.8 + 1.0) * 1024)] * 4)
     ref = ModelRef("meta-llama/Llama-3.1-70B", "hub", "meta-llama/Llama-3.1-70B")
-    facts = {
-        "pair": "llama70b-2layer", "base": Side("base", ref, "bfloat16"), "sft": Side("sft", ref, "bfloat16"),
-        "configs": {"base": config, "sft": config}, "device": "cuda", "gpus": (0, 1, 2, 3), "layers": (0, 1),
-        "n_prompts": 2, "max_tokens": 100, "batch_size": 2, "strategy": "resident", "held_prompts": 2,
-    }
+    facts = PlanFacts(
+        pair="llama70b-2layer", base=Side("base", ref, "bfloat16"), sft=Side("sft", ref, "bfloat16"),
+        configs={"base": config, "sft": config}, device="cuda", gpus=(0, 1, 2, 3), layers=(0, 1),
+        n_prompts=2, max_tokens=100, batch_size=2, strategy="resident", held_prompts=2,
+    )
     execution = preflight.memory_preflight(facts)
     assert execution.strategy == execution.schedule == "resident"
     used = {g for options in execution.loads.values() for g in options.device_map.values()}
@@ -211,7 +212,7 @@ def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, meta
     assert all(set(options.max_memory) == {0, 1, 2} for options in execution.loads.values())
     assert execution.estimate["machine"].startswith("3x")
     # a forced sequential run splits each model on its own, over the GPUs one model needs
-    sequential = preflight.memory_preflight({**facts, "strategy": "sequential"})
+    sequential = preflight.memory_preflight(dataclasses.replace(facts, strategy="sequential"))
     assert {g for g in sequential.loads["base"].device_map.values()} == {0, 1}
 
 

@@ -39,7 +39,3 @@ ANALYSES: tuple[TokenAnalysis, ...] = (
     TokenAnalysis("logit_lens", LOGIT_LENS_KEYS),
 )
 ANALYSIS_KEYS: frozenset[str] = frozenset(key for analysis in ANALYSES for key in analysis.keys)
-
-
-def analysis_named(name: str) -> TokenAnalysis:
-    return next(analysis for analysis in ANALYSES if analysis.name == name)

@@ -23,15 +23,13 @@ that cannot hold them before any model loads.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import einops
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-
-from lens_compare.aggregate import token_mask
 
 
 def gram_bytes(n_layers: int, n_tokens: int) -> int:
@@ -85,32 +83,31 @@ def cka_matrices(
 
 
 def selected_features(
-    read_state: Callable[[int], Float[Tensor, "prompt pos d_model"]], n_shards: int,
-    masks: list[Bool[Tensor, "prompt pos"]],
+    shard_states: Iterable[Float[Tensor, "prompt pos d_model"]], masks: Sequence[Bool[Tensor, "prompt pos"]],
 ) -> Float[Tensor, "token d_model"]:
-    """One model's features of one state: the ``masks``ed tokens of every shard, in order
-    (``read_state(shard)`` gives the shard's state)."""
-    parts = []
-    for shard in range(n_shards):
-        state = read_state(shard)
-        parts.append(state[masks[shard][:, : state.shape[1]]])
-    return torch.cat(parts)
+    """One model's features of one state: the ``masks``ed tokens of every shard's state, in order
+    (``masks[i]`` selects shard i's tokens; a shard's state may be narrower than its mask)."""
+    return torch.cat([state[mask[:, : state.shape[1]]] for state, mask in zip(shard_states, masks, strict=True)])
 
 
-def layer_cka(job, store) -> dict[str, Any]:
-    """CKA between every captured layer's resid_post of both models, over the aggregates' tokens
-    (``job``: the run's ``lens_compare.engines.Job``), read back from the ``store`` layer by layer."""
-    run = job.run
-    positions = "all" if run.config.include_first_token else "rest"
-    mask = token_mask(job.real, positions)
-    masks = [mask[start:stop] for start, stop in job.layout.bounds]
-    states = tuple(layer + 1 for layer in run.layers)
-    found = cka_matrices(
-        lambda role, state: selected_features(lambda shard: store.state_slice(role, state, shard),
-                                              job.layout.count, masks), states)
+def layer_cka(
+    shard_states: Callable[[str, int], Iterable[Float[Tensor, "prompt pos d_model"]]],
+    layers: tuple[int, ...],
+    masks: Sequence[Bool[Tensor, "prompt pos"]],
+) -> dict[str, Any]:
+    """CKA between the resid_post of every layer in ``layers`` of both models, over the ``masks``ed
+    tokens (the aggregates' tokens, one mask per shard). ``shard_states(role, state)`` yields that
+    state of every shard in order; it is read one layer at a time.
+
+    >>> states = {("base", 1): [torch.randn(2, 3, 4)], ("sft", 1): [torch.randn(2, 3, 4)]}
+    >>> layer_cka(lambda role, state: states[role, state], (0,), [torch.ones(2, 3, dtype=torch.bool)])["n_tokens"]
+    6
+    """
+    found = cka_matrices(lambda role, state: selected_features(shard_states(role, state), masks),
+                         tuple(layer + 1 for layer in layers))
 
     def rows(matrix) -> list[list[float | None]]:
         return [[value if math.isfinite(value) else None for value in row] for row in matrix.tolist()]
 
-    return {"hook": "resid_post", "layers": list(run.layers), "n_tokens": int(mask.sum()),
+    return {"hook": "resid_post", "layers": list(layers), "n_tokens": sum(int(mask.sum()) for mask in masks),
             "linear": rows(found["linear"]), "linear_debiased": rows(found["linear_debiased"])}

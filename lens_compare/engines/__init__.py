@@ -15,74 +15,11 @@ Either model may be split over GPUs or quantized to NF4: that is a load option
 (``LoadOptions``), not another engine.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
-from jaxtyping import Bool, Int
-from torch import Tensor
+from lens_compare.engines.job import Job
 
-from lens_compare.hardware.units import LOGIT_LENS_CHUNK_BYTES
-from lens_compare.load_options import LoadOptions
-from lens_compare.shards import ShardLayout
-
-
-@dataclass(frozen=True)
-class Job:
-    """One comparison's work, as the engines see it."""
-
-    run: Any  # lens_compare.prepare.PreparedRun
-    loads: dict[str, LoadOptions]
-    layout: ShardLayout
-    states: tuple[int, ...]
-    keep_states: bool
-    token_ids: Int[Tensor, "prompt pos"]
-    real: Bool[Tensor, "prompt pos"]
-    # Blocks whose attention and MLP outputs are compared (the components analysis); () for none.
-    component_layers: tuple[int, ...] = ()
-    # The layers whose resid_post the logit lens reads (``states`` include each one's, and the last,
-    # ``n_layers``); () for no lens.
-    lens_layers: tuple[int, ...] = ()
-    # Bytes of the lens's working tensors per chunk of tokens (sized from what the plan leaves free).
-    lens_chunk_bytes: int = LOGIT_LENS_CHUNK_BYTES
-    # The ids the lens compares when the two vocabularies differ in size (None: every id).
-    lens_vocab: int | None = None
-    # Measure the noise floor after the run (``lens_compare.noise_floor``; needs keep_states).
-    noise_floor: bool = False
-    # The shards this call runs (None: every one); an engine skips those the store holds already.
-    shards: tuple[int, ...] | None = None
-
-    @property
-    def logit_lens(self) -> bool:
-        return bool(self.lens_layers)
-
-    def selected_shards(self) -> tuple[int, ...]:
-        return tuple(range(self.layout.count)) if self.shards is None else self.shards
-
-    def shard_inputs(self, shard: int) -> tuple[Int[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
-        """A shard's ids and mask, trimmed to the shard's longest prompt."""
-        start, stop = self.layout.bounds[shard]
-        real = self.real[start:stop]
-        width = int(real.sum(dim=1).max())
-        return self.token_ids[start:stop, :width], real[:, :width]
-
-    def shard_prompts(self, shard: int) -> int:
-        start, stop = self.layout.bounds[shard]
-        return stop - start
-
-
-@contextmanager
-def lens_progress(job: Job, shard: int) -> Iterator[Callable[[], None] | None]:
-    """A bar over the logit lens's layers of a shard when it reads more than one (its ``on_layer``), or None."""
-    if len(job.lens_layers) < 2:
-        yield None
-        return
-    from lens_compare.progress import progress_bar
-
-    desc = "logit lens" + (f" shard {shard + 1}/{job.layout.count}" if job.layout.count > 1 else "")
-    with progress_bar(total=len(job.lens_layers), desc=desc, unit="layer", dynamic_ncols=True, leave=False) as bar:
-        yield lambda: bar.update(1)
+__all__ = ["Job", "engine_for"]
 
 
 def _engines() -> dict[str, Callable]:

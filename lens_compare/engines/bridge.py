@@ -19,16 +19,16 @@ from tqdm import tqdm
 from lens_compare.analyses.components import component_metrics
 from lens_compare.analyses.logit_lens import Head, head_of, logit_lens_metrics
 from lens_compare.capture import ResidualStates, capture_states
-from lens_compare.engines import Job, lens_progress
+from lens_compare.engines.job import Job, lens_progress
 from lens_compare.hardware.families import final_norm_path
 from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_hf_model, weights_fingerprint
+from lens_compare.model_facts import ModelFacts, model_facts
 from lens_compare.per_token import state_metrics
 from lens_compare.placement import model_device_map, summarize_placement
 from lens_compare.progress import progress_bar
 from lens_compare.store import Store
-from lens_compare.tokens import untrained_token_ids
 
 logger = logging.getLogger("lens_compare")
 
@@ -36,7 +36,7 @@ logger = logging.getLogger("lens_compare")
 class LoadedModel:
     """One model of the pair, loaded and wrapped; ``close()`` drops every reference to it."""
 
-    def __init__(self, role: str, hf_model, bridge, facts: dict[str, Any], head: Head | None = None):
+    def __init__(self, role: str, hf_model, bridge, facts: ModelFacts, head: Head | None = None):
         self.role = role
         self.hf_model = hf_model
         self.bridge = bridge
@@ -61,22 +61,6 @@ class LoadedModel:
             torch.cuda.empty_cache()
 
 
-def _facts(side, hf_model, bridge, options: LoadOptions, seen_ids: set[int], fingerprint: str) -> dict[str, Any]:
-    block_names = [block.name for block in bridge.blocks]
-    facts: dict[str, Any] = {
-        "weights_sha256_16": fingerprint,
-        "d_model": int(bridge.cfg.d_model),
-        "load": options.describe(),
-        "quantization": _quantization_facts(options),
-        "placement": summarize_placement(hf_model, model_device_map(hf_model), block_names),
-        "untrained": {},
-    }
-    if side.role == "base":
-        found = untrained_token_ids(hf_model.get_input_embeddings().weight, seen_ids)
-        facts["untrained"] = {str(token): ratio for token, ratio in found.items()}
-    return facts
-
-
 def _quantization_facts(options: LoadOptions) -> dict[str, Any] | None:
     if options.quantization is None:
         return None
@@ -85,9 +69,9 @@ def _quantization_facts(options: LoadOptions) -> dict[str, Any] | None:
     return quantization_facts(options)
 
 
-@contextmanager
-def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
-    """Load ``side`` as ``job.loads`` says, record its facts in ``store``, free it on exit."""
+def open_model(job: Job, side) -> LoadedModel:
+    """Load ``side`` as ``job.loads`` says, with what it learns from the weights (``facts``) and,
+    for the logit lens, its head; ``close()`` frees it."""
     run = job.run
     options = job.loads[side.role]
     logger.info("loading %s model %s (%s): %s", side.role, side.ref, side.ref.kind, options.describe())
@@ -99,11 +83,19 @@ def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
         head = head_of(hf_model, final_norm_path(hf_model.config.model_type))
         head = head.shared(job.lens_vocab) if job.lens_vocab else head
     bridge = boot_bridge(hf_model, side.ref, run.tokenizers[side.role], options)
-    seen_ids = {t for ids in run.tokenized.token_ids for t in ids}
-    model = LoadedModel(side.role, hf_model, bridge, _facts(side, hf_model, bridge, options, seen_ids, fingerprint),
-                        head)
-    del hf_model, bridge
-    store.put_facts(side.role, model.facts)
+    facts = model_facts(
+        side.role, hf_model.get_input_embeddings().weight, run.tokenized.token_ids, fingerprint=fingerprint,
+        load=options.describe(), quantization=_quantization_facts(options),
+        placement=summarize_placement(hf_model, model_device_map(hf_model), [block.name for block in bridge.blocks]),
+    )
+    return LoadedModel(side.role, hf_model, bridge, facts, head)
+
+
+@contextmanager
+def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
+    """Load ``side`` as ``job.loads`` says, record its facts in ``store``, free it on exit."""
+    model = open_model(job, side)
+    store.put_facts(side.role, model.facts.to_dict())
     try:
         yield model
     finally:

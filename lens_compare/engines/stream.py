@@ -32,15 +32,15 @@ from torch import Tensor
 
 from lens_compare.analyses.components import COMPONENT_KEYS, block_component_metrics, stack_rows
 from lens_compare.analyses.logit_lens import Head, logit_lens_metrics
-from lens_compare.engines import Job, lens_progress
+from lens_compare.engines.job import Job, lens_progress
 from lens_compare.hooks import COMPONENTS
 from lens_compare.host_memory import trim_heap
 from lens_compare.loading import fingerprint_tensors
+from lens_compare.model_facts import ModelFacts, model_facts
 from lens_compare.per_token import one_state_metrics, stack_state_rows
 from lens_compare.progress import progress_bar
 from lens_compare.store import Store
 from lens_compare.streaming import StreamedModel, forward_batches
-from lens_compare.tokens import untrained_token_ids
 
 logger = logging.getLogger("lens_compare")
 ROLES = ("base", "sft")
@@ -83,22 +83,15 @@ def _open_models(job: Job) -> dict[str, StreamedModel]:
     return models
 
 
-def _facts(job: Job, model: StreamedModel, embedding: Tensor) -> dict:
+def _facts(job: Job, model: StreamedModel, embedding: Tensor) -> ModelFacts:
     norm = model.read_final_norm_weight()
-    seen_ids = {t for ids in job.run.tokenized.token_ids for t in ids}
-    facts = {
-        "weights_sha256_16": fingerprint_tensors([embedding] + ([norm] if norm is not None else [])),
-        "d_model": int(embedding.shape[1]),
-        "load": f"{job.loads[model.role].describe()}, streamed block by block",
-        "quantization": None,
+    return model_facts(
+        model.role, embedding, job.run.tokenized.token_ids,
+        fingerprint=fingerprint_tensors([embedding] + ([norm] if norm is not None else [])),
+        load=f"{job.loads[model.role].describe()}, streamed block by block",
         # Every block passes through the run device, one (two while prefetching) at a time.
-        "placement": {str(model.device): {"blocks": list(range(model.n_layers)), "gib": None, "streamed": True}},
-        "untrained": {},
-    }
-    if model.role == "base":
-        found = untrained_token_ids(embedding, seen_ids)
-        facts["untrained"] = {str(token): ratio for token, ratio in found.items()}
-    return facts
+        placement={str(model.device): {"blocks": list(range(model.n_layers)), "gib": None, "streamed": True}},
+    )
 
 
 def _resume_point(store: Store, shard: int) -> int | None:
@@ -159,7 +152,7 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
         for role, model in models.items():
             def keep_facts(weight, role=role, model=model):
                 if store.get_facts(role) is None:
-                    store.put_facts(role, _facts(job, model, weight))
+                    store.put_facts(role, _facts(job, model, weight).to_dict())
 
             hidden[role] = model.embed(token_ids, batches, on_embedding=keep_facts)
             hidden[role].masked_fill_(~real[..., None], 0)

@@ -60,8 +60,9 @@ class Architecture:
         return asdict(self)
 
 
-def _config_object(config: Any):
-    """A transformers config object for ``config``, refusing dicts that lack required fields."""
+def transformers_config(config: Any):
+    """A transformers config object for ``config`` (a config object, or a config.json dict),
+    refusing a family the planner does not know and dicts that lack the fields it counts from."""
     if not isinstance(config, Mapping):
         if not hasattr(config, "model_type"):
             raise ConfigError(
@@ -118,7 +119,7 @@ def _architecture_of_json(text: str) -> Architecture:
 
 
 def _architecture(config: Any) -> Architecture:
-    cfg = _config_object(config)
+    cfg = transformers_config(config)
     rule = family_rule(cfg.model_type)
     d_model = int(cfg.hidden_size)
     n_heads = int(cfg.num_attention_heads)

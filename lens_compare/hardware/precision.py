@@ -14,7 +14,8 @@
   stay unquantized, as do embeddings, norms and biases, in the load dtype
   (``nf4_unquantized_bytes``: 2 for a 16-bit run, 4 for float32).
 
->>> from lens_compare.hardware.params import TensorGroup
+>>> from lens_compare.hardware.architecture import architecture_from_config
+from lens_compare.hardware.params import TensorGroup, count_params
 >>> g = [TensorGroup("w", "linear", (128, 256))]
 >>> weight_bytes(g, "nf4").total, 128 * 256 // 2 + (128 * 256 // 64) * 4
 (18432, 18432)
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lens_compare.errors import ConfigError
-from lens_compare.hardware.params import TensorGroup
 from lens_compare.choices import DTYPE_BYTES
+from lens_compare.hardware.architecture import architecture_from_config
+from lens_compare.hardware.params import TensorGroup, count_params
 from lens_compare.hardware.units import gib
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "fp8", "nf4")
@@ -104,6 +106,12 @@ def weight_bytes(
         else:
             total += g.numel * _SIXTEEN_BIT
     return WeightBytes(precision, total, constants)
+
+
+def model_weight_bytes(config: Any, dtype: str) -> int:
+    """Bytes of a model's weights, from its config (a transformers config or a config.json dict),
+    every parameter at ``dtype``'s width."""
+    return count_params(architecture_from_config(config)).total * DTYPE_BYTES[dtype]
 
 
 def floor_dtype(run_dtype: str) -> str:

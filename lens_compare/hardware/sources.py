@@ -71,7 +71,7 @@ def resolve_source(ref: str) -> ModelSource:
     """The config of one model reference, without loading weights."""
     if ref.startswith("demo:"):
         # Built by lens_compare from its recipe's source, with the source's config, as float32 safetensors.
-        from lens_compare.demo_ft import recipe_for
+        from lens_compare.demo_recipes import recipe_for
 
         source = resolve_source(recipe_for(ref).source)
         return ModelSource(ref, source.config, checkpoint_of({"dtype": "float32"}))
@@ -82,7 +82,7 @@ def resolve_source(ref: str) -> ModelSource:
         from transformers import AutoConfig
 
         from lens_compare.gguf import files_dir, weights_cached
-        from lens_compare.loading import ModelRef
+        from lens_compare.refs import ModelRef
 
         model_ref = ModelRef(ref, "gguf", str(path.parent), path.name)
         # Read from the GGUF once, then from the cache (lens_compare.gguf): the same config.
