@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from lens_compare.hardware.units import LOGIT_LENS_CHUNK_BYTES
 from lens_compare.load_options import LoadOptions
 
+from lens_compare.refs import Side
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-    from lens_compare.prepare import Side
 
 SCHEDULES = ("resident", "sequential", "stream")
 
@@ -26,8 +26,8 @@ class PlanFacts:
     # The pair's registry key, or "custom".
     pair: str
     # Each model as it will be loaded: reference, dtype, a quantization the pair fixes.
-    base: "Side"
-    sft: "Side"
+    base: Side
+    sft: Side
     # Each role's model config ("base", "sft").
     configs: "dict[str, PretrainedConfig]"
     # The resolved device: "cpu", "cuda" or "cuda:N".

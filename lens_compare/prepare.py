@@ -25,22 +25,11 @@ from lens_compare.loading import (
     resolve_ref,
 )
 from lens_compare.pairs import get_pair, load_pairs_file
+from lens_compare.refs import Side
 from lens_compare.preflight import local_run_approval
 from lens_compare.tokens import TokenizedPrompts, check_context, tokenize_prompts
 
 logger = logging.getLogger("lens_compare")
-
-
-@dataclass(frozen=True)
-class Side:
-    """One model of the pair as it will be loaded."""
-
-    role: str
-    ref: ModelRef
-    dtype: str
-    seed_id: str | None = None
-    # Fixed by the pair itself (a noise-floor pair quantizes one side); None: as the run decides.
-    quantization: str | None = None
 
 
 @dataclass(frozen=True)

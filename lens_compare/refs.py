@@ -85,3 +85,15 @@ def resolve_plain_ref(spec: str) -> ModelRef:
             "'org/name')"
         )
     return ModelRef(spec, "hub", spec)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One model of the pair as it will be loaded."""
+
+    role: str
+    ref: ModelRef
+    dtype: str
+    seed_id: str | None = None
+    # Fixed by the pair itself (a noise-floor pair quantizes one side); None: as the run decides.
+    quantization: str | None = None

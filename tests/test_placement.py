@@ -192,7 +192,7 @@ def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, meta
     from lens_compare.execution import PlanFacts
     from lens_compare.hardware.architecture import transformers_config
     from lens_compare.loading import ModelRef
-    from lens_compare.prepare import Side
+    from lens_compare.refs import Side
 
     config = transformers_config(two_layers("meta-llama/Llama-3.1-70B"))
     units = placement_units(metas["meta-llama/Llama-3.1-70B"])
