@@ -27,6 +27,7 @@ from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_hf_model, weights_ref
 from lens_compare.per_token import state_metrics
 from lens_compare.progress import progress_bar
+from lens_compare.store import Kind
 
 logger = logging.getLogger("lens_compare")
 # The floor's weights plus a quarter for its forward pass.
@@ -60,7 +61,7 @@ def _weight_bytes(job: Job, dtype: str) -> int:
 
 def run_noise_floor(job: Job, schedule: str, store) -> None:
     """The floor of every shard the store does not hold yet (the run's SFT states must be kept)."""
-    pending = [shard for shard in range(job.layout.count) if not store.has_noise(shard)]
+    pending = [shard for shard in range(job.layout.count) if not store.has(Kind.NOISE, shard=shard)]
     if not pending:
         return
     side = job.run.sft
@@ -71,7 +72,7 @@ def run_noise_floor(job: Job, schedule: str, store) -> None:
     with progress_bar(total=len(pending), desc="noise floor", unit="shard", dynamic_ncols=True) as bar:
         for shard in pending:
             second = capture(shard)
-            store.put_noise(shard, state_metrics(store.get_states("sft", shard), second))
+            store.put(Kind.NOISE, state_metrics(store.get(Kind.STATES, role="sft", shard=shard), second), shard=shard)
             bar.update(1)
     release_host_memory()
 
@@ -131,7 +132,7 @@ def noise_floor_result(job: Job, store, width: int, run_provenance: dict, token_
     from lens_compare.store import stack_metrics
 
     run = job.run
-    per_state = stack_metrics([store.get_noise(shard) for shard in range(job.layout.count)], width)
+    per_state = stack_metrics([store.get(Kind.NOISE, shard=shard) for shard in range(job.layout.count)], width)
     second = floor_dtype(run.sft.dtype)
     return ComparisonResult(
         provenance=floor_provenance(run.sft.ref.spec, {"base": run.sft.dtype, "sft": second},

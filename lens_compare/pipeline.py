@@ -35,7 +35,7 @@ from lens_compare.per_token import hook_metrics
 from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
 from lens_compare.result import ComparisonResult
 from lens_compare.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
-from lens_compare.store import MemoryStore, Store, stack_metrics, stack_states
+from lens_compare.store import Kind, MemoryStore, Store, stack_metrics, stack_states
 from lens_compare.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 
 logger = logging.getLogger("lens_compare")
@@ -219,9 +219,9 @@ def assemble(
 ) -> ComparisonResult:
     """The result from the store's shards: identical whether the run was interrupted or not."""
     width = job.token_ids.shape[1]
-    per_state = stack_metrics([store.get_metrics(shard) for shard in range(job.layout.count)], width)
+    per_state = stack_metrics([store.get(Kind.METRICS, shard=shard) for shard in range(job.layout.count)], width)
     analysis_metrics = {key: values for key, values in per_state.items() if key in ANALYSIS_KEYS}
-    facts = {side.role: store.get_facts(side.role) for side in run.sides}
+    facts = {side.role: store.get(Kind.FACTS, role=side.role) for side in run.sides}
     untrained = {int(token): ratio for token, ratio in (facts["base"] or {}).get("untrained", {}).items()}
     tokenizer = run.tokenizers["base"]
     if untrained:
@@ -234,7 +234,7 @@ def assemble(
     residuals = None
     if keep_residuals:
         residuals = tuple(
-            stack_states([store.get_states(role, shard) for shard in range(job.layout.count)], width)
+            stack_states([store.get(Kind.STATES, role=role, shard=shard) for shard in range(job.layout.count)], width)
             for role in ("base", "sft")
         )
     provenance = _provenance(run, job, execution, facts, untrained)

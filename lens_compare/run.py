@@ -34,7 +34,7 @@ from lens_compare.pipeline import (
 )
 from lens_compare.preflight import memory_preflight
 from lens_compare.residual_file import write_residual_file
-from lens_compare.store import RunFolder
+from lens_compare.store import STATE_KINDS, Kind, RunFolder
 from lens_compare.verdict import verdict
 
 logger = logging.getLogger("lens_compare")
@@ -165,7 +165,8 @@ def write_outputs(result, config: RunConfig, stem: Path, job: Job, folder: RunFo
             stem.with_suffix(".safetensors"),
             token_ids=job.token_ids.masked_fill(~job.real, 0), real=job.real, layers=run.layers,
             dtypes={side.role: DTYPES[side.dtype] for side in run.sides},
-            d_model=result.provenance["d_model"], bounds=job.layout.bounds, state_slice=folder.state_slice,
+            d_model=result.provenance["d_model"], bounds=job.layout.bounds,
+            state_slice=lambda role, state, shard: folder.get(Kind.STATE, role=role, shard=shard, state=state),
             metadata={"pair": str(result.provenance["pair"]), "layers": ",".join(map(str, result.layers))},
         ))
     return written
@@ -178,10 +179,10 @@ def _folder_name(pair: str, manifest: dict) -> str:
 def _first_plan(folder: RunFolder, execution):
     """The plan a run folder's run started with: a resumed or repeated run reports it, and sizes its
     logit lens's chunks as the first did (the same numbers, whatever memory is free now)."""
-    recorded = folder.get_record("plan")
-    if recorded is None:
-        folder.put_record("plan", {"estimate": execution.estimate, "lens_chunk_bytes": execution.lens_chunk_bytes})
+    if not folder.has(Kind.PLAN):
+        folder.put(Kind.PLAN, {"estimate": execution.estimate, "lens_chunk_bytes": execution.lens_chunk_bytes})
         return execution
+    recorded = folder.get(Kind.PLAN)
     return dataclasses.replace(execution, estimate=recorded["estimate"], lens_chunk_bytes=recorded["lens_chunk_bytes"])
 
 
@@ -220,17 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         folder = RunFolder(out_dir / "runs" / _folder_name(run.pair, manifest), manifest)
         execution = _first_plan(folder, execution)
         job = make_job(run, layout, execution, keep_states=keep)
-        found = len(folder.finished_shards())
-        spilled = len(folder.spilled_shards("base"))
+        found = len(folder.keys(Kind.METRICS))
+        spilled = len(folder.keys(Kind.STATES, role="base"))
         if found == layout.count:
             state = "; all finished: assembling the outputs without loading a model"
         else:
             state = "; resuming" if found or spilled else ""
         logger.info("run folder %s: %d of %d shard(s) already finished%s%s", folder.path, found, layout.count,
                     f", {spilled} base shard(s) spilled" if spilled else "", state)
-        earlier = folder.get_record("outputs")
+        earlier = folder.get(Kind.OUTPUTS) if folder.has(Kind.OUTPUTS) else None
         nothing_pending = found == layout.count and not (
-            job.noise_floor and not all(folder.has_noise(shard) for shard in range(layout.count)))
+            job.noise_floor and not all(folder.has(Kind.NOISE, shard=shard) for shard in range(layout.count)))
         seconds = execute(job, execution, folder)
         logger.info("assembling the result from %d shard(s): per-layer aggregates%s", layout.count,
                     f" with {config.bootstrap} bootstrap resamples each" if config.bootstrap else "")
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             earlier = {"stem": f"lens_compare_{result.provenance['pair']}_{stamp}", "seconds": 0.0}
         run_seconds = earlier["seconds"] if reused else earlier["seconds"] + seconds
-        folder.put_record("outputs", {"stem": earlier["stem"], "seconds": run_seconds})
+        folder.put(Kind.OUTPUTS, {"stem": earlier["stem"], "seconds": run_seconds})
         stem = out_dir / earlier["stem"]
         if reused:
             logger.info("every shard was already in the run folder: its outputs are rewritten in place (%s.*), "
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in save_standard_figures(result, stem, noise_floor=floor):
                 print(path)
         if not config.save_residuals:
-            folder.drop_all_states()
+            for kind in STATE_KINDS:
+                folder.drop(kind)
         logger.info("verdict:\n%s", verdict(result, noise_floor=floor))
         logger.info(summary_line(run, execution, job, seconds, run_seconds if reused else None))
         return 0

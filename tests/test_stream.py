@@ -189,7 +189,7 @@ def test_each_checkpoint_is_read_once_whatever_the_prompts(tiny_model_dirs, monk
 
 def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llama, tmp_path, monkeypatch):
     from lens_compare.pipeline import assemble, execute, make_job, run_manifest, start_run
-    from lens_compare.store import RunFolder
+    from lens_compare.store import Kind, RunFolder
 
     base, sft, _ = perturbed_llama
     config = _pair_config(base, sft, strategy="stream")
@@ -209,9 +209,10 @@ def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llam
     monkeypatch.setattr(StreamedModel, "run_block", dying_run_block)
     with pytest.raises(KeyboardInterrupt):
         execute(job, execution, folder)
-    assert not folder.finished(0)
+    assert not folder.has(Kind.METRICS, shard=0)
     # The default logit lens (the output only) keeps no state: the frontier, 2, is all there is.
-    assert folder.layer_states("base", 0) == folder.layer_states("sft", 0) == [2]
+    for role in ("base", "sft"):
+        assert [key.state for key in folder.keys(Kind.STATE, role=role, shard=0)] == [2]
     blocks_run.clear()
     execute(job, execution, RunFolder(tmp_path / "run", run_manifest(run, layout, execution, False)))
     assert blocks_run == [("base", 2), ("sft", 2)]

@@ -32,6 +32,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from lens_compare.aggregate import token_mask
+from lens_compare.store import Kind
 
 
 def gram_bytes(n_layers: int, n_tokens: int) -> int:
@@ -106,8 +107,9 @@ def layer_cka(job, store) -> dict[str, Any]:
     masks = [mask[start:stop] for start, stop in job.layout.bounds]
     states = tuple(layer + 1 for layer in run.layers)
     found = cka_matrices(
-        lambda role, state: selected_features(lambda shard: store.state_slice(role, state, shard),
-                                              job.layout.count, masks), states)
+        lambda role, state: selected_features(
+            lambda shard: store.get(Kind.STATE, role=role, shard=shard, state=state), job.layout.count, masks),
+        states)
 
     def rows(matrix) -> list[list[float | None]]:
         return [[value if math.isfinite(value) else None for value in row] for row in matrix.tolist()]
