@@ -72,7 +72,8 @@ def run_noise_floor(job: Job, schedule: str, store) -> None:
     with progress_bar(total=len(pending), desc="noise floor", unit="shard", dynamic_ncols=True) as bar:
         for shard in pending:
             second = capture(shard)
-            store.put(Kind.NOISE, state_metrics(store.get(Kind.STATES, role="sft", shard=shard), second), shard=shard)
+            floor = state_metrics(store.get(Kind.STATES, role="sft", shard=shard), second)
+            store.put(Kind.NOISE, floor, shard=shard)
             bar.update(1)
     release_host_memory()
 

@@ -50,6 +50,7 @@ from lens_compare.errors import LensCompareError
 from lens_compare.outputs import write_atomically, write_json
 from lens_compare.per_token import StateMetrics
 
+# The two models whose entries a store holds.
 ROLES = ("base", "sft")
 
 
@@ -131,7 +132,7 @@ class Store(Protocol):
 
 
 class _EntryStore(ABC):
-    """``Store``'s methods over five primitives a store implements on whole entries."""
+    """``Store``'s methods over the primitives a store implements on whole entries."""
 
     @abstractmethod
     def _write(self, key: Key, value: Value) -> None:
@@ -261,7 +262,8 @@ def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, s
 def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """A safetensors file's tensors and metadata."""
     with safe_open(str(path), "pt") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}  # noqa: SIM118 (a safetensors handle)
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (a safetensors handle)
+        return tensors, handle.metadata() or {}
 
 
 def _state_list(metadata: dict[str, str], name: str) -> tuple[int, ...]:
@@ -286,8 +288,8 @@ def _from_tensors(kind: Kind, tensors: dict[str, Tensor], metadata: dict[str, st
         return tensors["values"]
     if kind is Kind.STATES:
         return ResidualStates(n_layers=int(metadata["n_layers"]), states=_state_list(metadata, "states"),
-                              values=tensors["values"], component_layers=_state_list(metadata, "component_layers"),
-                              components=tensors.get("components"))
+                              values=tensors["values"], components=tensors.get("components"),
+                              component_layers=_state_list(metadata, "component_layers"))
     return tensors
 
 

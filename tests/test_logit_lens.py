@@ -261,7 +261,8 @@ def test_a_streamed_run_reads_the_heads_first_and_keeps_two_states_at_the_output
     def counting(self, kind, value, **parts):
         put(self, kind, value, **parts)
         if kind is Kind.STATE:
-            held[mode["now"]] = max(held[mode["now"]], len(self.keys(kind, role=parts["role"], shard=parts["shard"])))
+            now = len(self.keys(kind, role=parts["role"], shard=parts["shard"]))
+            held[mode["now"]] = max(held[mode["now"]], now)
 
     monkeypatch.setattr(MemoryStore, "put", counting)
     for lens in ("final", "all"):

@@ -38,12 +38,11 @@ from lens_compare.host_memory import trim_heap
 from lens_compare.loading import fingerprint_tensors
 from lens_compare.per_token import one_state_metrics, stack_state_rows
 from lens_compare.progress import progress_bar
-from lens_compare.store import Kind, Store
+from lens_compare.store import ROLES, Kind, Store
 from lens_compare.streaming import StreamedModel, forward_batches
 from lens_compare.tokens import untrained_token_ids
 
 logger = logging.getLogger("lens_compare")
-ROLES = ("base", "sft")
 
 
 @contextmanager
