@@ -38,7 +38,7 @@ from lens_compare.pipeline import Preflight, assemble, make_job, run_manifest, s
 from lens_compare.prepare import LoadOverrides, PreparedRun
 from lens_compare.result import ComparisonResult
 from lens_compare.shards import ShardLayout
-from lens_compare.store import MemoryStore, RunFolder, Store
+from lens_compare.store import Kind, MemoryStore, RunFolder, Store
 
 logger = logging.getLogger("lens_compare")
 
@@ -116,7 +116,8 @@ class Comparison:
         """The shards ``store`` does not hold yet (metrics, and the noise floor where measured)."""
         job = self.plan().job
         return [shard for shard in range(job.layout.count)
-                if not store.finished(shard) or (job.noise_floor and not store.has_noise(shard))]
+                if not store.has(Kind.METRICS, shard=shard)
+                or (job.noise_floor and not store.has(Kind.NOISE, shard=shard))]
 
     def run_shards(self, shards: Iterable[int], store: Store) -> float:
         """Run ``shards`` (those the store lacks) into ``store``; returns the wall time in seconds."""
@@ -161,7 +162,8 @@ def open_run_folder(comparison: Comparison, out_dir: Path) -> RunFolder:
     planned = comparison.plan()
     name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', planned.run.pair)}-{document_fingerprint(planned.manifest)}"
     folder = RunFolder(Path(out_dir) / "runs" / name, planned.manifest)
-    folder.put_record("plan", comparison.adopt_recorded(folder.get_record("plan")))
+    recorded = folder.get(Kind.PLAN) if folder.has(Kind.PLAN) else None
+    folder.put(Kind.PLAN, comparison.adopt_recorded(recorded))
     return folder
 
 

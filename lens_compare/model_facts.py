@@ -1,6 +1,6 @@
 """What an engine learns from one model's weights once it has them (``ModelFacts``).
 
-Every engine records them in the store (``store.put_facts``, as JSON: a run folder keeps
+Every engine records them in the store (``store.put(Kind.FACTS, ...)``, as JSON: a run folder keeps
 them in ``models/<role>.json``) when it first reads a model; the result's provenance and
 its untrained-token warning are read from them.
 """

@@ -30,6 +30,7 @@ from lens_compare.host_memory import release_host_memory
 from lens_compare.load_options import LoadOptions
 from lens_compare.per_token import state_metrics
 from lens_compare.progress import progress_bar
+from lens_compare.store import Kind
 from lens_compare.streaming import stream_states
 
 logger = logging.getLogger("lens_compare")
@@ -65,7 +66,7 @@ def floor_job(job: Job, dtype: str, device: str) -> Job:
 
 def run_noise_floor(job: Job, schedule: str, store) -> None:
     """The floor of every shard the store does not hold yet (the run's SFT states must be kept)."""
-    pending = [shard for shard in job.selected_shards() if not store.has_noise(shard)]
+    pending = [shard for shard in job.selected_shards() if not store.has(Kind.NOISE, shard=shard)]
     if not pending:
         return
     side = job.run.sft
@@ -76,7 +77,8 @@ def run_noise_floor(job: Job, schedule: str, store) -> None:
             progress_bar(total=len(pending), desc="noise floor", unit="shard", dynamic_ncols=True) as bar:
         for shard in pending:
             second = capture(shard)
-            store.put_noise(shard, state_metrics(store.get_states("sft", shard), second))
+            floor = state_metrics(store.get(Kind.STATES, role="sft", shard=shard), second)
+            store.put(Kind.NOISE, floor, shard=shard)
             bar.update(1)
     release_host_memory()
 
@@ -127,7 +129,7 @@ def noise_floor_result(job: Job, store, width: int, run_provenance: dict, token_
     from lens_compare.store import stack_metrics
 
     run = job.run
-    per_state = stack_metrics([store.get_noise(shard) for shard in range(job.layout.count)], width)
+    per_state = stack_metrics([store.get(Kind.NOISE, shard=shard) for shard in range(job.layout.count)], width)
     second = floor_dtype(run.sft.dtype)
     return ComparisonResult(
         provenance=floor_provenance(run.sft.ref.spec, {"base": run.sft.dtype, "sft": second},

@@ -38,7 +38,7 @@ from lens_compare.per_token import hook_metrics
 from lens_compare.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
 from lens_compare.result import ComparisonResult
 from lens_compare.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
-from lens_compare.store import Store, stack_metrics, stack_states
+from lens_compare.store import Kind, Store, stack_metrics, stack_states
 from lens_compare.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 from lens_compare.versions import recorded_versions
 
@@ -207,9 +207,9 @@ def assemble(
 ) -> ComparisonResult:
     """The result from the store's shards: identical whether the run was interrupted or not."""
     width = job.token_ids.shape[1]
-    per_state = stack_metrics([store.get_metrics(shard) for shard in range(job.layout.count)], width)
+    per_state = stack_metrics([store.get(Kind.METRICS, shard=shard) for shard in range(job.layout.count)], width)
     analysis_metrics = {key: values for key, values in per_state.items() if key in ANALYSIS_KEYS}
-    facts = {side.role: ModelFacts.from_dict(store.get_facts(side.role)) for side in run.sides}
+    facts = {side.role: ModelFacts.from_dict(store.get(Kind.FACTS, role=side.role)) for side in run.sides}
     untrained = facts["base"].untrained
     tokenizer = run.tokenizers["base"]
     if untrained:
@@ -222,7 +222,7 @@ def assemble(
     residuals = None
     if keep_residuals:
         residuals = tuple(
-            stack_states([store.get_states(role, shard) for shard in range(job.layout.count)], width)
+            stack_states([store.get(Kind.STATES, role=role, shard=shard) for shard in range(job.layout.count)], width)
             for role in ("base", "sft")
         )
     provenance = _provenance(run, job, execution, facts, untrained)
@@ -252,7 +252,7 @@ def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
     """CKA over the aggregates' tokens, each state read back from the store shard by shard."""
     mask = token_mask(job.real, "all" if run.config.include_first_token else "rest")
     masks = [mask[start:stop] for start, stop in job.layout.bounds]
-    return layer_cka(lambda role, state: (store.state_slice(role, state, shard) for shard in range(job.layout.count)),
+    return layer_cka(lambda role, state: (store.get(Kind.STATE, role=role, shard=shard, state=state) for shard in range(job.layout.count)),
                      run.layers, masks)
 
 

@@ -23,7 +23,7 @@ from lens_compare.pipeline import check_spill_space, summary_line
 from lens_compare.preflight import memory_preflight
 from lens_compare.residual_file import write_residual_file
 from lens_compare.saved import load_run
-from lens_compare.store import RunFolder
+from lens_compare.store import STATE_KINDS, Kind, RunFolder
 from lens_compare.verdict import verdict
 
 logger = logging.getLogger("lens_compare")
@@ -73,7 +73,8 @@ def write_outputs(result, config: RunConfig, stem: Path, job: Job, folder: RunFo
             stem.with_suffix(".safetensors"),
             token_ids=job.token_ids.masked_fill(~job.real, 0), real=job.real, layers=run.layers,
             dtypes={side.role: TORCH_DTYPES[side.dtype] for side in run.sides},
-            d_model=result.provenance["d_model"], bounds=job.layout.bounds, state_slice=folder.state_slice,
+            d_model=result.provenance["d_model"], bounds=job.layout.bounds,
+            state_slice=lambda role, state, shard: folder.get(Kind.STATE, role=role, shard=shard, state=state),
             metadata={"pair": str(result.provenance["pair"]), "layers": ",".join(map(str, result.layers))},
         ))
     return written
@@ -82,7 +83,7 @@ def write_outputs(result, config: RunConfig, stem: Path, job: Job, folder: RunFo
 def _log_folder(folder: RunFolder, comparison: Comparison) -> None:
     count = comparison.plan().layout.count
     found = count - len(comparison.pending(folder))
-    spilled = len(folder.spilled_shards("base"))
+    spilled = len(folder.keys(Kind.STATES, role="base"))
     if found == count:
         state = "; all finished: assembling the outputs without loading a model"
     else:
@@ -96,13 +97,13 @@ def _output_stem(folder: RunFolder, out_dir: Path, pair: str, seconds: float, no
     """One set of outputs per run folder: a rerun that only reassembles (or resumes) writes the same
     files again, under the stem of the folder's first outputs, instead of a new set. Returns the
     stem, the run's seconds in all, and whether nothing ran this time."""
-    earlier = folder.get_record("outputs")
+    earlier = folder.get(Kind.OUTPUTS) if folder.has(Kind.OUTPUTS) else None
     reused = earlier is not None and nothing_pending
     if earlier is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         earlier = {"stem": f"lens_compare_{pair}_{stamp}", "seconds": 0.0}
     run_seconds = earlier["seconds"] if reused else earlier["seconds"] + seconds
-    folder.put_record("outputs", {"stem": earlier["stem"], "seconds": run_seconds})
+    folder.put(Kind.OUTPUTS, {"stem": earlier["stem"], "seconds": run_seconds})
     return out_dir / earlier["stem"], run_seconds, reused
 
 
@@ -148,7 +149,8 @@ def _run(args: argparse.Namespace, opened: list[RunFolder]) -> int:
         for path in save_standard_figures(result, stem, noise_floor=floor):
             print(path)
     if not config.save_residuals:
-        folder.drop_all_states()
+        for kind in STATE_KINDS:
+            folder.drop(kind)
     logger.info("verdict:\n%s", verdict(result, noise_floor=floor))
     planned = comparison.plan()
     logger.info(summary_line(planned.run, planned.execution, planned.job, seconds, run_seconds if reused else None))

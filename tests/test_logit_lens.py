@@ -247,7 +247,7 @@ def test_a_streamed_run_reads_the_heads_first_and_keeps_two_states_at_the_output
     """The stream reads both heads before its first block; with the lens at the output only it holds two
     states per model at any time, and with it at every layer the lensed states until the last block."""
     from lens_compare import streaming
-    from lens_compare.store import MemoryStore
+    from lens_compare.store import Kind, MemoryStore
 
     base, sft, _ = perturbed_llama
     reads, held = [], {"final": 0, "all": 0}
@@ -257,13 +257,15 @@ def test_a_streamed_run_reads_the_heads_first_and_keeps_two_states_at_the_output
     monkeypatch.setattr(streaming.StreamedModel, "load", lambda self, path: (reads.append(path), original_load(self,
                                                                                                              path))[1])
     mode = {"now": "final"}
-    put = MemoryStore.put_state
+    put = MemoryStore.put
 
-    def counting(self, role, shard, state, values):
-        put(self, role, shard, state, values)
-        held[mode["now"]] = max(held[mode["now"]], len(self.layer_states(role, shard)))
+    def counting(self, kind, value, **parts):
+        put(self, kind, value, **parts)
+        if kind is Kind.STATE:
+            now = len(self.keys(kind, role=parts["role"], shard=parts["shard"]))
+            held[mode["now"]] = max(held[mode["now"]], now)
 
-    monkeypatch.setattr(MemoryStore, "put_state", counting)
+    monkeypatch.setattr(MemoryStore, "put", counting)
     for lens in ("final", "all"):
         mode["now"] = lens
         reads.clear()

@@ -14,7 +14,7 @@ from lens_compare.hooks import states_for_layers
 from lens_compare.load_options import LoadOptions
 from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
 from lens_compare.run import main
-from lens_compare.store import RunFolder
+from lens_compare.store import Kind, RunFolder
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]
 
@@ -114,18 +114,23 @@ def test_an_interrupted_floor_resumes_with_the_missing_shards_only(perturbed_lla
             "--shard-size", "1", "--noise-floor", "-q"]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
     clean = json.loads(next((tmp_path / "clean").glob("*.json")).read_text())
-    original, calls = RunFolder.put_noise, []
+    original, calls = RunFolder.put, []
 
-    def dying(self, shard, metrics):
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        calls.append(shard)
-        return original(self, shard, metrics)
+    def dying(self, kind, value, **parts):
+        if kind is Kind.NOISE:
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            calls.append(parts["shard"])
+        return original(self, kind, value, **parts)
 
-    monkeypatch.setattr(RunFolder, "put_noise", dying)
+    def counting(self, kind, value, **parts):
+        if kind is Kind.NOISE:
+            calls.append(parts["shard"])
+        return original(self, kind, value, **parts)
+
+    monkeypatch.setattr(RunFolder, "put", dying)
     assert main([*args, "--out", str(tmp_path / "killed")]) == 130
-    monkeypatch.setattr(RunFolder, "put_noise", lambda self, shard, metrics: (calls.append(shard),
-                                                                            original(self, shard, metrics)))
+    monkeypatch.setattr(RunFolder, "put", counting)
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0
     assert calls == [0, 1, 2], "the second run measured only the two missing shards"
     resumed = json.loads(next((tmp_path / "killed").glob("*.json")).read_text())

@@ -89,22 +89,22 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from lens_compare import store
     from lens_compare.run import main
-    method, after = sys.argv[1], int(sys.argv[2])
-    original = getattr(store.RunFolder, method)
+    kind, after = store.Kind[sys.argv[1]], int(sys.argv[2])
+    original = store.RunFolder.put
     calls = []
-    def dying(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == after:
+    def dying(self, put_kind, *args, **kwargs):
+        original(self, put_kind, *args, **kwargs)
+        calls.append(put_kind)
+        if calls.count(kind) == after:
             os.kill(os.getpid(), signal.SIGKILL)
-    setattr(store.RunFolder, method, dying)
+    store.RunFolder.put = dying
     sys.exit(main(sys.argv[3:]))
 """)
 
 
-def _kill_after(tmp_path: Path, method: str, after: int, args: list[str]) -> None:
+def _kill_after(tmp_path: Path, kind: str, after: int, args: list[str]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", KILLER, method, str(after), *args], env=env,
+    done = subprocess.run([sys.executable, "-c", KILLER, kind, str(after), *args], env=env,
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
 
@@ -134,28 +134,28 @@ def _same_outputs(a: dict[str, Path], b: dict[str, Path], same_command: bool = T
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, method, after", [
-    ("resident", "put_metrics", 2),      # killed after 2 of 5 shards
-    ("sequential", "put_states", 3),     # killed while the base model spills its shards
-    ("sequential", "put_metrics", 1),    # killed while the SFT model compares
-    ("stream", "put_state_metrics", 2),  # killed in the first shard, after its embeddings and block 0
-    ("stream", "put_state", 5),          # killed between the base and SFT model's state 2
+@pytest.mark.parametrize("strategy, kind, after", [
+    ("resident", "METRICS", 2),      # killed after 2 of 5 shards
+    ("sequential", "STATES", 3),     # killed while the base model spills its shards
+    ("sequential", "METRICS", 1),    # killed while the SFT model compares
+    ("stream", "STATE_METRICS", 2),  # killed in the first shard, after its embeddings and block 0
+    ("stream", "STATE", 5),          # killed between the base and SFT model's state 2
 ])
-def test_killed_run_resumes_to_identical_outputs(perturbed_llama, tmp_path, capsys, caplog, strategy, method, after):
+def test_killed_run_resumes_to_identical_outputs(perturbed_llama, tmp_path, capsys, caplog, strategy, kind, after):
     base, sft, _ = perturbed_llama
     assert main(_cli(tmp_path, base, sft, "clean", "--strategy", strategy)) == 0
     clean = _outputs(capsys)
     args = _cli(tmp_path, base, sft, "killed", "--strategy", strategy)
-    _kill_after(tmp_path, method, after, args)
+    _kill_after(tmp_path, kind, after, args)
     folders = list((tmp_path / "killed" / "runs").iterdir())
     assert len(folders) == 1
     finished = len(list((folders[0] / "metrics").glob("*.safetensors")))
-    assert finished == (after if method == "put_metrics" else 0)
+    assert finished == (after if kind == "METRICS" else 0)
     caplog.clear()
     with caplog.at_level("INFO", logger="lens_compare"):
         assert main(args[:-1]) == 0  # without -q: the resume line is logged
     assert f"{finished} of 5 shard(s) already finished" in caplog.text
-    if method == "put_states":
+    if kind == "STATES":
         assert f"{after} base shard(s) spilled" in caplog.text
     resumed = _outputs(capsys)
     _same_outputs(resumed, clean)
@@ -203,6 +203,7 @@ def test_run_folder_refuses_a_foreign_manifest(tmp_path):
 def test_resume_clears_leftover_temporary_files(tmp_path):
     folder = RunFolder(tmp_path / "run", {"a": 1})
     stale = folder.path / "metrics" / ".00000.safetensors.abc.tmp"
+    stale.parent.mkdir()
     stale.write_bytes(b"half")
     RunFolder(tmp_path / "run", {"a": 1})
     assert not stale.exists()

@@ -189,6 +189,7 @@ def test_each_checkpoint_is_read_once_whatever_the_prompts(tiny_model_dirs, monk
 
 def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llama, tmp_path, monkeypatch):
     from lens_compare.comparison import Comparison, open_run_folder
+    from lens_compare.store import Kind
 
     base, sft, _ = perturbed_llama
     config = _pair_config(base, sft, strategy="stream")
@@ -206,9 +207,10 @@ def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llam
     monkeypatch.setattr(StreamedModel, "run_block", dying_run_block)
     with pytest.raises(KeyboardInterrupt):
         Comparison(config, held_in_memory=False).run(folder)
-    assert not folder.finished(0)
+    assert not folder.has(Kind.METRICS, shard=0)
     # The default logit lens (the output only) keeps no state: the frontier, 2, is all there is.
-    assert folder.layer_states("base", 0) == folder.layer_states("sft", 0) == [2]
+    for role in ("base", "sft"):
+        assert [key.state for key in folder.keys(Kind.STATE, role=role, shard=0)] == [2]
     blocks_run.clear()
     # A fresh process would build its own Comparison and find the folder by the run's fingerprint.
     resuming = Comparison(config, held_in_memory=False)

@@ -3,7 +3,7 @@
 An engine is a function ``engine(job, store)``: it runs every shard the store does
 not hold yet through both models and leaves in the store each shard's per-state
 metrics (and the states themselves when ``job.keep_states``), plus what it learnt
-from each model's weights (``store.put_facts``). The pipeline picks the engine by
+from each model's weights (``store.put(Kind.FACTS, ...)``). The pipeline picks the engine by
 the schedule the preflight chose and assembles the result from the store.
 
 - ``resident``: both models loaded at once (``engines.bridge.run_resident``);

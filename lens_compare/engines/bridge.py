@@ -28,7 +28,7 @@ from lens_compare.model_facts import ModelFacts, model_facts
 from lens_compare.per_token import state_metrics
 from lens_compare.placement import model_device_map, summarize_placement
 from lens_compare.progress import progress_bar
-from lens_compare.store import Store
+from lens_compare.store import Kind, Store
 
 logger = logging.getLogger("lens_compare")
 
@@ -95,7 +95,7 @@ def open_model(job: Job, side) -> LoadedModel:
 def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
     """Load ``side`` as ``job.loads`` says, record its facts in ``store``, free it on exit."""
     model = open_model(job, side)
-    store.put_facts(side.role, model.facts.to_dict())
+    store.put(Kind.FACTS, model.facts.to_dict(), role=side.role)
     try:
         yield model
     finally:
@@ -118,7 +118,7 @@ def shard_metrics(job: Job, shard: int, base: ResidualStates, sft: ResidualState
 
 
 def _pending(job: Job, store: Store) -> list[int]:
-    return [shard for shard in job.selected_shards() if not store.finished(shard)]
+    return [shard for shard in job.selected_shards() if not store.has(Kind.METRICS, shard=shard)]
 
 
 def _bar(job: Job, shards: list[int], desc: str) -> tqdm:
@@ -139,22 +139,22 @@ def run_resident(job: Job, store: Store) -> None:
                 base_states = base.capture(job, shard, None)
                 sft_states = sft.capture(job, shard, bar.update)
                 if job.keep_states:
-                    store.put_states("base", shard, base_states)
-                    store.put_states("sft", shard, sft_states)
+                    store.put(Kind.STATES, base_states, role="base", shard=shard)
+                    store.put(Kind.STATES, sft_states, role="sft", shard=shard)
                 heads = {"base": base.head, "sft": sft.head} if job.logit_lens else None
-                store.put_metrics(shard, shard_metrics(job, shard, base_states, sft_states, heads))
+                store.put(Kind.METRICS, shard_metrics(job, shard, base_states, sft_states, heads), shard=shard)
 
 
 def run_sequential(job: Job, store: Store) -> None:
     """Base once for every pending shard (states spilled to the store), then SFT once."""
     pending = _pending(job, store)
     base_side, sft_side = job.run.sides
-    need_base = [shard for shard in pending if not store.has_states("base", shard)]
+    need_base = [shard for shard in pending if not store.has(Kind.STATES, role="base", shard=shard)]
     base_head = None
     if need_base:
         with loaded(job, base_side, store) as base, _bar(job, need_base, "base") as bar:
             for shard in need_base:
-                store.put_states("base", shard, base.capture(job, shard, bar.update))
+                store.put(Kind.STATES, base.capture(job, shard, bar.update), role="base", shard=shard)
             # Kept for the logit lens: the final norm and unembedding only, copied out of the model.
             base_head = base.head.detached() if base.head is not None else None
     if not pending:
@@ -167,9 +167,9 @@ def run_sequential(job: Job, store: Store) -> None:
         heads = {"base": base_head, "sft": sft.head} if job.logit_lens else None
         for shard in pending:
             sft_states = sft.capture(job, shard, bar.update)
-            base_states = store.get_states("base", shard)
+            base_states = store.get(Kind.STATES, role="base", shard=shard)
             if job.keep_states:
-                store.put_states("sft", shard, sft_states)
-            store.put_metrics(shard, shard_metrics(job, shard, base_states, sft_states, heads))
+                store.put(Kind.STATES, sft_states, role="sft", shard=shard)
+            store.put(Kind.METRICS, shard_metrics(job, shard, base_states, sft_states, heads), shard=shard)
             if not job.keep_states:
-                store.drop_states("base", shard)
+                store.drop(Kind.STATES, role="base", shard=shard)

@@ -39,11 +39,10 @@ from lens_compare.loading import fingerprint_tensors
 from lens_compare.model_facts import ModelFacts, model_facts
 from lens_compare.per_token import one_state_metrics, stack_state_rows
 from lens_compare.progress import progress_bar
-from lens_compare.store import Store
+from lens_compare.store import ROLES, Kind, Store
 from lens_compare.streaming import StreamedModel, forward_batches
 
 logger = logging.getLogger("lens_compare")
-ROLES = ("base", "sft")
 
 
 @contextmanager
@@ -96,14 +95,14 @@ def _facts(job: Job, model: StreamedModel, embedding: Tensor) -> ModelFacts:
 
 def _resume_point(store: Store, shard: int) -> int | None:
     """The newest state both models have stored for ``shard`` (None: start from the embeddings)."""
-    held = [set(store.layer_states(role, shard)) for role in ROLES]
+    held = [{key.state for key in store.keys(Kind.STATE, role=role, shard=shard)} for role in ROLES]
     common = held[0] & held[1]
     return max(common) if common else None
 
 
 def run_stream(job: Job, store: Store) -> None:
     """Every pending shard through both models, layer-major (see the module docstring)."""
-    pending = [shard for shard in job.selected_shards() if not store.finished(shard)]
+    pending = [shard for shard in job.selected_shards() if not store.has(Kind.METRICS, shard=shard)]
     if not pending:
         return
     models = _open_models(job)
@@ -151,15 +150,15 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
         hidden = {}
         for role, model in models.items():
             def keep_facts(weight, role=role, model=model):
-                if store.get_facts(role) is None:
-                    store.put_facts(role, _facts(job, model, weight).to_dict())
+                if not store.has(Kind.FACTS, role=role):
+                    store.put(Kind.FACTS, _facts(job, model, weight).to_dict(), role=role)
 
             hidden[role] = model.embed(token_ids, batches, on_embedding=keep_facts)
             hidden[role].masked_fill_(~real[..., None], 0)
         _finish_state(job, store, shard, 0, hidden, None)
         start = 0
     else:
-        hidden = {role: store.get_state(role, shard, start) for role in ROLES}
+        hidden = {role: store.get(Kind.STATE, role=role, shard=shard, state=start) for role in ROLES}
         logger.info("shard %d: resuming the stream after block %d of %d", shard, start - 1, n_blocks)
     contexts = {role: model.contexts(hidden[role], real, batches) for role, model in models.items()}
     order = [(role, block) for block in range(start, n_blocks) for role in ROLES]
@@ -184,22 +183,23 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
             # glibc's reuse of fragmented heap grows the run's memory block after block.
             trim_heap()
             bar.update(1)
-    rows = [store.get_state_metrics(shard, state) for state in job.states]
+    rows = [store.get(Kind.STATE_METRICS, shard=shard, state=state) for state in job.states]
     metrics = stack_state_rows(rows)
     if job.component_layers:
         # Block l's writes were stored with state l + 1, its output.
-        metrics.update(stack_rows([store.get_state_metrics(shard, layer + 1) for layer in job.component_layers],
-                                  COMPONENT_KEYS))
+        metrics.update(stack_rows([store.get(Kind.STATE_METRICS, shard=shard, state=layer + 1)
+                                   for layer in job.component_layers], COMPONENT_KEYS))
     if heads is not None:
         metrics.update(_streamed_logit_lens(job, store, heads, models["base"].n_layers, shard, real))
-    store.put_metrics(shard, metrics)
-    store.drop_state_metrics(shard)
+    store.put(Kind.METRICS, metrics, shard=shard)
+    store.drop(Kind.STATE_METRICS, shard=shard)
     for role in ROLES:
-        for state in store.layer_states(role, shard):
-            if not (job.keep_states and state in job.states):
-                store.drop_state(role, shard, state)
+        for key in store.keys(Kind.STATE, role=role, shard=shard):
+            if not (job.keep_states and key.state in job.states):
+                store.drop(Kind.STATE, role=role, shard=shard, state=key.state)
         if job.keep_states:
-            store.keep_layer_states(role, shard, models[role].n_layers, job.states)
+            store.put(Kind.KEPT, {"n_layers": models[role].n_layers, "states": list(job.states)},
+                      role=role, shard=shard)
 
 
 def _streamed_logit_lens(job: Job, store: Store, heads: dict[str, Head], n_layers: int, shard: int,
@@ -207,9 +207,11 @@ def _streamed_logit_lens(job: Job, store: Store, heads: dict[str, Head], n_layer
     """The logit lens of a finished shard, from the heads read before the first block and the lensed
     states kept in the store (each read back once)."""
     with lens_progress(job, shard) as on_layer:
-        return logit_lens_metrics(heads, lambda role, state: store.get_state(role, shard, state), job.lens_layers,
-                                  n_layers, real, budget=job.lens_chunk_bytes, states_in_memory=False,
-                                  on_layer=on_layer)
+        def read_state(role: str, state: int) -> Tensor:
+            return store.get(Kind.STATE, role=role, shard=shard, state=state)
+
+        return logit_lens_metrics(heads, read_state, job.lens_layers, n_layers, real, budget=job.lens_chunk_bytes,
+                                  states_in_memory=False, on_layer=on_layer)
 
 
 def _finish_state(
@@ -226,10 +228,10 @@ def _finish_state(
         metrics = one_state_metrics(current["base"], current["sft"], before)
         if writes:
             metrics.update(block_component_metrics(writes["base"], writes["sft"]))
-        store.put_state_metrics(shard, state, metrics)
+        store.put(Kind.STATE_METRICS, metrics, shard=shard, state=state)
     for role in ROLES:
-        store.put_state(role, shard, state, current[role])
+        store.put(Kind.STATE, current[role], role=role, shard=shard, state=state)
     kept = (job.keep_states and state - 1 in job.states) or state - 1 in lens_states(job)
     if state > 0 and not kept:
         for role in ROLES:
-            store.drop_state(role, shard, state - 1)
+            store.drop(Kind.STATE, role=role, shard=shard, state=state - 1)
