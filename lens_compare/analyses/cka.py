@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from lens_compare.aggregate import token_mask
+from lens_compare.aggregate import aggregated_positions, token_mask
 
 
 def gram_bytes(n_layers: int, n_tokens: int) -> int:
@@ -101,8 +101,7 @@ def layer_cka(job, store) -> dict[str, Any]:
     """CKA between every captured layer's resid_post of both models, over the aggregates' tokens
     (``job``: the run's ``lens_compare.engines.Job``), read back from the ``store`` layer by layer."""
     run = job.run
-    positions = "all" if run.config.include_first_token else "rest"
-    mask = token_mask(job.real, positions)
+    mask = token_mask(job.real, aggregated_positions(run.config.include_first_token))
     masks = [mask[start:stop] for start, stop in job.layout.bounds]
     states = tuple(layer + 1 for layer in run.layers)
     found = cka_matrices(
