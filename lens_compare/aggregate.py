@@ -29,6 +29,16 @@ def token_mask(
     return keep
 
 
+def aggregated_positions(include_first_token: bool) -> str:
+    """The ``token_mask`` positions the per-layer aggregates count: every real token with
+    ``include_first_token``, else all but position 0 (the attention sink, reported on its own as ``first``).
+
+    >>> aggregated_positions(False)
+    'rest'
+    """
+    return "all" if include_first_token else "rest"
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lens_compare.aggregate import token_mask
+from lens_compare.aggregate import aggregated_positions, token_mask
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.bootstrap import Bootstrap
@@ -250,7 +250,7 @@ def assemble(
 
 def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
     """CKA over the aggregates' tokens, each state read back from the store shard by shard."""
-    mask = token_mask(job.real, "all" if run.config.include_first_token else "rest")
+    mask = token_mask(job.real, aggregated_positions(run.config.include_first_token))
     masks = [mask[start:stop] for start, stop in job.layout.bounds]
     return layer_cka(lambda role, state: (store.get(Kind.STATE, role=role, shard=shard, state=state) for shard in range(job.layout.count)),
                      run.layers, masks)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from lens_compare.aggregate import aggregated_positions
 from lens_compare.analyses.components import COMPONENT_METRICS
 from lens_compare.errors import LensCompareError
 from lens_compare.hooks import COMPONENTS, HOOK_KINDS
@@ -320,7 +321,7 @@ def _one_layer_lens(result):
     n_prompts = len(result.tokens.token_ids)
     prompts = np.arange(n_prompts)
     values = result.analysis_metrics if result.metrics is not None else {}
-    mask = result.positions_mask("all" if result.include_first_token else "rest").numpy()
+    mask = result.positions_mask(aggregated_positions(result.include_first_token)).numpy()
     for index, key in enumerate(("kl_sft_base", "js")):
         colour, shift = colours[index], (index - 0.5) * 0.3
         if key in values:

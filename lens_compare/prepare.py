@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lens_compare.aggregate import aggregated_positions, token_mask
 from lens_compare.analyses.lens_choice import OFF, LensChoice, choose_logit_lens
 from lens_compare.config import RunConfig
 from lens_compare.errors import ConfigError, TokenizationError
@@ -197,7 +198,12 @@ class PreparedRun:
 
     def aggregated_tokens(self) -> int:
         """Real tokens the per-layer aggregates (and CKA) cover: position 0 left out unless included."""
-        return sum(self.tokenized.lengths) - (0 if self.config.include_first_token else len(self.tokenized.lengths))
+        return _aggregated_tokens(self.tokenized, self.config.include_first_token)
+
+
+def _aggregated_tokens(tokenized: TokenizedPrompts, include_first_token: bool) -> int:
+    _, real = tokenized.padded(pad_id=0)  # the pad id does not change which tokens are real
+    return int(token_mask(real, aggregated_positions(include_first_token)).sum())
 
 
 def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> PreparedRun:
@@ -250,7 +256,7 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
     )
     for side in (base, sft):
         check_context(tokenized, context_length(model_configs[side.role]), f"{side.role} model {side.ref}")
-    if not config.include_first_token and max(tokenized.lengths) < 2:
+    if _aggregated_tokens(tokenized, config.include_first_token) == 0:
         raise TokenizationError(
             f"every prompt is a single token ({', '.join(repr(p) for p in prompts[:3])}"
             f"{', ...' if len(prompts) > 3 else ''}), and position 0 is left out of the per-layer aggregates "

@@ -9,7 +9,7 @@ import pandas as pd
 from jaxtyping import Bool
 from torch import Tensor
 
-from lens_compare.aggregate import analysis_records, largest_tokens, layer_records, token_mask
+from lens_compare.aggregate import aggregated_positions, analysis_records, largest_tokens, layer_records, token_mask
 from lens_compare.analyses import ANALYSES, TokenAnalysis
 from lens_compare.bootstrap import Bootstrap, unit_for
 from lens_compare.capture import ResidualStates
@@ -117,7 +117,7 @@ class ComparisonResult:
         """Per-layer aggregates; ``positions`` is ``all``, ``rest`` (no position 0), ``first``, or with a
         chat template ``template`` or ``content`` (see ``lens_compare.token_classes``)."""
         if positions is None:
-            positions = "all" if self.include_first_token else "rest"
+            positions = aggregated_positions(self.include_first_token)
         if self.metrics is None:
             if positions not in self.stored_records:
                 raise LensCompareError(
@@ -150,7 +150,7 @@ class ComparisonResult:
         if name not in held:
             raise LensCompareError(f"this result has no {name!r} analysis; it holds {held or 'none'}")
         if positions is None:
-            positions = "all" if self.include_first_token else "rest"
+            positions = aggregated_positions(self.include_first_token)
         if self.metrics is None:
             return self.layer_records(positions)[name]
         key = f"{name}/{positions}"
@@ -163,7 +163,7 @@ class ComparisonResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see the README for its schema)."""
-        positions = "all" if self.include_first_token else "rest"
+        positions = aggregated_positions(self.include_first_token)
         mask = token_mask(self.real_tokens, positions)
         return {
             "schema_version": SCHEMA_VERSION,
@@ -250,7 +250,7 @@ class ComparisonResult:
     def split_at_shared_prefix(self) -> tuple[Bool[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
         """The aggregates' tokens split at the shared prefix: every prompt's own tokens, and the
         prefix's tokens of prompt 0 only (see ``top_tokens``)."""
-        main = self.positions_mask("all" if self.include_first_token else "rest")
+        main = self.positions_mask(aggregated_positions(self.include_first_token))
         shared = self.tokens.shared_prefix
         own, prefix = main.clone(), main.clone()
         own[:, :shared] = False
@@ -270,7 +270,7 @@ class ComparisonResult:
 
         >>> result.summary(hook="resid_post", metric="cosine", positions="rest").plot(x="layer", y="mean")  # doctest: +SKIP
         """
-        main = "all" if self.include_first_token else "rest"
+        main = aggregated_positions(self.include_first_token)
         groups = (main, "first", *self.token_classes())
         for name, value, allowed in (("hook", hook, HOOK_COLUMN), ("metric", metric, METRIC_COLUMN),
                                      ("positions", positions, groups)):

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
+from lens_compare.aggregate import aggregated_positions
 from lens_compare.analyses import ANALYSES
 from lens_compare.bootstrap import Bootstrap
 from lens_compare.capture import ResidualStates
@@ -63,7 +64,7 @@ def load_run(path: str | Path) -> ComparisonResult:
     for row, ids in enumerate(token_ids):
         real[row, : len(ids)] = True
     include_first = document["aggregation"]["position_0"] == "included"
-    main = "all" if include_first else "rest"
+    main = aggregated_positions(include_first)
     untrained = {int(entry["id"]): float(entry["norm_over_median"]) for entry in provenance["untrained_base_tokens"]}
     table = _token_table(_stem(path))
     held = [a for a in ANALYSES if a.name in document]

@@ -14,6 +14,8 @@ layer and how many times the pair's drift exceeds it.
 
 import torch
 
+from lens_compare.aggregate import aggregated_positions
+
 
 ROWS = 5
 
@@ -22,7 +24,7 @@ def verdict(result, rows: int = ROWS, noise_floor=None) -> str:
     """Cosine and relative_l2 of ``resid_post`` at ``rows`` layers spread over the captured ones
     (and the layer of largest drift), that layer, and its most-moved token; with
     ``noise_floor`` (a result), its relative_l2 beside each row and the ratio."""
-    positions = "all" if result.include_first_token else "rest"
+    positions = aggregated_positions(result.include_first_token)
     records = {r["layer"]: r for r in result.layer_records(positions)["resid_post"]}
     floor = {} if noise_floor is None else {
         r["layer"]: (r["relative_l2"] or {}).get("mean") for r in noise_floor.layer_records(positions)["resid_post"]}

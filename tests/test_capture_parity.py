@@ -2,44 +2,22 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lens_compare.capture import capture_states
 from lens_compare.hooks import resid_post, resid_pre, states_for_layers
-from lens_compare.load_options import LoadOptions
-from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+from tests.fixtures.bridges import PROMPTS, load_bridge, padded_batch, reference_model
 from tests.fixtures.tiny_models import FAMILIES
-
-PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]
-
-
-def _bridge(directory, dtype="float32"):
-    ref = resolve_ref(str(directory))
-    options = LoadOptions(dtype, "cpu")
-    hf_model = load_hf_model(ref, load_config(ref), options)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    return boot_bridge(hf_model, ref, tokenizer, options), tokenizer
-
-
-def _batch(tokenizer):
-    encoded = tokenizer(PROMPTS, padding=True, return_tensors="pt", padding_side="right")
-    return encoded["input_ids"], encoded["attention_mask"].bool()
-
-
-def _reference(directory):
-    """A separately loaded HF model: booting a bridge modifies the model it wraps."""
-    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resid_pre_equals_hf_hidden_states(family, tiny_model_dirs):
     directory = tiny_model_dirs[family]
-    bridge, tokenizer = _bridge(directory)
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(directory)
+    ids, real = padded_batch(tokenizer)
     n_layers = bridge.cfg.n_layers
     layers = tuple(range(n_layers))
     captured = capture_states(bridge, ids, real, states_for_layers(layers), batch_size=2, label=family)
-    reference = _reference(directory)
+    reference = reference_model(directory)
     final_norm_input = {}
     final_norm = reference.model.norm if hasattr(reference, "model") else reference.transformer.ln_f
     handle = final_norm.register_forward_pre_hook(lambda _m, args: final_norm_input.update(x=args[0]))
@@ -64,8 +42,8 @@ def test_resid_pre_equals_hf_hidden_states(family, tiny_model_dirs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hooks_really_fire_and_post_equals_next_pre(family, tiny_model_dirs):
     """Guards the parity test: distinct layers differ, and the dedup of resid_post is sound."""
-    bridge, tokenizer = _bridge(tiny_model_dirs[family])
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(tiny_model_dirs[family])
+    ids, real = padded_batch(tokenizer)
     names = [resid_pre(layer) for layer in range(bridge.cfg.n_layers)]
     names += [resid_post(layer) for layer in range(bridge.cfg.n_layers)]
     with torch.no_grad():
@@ -79,8 +57,8 @@ def test_hooks_really_fire_and_post_equals_next_pre(family, tiny_model_dirs):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_padded_batch_equals_prompts_run_alone(family, tiny_model_dirs):
-    bridge, tokenizer = _bridge(tiny_model_dirs[family])
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(tiny_model_dirs[family])
+    ids, real = padded_batch(tokenizer)
     states = states_for_layers(tuple(range(bridge.cfg.n_layers)))
     batched = capture_states(bridge, ids, real, states, batch_size=3, label="batched")
     for row in range(len(PROMPTS)):

@@ -17,10 +17,8 @@ from lens_compare.loading import load_config, resolve_ref
 from lens_compare.comparison import run_comparison
 from lens_compare.run import main
 from lens_compare.streaming import stream_states
+from tests.fixtures.bridges import PROMPTS, load_bridge, padded_batch
 from tests.fixtures.tiny_models import FAMILIES, perturb_block
-from tests.test_capture_parity import _batch, _bridge
-
-PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]
 FP32 = {"atol": 1e-5, "rtol": 1.3e-6}
 STRATEGIES = ("resident", "sequential", "stream")
 
@@ -46,8 +44,8 @@ def _hf_writes(directory, ids, real):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sublayer_outputs_equal_hf_modules_and_add_up_to_the_block(family, tiny_model_dirs):
     directory = tiny_model_dirs[family]
-    bridge, tokenizer = _bridge(directory)
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(directory)
+    ids, real = padded_batch(tokenizer)
     layers = tuple(range(bridge.cfg.n_layers))
     captured = capture_states(bridge, ids, real, states_for_layers(layers), batch_size=2, label=family,
                               component_layers=layers)
@@ -68,8 +66,8 @@ def test_sublayer_outputs_equal_hf_modules_and_add_up_to_the_block(family, tiny_
 @pytest.mark.parametrize("family", ("qwen2", "llama", "mistral", "nemotron", "deepseek_v3", "gpt2"))
 def test_streamed_sublayer_outputs_equal_the_bridge(family, tiny_model_dirs):
     directory = tiny_model_dirs[family]
-    bridge, tokenizer = _bridge(directory)
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(directory)
+    ids, real = padded_batch(tokenizer)
     layers = (0, 2)
     states = states_for_layers(layers)
     expected = capture_states(bridge, ids, real, states, batch_size=2, label=family, component_layers=layers)

@@ -21,8 +21,8 @@ from lens_compare.norm_statistics import (
     restore_transformer_lens_norms,
     skip_unread_norm_statistics,
 )
+from tests.fixtures.bridges import load_bridge, padded_batch, reference_model
 from tests.fixtures.tiny_models import FAMILIES
-from tests.test_capture_parity import _batch, _bridge, _reference
 
 # The element-wise arithmetic of a norm (RMSNorm: pow, mean, add, rsqrt, mul; LayerNorm one
 # fused layer_norm) and of the rest of a block. Counted per forward, they must not exceed HF's.
@@ -45,7 +45,7 @@ class OpCensus(TorchDispatchMode):
 
 
 def _hf_hidden_states(directory, ids, real, census=None):
-    model = _reference(directory)
+    model = reference_model(directory)
     with torch.inference_mode(), census or _null():
         return model(ids, attention_mask=real.long(), output_hidden_states=True, use_cache=False).hidden_states
 
@@ -60,8 +60,8 @@ class _null:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_capture_does_the_arithmetic_of_a_bare_forward_and_equals_it_bit_for_bit(family, tiny_model_dirs):
-    bridge, tokenizer = _bridge(tiny_model_dirs[family])
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(tiny_model_dirs[family])
+    ids, real = padded_batch(tokenizer)
     n_layers = bridge.cfg.n_layers
     norms = [m for m in bridge.modules() if isinstance(m, NormalizationBridge)]
     assert norms and all(isinstance(m, SkipsUnreadStatistics) for m in norms)
@@ -82,8 +82,8 @@ def test_capture_does_the_arithmetic_of_a_bare_forward_and_equals_it_bit_for_bit
 def test_native_path_output_is_transformer_lens_own_bit_for_bit(family, tiny_model_dirs):
     """On the native-autograd path TransformerLens returns the HF norm's output when nothing
     edits the statistics: skipping them changes no bit of any state."""
-    bridge, tokenizer = _bridge(tiny_model_dirs[family])
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(tiny_model_dirs[family])
+    ids, real = padded_batch(tokenizer)
     states = states_for_layers(tuple(range(bridge.cfg.n_layers)))
     lean = capture_states(bridge, ids, real, states, batch_size=3, label="lean")
     n_norms = restore_transformer_lens_norms(bridge)
@@ -98,8 +98,8 @@ def test_native_path_output_is_transformer_lens_own_bit_for_bit(family, tiny_mod
 
 
 def test_bfloat16_capture_equals_hf_bit_for_bit(tiny_model_dirs):
-    bridge, tokenizer = _bridge(tiny_model_dirs["llama"], dtype="bfloat16")
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(tiny_model_dirs["llama"], dtype="bfloat16")
+    ids, real = padded_batch(tokenizer)
     captured = capture_states(bridge, ids, real, states_for_layers((0, 1, 2)), batch_size=3, label="bf16")
     # Loaded in bfloat16, not cast afterwards: ``.to`` would also round the rotary inv_freq buffer.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"], attn_implementation="eager",
@@ -115,8 +115,8 @@ def test_bfloat16_capture_equals_hf_bit_for_bit(tiny_model_dirs):
 def test_hooked_statistics_still_fire_and_edit(family, tiny_model_dirs):
     """A hook on hook_scale / hook_normalized runs TransformerLens's own forward: caching sees
     the statistics, an edit changes the stream, and removing the hooks restores the lean path."""
-    bridge, tokenizer = _bridge(tiny_model_dirs[family])
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(tiny_model_dirs[family])
+    ids, real = padded_batch(tokenizer)
     names = ["blocks.0.ln1.hook_scale", "blocks.0.ln1.hook_normalized", "blocks.1.hook_resid_pre"]
     with torch.no_grad():
         _, cache = bridge.run_with_cache(ids, attention_mask=real.long(), names_filter=names,
@@ -142,8 +142,8 @@ def test_nothing_of_the_forward_outlives_its_batch(tiny_model_dirs):
     """Between batches (``on_batch``) and after the capture, the only new activation-shaped
     tensor alive is the buffer of captured states: no batch's cache (or logits) lives on
     through the next forward. (The batch's 2-d mask slices are views of the input mask.)"""
-    bridge, tokenizer = _bridge(tiny_model_dirs["llama"])
-    ids, real = _batch(tokenizer)
+    bridge, tokenizer = load_bridge(tiny_model_dirs["llama"])
+    ids, real = padded_batch(tokenizer)
     states = states_for_layers((0, 1, 2))
     capture_states(bridge, ids, real, states, batch_size=1, label="warm-up")
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import einops
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 
@@ -83,17 +83,18 @@ def cka_matrices(
 
 
 def selected_features(
-    shard_states: Iterable[Float[Tensor, "prompt pos d_model"]], masks: Sequence[Bool[Tensor, "prompt pos"]],
+    shard_states: Iterable[Tensor], masks: Sequence[Tensor]
 ) -> Float[Tensor, "token d_model"]:
     """One model's features of one state: the ``masks``ed tokens of every shard's state, in order
-    (``masks[i]`` selects shard i's tokens; a shard's state may be narrower than its mask)."""
+    (``masks[i]``, Bool ``[prompt pos]``, selects shard i's tokens from its ``[prompt pos d_model]``
+    state, which may be narrower). Untyped in the signature: shards differ in prompts and width."""
     return torch.cat([state[mask[:, : state.shape[1]]] for state, mask in zip(shard_states, masks, strict=True)])
 
 
 def layer_cka(
-    shard_states: Callable[[str, int], Iterable[Float[Tensor, "prompt pos d_model"]]],
+    shard_states: Callable[[str, int], Iterable[Tensor]],
     layers: tuple[int, ...],
-    masks: Sequence[Bool[Tensor, "prompt pos"]],
+    masks: Sequence[Tensor],
 ) -> dict[str, Any]:
     """CKA between the resid_post of every layer in ``layers`` of both models, over the ``masks``ed
     tokens (the aggregates' tokens, one mask per shard). ``shard_states(role, state)`` yields that
