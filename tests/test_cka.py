@@ -85,7 +85,8 @@ def test_sanity_pair_diagonal_is_one(tiny_model_dirs):
 
 
 @pytest.mark.parametrize("extra", [{"strategy": "sequential"}, {"strategy": "stream"},
-                                   {"strategy": "resident", "shard_size": 1}])
+                                   {"strategy": "resident", "shard_size": 1},
+                                   {"strategy": "sequential", "shard_size": 2}])  # an uneven last shard
 def test_every_engine_gives_the_resident_matrix(perturbed_llama, extra):
     base, sft, block = perturbed_llama
     reference = run_comparison(_config(base, sft, strategy="resident")).cka
