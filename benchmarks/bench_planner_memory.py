@@ -45,7 +45,9 @@ import json, os, sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, transformers, transformer_lens.model_bridge, gguf  # noqa: F401  (the baseline)
 import lens_compare
-from lens_compare import comparison, pipeline, preflight
+from lens_compare.pipeline import comparison
+from lens_compare.pipeline import steps as pipeline
+from lens_compare.pipeline import preflight
 from lens_compare.engines import bridge, stream
 GIB = 2**30
 case = json.loads(sys.argv[1])

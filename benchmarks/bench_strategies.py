@@ -39,7 +39,9 @@ import json, os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, transformers, transformer_lens.model_bridge, bitsandbytes, safetensors  # noqa: F401 (baseline)
 import lens_compare
-from lens_compare import comparison, pipeline, preflight
+from lens_compare.pipeline import comparison
+from lens_compare.pipeline import steps as pipeline
+from lens_compare.pipeline import preflight
 GIB = 2**30
 def status(field):
     for line in open("/proc/self/status"):
@@ -72,8 +74,8 @@ def make_checkpoints(root: Path) -> tuple[Path, Path]:
     import torch
     from transformers import AutoTokenizer
 
-    from lens_compare.load_options import LoadOptions
-    from lens_compare.loading import load_config, load_hf_model, resolve_ref
+    from lens_compare.models.load_options import LoadOptions
+    from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
 
     copies = (root / "smollm2-f32-a", root / "smollm2-f32-b")
     if all((c / "config.json").is_file() for c in copies):

@@ -42,8 +42,8 @@ import json, os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, transformers, transformer_lens.model_bridge, safetensors, accelerate  # noqa: F401 (baseline)
 import lens_compare
-from lens_compare import comparison
-from lens_compare.checkpoint import SafetensorsCheckpoint
+from lens_compare.pipeline import comparison
+from lens_compare.models.checkpoint import SafetensorsCheckpoint
 GIB = 2**30
 def status(field):
     for line in open("/proc/self/status"):

@@ -40,7 +40,7 @@ def build_checkpoint(directory: Path, name: str, layers: int, divisor: int, toke
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lens_compare.hardware.sources import model_configs
-    from lens_compare.loading import load_tokenizer, resolve_ref
+    from lens_compare.models.loading import load_tokenizer, resolve_ref
 
     if (directory / "model.safetensors.index.json").is_file():
         return directory
@@ -114,7 +114,8 @@ def main() -> int:
     import torch
 
     import lens_compare
-    from lens_compare import comparison, preflight
+    from lens_compare.pipeline import comparison
+    from lens_compare.pipeline import preflight
 
     work = Path(args.work or tempfile.mkdtemp(prefix="lens_compare_big_"))
     directory = build_checkpoint(work / f"{args.model.split('/')[-1]}-{args.layers}l-d{args.width_divisor}",

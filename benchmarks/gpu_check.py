@@ -87,10 +87,10 @@ def capture_parity(args, base: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lens_compare.capture import capture_states
-    from lens_compare.hooks import states_for_layers
-    from lens_compare.load_options import LoadOptions
-    from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+    from lens_compare.capture.states import capture_states
+    from lens_compare.capture.hooks import states_for_layers
+    from lens_compare.models.load_options import LoadOptions
+    from lens_compare.models.loading import boot_bridge, load_config, load_hf_model, resolve_ref
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -12,8 +12,8 @@ that module needs them.
 import importlib
 
 _PUBLIC = {
-    "compare": "lens_compare.api",
-    "ResidualStates": "lens_compare.capture",
+    "compare": "lens_compare.pipeline.api",
+    "ResidualStates": "lens_compare.capture.states",
     "RunConfig": "lens_compare.config",
     "CaptureError": "lens_compare.errors",
     "CheckpointError": "lens_compare.errors",
@@ -23,13 +23,13 @@ _PUBLIC = {
     "ModelLoadError": "lens_compare.errors",
     "PairError": "lens_compare.errors",
     "TokenizationError": "lens_compare.errors",
-    "PairSpec": "lens_compare.pairs",
-    "builtin_pairs": "lens_compare.pairs",
-    "get_pair": "lens_compare.pairs",
-    "ComparisonResult": "lens_compare.result",
-    "concat_runs": "lens_compare.saved",
-    "load_run": "lens_compare.saved",
-    "verdict": "lens_compare.verdict",
+    "PairSpec": "lens_compare.models.pairs",
+    "builtin_pairs": "lens_compare.models.pairs",
+    "get_pair": "lens_compare.models.pairs",
+    "ComparisonResult": "lens_compare.results.result",
+    "concat_runs": "lens_compare.results.saved",
+    "load_run": "lens_compare.results.saved",
+    "verdict": "lens_compare.results.verdict",
     # The figures, a module of functions (lens_compare.plots.layer_profile(result), ...).
     "plots": None,
 }

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lens_compare.choices import ChatTemplateName, Dtype, ExportFormat, StrategyChoice
+from lens_compare.util.choices import ChatTemplateName, Dtype, ExportFormat, StrategyChoice
 from lens_compare.errors import ConfigError
-from lens_compare.files import read_structured
+from lens_compare.util.files import read_structured
 
 BLOCK = "residual_compare"
 LENS_MODES = ("auto", "all", "final", "off")

@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 
 from lens_compare.errors import LensCompareError
-from lens_compare.choices import DTYPES
-from lens_compare.cli import Parser, parse_or_exit, run_command
+from lens_compare.util.choices import DTYPES
+from lens_compare.util.cli import Parser, parse_or_exit, run_command
 
 
 def convert(spec: str, out_dir: Path, dtype: str = "float32") -> Path:
     """Write ``spec`` as a safetensors checkpoint (plus tokenizer) into ``out_dir``, atomically."""
-    from lens_compare.cache import build_once
+    from lens_compare.util.cache import build_once
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -29,17 +29,17 @@ def convert(spec: str, out_dir: Path, dtype: str = "float32") -> Path:
 
 def converted_checkpoint(spec: str, dtype: str = "float32") -> Path:
     """The cached safetensors copy of ``spec`` in ``dtype``, built on first use."""
-    from lens_compare.cache import build_once, cache_root
-    from lens_compare.fingerprint import checkpoint_fingerprint
-    from lens_compare.loading import resolve_ref
+    from lens_compare.util.cache import build_once, cache_root
+    from lens_compare.models.fingerprint import checkpoint_fingerprint
+    from lens_compare.models.loading import resolve_ref
 
     target = cache_root() / "safetensors" / f"{checkpoint_fingerprint(resolve_ref(spec))}-{dtype}"
     return build_once(target, lambda tmp: _write(spec, tmp, dtype))
 
 
 def _write(spec: str, directory: Path, dtype: str) -> None:
-    from lens_compare.load_options import LoadOptions
-    from lens_compare.loading import load_config, load_hf_model, load_tokenizer, resolve_ref
+    from lens_compare.models.load_options import LoadOptions
+    from lens_compare.models.loading import load_config, load_hf_model, load_tokenizer, resolve_ref
 
     ref = resolve_ref(spec)
     model = load_hf_model(ref, load_config(ref), LoadOptions(dtype, "cpu"))
@@ -65,6 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lens_compare.cli import exit_with
+    from lens_compare.util.cli import exit_with
 
     exit_with(main)

@@ -13,8 +13,8 @@ Exit status (as every lens_compare command): 0 when a strategy fits, 1 on a refu
 import argparse
 import json
 
-from lens_compare.choices import DTYPES, STRATEGIES
-from lens_compare.cli import Parser, add_run_options, parse_or_exit, run_command
+from lens_compare.util.choices import DTYPES, STRATEGIES
+from lens_compare.util.cli import Parser, add_run_options, parse_or_exit, run_command
 from lens_compare.hardware.machine import catalog_machine, detect_machine
 from lens_compare.hardware.planner import plan_pair
 
@@ -48,7 +48,7 @@ def _dtype(args: argparse.Namespace) -> str | None:
     if args.dtype or not args.here:
         return args.dtype
     if args.pair:
-        from lens_compare.pairs import get_pair
+        from lens_compare.models.pairs import get_pair
 
         spec = get_pair(args.pair)
         if spec.base_dtype or spec.sft_dtype:
@@ -84,6 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lens_compare.cli import exit_with
+    from lens_compare.util.cli import exit_with
 
     exit_with(main)

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from lens_compare.aggregate import aggregated_positions
+from lens_compare.metrics.aggregate import aggregated_positions
 from lens_compare.analyses.components import COMPONENT_METRICS
 from lens_compare.errors import LensCompareError
-from lens_compare.hooks import COMPONENTS, HOOK_KINDS
-from lens_compare.metrics import METRIC_NAMES
-from lens_compare.progress import in_notebook
+from lens_compare.capture.hooks import COMPONENTS, HOOK_KINDS
+from lens_compare.metrics.residual import METRIC_NAMES
+from lens_compare.util.progress import in_notebook
 
 # Metrics drawn as 1 - value on a log axis, and metrics drawn on a log axis as they are.
 ONE_MINUS = ("cosine", "base_cosine_prev", "sft_cosine_prev")
@@ -424,7 +424,7 @@ def position_heatmap(result, metric: str, prompt: int, *, hook: str = "resid_pos
         label += " (log" + ("; grey: 0, identical)" if (shown == 0).any() else ")")
     image = ax.imshow(shown, aspect="auto", origin="lower", cmap=cmap, norm=norm, interpolation="nearest")
     figure.colorbar(image, ax=ax, label=label)
-    # Token strings are readable (lens_compare.tokens.readable_tokens); runs saved before that hold
+    # Token strings are readable (lens_compare.models.tokens.readable_tokens); runs saved before that hold
     # raw byte-level BPE, whose "Ġ" (a leading space) and "Ċ" (a newline) read ␣ and ↵ here too.
     tokens = [t.replace("Ġ", "␣").replace("Ċ", "↵").replace("\n", "↵") for t in result.token_strings[prompt][:length]]
     ax.set_xticks(range(length), tokens, rotation=90, fontsize=7)
@@ -454,7 +454,7 @@ def norm_profile(result, *, hook: str = "resid_post", ax=None):
 
 
 def training_curve(report: dict[str, Any], *, window: int = 5, ax=None):
-    """A demo fine-tune's loss on answer tokens by step (``lens_compare.demo_ft``'s report), with
+    """A demo fine-tune's loss on answer tokens by step (``lens_compare.demo.fine_tune``'s report), with
     its running mean over ``window`` steps; the title gives held-out exact-match accuracy."""
     figure, ax = (_subplots((7.5, 4.0)) if ax is None else (ax.figure, ax))
     losses = np.asarray(report["losses"], dtype=float)
@@ -481,7 +481,7 @@ def training_curve(report: dict[str, Any], *, window: int = 5, ax=None):
 
 def save_figure(figure, path: Path) -> Path:
     """Write ``figure`` as a PNG at ``path`` (atomically)."""
-    from lens_compare.outputs import write_atomically
+    from lens_compare.util.outputs import write_atomically
 
     return write_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 

@@ -12,19 +12,19 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lens_compare.cli import Parser, add_run_options, given_run_options, parse_or_exit, run_command, setup_logging
-from lens_compare.comparison import Comparison, open_run_folder
+from lens_compare.util.cli import Parser, add_run_options, given_run_options, parse_or_exit, run_command, setup_logging
+from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.engines import Job
-from lens_compare.dtypes import TORCH_DTYPES
-from lens_compare.outputs import check_export_formats, check_output_dir, write_frame, write_json
-from lens_compare.pairs import builtin_pairs
-from lens_compare.pipeline import check_spill_space, summary_line
-from lens_compare.preflight import memory_preflight
-from lens_compare.residual_file import write_residual_file
-from lens_compare.saved import load_run
-from lens_compare.store import STATE_KINDS, Kind, RunFolder
-from lens_compare.verdict import verdict
+from lens_compare.util.dtypes import TORCH_DTYPES
+from lens_compare.util.outputs import check_export_formats, check_output_dir, write_frame, write_json
+from lens_compare.models.pairs import builtin_pairs
+from lens_compare.pipeline.steps import check_spill_space, summary_line
+from lens_compare.pipeline.preflight import memory_preflight
+from lens_compare.results.residual_file import write_residual_file
+from lens_compare.results.saved import load_run
+from lens_compare.engines.store import STATE_KINDS, Kind, RunFolder
+from lens_compare.results.verdict import verdict
 
 logger = logging.getLogger("lens_compare")
 
@@ -174,6 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lens_compare.cli import exit_with
+    from lens_compare.util.cli import exit_with
 
     exit_with(main)

@@ -73,7 +73,7 @@ def smollm2_ft(smollm2_gguf, shared_cache) -> Path:
     """The real smollm2-ft fine-tune (``demo:smollm2-ft``), trained once into the shared cache (about
     two minutes on two cores; `make demo` and every later session reuse it), where runs and
     notebooks find it."""
-    from lens_compare.demo_ft import demo_checkpoint
-    from lens_compare.demo_recipes import recipe_for
+    from lens_compare.demo.fine_tune import demo_checkpoint
+    from lens_compare.models.demo_recipes import recipe_for
 
     return demo_checkpoint(recipe_for("demo:smollm2-ft"))

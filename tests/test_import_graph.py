@@ -112,7 +112,7 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking_ones():
     # engines/__init__ imports its engines only inside ``_engines()``.
     assert "lens_compare.engines.bridge" in graph["lens_compare.engines"]
     # execution imports prepare for a type only.
-    assert "lens_compare.prepare" not in graph["lens_compare.execution"]
+    assert "lens_compare.pipeline.prepare" not in graph["lens_compare.pipeline.execution"]
     assert len(graph) > 50
 
 

@@ -24,7 +24,7 @@ from lens_compare.analyses.logit_lens import (
     token_divergences,
 )
 from lens_compare.errors import ConfigError
-from lens_compare.comparison import run_comparison
+from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.run import main
 from tests.fixtures.tiny_models import FAMILIES
 
@@ -232,7 +232,7 @@ def test_cli_json_round_trip_partial_lens_and_switch_off(perturbed_llama, tmp_pa
     assert set(table["layer"]) == {2} and len(table) == int(loaded.real_tokens.sum())
     assert loaded.summary(metric="kl_sft_base", positions="rest")["layer"].tolist() == [2]
     from lens_compare import plots
-    from lens_compare.verdict import verdict
+    from lens_compare.results.verdict import verdict
 
     assert plots.logit_lens_curves(loaded).axes and "logit_lens" in plots.standard_figures(loaded)
     assert "next-token distributions (the models' outputs" in verdict(loaded)
@@ -246,8 +246,8 @@ def test_cli_json_round_trip_partial_lens_and_switch_off(perturbed_llama, tmp_pa
 def test_a_streamed_run_reads_the_heads_first_and_keeps_two_states_at_the_output(perturbed_llama, monkeypatch):
     """The stream reads both heads before its first block; with the lens at the output only it holds two
     states per model at any time, and with it at every layer the lensed states until the last block."""
-    from lens_compare import streaming
-    from lens_compare.store import Kind, MemoryStore
+    from lens_compare.capture import streamed as streaming
+    from lens_compare.engines.store import Kind, MemoryStore
 
     base, sft, _ = perturbed_llama
     reads, held = [], {"final": 0, "all": 0}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lens_compare.aggregate import layer_records, token_mask
-from lens_compare.capture import ResidualStates
-from lens_compare.hooks import HOOK_KINDS, states_for_layers
-from lens_compare.metrics import (
+from lens_compare.metrics.aggregate import layer_records, token_mask
+from lens_compare.capture.states import ResidualStates
+from lens_compare.capture.hooks import HOOK_KINDS, states_for_layers
+from lens_compare.metrics.residual import (
     METRIC_NAMES,
     cosine,
     cross_model,
@@ -18,7 +18,7 @@ from lens_compare.metrics import (
     masked_stats,
     relative_l2,
 )
-from lens_compare.per_token import token_metrics
+from lens_compare.metrics.per_token import token_metrics
 
 
 def np_cos(a, b):
@@ -174,7 +174,7 @@ def test_shape_annotations_are_enforced_under_pytest():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cosine_of_identical_and_opposite_vectors_is_exact_and_bounded(dtype):
     """The sanity pair's claim: identical states give cosine exactly 1 (not 1.0000001)."""
-    from lens_compare.metrics import cosine, cross_model
+    from lens_compare.metrics.residual import cosine, cross_model
 
     generator = torch.Generator().manual_seed(3)
     x = (torch.randn(64, 50, 576, generator=generator) * 40).to(dtype)

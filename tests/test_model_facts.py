@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from lens_compare.model_facts import ModelFacts, model_facts
+from lens_compare.models.facts import ModelFacts, model_facts
 
 
 def test_the_base_models_untrained_rows_survive_the_json_round_trip():

@@ -1,4 +1,4 @@
-"""The bridge's norms skip the statistics no hook reads (``lens_compare.norm_statistics``).
+"""The bridge's norms skip the statistics no hook reads (``lens_compare.capture.norm_statistics``).
 
 A capture must cost what a bare HF forward costs: the same arithmetic, counted op by op at
 the dispatcher, and the same numbers, bit for bit. Hooks on ``hook_scale`` /
@@ -14,9 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 from transformers import AutoModelForCausalLM
 
-from lens_compare.capture import capture_states
-from lens_compare.hooks import states_for_layers
-from lens_compare.norm_statistics import (
+from lens_compare.capture.states import capture_states
+from lens_compare.capture.hooks import states_for_layers
+from lens_compare.capture.norm_statistics import (
     SkipsUnreadStatistics,
     restore_transformer_lens_norms,
     skip_unread_norm_statistics,

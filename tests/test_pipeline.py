@@ -9,8 +9,8 @@ import torch
 import lens_compare
 from lens_compare.analyses.components import COMPONENT_METRICS
 from lens_compare.analyses.logit_lens import LOGIT_LENS_KEYS
-from lens_compare.metrics import METRIC_NAMES
-from lens_compare.result import SCHEMA_VERSION
+from lens_compare.metrics.residual import METRIC_NAMES
+from lens_compare.results.result import SCHEMA_VERSION
 from tests.fixtures.tiny_models import FAMILIES
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a b c d e f g"]
@@ -133,7 +133,7 @@ def test_models_of_different_depth_are_refused_before_loading(tiny_model_dirs, t
 
 def test_verdict_names_the_layer_and_token_of_largest_drift(perturbed_llama):
     import lens_compare
-    from lens_compare.verdict import verdict
+    from lens_compare.results.verdict import verdict
 
     base, sft, block = perturbed_llama
     result = lens_compare.compare(base=str(base), sft=str(sft), prompts=["the quick brown fox jumps", "hello world"])
@@ -156,7 +156,7 @@ def test_verdict_names_the_layer_and_token_of_largest_drift(perturbed_llama):
 
 def test_verdict_reads_the_drift_against_a_noise_floor_run(perturbed_llama):
     import lens_compare
-    from lens_compare.verdict import verdict
+    from lens_compare.results.verdict import verdict
 
     base, sft, block = perturbed_llama
     prompts = ["the quick brown fox jumps", "hello world"]

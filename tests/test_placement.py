@@ -17,8 +17,8 @@ from lens_compare.hardware.gpus import resolve_gpu
 from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.sources import ModelSource, checkpoint_of, model_configs
 from lens_compare.hardware.units import GIB
-from lens_compare.load_options import LoadOptions
-from lens_compare.placement import (
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.models.placement import (
     accelerate_map,
     block_names,
     greedy_map,
@@ -188,11 +188,11 @@ def test_tied_head_sits_with_the_embedding():
 
 def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, metas):
     """The whole chain on a fake 4-GPU machine: the planner's pick, its split, the maps."""
-    from lens_compare import preflight
-    from lens_compare.execution import PlanFacts
-    from lens_compare.hardware.architecture import transformers_config
-    from lens_compare.loading import ModelRef
-    from lens_compare.refs import Side
+    from lens_compare.pipeline import preflight
+    from lens_compare.pipeline.execution import PlanFacts
+    from lens_compare.models.architecture import transformers_config
+    from lens_compare.models.loading import ModelRef
+    from lens_compare.models.refs import Side
 
     config = transformers_config(two_layers("meta-llama/Llama-3.1-70B"))
     units = placement_units(metas["meta-llama/Llama-3.1-70B"])
@@ -220,7 +220,7 @@ def test_what_the_loader_and_the_bridge_receive_for_a_split(monkeypatch, tiny_mo
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
-    from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+    from lens_compare.models.loading import boot_bridge, load_config, load_hf_model, resolve_ref
 
     seen = {}
 

@@ -21,7 +21,7 @@ from lens_compare.hardware import (
     resolve_gpu,
     weight_bytes,
 )
-from lens_compare.hardware.params import TensorGroup, model_groups
+from lens_compare.models.params import TensorGroup, model_groups
 from lens_compare.hardware.run_memory import model_run_terms
 from lens_compare.hardware.sources import model_configs
 from lens_compare.plan import main
@@ -452,7 +452,7 @@ def test_hub_ids_plan_offline_from_the_shipped_configs_and_others_fail_at_once(m
     sides); any other hub id fails in one line at once, offline, instead of retrying for half a minute."""
     import time
 
-    from lens_compare.hub import hub_reachable
+    from lens_compare.models.hub import hub_reachable
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_reachable.cache_clear()

@@ -5,7 +5,9 @@ import logging
 import pytest
 
 import lens_compare
-from lens_compare import comparison, pipeline, preflight
+from lens_compare.pipeline import comparison
+from lens_compare.pipeline.prepare import prepare_run
+from lens_compare.pipeline import preflight
 from lens_compare.engines import bridge
 from lens_compare.errors import HardwareError
 from lens_compare.hardware import Machine
@@ -117,7 +119,7 @@ def test_auto_never_runs_nf4_unasked_and_the_refusal_says_it_would_fit(tiny_mode
 
     monkeypatch.setattr(preflight, "plan_models", nf4_only)
     directory = str(tiny_model_dirs["llama"])
-    run = pipeline.prepare_run(lens_compare.RunConfig(base_model=directory, sft_model=directory,
+    run = prepare_run(lens_compare.RunConfig(base_model=directory, sft_model=directory,
                                                       prompts=tuple(PROMPTS)))
     with pytest.raises(HardwareError, match=r"nothing fits on CPU .*\(nf4 would fit: --strategy nf4, read against "
                                             r"the NF4 noise floor\); resident: needs more than this machine"):

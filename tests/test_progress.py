@@ -5,7 +5,7 @@ import warnings
 import pytest
 from tqdm import tqdm as text_tqdm
 
-from lens_compare import progress
+from lens_compare.util import progress
 
 
 def test_terminal_gets_a_text_bar(monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 
 from lens_compare.errors import PairError
-from lens_compare.pairs import builtin_pairs, get_pair, load_pairs_file
+from lens_compare.models.pairs import builtin_pairs, get_pair, load_pairs_file
 
 SEED_KEYS = (
     "qwen0.5b", "qwen1.5b", "qwen3b", "qwen7b", "qwen14b", "qwen32b", "qwen72b",
@@ -59,7 +59,7 @@ def test_user_pairs_from_yaml(tmp_path):
 def test_hub_ids_take_the_real_loading_path_and_fail_clearly_offline():
     """HF_HUB_OFFLINE=1 (conftest): the hub code path runs but never reaches the network."""
     from lens_compare.errors import ModelLoadError
-    from lens_compare.loading import load_config, resolve_ref
+    from lens_compare.models.loading import load_config, resolve_ref
 
     ref = resolve_ref("Qwen/Qwen2.5-0.5B")
     assert (ref.kind, ref.location) == ("hub", "Qwen/Qwen2.5-0.5B")

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from lens_compare import RunConfig
-from lens_compare.execution import Execution
-from lens_compare.load_options import LoadOptions
-from lens_compare.comparison import run_comparison
+from lens_compare.pipeline.execution import Execution
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.run import main
-from lens_compare.shards import ShardLayout, default_shard_size
-from lens_compare.store import RunFolder, RunFolderError
+from lens_compare.engines.shards import ShardLayout, default_shard_size
+from lens_compare.engines.store import RunFolder, RunFolderError
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +59,7 @@ def test_sharded_run_equals_one_shard(perturbed_llama, schedule):
 def test_shards_run_one_at_a_time_by_separate_comparisons_equal_one_run(perturbed_llama, tmp_path):
     """What a sweep's workers do: each builds the same Comparison, finds the run folder by the
     run's fingerprint and runs one shard; the driver assembles once all are in."""
-    from lens_compare.comparison import Comparison, open_run_folder
+    from lens_compare.pipeline.comparison import Comparison, open_run_folder
 
     base, sft, _ = perturbed_llama
     config = RunConfig(base_model=str(base), sft_model=str(sft), prompts=tuple(PROMPTS), batch_size=2, shard_size=4)
@@ -87,7 +87,7 @@ def _cli(tmp_path: Path, base, sft, out: str, *extra: str, prompts=PROMPTS) -> l
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from lens_compare import store
+    from lens_compare.engines import store
     from lens_compare.run import main
     kind, after = store.Kind[sys.argv[1]], int(sys.argv[2])
     original = store.RunFolder.put
@@ -212,8 +212,8 @@ def test_resume_clears_leftover_temporary_files(tmp_path):
 def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from lens_compare.comparison import Comparison
-    from lens_compare.pipeline import spill_bytes
+    from lens_compare.pipeline.comparison import Comparison
+    from lens_compare.pipeline.steps import spill_bytes
 
     base, sft, _ = perturbed_llama
     config = RunConfig(base_model=str(base), sft_model=str(sft), prompts=tuple(PROMPTS), batch_size=2,

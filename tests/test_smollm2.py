@@ -5,10 +5,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 import lens_compare
-from lens_compare.capture import capture_states
-from lens_compare.hooks import states_for_layers
-from lens_compare.load_options import LoadOptions
-from lens_compare.loading import boot_bridge, load_config, load_hf_model, load_tokenizer, resolve_ref
+from lens_compare.capture.states import capture_states
+from lens_compare.capture.hooks import states_for_layers
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.models.loading import boot_bridge, load_config, load_hf_model, load_tokenizer, resolve_ref
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is Paris. The capital of Italy is", "def add(a, b):\n    return"]
@@ -16,7 +16,7 @@ PROMPTS = ["The capital of France is Paris. The capital of Italy is", "def add(a
 
 def test_captures_equal_hf_hidden_states(smollm2_gguf):
     """The capture against transformers' own GGUF load, which is also the reference for the GGUF's
-    copy in lens_compare's cache (lens_compare.gguf): the same config, tokenizer and weights, bit
+    copy in lens_compare's cache (lens_compare.models.gguf): the same config, tokenizer and weights, bit
     for bit, in float32 and bfloat16."""
     ref = resolve_ref(str(smollm2_gguf))
     config = load_config(ref)
@@ -43,7 +43,7 @@ def test_captures_equal_hf_hidden_states(smollm2_gguf):
             load_hf_model(ref, config, LoadOptions("bfloat16", "cpu")).state_dict()
         assert got.keys() == expected.keys()
         assert all(got[k].dtype == dtype and torch.equal(got[k], expected[k].to(dtype)) for k in got), dtype
-    from lens_compare.gguf import files_dir, weights_cached
+    from lens_compare.models.gguf import files_dir, weights_cached
 
     assert weights_cached(ref) and load_config(ref).to_dict() == {
         **AutoConfig.from_pretrained(ref.location, gguf_file=ref.gguf_file).to_dict(),
@@ -83,7 +83,7 @@ def test_dtype_pair_shows_a_small_nonzero_noise_floor():
 
 def test_nf4_pair_captures_the_cached_nf4_models_hidden_states(smollm2_gguf):
     """smollm2-nf4: float32 vs NF4 of the same GGUF; the NF4 side is exactly the cached NF4 model."""
-    from lens_compare.quantization import compute_as_asked, load_cached, nf4_cache_dir
+    from lens_compare.models.quantization import compute_as_asked, load_cached, nf4_cache_dir
 
     result = lens_compare.compare("smollm2-nf4", prompts=PROMPTS, batch_size=2, keep_residuals=True)
     provenance = result.provenance

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens_compare import store as store_module
-from lens_compare.capture import ResidualStates
-from lens_compare.store import STATE_KINDS, Kind, MemoryStore, RunFolder, Store
+from lens_compare.engines import store as store_module
+from lens_compare.capture.states import ResidualStates
+from lens_compare.engines.store import STATE_KINDS, Kind, MemoryStore, RunFolder, Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,8 +177,8 @@ def test_an_interrupted_write_leaves_the_entry_as_it_was(tmp_path, monkeypatch, 
 KILLED_BEFORE_RENAME = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from lens_compare import outputs
-    from lens_compare.store import Kind, RunFolder
+    from lens_compare.util import outputs
+    from lens_compare.engines.store import Kind, RunFolder
     folder = RunFolder(sys.argv[1], {"run": 1})
     outputs.os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
     folder.put(Kind.METRICS, {"cosine": torch.ones(3, 2, 4)}, shard=3)

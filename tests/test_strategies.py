@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lens_compare import RunConfig
 from lens_compare.engines import bridge
-from lens_compare.execution import Execution
-from lens_compare.load_options import LoadOptions
-from lens_compare.metrics import METRIC_NAMES
-from lens_compare.comparison import run_comparison
-from lens_compare.placement import meta_model, placement_units
+from lens_compare.pipeline.execution import Execution
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.metrics.residual import METRIC_NAMES
+from lens_compare.pipeline.comparison import run_comparison
+from lens_compare.models.placement import meta_model, placement_units
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a b c d e f g", "two plus two is four"]
 
@@ -130,7 +130,7 @@ def test_sequential_returns_cuda_memory_to_the_baseline(perturbed_llama, monkeyp
 
 def _hf_nf4(directory):
     """The same NF4 model straight from transformers, computing in float32 as asked on any CPU."""
-    from lens_compare.quantization import compute_as_asked
+    from lens_compare.models.quantization import compute_as_asked
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     return compute_as_asked(AutoModelForCausalLM.from_pretrained(
@@ -159,7 +159,7 @@ def test_nf4_layers_compute_in_the_compute_dtype_asked_for_on_any_cpu(perturbed_
 
 
 def test_nf4_capture_equals_the_same_nf4_models_hf_hidden_states(perturbed_llama):
-    from lens_compare.metrics import cross_model
+    from lens_compare.metrics.residual import cross_model
 
     base, sft, _ = perturbed_llama
     nf4 = LoadOptions("float32", "cpu", quantization="nf4")
@@ -190,8 +190,8 @@ def test_nf4_capture_equals_the_same_nf4_models_hf_hidden_states(perturbed_llama
 
 
 def test_nf4_on_the_cpu_quantizes_once_then_reads_the_cache(perturbed_llama, monkeypatch, tmp_path):
-    from lens_compare import quantization
-    from lens_compare.loading import load_config, resolve_ref
+    from lens_compare.models import quantization
+    from lens_compare.models.loading import load_config, resolve_ref
 
     monkeypatch.setenv("LENS_COMPARE_CACHE", str(tmp_path))
     base, _, _ = perturbed_llama

@@ -12,16 +12,16 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from lens_compare import RunConfig
-from lens_compare.capture import capture_states
-from lens_compare.checkpoint import SafetensorsCheckpoint
+from lens_compare.capture.states import capture_states
+from lens_compare.models.checkpoint import SafetensorsCheckpoint
 from lens_compare.engines import stream as stream_engine
 from lens_compare.errors import CaptureError, CheckpointError, UnsupportedArchitectureError
-from lens_compare.fp8 import dequantize_blockwise, dequantize_rowwise
-from lens_compare.load_options import LoadOptions
-from lens_compare.loading import boot_bridge, load_config, load_hf_model, resolve_ref
-from lens_compare.metrics import METRIC_NAMES
-from lens_compare.comparison import run_comparison
-from lens_compare.streaming import StreamedModel, stream_states
+from lens_compare.models.fp8 import dequantize_blockwise, dequantize_rowwise
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.models.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+from lens_compare.metrics.residual import METRIC_NAMES
+from lens_compare.pipeline.comparison import run_comparison
+from lens_compare.capture.streamed import StreamedModel, stream_states
 from tests.fixtures.fp8_checkpoints import write_fp8_pair
 from tests.fixtures.tiny_models import build_tiny_model, save_random_model, tokenizer_fields
 
@@ -188,8 +188,8 @@ def test_each_checkpoint_is_read_once_whatever_the_prompts(tiny_model_dirs, monk
 
 
 def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llama, tmp_path, monkeypatch):
-    from lens_compare.comparison import Comparison, open_run_folder
-    from lens_compare.store import Kind
+    from lens_compare.pipeline.comparison import Comparison, open_run_folder
+    from lens_compare.engines.store import Kind
 
     base, sft, _ = perturbed_llama
     config = _pair_config(base, sft, strategy="stream")
@@ -345,7 +345,7 @@ def _reference_blockwise(weight: np.ndarray, scale: np.ndarray, block: int = 128
 @pytest.mark.parametrize("shape", [(576, 200), (192, 130), (128, 256), (5, 3)])
 def test_blockwise_dequantization_against_numpy(shape, chunk, monkeypatch):
     """Whole tensors and chunks of rows (300 elements: one 128-row block per chunk)."""
-    monkeypatch.setattr("lens_compare.fp8.CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr("lens_compare.models.fp8.CHUNK_ELEMENTS", chunk)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=generator).to(torch.float8_e4m3fn)
     grid = (-(-shape[0] // 128), -(-shape[1] // 128))
@@ -363,7 +363,7 @@ def test_blockwise_dequantization_refuses_a_wrong_grid():
 
 @pytest.mark.parametrize("chunk", [2**22, 700])
 def test_rowwise_dequantization_against_numpy(chunk, monkeypatch):
-    monkeypatch.setattr("lens_compare.fp8.CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr("lens_compare.models.fp8.CHUNK_ELEMENTS", chunk)
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(200, 70, generator=generator).to(torch.float8_e4m3fn)
     scale = torch.rand(200, 1, generator=generator)
@@ -462,9 +462,9 @@ def test_auto_picks_stream_when_nothing_resident_fits(smollm2_safetensors, monke
     heads of the logit lens streamed in after the last block: 0.54 GiB)."""
     import logging
 
-    from lens_compare.preflight import memory_preflight
+    from lens_compare.pipeline.preflight import memory_preflight
 
-    monkeypatch.setattr("lens_compare.preflight.host_ram_gib", lambda: (0.6, 0.6))
+    monkeypatch.setattr("lens_compare.pipeline.preflight.host_ram_gib", lambda: (0.6, 0.6))
     config = RunConfig.from_dict({"base_model": str(smollm2_safetensors), "sft_model": str(smollm2_safetensors),
                                   "prompts": ["The capital of France is", "Two plus two is"]})
     with caplog.at_level(logging.INFO, logger="lens_compare"):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lens_compare
 from lens_compare.engines import bridge
 from lens_compare.errors import TokenizationError
-from lens_compare.tokens import tokenize_prompts, untrained_token_ids
+from lens_compare.models.tokens import tokenize_prompts, untrained_token_ids
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +106,7 @@ def test_too_long_prompt_fails_before_any_weights_load(tiny_model_dirs, monkeypa
 
 def test_filler_extension_is_linear_in_the_token_count(tokenizer, monkeypatch):
     """A handful of encodes whatever N (it was one encode of the whole text per repetition)."""
-    from lens_compare import tokens
+    from lens_compare.models import tokens
 
     calls = []
     original = tokens._encode
@@ -125,7 +125,7 @@ def test_filler_extension_is_linear_in_the_token_count(tokenizer, monkeypatch):
 
 def test_filler_that_adds_no_tokens_is_refused(tokenizer, monkeypatch):
     """A tokenizer that drops the filler entirely (stripped whitespace, say) must not loop forever."""
-    from lens_compare import tokens
+    from lens_compare.models import tokens
 
     monkeypatch.setattr(tokens, "_encode", lambda tok, text, add_special: [1, 2, 3])
     with pytest.raises(TokenizationError, match="adds no tokens"):
@@ -133,7 +133,7 @@ def test_filler_that_adds_no_tokens_is_refused(tokenizer, monkeypatch):
 
 
 def test_tokens_beyond_the_context_fail_before_extending(tiny_model_dirs, monkeypatch):
-    from lens_compare import prepare
+    from lens_compare.pipeline import prepare
 
     def refuse(*args, **kwargs):
         raise AssertionError("prompts were extended before the context was checked")
@@ -151,7 +151,7 @@ def test_readable_tokens_show_the_text_with_visible_whitespace(tokenizer):
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lens_compare.tokens import readable_tokens
+    from lens_compare.models.tokens import readable_tokens
 
     ids = tokenizer("the quick\nfox", add_special_tokens=True)["input_ids"]
     raw = tokenizer.convert_ids_to_tokens(ids)

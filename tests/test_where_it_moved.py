@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lens_compare
-from lens_compare.loading import load_tokenizer, resolve_ref
-from lens_compare.plausibility import PUBLISHED_RANGES, plausibility_warnings
+from lens_compare.models.loading import load_tokenizer, resolve_ref
+from lens_compare.results.plausibility import PUBLISHED_RANGES, plausibility_warnings
 from lens_compare.run import main
-from lens_compare.token_classes import content_flags
+from lens_compare.models.token_classes import content_flags
 from tests.fixtures.tiny_models import build_tiny_model
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]
@@ -92,7 +92,7 @@ def test_top_tokens_against_numpy(templated):
 
 
 def test_verdict_names_the_most_moved_own_token_and_the_shared_prefix_apart(templated):
-    from lens_compare.verdict import verdict
+    from lens_compare.results.verdict import verdict
 
     text = verdict(templated)
     shared = templated.tokens.shared_prefix

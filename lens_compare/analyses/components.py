@@ -6,17 +6,17 @@ added to, says which sublayer fine-tuning changed: the stream carries every earl
 block's change, a write only its own sublayer's (given its input).
 
 Per token: the base-vs-SFT ``cosine``, ``relative_l2`` (||sft - base|| / ||base||) and
-both models' ``norm``, in float32 (``lens_compare.metrics.cross_model``).
+both models' ``norm``, in float32 (``lens_compare.metrics.residual.cross_model``).
 """
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_compare.capture import ResidualStates
+from lens_compare.capture.states import ResidualStates
 from lens_compare.errors import CaptureError
-from lens_compare.hooks import COMPONENTS
-from lens_compare.metrics import cross_model
+from lens_compare.capture.hooks import COMPONENTS
+from lens_compare.metrics.residual import cross_model
 
 # Per-token values of one component, in the JSON's order.
 COMPONENT_METRICS = ("cosine", "relative_l2", "base_norm", "sft_norm")

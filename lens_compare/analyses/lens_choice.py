@@ -120,13 +120,13 @@ def _auto(captured: tuple[int, ...], last: int, estimate: dict[str, float] | Non
 
 def _unsupported(configs: dict[str, Any]) -> str | None:
     """Why the lens cannot run on these models (None: it can)."""
-    from lens_compare.hardware.families import final_norm_path
+    from lens_compare.models.families import final_norm_path
 
     for role, config in configs.items():
         model_type = getattr(config, "model_type", None)
         if final_norm_path(model_type) is None:
             return (f"the {role} model's model_type {model_type!r} has no known final norm (add final_norm to its "
-                    "StreamRule in lens_compare/hardware/families.py)")
+                    "StreamRule in lens_compare/models/families.py)")
         for name in LOGIT_TRANSFORMS:
             if getattr(config, name, None) not in (None, 1, 1.0):
                 return (f"{role} model: config.{name} = {getattr(config, name)!r} transforms the logits after the "

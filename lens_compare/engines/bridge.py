@@ -18,17 +18,17 @@ from tqdm import tqdm
 
 from lens_compare.analyses.components import component_metrics
 from lens_compare.analyses.logit_lens import Head, head_of, logit_lens_metrics
-from lens_compare.capture import ResidualStates, capture_states
+from lens_compare.capture.states import ResidualStates, capture_states
 from lens_compare.engines.job import Job, lens_progress
-from lens_compare.hardware.families import final_norm_path
-from lens_compare.host_memory import release_host_memory
-from lens_compare.load_options import LoadOptions
-from lens_compare.loading import boot_bridge, load_hf_model, weights_fingerprint
-from lens_compare.model_facts import ModelFacts, model_facts
-from lens_compare.per_token import state_metrics
-from lens_compare.placement import model_device_map, summarize_placement
-from lens_compare.progress import progress_bar
-from lens_compare.store import Kind, Store
+from lens_compare.models.families import final_norm_path
+from lens_compare.util.host_memory import release_host_memory
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.models.loading import boot_bridge, load_hf_model, weights_fingerprint
+from lens_compare.models.facts import ModelFacts, model_facts
+from lens_compare.metrics.per_token import state_metrics
+from lens_compare.models.placement import model_device_map, summarize_placement
+from lens_compare.util.progress import progress_bar
+from lens_compare.engines.store import Kind, Store
 
 logger = logging.getLogger("lens_compare")
 
@@ -64,7 +64,7 @@ class LoadedModel:
 def _quantization_facts(options: LoadOptions) -> dict[str, Any] | None:
     if options.quantization is None:
         return None
-    from lens_compare.quantization import quantization_facts
+    from lens_compare.models.quantization import quantization_facts
 
     return quantization_facts(options)
 

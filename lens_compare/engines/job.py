@@ -9,15 +9,15 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from lens_compare.hardware.units import LOGIT_LENS_CHUNK_BYTES
-from lens_compare.load_options import LoadOptions
-from lens_compare.shards import ShardLayout
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.engines.shards import ShardLayout
 
 
 @dataclass(frozen=True)
 class Job:
     """One comparison's work, as the engines see it."""
 
-    run: Any  # lens_compare.prepare.PreparedRun
+    run: Any  # lens_compare.pipeline.prepare.PreparedRun
     loads: dict[str, LoadOptions]
     layout: ShardLayout
     states: tuple[int, ...]
@@ -33,7 +33,7 @@ class Job:
     lens_chunk_bytes: int = LOGIT_LENS_CHUNK_BYTES
     # The ids the lens compares when the two vocabularies differ in size (None: every id).
     lens_vocab: int | None = None
-    # Measure the noise floor after the run (``lens_compare.noise_floor``; needs keep_states).
+    # Measure the noise floor after the run (``lens_compare.engines.noise_floor``; needs keep_states).
     noise_floor: bool = False
     # The shards this call runs (None: every one); an engine skips those the store holds already.
     shards: tuple[int, ...] | None = None
@@ -63,7 +63,7 @@ def lens_progress(job: Job, shard: int) -> Iterator[Callable[[], None] | None]:
     if len(job.lens_layers) < 2:
         yield None
         return
-    from lens_compare.progress import progress_bar
+    from lens_compare.util.progress import progress_bar
 
     desc = "logit lens" + (f" shard {shard + 1}/{job.layout.count}" if job.layout.count > 1 else "")
     with progress_bar(total=len(job.lens_layers), desc=desc, unit="layer", dynamic_ncols=True, leave=False) as bar:

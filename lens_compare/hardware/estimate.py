@@ -4,8 +4,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from lens_compare.hardware.architecture import Architecture
-from lens_compare.hardware.params import (
+from lens_compare.models.architecture import Architecture
+from lens_compare.models.params import (
     ParamCount,
     block_groups,
     chunk_groups,
@@ -15,7 +15,7 @@ from lens_compare.hardware.params import (
 )
 from lens_compare.hardware.precision import PRECISIONS, WeightBytes, weight_bytes
 from lens_compare.hardware.run_memory import ModelRunTerms, Workload, model_run_terms
-from lens_compare.choices import DTYPE_BYTES
+from lens_compare.util.choices import DTYPE_BYTES
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Checkpoint:
     note: str | None = None
     # An NF4 copy of these weights is already in lens_compare's cache (CPU runs).
     nf4_cached: bool = False
-    # A GGUF's weights are in lens_compare's cache already, dequantized (lens_compare.gguf): read
+    # A GGUF's weights are in lens_compare's cache already, dequantized (lens_compare.models.gguf): read
     # as float32 safetensors, nothing dequantized.
     gguf_cached: bool = False
 

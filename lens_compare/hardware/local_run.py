@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lens_compare.choices import DTYPES
+from lens_compare.util.choices import DTYPES
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.hardware.units import GIB
 

@@ -14,8 +14,8 @@
   stay unquantized, as do embeddings, norms and biases, in the load dtype
   (``nf4_unquantized_bytes``: 2 for a 16-bit run, 4 for float32).
 
->>> from lens_compare.hardware.architecture import architecture_from_config
-from lens_compare.hardware.params import TensorGroup, count_params
+>>> from lens_compare.models.architecture import architecture_from_config
+from lens_compare.models.params import TensorGroup, count_params
 >>> g = [TensorGroup("w", "linear", (128, 256))]
 >>> weight_bytes(g, "nf4").total, 128 * 256 // 2 + (128 * 256 // 64) * 4
 (18432, 18432)
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lens_compare.errors import ConfigError
-from lens_compare.choices import DTYPE_BYTES
-from lens_compare.hardware.architecture import architecture_from_config
-from lens_compare.hardware.params import TensorGroup, count_params
+from lens_compare.util.choices import DTYPE_BYTES
+from lens_compare.models.architecture import architecture_from_config
+from lens_compare.models.params import TensorGroup, count_params
 from lens_compare.hardware.units import gib
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "fp8", "nf4")

@@ -19,7 +19,7 @@ per compared block (``components``)):
   cast back, for one layer at a time.
 - ``activations``: one block's working set (q/k/v, 4 x d_model, 3 x MLP width).
 - ``load_transient`` (host memory while loading, on top of the weights): a GGUF is
-  dequantized once, into lens_compare's cache (``lens_compare.gguf``): the whole model in
+  dequantized once, into lens_compare's cache (``lens_compare.models.gguf``): the whole model in
   float32, tensor by tensor, which exceeds the weights in a 16-bit dtype by 2 bytes per
   parameter, plus the memory-mapped file and ``GGUF_DEQUANT_FACTOR`` x the float32
   parameter bytes, a factor fitted on one measurement (smollm2-sanity, CPU, peak RSS
@@ -50,8 +50,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lens_compare.errors import ConfigError
-from lens_compare.hardware.architecture import Architecture
-from lens_compare.choices import DTYPE_BYTES
+from lens_compare.models.architecture import Architecture
+from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.hardware.units import LOGIT_LENS_CHUNK_BYTES, gib, lens_working_bytes
 
 CUDA_CONTEXT_GIB = 0.5

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.errors import ConfigError, PairError
-from lens_compare.files import read_structured
+from lens_compare.util.files import read_structured
 from lens_compare.hardware.estimate import Checkpoint
-from lens_compare.choices import DTYPE_BYTES
-from lens_compare.pairs import PairSpec
+from lens_compare.util.choices import DTYPE_BYTES
+from lens_compare.models.pairs import PairSpec
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def resolve_source(ref: str) -> ModelSource:
     """The config of one model reference, without loading weights."""
     if ref.startswith("demo:"):
         # Built by lens_compare from its recipe's source, with the source's config, as float32 safetensors.
-        from lens_compare.demo_recipes import recipe_for
+        from lens_compare.models.demo_recipes import recipe_for
 
         source = resolve_source(recipe_for(ref).source)
         return ModelSource(ref, source.config, checkpoint_of({"dtype": "float32"}))
@@ -81,11 +81,11 @@ def resolve_source(ref: str) -> ModelSource:
             raise ConfigError(f"GGUF file {str(path)!r} (from {ref!r}) does not exist")
         from transformers import AutoConfig
 
-        from lens_compare.gguf import files_dir, weights_cached
-        from lens_compare.refs import ModelRef
+        from lens_compare.models.gguf import files_dir, weights_cached
+        from lens_compare.models.refs import ModelRef
 
         model_ref = ModelRef(ref, "gguf", str(path.parent), path.name)
-        # Read from the GGUF once, then from the cache (lens_compare.gguf): the same config.
+        # Read from the GGUF once, then from the cache (lens_compare.models.gguf): the same config.
         config = AutoConfig.from_pretrained(str(files_dir(model_ref)))
         checkpoint = replace(checkpoint_of(config, path.stat().st_size), gguf_cached=weights_cached(model_ref))
         return ModelSource(ref, config, checkpoint)
@@ -109,7 +109,7 @@ def shipped_config(ref: str) -> dict[str, Any] | None:
     'sft_sibling_differences' lists only eos ids, context lengths and norm eps)."""
     if ref in model_configs():
         return model_configs()[ref]
-    from lens_compare.pairs import builtin_pairs
+    from lens_compare.models.pairs import builtin_pairs
 
     for spec in builtin_pairs().values():
         if spec.config_key in model_configs() and ref in (spec.base, spec.sft):
@@ -120,7 +120,7 @@ def shipped_config(ref: str) -> dict[str, Any] | None:
 def _hub_source(ref: str) -> ModelSource:
     from transformers import AutoConfig
 
-    from lens_compare.hub import hub_reachable
+    from lens_compare.models.hub import hub_reachable
 
     online = hub_reachable()
     try:

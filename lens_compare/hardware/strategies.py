@@ -21,11 +21,11 @@ and its own context.
 from dataclasses import dataclass
 from typing import Any
 
-from lens_compare.hardware.architecture import Architecture
+from lens_compare.models.architecture import Architecture
 from lens_compare.hardware.estimate import ModelEstimate, cast_source_bytes
 from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE, Machine
-from lens_compare.hardware.params import TensorGroup, block_groups, model_groups
+from lens_compare.models.params import TensorGroup, block_groups, model_groups
 from lens_compare.hardware.precision import weight_bytes
 from lens_compare.hardware.run_memory import (
     CAST_SOURCE_RESIDENT,
@@ -35,7 +35,7 @@ from lens_compare.hardware.run_memory import (
     Workload,
 )
 from lens_compare.hardware.timing import run_cost, run_seconds, stream_seconds
-from lens_compare.choices import DTYPE_BYTES
+from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.hardware.units import FP8_CHUNK_ELEMENTS, GIB, gib
 
 
@@ -43,7 +43,7 @@ STREAM_NEEDS_SAFETENSORS = (
     "needs a safetensors checkpoint; convert the GGUF with `python -m lens_compare.convert SRC OUT`"
 )
 STREAM_NO_NF4 = "streams the checkpoint's own weights in the activation dtype; it cannot load a side as NF4"
-STREAM_NO_RULE = "model_type {!r} has no streaming rule (lens_compare/hardware/families.py StreamRule)"
+STREAM_NO_RULE = "model_type {!r} has no streaming rule (lens_compare/models/families.py StreamRule)"
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ def _run(m: ModelEstimate, groups: list[TensorGroup]) -> int:
 def _arrival_bytes(m: ModelEstimate) -> int:
     """The one checkpoint tensor in flight while a block is read: as stored, beside its place
     in the block's run-dtype tensors; for FP8, plus the dequantization's float32 temporaries
-    (three of ``FP8_CHUNK_ELEMENTS``: ``lens_compare.fp8`` works a chunk of rows at a time)."""
+    (three of ``FP8_CHUNK_ELEMENTS``: ``lens_compare.models.fp8`` works a chunk of rows at a time)."""
     source = m.checkpoint.precision
     if source == m.dtype:
         return 0

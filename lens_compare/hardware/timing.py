@@ -23,7 +23,7 @@ TransformerBridge, so there is no bridge boot.
 from lens_compare.hardware.estimate import ModelEstimate
 from lens_compare.hardware.machine import Machine
 from lens_compare.hardware.run_memory import Workload
-from lens_compare.choices import DTYPE_BYTES
+from lens_compare.util.choices import DTYPE_BYTES
 
 DISK_GBPS = 2.0  # local NVMe read, GB/s
 # Local NVMe sustained write, GB/s: assumed (not measured) at half the read, which
@@ -106,7 +106,7 @@ def run_seconds(
         else:
             total += m.disk_gib * 2**30 / (DISK_GBPS * 1e9)
             if m.checkpoint.precision == "gguf" and not m.checkpoint.gguf_cached:
-                # Dequantized once into the cache (lens_compare.gguf): on the host, whatever the device.
+                # Dequantized once into the cache (lens_compare.models.gguf): on the host, whatever the device.
                 total += GGUF_DEQUANT_S_PER_GPARAM * m.params.total / 1e9
                 total += m.weights["float32"].total / (DISK_WRITE_GBPS * 1e9)
             if machine.kind == "cpu" and nf4:

@@ -30,6 +30,6 @@ def lens_working_bytes(tokens: int, vocab: int, logits_bytes: int, budget: int, 
     per_token = vocab * ((LENS_FINAL_TENSORS * 4 if keeps_finals else 0) + 2 * logits_bytes)
     return min(budget, tokens * per_token + LENS_SLICE_TENSORS * 4 * min(slice_tokens, tokens) * vocab)
 
-# Elements of one slice of rows an FP8 tensor is dequantized in (lens_compare.fp8), so its float32
+# Elements of one slice of rows an FP8 tensor is dequantized in (lens_compare.models.fp8), so its float32
 # temporaries stay small whatever the tensor's size; the planner counts three of them.
 FP8_CHUNK_ELEMENTS = 2**22

@@ -1,0 +1,1 @@
+"""The numbers: per-token residual metrics, per-layer aggregates and their bootstrap intervals; pure functions of tensors."""

@@ -1,0 +1,1 @@
+"""One comparison's lifecycle: prepare, preflight, execution, the Comparison orchestrator and compare()."""

@@ -1,0 +1,330 @@
+"""The orchestrator: prepare -> preflight -> engine (shard by shard into a store) -> result.
+
+``prepare_run`` checks everything that needs no weights; the preflight (the hardware
+planner) turns the prepared run into an ``Execution`` (schedule, how each model is
+loaded, shard size) or refuses it; an engine fills a store with every shard's
+per-state metrics; the result is assembled from the store. The CLI passes a
+``RunFolder`` store so that an interrupted run resumes; notebooks use a
+``MemoryStore`` and nothing touches the disk.
+"""
+
+import logging
+import resource
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lens_compare.metrics.aggregate import aggregated_positions, token_mask
+from lens_compare.analyses import ANALYSIS_KEYS
+from lens_compare.analyses.cka import layer_cka
+from lens_compare.metrics.bootstrap import Bootstrap
+from lens_compare.config import RunConfig, fingerprinted
+from lens_compare.demo.fine_tune import demo_checkpoint
+from lens_compare.models.demo_recipes import recipe_for
+from lens_compare.engines import Job
+from lens_compare.errors import ConfigError, HardwareError
+from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution
+from lens_compare.models.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
+from lens_compare.util.choices import DTYPE_BYTES
+from lens_compare.hardware.units import GIB
+from lens_compare.capture.hooks import states_for_layers
+from lens_compare.models.facts import ModelFacts
+from lens_compare.engines.noise_floor import noise_floor_result
+from lens_compare.metrics.per_token import hook_metrics
+from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
+from lens_compare.results.result import ComparisonResult
+from lens_compare.engines.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
+from lens_compare.engines.store import Kind, Store, stack_metrics, stack_states
+from lens_compare.models.tokens import UNTRAINED_NORM_RATIO, readable_tokens
+from lens_compare.util.versions import recorded_versions
+
+logger = logging.getLogger("lens_compare")
+
+Preflight = Callable[[PlanFacts], Execution]
+
+def shard_layout(run: PreparedRun, streamed: bool = False) -> ShardLayout:
+    """The run's shards: ``shard_size`` prompts each, or ~2 GiB of both models' states (a
+    streamed run holds two states per model, not all of them)."""
+    n_prompts = len(run.tokenized.token_ids)
+    size = run.config.shard_size
+    if size is None:
+        per_prompt = state_bytes_per_prompt(
+            2 if streamed else captured_per_position(run), max(run.tokenized.lengths), _d_model(run),
+            tuple(DTYPE_BYTES[side.dtype] for side in run.sides),
+        )
+        size = default_shard_size(per_prompt, run.config.batch_size)
+    return ShardLayout(n_prompts, min(size, n_prompts))
+
+
+def component_layers(run: PreparedRun) -> tuple[int, ...]:
+    """The blocks whose attention and MLP outputs are compared (``components``)."""
+    return run.layers if run.config.components else ()
+
+
+def run_states(run: PreparedRun) -> tuple[int, ...]:
+    """The residual states a run captures: those of its layers' hooks, and for the logit lens each
+    lensed layer's resid_post and the last state (the models' final distributions)."""
+    states = set(states_for_layers(run.layers))
+    if run.logit_lens.on:
+        states.update(layer + 1 for layer in run.logit_lens.layers)
+        states.add(run.model_configs["base"].num_hidden_layers)
+    return tuple(sorted(states))
+
+
+def lens_kept_states(run: PreparedRun) -> int:
+    """States per model a streamed run keeps for the logit lens beyond the two it streams with (every
+    lensed layer's resid_post but the last state, which is the newest anyway)."""
+    last = run.model_configs["base"].num_hidden_layers
+    return len({layer + 1 for layer in run.logit_lens.layers} - {last})
+
+
+def captured_per_position(run: PreparedRun) -> int:
+    """Vectors of ``d_model`` a bridge capture holds per model and token: every distinct residual
+    state, and each compared block's two sublayer outputs."""
+    return len(run_states(run)) + 2 * len(component_layers(run))
+
+
+def _d_model(run: PreparedRun) -> int:
+    config = run.model_configs["base"]
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+
+
+def start_run(
+    config: RunConfig,
+    *,
+    overrides: LoadOverrides | None = None,
+    preflight: Preflight | None = None,
+    held_in_memory: bool = True,
+) -> tuple[PreparedRun, ShardLayout, Execution]:
+    """Everything before the first weight is read: the prepared run, its shards and its execution.
+
+    ``held_in_memory``: every prompt's states stay in RAM until the end (a ``MemoryStore``);
+    otherwise only one shard's (a run folder spills to disk).
+    """
+    run = prepare_run(config, overrides)
+    decide = preflight if preflight is not None else default_execution
+    layout = shard_layout(run, streamed=config.strategy == "stream")
+    facts = replace(run.plan_facts(), held_prompts=layout.n_prompts if held_in_memory else layout.size,
+                    lens_kept_states=lens_kept_states(run) if held_in_memory else 0)
+    execution = decide(facts)
+    if execution.schedule == "stream" and config.strategy != "stream":
+        # auto picked stream: its shards hold two states per model; plan that run.
+        layout = shard_layout(run, streamed=True)
+        facts = replace(facts, strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
+        execution = decide(facts)
+    if config.noise_floor and any(options.quantization for options in execution.loads.values()):
+        raise ConfigError(
+            "--noise-floor measures a second float precision of the SFT model; this run quantizes it to NF4, whose "
+            "noise is the quantization's: compare the model with its own NF4 copy instead (as the smollm2-nf4 pair "
+            "does) and pass that run with --noise-floor-run"
+        )
+    for side in run.sides:  # every check has passed: a demo checkpoint is built now, on first use
+        if side.ref.kind == "demo":
+            demo_checkpoint(recipe_for(side.ref.spec))
+    return run, layout, execution
+
+
+def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
+    token_ids, real = run.tokenized.padded(pad_id(run.tokenizers["base"]))
+    return Job(run, execution.loads, layout, run_states(run), keep_states or run.config.noise_floor, token_ids, real,
+               component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
+               lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
+               noise_floor=run.config.noise_floor)
+
+
+def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
+    """What a run folder's name is a fingerprint of (see ``lens_compare.models.fingerprint``)."""
+    config = fingerprinted(run.config)
+    models = {
+        side.role: {
+            "reference": side.ref.spec,
+            "fingerprint": checkpoint_fingerprint(side.ref),
+            "dtype": side.dtype,
+            "quantization": execution.loads[side.role].quantization,
+        }
+        for side in run.sides
+    }
+    return {
+        "lens_compare": recorded_versions()["lens_compare"],
+        "code_sha256_16": code_fingerprint(),
+        "pair": run.pair,
+        "config": config,
+        "device": run.device.partition(":")[0],
+        "models": models,
+        "layers": list(run.layers),
+        "logit_lens_layers": list(run.logit_lens.layers),
+        "token_ids_sha256_16": token_ids_fingerprint(run.tokenized.token_ids),
+        "n_prompts": layout.n_prompts,
+        "shard_size": layout.size,
+        "keep_states": keep_states,
+    }
+
+
+def spill_bytes(job: Job, execution: Execution) -> int:
+    """Disk a run folder needs for spilled residual states, at most: the base model's for a
+    sequential run, both models' when they are kept (``--save-residuals``), and a streamed
+    run's resume point (two states of both models while the newer one is written)."""
+    streamed = execution.schedule == "stream"
+    models = 2 if job.keep_states else (1 if execution.schedule == "sequential" else 0)
+    d_model = _d_model(job.run)
+    total = frontier = 0
+    for start, stop in job.layout.bounds:
+        width = max(job.run.tokenized.lengths[start:stop])
+        per_state = (stop - start) * width * d_model
+        # A streamed run keeps residual states only, a bridge run also the sublayer outputs.
+        vectors = len(job.states) if streamed else captured_per_position(job.run)
+        total += sum(vectors * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides[:models])
+        # A streamed shard's frontier: two states of both models while the newer one is written, and
+        # the states its logit lens reads at the shard's end.
+        extra = 0 if job.keep_states else lens_kept_states(job.run)
+        frontier = max(frontier, sum((2 + extra) * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides))
+    return total + (frontier if streamed else 0)
+
+
+def check_spill_space(job: Job, execution: Execution, directory) -> None:
+    """Refuse before loading when the output directory's disk cannot hold the spilled states."""
+    import shutil
+
+    need = spill_bytes(job, execution)
+    existing = Path(directory).absolute()
+    while not existing.exists():  # the output directory is created only once the run starts
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise HardwareError(
+            f"refusing to start: this {execution.schedule} run spills up to {need / GIB:.1f} GiB of residual "
+            f"states to {str(directory)!r}, which has {free / GIB:.1f} GiB free; capture fewer layers "
+            "(--layers, --skip-first), fewer or shorter prompts, or use another --out"
+        )
+
+
+def assemble(
+    run: PreparedRun, job: Job, execution: Execution, store: Store, *, keep_residuals: bool
+) -> ComparisonResult:
+    """The result from the store's shards: identical whether the run was interrupted or not."""
+    width = job.token_ids.shape[1]
+    per_state = stack_metrics([store.get(Kind.METRICS, shard=shard) for shard in range(job.layout.count)], width)
+    analysis_metrics = {key: values for key, values in per_state.items() if key in ANALYSIS_KEYS}
+    facts = {side.role: ModelFacts.from_dict(store.get(Kind.FACTS, role=side.role)) for side in run.sides}
+    untrained = facts["base"].untrained
+    tokenizer = run.tokenizers["base"]
+    if untrained:
+        logger.warning(
+            "the base model's embedding rows look untrained for %s (row norm / median < %s); "
+            "residuals at these positions are outliers, marked base_untrained in the outputs",
+            ", ".join(f"{readable_tokens(tokenizer, [t])[0]!r} (id {t})" for t in untrained),
+            UNTRAINED_NORM_RATIO,
+        )
+    residuals = None
+    if keep_residuals:
+        residuals = tuple(
+            stack_states([store.get(Kind.STATES, role=role, shard=shard) for shard in range(job.layout.count)], width)
+            for role in ("base", "sft")
+        )
+    provenance = _provenance(run, job, execution, facts, untrained)
+    token_strings = tuple(readable_tokens(tokenizer, ids) for ids in run.tokenized.token_ids)
+    result = ComparisonResult(
+        provenance=provenance,
+        layers=run.layers,
+        tokens=run.tokenized,
+        token_strings=token_strings,
+        untrained_base_tokens=untrained,
+        real_tokens=job.real,
+        metrics=hook_metrics(per_state, job.states, run.layers),
+        include_first_token=run.config.include_first_token,
+        residuals=residuals,
+        bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
+        analysis_metrics=analysis_metrics,
+        cka=_layer_cka(run, job, store) if run.config.cka else None,
+        noise_floor=noise_floor_result(job, store, width, provenance, token_strings) if job.noise_floor else None,
+        analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
+    )
+    for warning in result.warnings():
+        logger.warning(warning)
+    return result
+
+
+def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
+    """CKA over the aggregates' tokens, each state read back from the store shard by shard."""
+    mask = token_mask(job.real, aggregated_positions(run.config.include_first_token))
+    masks = [mask[start:stop] for start, stop in job.layout.bounds]
+    return layer_cka(lambda role, state: (store.get(Kind.STATE, role=role, shard=shard, state=state) for shard in range(job.layout.count)),
+                     run.layers, masks)
+
+
+def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float,
+                 reused_seconds: float | None = None) -> str:
+    """One line for the end of a run: prompts, tokens, wall time, peak memory, strategy.
+    ``reused_seconds``: nothing ran, the run folder held every shard; the run's own time then."""
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    took = f"{seconds:.1f} s" if reused_seconds is None else \
+        f"reassembled from its run folder without loading a model (the run itself took {reused_seconds:.1f} s)"
+    parts = [
+        f"{len(run.tokenized.token_ids)} prompts",
+        f"{sum(run.tokenized.lengths):,} tokens",
+        took,
+        f"peak host RSS {peak_host:.2f} GiB",
+    ]
+    if run.device.startswith("cuda") and torch.cuda.is_available():
+        peaks = {gpu: torch.cuda.max_memory_allocated(gpu) / GIB for gpu in run.gpus}
+        parts.append("peak GPU " + ", ".join(f"cuda:{g} {p:.2f} GiB" for g, p in peaks.items()))
+    parts.append(f"strategy {execution.strategy} ({execution.schedule}, {job.layout.count} shard(s) "
+                 f"of up to {job.layout.size} prompts)")
+    return "done: " + ", ".join(parts)
+
+
+def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, ModelFacts],
+                untrained: dict[int, float]) -> dict[str, Any]:
+    tokenizer = run.tokenizers["base"]
+    return {
+        "versions": recorded_versions(),
+        "pair": run.pair,
+        "base_model": _side_provenance(run.base, facts["base"]),
+        "sft_model": _side_provenance(run.sft, facts["sft"]),
+        "dtype": {"base": run.base.dtype, "sft": run.sft.dtype},
+        "device": run.device,
+        "gpus": list(run.gpus),
+        "strategy": execution.strategy,
+        "schedule": execution.schedule,
+        "quantization": {role: facts[role].quantization for role in ("base", "sft")},
+        "placement": {role: facts[role].placement for role in ("base", "sft")},
+        "shards": {"count": job.layout.count, "size": job.layout.size},
+        "n_layers": run.model_configs["base"].num_hidden_layers,
+        "model_types": {role: run.model_configs[role].model_type for role in ("base", "sft")},
+        "d_model": facts["base"].d_model,
+        "layers": list(run.layers),
+        "chat_template": run.tokenized.chat_template,
+        "prompts": list(run.tokenized.prompts),
+        # What was tokenized, when a chat template (or filler text) changed the prompts.
+        "texts": list(run.tokenized.texts) if run.tokenized.texts != run.tokenized.prompts else None,
+        "token_ids": [list(ids) for ids in run.tokenized.token_ids],
+        # With a chat template: 1 where a token is the user's content, 0 where the template wrote it.
+        "token_content": None if run.tokenized.content is None
+        else [[int(flag) for flag in flags] for flags in run.tokenized.content],
+        "untrained_base_tokens": [
+            {"id": t, "token": readable_tokens(tokenizer, [t])[0], "norm_over_median": round(r, 6)}
+            for t, r in untrained.items()
+        ],
+        "bootstrap": {"resamples": run.config.bootstrap, "seed": run.config.seed},
+        "logit_lens": run.logit_lens.to_dict(),
+        "plan": execution.estimate,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config_file": run.config.config_file,
+        "config": run.config.to_dict(),
+    }
+
+
+def _side_provenance(side, facts: ModelFacts) -> dict[str, Any]:
+    return {
+        "reference": side.ref.spec,
+        "kind": side.ref.kind,
+        "location": side.ref.location,
+        "gguf_file": side.ref.gguf_file,
+        "seed_id": side.seed_id,
+        "dtype": side.dtype,
+        "weights_sha256_16": facts.weights_sha256_16,
+    }
