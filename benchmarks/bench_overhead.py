@@ -63,16 +63,17 @@ from transformers import AutoModelForCausalLM, GgufConfig  # noqa: E402
 
 from lens_compare.metrics.aggregate import analysis_records, layer_records, token_mask  # noqa: E402
 from lens_compare.analyses.components import component_metrics  # noqa: E402
-from lens_compare.analyses.logit_lens import chunk_tokens, head_of, logit_lens_metrics  # noqa: E402
+from lens_compare.analyses.logit_lens import chunk_tokens, logit_lens_metrics  # noqa: E402
+from lens_compare.capture.head import head_of  # noqa: E402
 from lens_compare.metrics.bootstrap import Bootstrap  # noqa: E402
 from lens_compare.capture.states import capture_states  # noqa: E402
 from lens_compare.models.families import final_norm_path  # noqa: E402
 from lens_compare.demo.fine_tune import demo_checkpoint  # noqa: E402
 from lens_compare.models.demo_recipes import recipe_for  # noqa: E402
-from lens_compare.capture.hooks import states_for_layers  # noqa: E402
+from lens_compare.util.hooks import states_for_layers  # noqa: E402
 from lens_compare.models.load_options import LoadOptions  # noqa: E402
+from lens_compare.capture.states import boot_bridge  # noqa: E402
 from lens_compare.models.loading import (  # noqa: E402
-    boot_bridge,
     load_config,
     load_hf_model,
     load_tokenizer,

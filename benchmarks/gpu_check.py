@@ -88,9 +88,10 @@ def capture_parity(args, base: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lens_compare.capture.states import capture_states
-    from lens_compare.capture.hooks import states_for_layers
+    from lens_compare.util.hooks import states_for_layers
     from lens_compare.models.load_options import LoadOptions
-    from lens_compare.models.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+    from lens_compare.capture.states import boot_bridge
+    from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -163,7 +164,8 @@ def capture_overhead(args, base: Path) -> dict:
 def lens_gflops(args) -> dict:
     import torch
 
-    from lens_compare.analyses.logit_lens import Head, chunk_tokens, logit_lens_metrics
+    from lens_compare.analyses.logit_lens import chunk_tokens, logit_lens_metrics
+    from lens_compare.capture.head import Head
 
     vocab, d_model, layers, tokens = (4096, 256, 4, 64) if args.smoke else (128256, 4096, 32, 2000)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

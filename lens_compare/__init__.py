@@ -13,7 +13,7 @@ import importlib
 
 _PUBLIC = {
     "compare": "lens_compare.pipeline.api",
-    "ResidualStates": "lens_compare.capture.states",
+    "ResidualStates": "lens_compare.metrics.states",
     "RunConfig": "lens_compare.config",
     "CaptureError": "lens_compare.errors",
     "CheckpointError": "lens_compare.errors",

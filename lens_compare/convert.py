@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lens_compare.errors import LensCompareError
 from lens_compare.util.choices import DTYPES
-from lens_compare.util.cli import Parser, parse_or_exit, run_command
+from lens_compare.cli import Parser, parse_or_exit, run_command
 
 
 def convert(spec: str, out_dir: Path, dtype: str = "float32") -> Path:
@@ -65,6 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lens_compare.util.cli import exit_with
+    from lens_compare.cli import exit_with
 
     exit_with(main)

@@ -14,7 +14,7 @@ import argparse
 import json
 
 from lens_compare.util.choices import DTYPES, STRATEGIES
-from lens_compare.util.cli import Parser, add_run_options, parse_or_exit, run_command
+from lens_compare.cli import Parser, add_run_options, parse_or_exit, run_command
 from lens_compare.hardware.machine import catalog_machine, detect_machine
 from lens_compare.hardware.planner import plan_pair
 
@@ -84,6 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lens_compare.util.cli import exit_with
+    from lens_compare.cli import exit_with
 
     exit_with(main)

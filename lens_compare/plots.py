@@ -27,7 +27,7 @@ import numpy as np
 from lens_compare.metrics.aggregate import aggregated_positions
 from lens_compare.analyses.components import COMPONENT_METRICS
 from lens_compare.errors import LensCompareError
-from lens_compare.capture.hooks import COMPONENTS, HOOK_KINDS
+from lens_compare.util.hooks import COMPONENTS, HOOK_KINDS
 from lens_compare.metrics.residual import METRIC_NAMES
 from lens_compare.util.progress import in_notebook
 

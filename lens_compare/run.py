@@ -12,7 +12,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lens_compare.util.cli import Parser, add_run_options, given_run_options, parse_or_exit, run_command, setup_logging
+from lens_compare.cli import Parser, add_run_options, given_run_options, parse_or_exit, run_command, setup_logging
 from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.engines import Job
@@ -174,6 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lens_compare.util.cli import exit_with
+    from lens_compare.cli import exit_with
 
     exit_with(main)

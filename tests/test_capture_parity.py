@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lens_compare.capture.states import capture_states
-from lens_compare.capture.hooks import resid_post, resid_pre, states_for_layers
+from lens_compare.util.hooks import resid_post, resid_pre, states_for_layers
 from tests.fixtures.bridges import PROMPTS, load_bridge, padded_batch, reference_model
 from tests.fixtures.tiny_models import FAMILIES
 

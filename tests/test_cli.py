@@ -218,7 +218,7 @@ def test_a_reader_that_goes_away_ends_the_cli_quietly(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    script = "from lens_compare.util.cli import exit_with\nexit_with(lambda: [print('row ' * 20) for _ in range(200000)] and 0)"
+    script = "from lens_compare.cli import exit_with\nexit_with(lambda: [print('row ' * 20) for _ in range(200000)] and 0)"
     pipeline = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True,
                               text=True, cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert pipeline.stdout.startswith("row row")

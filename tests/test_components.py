@@ -11,7 +11,7 @@ import lens_compare
 from lens_compare import RunConfig
 from lens_compare.analyses.components import COMPONENT_KEYS, COMPONENT_METRICS
 from lens_compare.capture.states import capture_states
-from lens_compare.capture.hooks import COMPONENTS, states_for_layers
+from lens_compare.util.hooks import COMPONENTS, states_for_layers
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.loading import load_config, resolve_ref
 from lens_compare.pipeline.comparison import run_comparison

@@ -68,7 +68,7 @@ def test_chunking_and_state_order_do_not_change_the_numbers():
     heads = {}
     for role in ("base", "sft"):
         norm = torch.nn.LayerNorm(d)
-        heads[role] = lens_compare.analyses.logit_lens.Head(norm.eval(), torch.randn(vocab, d, generator=generator),
+        heads[role] = lens_compare.capture.head.Head(norm.eval(), torch.randn(vocab, d, generator=generator),
                                                             None)
     states = {role: {s: torch.randn(3, 7, d, generator=generator) for s in range(5)} for role in heads}
     real = torch.ones(3, 7, dtype=torch.bool)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lens_compare.metrics.aggregate import layer_records, token_mask
-from lens_compare.capture.states import ResidualStates
-from lens_compare.capture.hooks import HOOK_KINDS, states_for_layers
+from lens_compare.metrics.states import ResidualStates
+from lens_compare.util.hooks import HOOK_KINDS, states_for_layers
 from lens_compare.metrics.residual import (
     METRIC_NAMES,
     cosine,

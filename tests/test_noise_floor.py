@@ -10,9 +10,10 @@ import lens_compare
 from lens_compare import plots
 from lens_compare.capture.states import capture_states
 from lens_compare.errors import ConfigError
-from lens_compare.capture.hooks import states_for_layers
+from lens_compare.util.hooks import states_for_layers
 from lens_compare.models.load_options import LoadOptions
-from lens_compare.models.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+from lens_compare.capture.states import boot_bridge
+from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
 from lens_compare.run import main
 from lens_compare.engines.store import Kind, RunFolder
 

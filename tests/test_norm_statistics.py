@@ -15,7 +15,7 @@ from transformer_lens.model_bridge.generalized_components.normalization import N
 from transformers import AutoModelForCausalLM
 
 from lens_compare.capture.states import capture_states
-from lens_compare.capture.hooks import states_for_layers
+from lens_compare.util.hooks import states_for_layers
 from lens_compare.capture.norm_statistics import (
     SkipsUnreadStatistics,
     restore_transformer_lens_norms,

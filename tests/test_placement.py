@@ -16,7 +16,7 @@ from lens_compare.hardware import Machine, Workload, plan_models
 from lens_compare.hardware.gpus import resolve_gpu
 from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.sources import ModelSource, checkpoint_of, model_configs
-from lens_compare.hardware.units import GIB
+from lens_compare.util.units import GIB
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.placement import (
     accelerate_map,
@@ -220,7 +220,9 @@ def test_what_the_loader_and_the_bridge_receive_for_a_split(monkeypatch, tiny_mo
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
-    from lens_compare.models.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+    from lens_compare.capture.states import boot_bridge
+
+    from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
 
     seen = {}
 

@@ -18,7 +18,8 @@ from lens_compare.engines import stream as stream_engine
 from lens_compare.errors import CaptureError, CheckpointError, UnsupportedArchitectureError
 from lens_compare.models.fp8 import dequantize_blockwise, dequantize_rowwise
 from lens_compare.models.load_options import LoadOptions
-from lens_compare.models.loading import boot_bridge, load_config, load_hf_model, resolve_ref
+from lens_compare.capture.states import boot_bridge
+from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
 from lens_compare.metrics.residual import METRIC_NAMES
 from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.capture.streamed import StreamedModel, stream_states

@@ -13,9 +13,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_compare.capture.states import ResidualStates
+from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import CaptureError
-from lens_compare.capture.hooks import COMPONENTS
+from lens_compare.util.hooks import COMPONENTS
 from lens_compare.metrics.residual import cross_model
 
 # Per-token values of one component, in the JSON's order.

@@ -11,57 +11,22 @@ full ``[batch, pos, vocab]`` logits were the largest tensor of the forward (1 Gi
 import inspect
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
+from lens_compare.capture.norm_statistics import skip_unread_norm_statistics
 from lens_compare.errors import CaptureError
-from lens_compare.capture.hooks import (
+from lens_compare.metrics.states import ResidualStates
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.models.refs import ModelRef
+from lens_compare.util.dtypes import TORCH_DTYPES
+from lens_compare.util.hooks import (
     COMPONENTS,
-    Component,
-    HookKind,
     component_hook_name,
     state_hook_name,
-    state_index,
 )
-
-
-@dataclass(frozen=True)
-class ResidualStates:
-    """One model's distinct residual states; ``resid_pre``/``resid_post`` are views.
-
-    ``states[i]`` is the state index held in ``values[i]`` (state ``s`` is the input of
-    block ``s``; state ``n_layers`` is the output of the last block). Padding
-    positions hold zeros.
-
-    ``components[i, c]`` is block ``component_layers[i]``'s write ``COMPONENTS[c]``
-    (``attn_out``, ``mlp_out``) into the stream, when those were captured.
-    """
-
-    n_layers: int
-    states: tuple[int, ...]
-    values: Float[Tensor, "state prompt pos d_model"]
-    component_layers: tuple[int, ...] = ()
-    components: Float[Tensor, "layer component prompt pos d_model"] | None = None
-
-    def component(self, component: Component, layer: int) -> Float[Tensor, "prompt pos d_model"]:
-        if self.components is None or layer not in self.component_layers:
-            raise CaptureError(f"{component} of layer {layer} was not captured (layers held: {self.component_layers})")
-        return self.components[self.component_layers.index(layer), COMPONENTS.index(component)]
-
-    def view(self, kind: HookKind, layer: int) -> Float[Tensor, "prompt pos d_model"]:
-        state = state_index(kind, layer)
-        if state not in self.states:
-            raise CaptureError(f"{kind} of layer {layer} was not captured (states held: {self.states})")
-        return self.values[self.states.index(state)]
-
-    def resid_pre(self, layer: int) -> Float[Tensor, "prompt pos d_model"]:
-        return self.view("resid_pre", layer)
-
-    def resid_post(self, layer: int) -> Float[Tensor, "prompt pos d_model"]:
-        return self.view("resid_post", layer)
 
 
 def _takes_logits_to_keep(bridge) -> bool:
@@ -150,3 +115,20 @@ def _zero_padding(values: Tensor, batch_width: int, padding: Tensor) -> None:
     values[:, :, batch_width:] = 0
     if padding.any():
         values[:, :, :batch_width][:, padding] = 0
+
+
+def boot_bridge(hf_model, ref: ModelRef, tokenizer, options: LoadOptions):
+    """Wrap an already-loaded HF model; raw weights, no processing.
+
+    A split model carries its placement (``hf_device_map``); the bridge reads the
+    embedding's device from it, so no ``device`` is passed. Its norms skip the statistics
+    no hook reads (``lens_compare.capture.norm_statistics``), so a capture costs a bare forward.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        ref.location, hf_model=hf_model, tokenizer=tokenizer,
+        device=None if options.split else options.device, dtype=TORCH_DTYPES[options.dtype],
+    )
+    skip_unread_norm_statistics(bridge)
+    return bridge

@@ -33,9 +33,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lens_compare.models.demo_recipes import RECIPE_VERSION, RECIPES, Recipe, checkpoint_path
+from lens_compare.models.demo_recipes import RECIPE_VERSION, Recipe, checkpoint_path
 from lens_compare.demo.task import FAMILIES, Example, grade, split_examples
-from lens_compare.util.cli import Parser, parse_or_exit, run_command, setup_logging
 from lens_compare.util.versions import package_version
 
 logger = logging.getLogger("lens_compare")
@@ -270,38 +269,3 @@ def format_report(report: dict[str, Any], every: int = 10) -> str:
         lines.append(f"  {family:<10} {pick('before', 'exact'):>6.0%} -> {pick('after', 'exact'):>4.0%}   "
                      f"{pick('before', 'contains'):>8.0%} -> {pick('after', 'contains'):>4.0%}")
     return "\n".join(lines)
-
-
-def _report(args) -> int:
-    directory = demo_checkpoint(RECIPES[args.name])
-    report = load_report(directory)
-    print(directory)
-    print(format_report(report))
-    pairs = list(zip(report["before"]["replies"], report["after"]["replies"]))
-    for before, after in pairs[:: max(1, len(pairs) // args.replies)][: args.replies] if args.replies > 0 else []:
-        print(f"  {before['question']!r} ({before['answer']}): {before['reply']!r} -> {after['reply']!r}")
-    if args.plot:
-        from lens_compare.plots import save_figure, training_curve
-
-        print(save_figure(training_curve(report), Path(args.plot)))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m lens_compare.demo_ft", description=__doc__.split("\n")[0])
-    parser.add_argument("name", nargs="?", default="smollm2-ft", choices=sorted(RECIPES),
-                        help="which demo checkpoint (default: smollm2-ft)")
-    parser.add_argument("--plot", metavar="PNG", help="also draw the loss curve into this PNG file")
-    parser.add_argument("--replies", type=int, default=0, metavar="N",
-                        help="also print N held-out replies (spread over the task families), before and after")
-    args = parse_or_exit(parser, argv)
-    if isinstance(args, int):
-        return args
-    setup_logging(quiet=False)
-    return run_command("lens_compare.demo.fine_tune", lambda: _report(args))
-
-
-if __name__ == "__main__":
-    from lens_compare.util.cli import exit_with
-
-    exit_with(main)

@@ -21,11 +21,11 @@ from dataclasses import replace
 
 import torch
 
-from lens_compare.capture.states import ResidualStates
+from lens_compare.metrics.states import ResidualStates
 from lens_compare.engines.bridge import open_model
 from lens_compare.engines.job import Job
 from lens_compare.hardware.precision import floor_dtype, model_weight_bytes
-from lens_compare.hardware.units import GIB
+from lens_compare.util.units import GIB
 from lens_compare.util.host_memory import release_host_memory
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.metrics.per_token import state_metrics
@@ -99,43 +99,3 @@ def _second_capture(job: Job, schedule: str) -> Iterator[Callable[[int], Residua
                              job.states, batch_size=job.run.config.batch_size)
 
     yield streamed
-
-
-def floor_provenance(model: str | None, dtypes: dict[str, str], n_layers: int, run: dict | None = None) -> dict:
-    """The provenance of a noise floor as a result of its own: the SFT model ``model`` in its run
-    precision (``dtypes["base"]``, the floor's "base" side) against itself in the second one
-    (``dtypes["sft"]``); ``run``, the run's own provenance, lends the strategy and device."""
-    run = run or {}
-    side = {"reference": model, "kind": "noise floor"}
-    return {
-        "kind": "noise_floor",
-        "pair": f"sft {dtypes['base']} vs {dtypes['sft']}",
-        "model": model,
-        "base_model": {**side, "dtype": dtypes["base"]},
-        "sft_model": {**side, "dtype": dtypes["sft"]},
-        "dtype": dict(dtypes),
-        "n_layers": n_layers,
-        "strategy": run.get("strategy"),
-        "device": run.get("device"),
-    }
-
-
-def noise_floor_result(job: Job, store, width: int, run_provenance: dict, token_strings: tuple):
-    """The noise floor as a result of its own: the SFT model (its run precision as "base") against
-    itself in the second precision (as "sft"), with the residual metrics only."""
-    from lens_compare.metrics.bootstrap import Bootstrap
-    from lens_compare.metrics.per_token import hook_metrics
-    from lens_compare.results.result import ComparisonResult
-    from lens_compare.engines.store import stack_metrics
-
-    run = job.run
-    per_state = stack_metrics([store.get(Kind.NOISE, shard=shard) for shard in range(job.layout.count)], width)
-    second = floor_dtype(run.sft.dtype)
-    return ComparisonResult(
-        provenance=floor_provenance(run.sft.ref.spec, {"base": run.sft.dtype, "sft": second},
-                                    run.model_configs["sft"].num_hidden_layers, run_provenance),
-        layers=run.layers, tokens=run.tokenized,
-        token_strings=token_strings,
-        untrained_base_tokens={}, real_tokens=job.real, metrics=hook_metrics(per_state, job.states, run.layers),
-        include_first_token=run.config.include_first_token, bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
-    )

@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lens_compare.capture.states import ResidualStates
+from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import LensCompareError
 from lens_compare.util.outputs import write_atomically, write_json
 from lens_compare.metrics.per_token import StateMetrics

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from lens_compare.errors import ConfigError
-from lens_compare.hardware.units import GIB
+from lens_compare.util.units import GIB
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 from lens_compare.util.choices import DTYPES
 from lens_compare.errors import ConfigError, HardwareError
-from lens_compare.hardware.units import GIB
+from lens_compare.util.units import GIB
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 

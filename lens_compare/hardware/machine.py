@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from lens_compare.errors import ConfigError
 from lens_compare.hardware.gpus import GpuType, match_device_name, resolve_gpu
-from lens_compare.hardware.units import GIB
+from lens_compare.util.units import GIB
 
 # One machine holds at most this many GPUs (an 8-GPU node); more is "beyond one machine".
 MAX_GPUS_PER_MACHINE = 8

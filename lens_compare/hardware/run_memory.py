@@ -52,7 +52,7 @@ from typing import Any
 from lens_compare.errors import ConfigError
 from lens_compare.models.architecture import Architecture
 from lens_compare.util.choices import DTYPE_BYTES
-from lens_compare.hardware.units import LOGIT_LENS_CHUNK_BYTES, gib, lens_working_bytes
+from lens_compare.util.units import LOGIT_LENS_CHUNK_BYTES, gib, lens_working_bytes
 
 CUDA_CONTEXT_GIB = 0.5
 MARGIN = 0.05

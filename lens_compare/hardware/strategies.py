@@ -36,7 +36,7 @@ from lens_compare.hardware.run_memory import (
 )
 from lens_compare.hardware.timing import run_cost, run_seconds, stream_seconds
 from lens_compare.util.choices import DTYPE_BYTES
-from lens_compare.hardware.units import FP8_CHUNK_ELEMENTS, GIB, gib
+from lens_compare.util.units import FP8_CHUNK_ELEMENTS, GIB, gib
 
 
 STREAM_NEEDS_SAFETENSORS = (

@@ -10,7 +10,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from lens_compare.metrics.bootstrap import Bootstrap, interval
-from lens_compare.capture.hooks import HOOK_KINDS
+from lens_compare.util.hooks import HOOK_KINDS
 from lens_compare.metrics.residual import METRIC_NAMES, STAT_NAMES, masked_stats
 from lens_compare.metrics.per_token import TokenMetrics
 

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_compare.errors import CheckpointError
-from lens_compare.hardware.units import FP8_CHUNK_ELEMENTS
+from lens_compare.util.units import FP8_CHUNK_ELEMENTS
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Elements per dequantization chunk: three float32 temporaries of this size (16 MiB each).

@@ -155,25 +155,6 @@ def weights_source(ref: ModelRef, config, options: LoadOptions) -> tuple[str, di
     return ref.location, {**kwargs, **ref.file_kwargs, "quantization_config": GgufConfig(dequantize=True)}
 
 
-def boot_bridge(hf_model, ref: ModelRef, tokenizer, options: LoadOptions):
-    """Wrap an already-loaded HF model; raw weights, no processing.
-
-    A split model carries its placement (``hf_device_map``); the bridge reads the
-    embedding's device from it, so no ``device`` is passed. Its norms skip the statistics
-    no hook reads (``lens_compare.capture.norm_statistics``), so a capture costs a bare forward.
-    """
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from lens_compare.capture.norm_statistics import skip_unread_norm_statistics
-
-    bridge = TransformerBridge.boot_transformers(
-        ref.location, hf_model=hf_model, tokenizer=tokenizer,
-        device=None if options.split else options.device, dtype=TORCH_DTYPES[options.dtype],
-    )
-    skip_unread_norm_statistics(bridge)
-    return bridge
-
-
 def weights_fingerprint(hf_model, chunk_bytes: int = 64 * 2**20) -> str:
     """sha256 of the input embedding and the last ``*norm.weight`` (the final norm where a
     family names it so): cheap, and differs between checkpoints. A streamed run hashes the

@@ -27,8 +27,8 @@ from lens_compare.hardware.planner import Plan
 from lens_compare.hardware.precision import floor_dtype
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
-from lens_compare.hardware.units import GIB, LOGIT_LENS_CHUNK_BYTES
-from lens_compare.capture.hooks import states_for_layers
+from lens_compare.util.units import GIB, LOGIT_LENS_CHUNK_BYTES
+from lens_compare.util.hooks import states_for_layers
 
 logger = logging.getLogger("lens_compare")
 

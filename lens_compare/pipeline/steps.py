@@ -30,10 +30,11 @@ from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution
 from lens_compare.models.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.util.choices import DTYPE_BYTES
-from lens_compare.hardware.units import GIB
-from lens_compare.capture.hooks import states_for_layers
+from lens_compare.util.units import GIB
+from lens_compare.util.hooks import states_for_layers
 from lens_compare.models.facts import ModelFacts
-from lens_compare.engines.noise_floor import noise_floor_result
+from lens_compare.hardware.precision import floor_dtype
+from lens_compare.results.provenance import floor_provenance
 from lens_compare.metrics.per_token import hook_metrics
 from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
 from lens_compare.results.result import ComparisonResult
@@ -254,6 +255,23 @@ def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
     masks = [mask[start:stop] for start, stop in job.layout.bounds]
     return layer_cka(lambda role, state: (store.get(Kind.STATE, role=role, shard=shard, state=state) for shard in range(job.layout.count)),
                      run.layers, masks)
+
+
+def noise_floor_result(job: Job, store: Store, width: int, run_provenance: dict, token_strings: tuple
+                       ) -> ComparisonResult:
+    """The noise floor as a result of its own: the SFT model (its run precision as "base") against
+    itself in the second precision (as "sft"), with the residual metrics only."""
+    run = job.run
+    per_state = stack_metrics([store.get(Kind.NOISE, shard=shard) for shard in range(job.layout.count)], width)
+    second = floor_dtype(run.sft.dtype)
+    return ComparisonResult(
+        provenance=floor_provenance(run.sft.ref.spec, {"base": run.sft.dtype, "sft": second},
+                                    run.model_configs["sft"].num_hidden_layers, run_provenance),
+        layers=run.layers, tokens=run.tokenized,
+        token_strings=token_strings,
+        untrained_base_tokens={}, real_tokens=job.real, metrics=hook_metrics(per_state, job.states, run.layers),
+        include_first_token=run.config.include_first_token, bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
+    )
 
 
 def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: float,

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from lens_compare.capture.hooks import HOOK_KINDS, hook_name, state_index
+from lens_compare.util.hooks import HOOK_KINDS, hook_name, state_index
 from lens_compare.util.outputs import write_atomically
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",

@@ -12,9 +12,9 @@ from torch import Tensor
 from lens_compare.metrics.aggregate import aggregated_positions, analysis_records, largest_tokens, layer_records, token_mask
 from lens_compare.analyses import ANALYSES, TokenAnalysis
 from lens_compare.metrics.bootstrap import Bootstrap, unit_for
-from lens_compare.capture.states import ResidualStates
+from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import LensCompareError
-from lens_compare.capture.hooks import COMPONENTS, HOOK_KINDS
+from lens_compare.util.hooks import COMPONENTS, HOOK_KINDS
 from lens_compare.metrics.residual import METRIC_NAMES
 from lens_compare.metrics.per_token import TokenMetrics
 from lens_compare.results.plausibility import plausibility_warnings

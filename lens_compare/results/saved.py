@@ -21,9 +21,9 @@ from safetensors import safe_open
 from lens_compare.metrics.aggregate import aggregated_positions
 from lens_compare.analyses import ANALYSES
 from lens_compare.metrics.bootstrap import Bootstrap
-from lens_compare.capture.states import ResidualStates
+from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import LensCompareError
-from lens_compare.capture.hooks import HOOK_KINDS, hook_name, states_for_layers
+from lens_compare.util.hooks import HOOK_KINDS, hook_name, states_for_layers
 from lens_compare.metrics.residual import METRIC_NAMES
 from lens_compare.results.result import SCHEMA_VERSION, ComparisonResult
 from lens_compare.models.tokens import TokenizedPrompts
@@ -95,7 +95,7 @@ def _noise_floor(document, provenance, layers, tokens, real, include_first, main
     floor = document.get("noise_floor")
     if floor is None:
         return None
-    from lens_compare.engines.noise_floor import floor_provenance
+    from lens_compare.results.provenance import floor_provenance
 
     return ComparisonResult(
         provenance=floor_provenance(floor.get("model"), floor["dtype"], provenance["n_layers"], provenance),
