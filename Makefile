@@ -1,6 +1,7 @@
 # Two commands do all the set-up and work on a fresh machine:
 #   make demo   - the main job on the offline demo pair (smollm2-ft: SmolLM2 vs its fine-tune), with plots
-#   make test   - the whole test suite (both cores; its 30 slowest tests listed at the end)
+#   make test   - lint (ruff), the layers (lint-imports), the docs (mkdocs --strict), then the whole
+#                 test suite (both cores; its 30 slowest tests listed at the end)
 # torch is installed first, pinned, so that no open range pulls a multi-GB CUDA build. Here the CPU
 # wheel of torch==2.13.0 lies on this machine's disk; elsewhere, a CPU-only machine gets the CPU wheel
 # from PyTorch's index: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -35,7 +36,9 @@ demo: $(STAMP)
 	DEV_MODE=true HF_HUB_OFFLINE=1 $(BIN)/python -m lens_compare.run --plots
 
 test: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir $$(mktemp -d)
+	$(BIN)/ruff check lens_compare tests benchmarks
+	$(BIN)/lint-imports
+	site=$$(mktemp -d) && $(BIN)/mkdocs build --strict --site-dir $$site && rm -rf $$site
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 bench: $(STAMP)

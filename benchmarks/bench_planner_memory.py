@@ -132,7 +132,8 @@ reset()
 comparison.run_comparison(config, preflight=recording)
 overall = max([peak(), *(v for k, v in phases.items())])
 phases = {k: (v - base) / GIB for k, v in phases.items() if not k.startswith("_")}
-print(json.dumps({"measured_gib": (overall - base) / GIB + context, "phases_gib": {k: v + context for k, v in phases.items()},
+print(json.dumps({"measured_gib": (overall - base) / GIB + context,
+                  "phases_gib": {k: v + context for k, v in phases.items()},
                   "cuda_context_gib": context, "estimate": seen["estimate"], "schedule": seen["schedule"]}))
 """
 

@@ -58,7 +58,8 @@ def counting(cls, ref):
     return reader
 SafetensorsCheckpoint.open = classmethod(counting)
 text = "The history of science is full of questions that took centuries to answer. " * 40
-config = lens_compare.RunConfig(base_model=base, sft_model=sft, prompts=tuple(f"{i}. {text}" for i in range(int(prompts))),
+config = lens_compare.RunConfig(base_model=base, sft_model=sft,
+                                prompts=tuple(f"{i}. {text}" for i in range(int(prompts))),
                                 tokens=int(tokens), device=device, strategy=strategy, batch_size=int(batch))
 before = status("VmRSS")
 start = time.perf_counter()
@@ -108,7 +109,7 @@ def main() -> int:
     import torch
 
     resident, streamed = (torch.load(kept[s]) for s in ("resident", "stream"))
-    max_abs_diff = max(float((a - b).abs().max()) for a, b in zip(resident, streamed))
+    max_abs_diff = max(float((a - b).abs().max()) for a, b in zip(resident, streamed, strict=True))
     median = {s: {k: statistics.median(r[k] for r in got) for k in ("seconds", "peak_gib")} for s, got in runs.items()}
     summary = {
         "device": args.device, "tokens": TOKENS, "prompts": args.prompts, "batch": BATCH,

@@ -114,8 +114,7 @@ def main() -> int:
     import torch
 
     import lens_compare
-    from lens_compare.pipeline import comparison
-    from lens_compare.pipeline import preflight
+    from lens_compare.pipeline import comparison, preflight
 
     work = Path(args.work or tempfile.mkdtemp(prefix="lens_compare_big_"))
     directory = build_checkpoint(work / f"{args.model.split('/')[-1]}-{args.layers}l-d{args.width_divisor}",

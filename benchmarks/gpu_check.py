@@ -57,9 +57,9 @@ def checkpoints(work: Path, smoke: bool) -> tuple[Path, Path]:
     """A random 2-block checkpoint of Llama-3.1-8B's width (a 16th with ``smoke``) and a copy whose
     block 1 differs, with a tokenizer trained here."""
     import torch
+    from bench_stream_big import build_checkpoint
     from safetensors.torch import load_file, save_file
 
-    from bench_stream_big import build_checkpoint
     from tests.fixtures.tiny_models import build_tokenizer
 
     tokenizer = work / "tokenizer"
@@ -87,11 +87,10 @@ def capture_parity(args, base: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lens_compare.capture.states import capture_states
-    from lens_compare.util.hooks import states_for_layers
+    from lens_compare.capture.states import boot_bridge, capture_states
     from lens_compare.models.load_options import LoadOptions
-    from lens_compare.capture.states import boot_bridge
     from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
+    from lens_compare.util.hooks import states_for_layers
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -121,7 +120,8 @@ def capture_parity(args, base: Path) -> dict:
                   for s in range(len(states))]
         out[f"{dtype}_max_relative_l2"] = max(errors)
         ok &= max(errors) <= tolerance
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="eager").to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="eager")
+    model = model.to(args.device)
     with torch.no_grad():
         hidden = model(ids.to(args.device), attention_mask=real.long().to(args.device),
                        output_hidden_states=True).hidden_states
@@ -134,7 +134,8 @@ def capture_parity(args, base: Path) -> dict:
 def run_script(command: list[str], timeout: int) -> dict:
     """A benchmark script in a fresh process: its last JSON line, or why there is none."""
     done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+                          env={**os.environ,
+                               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"ok": False, "error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ''}"}
@@ -227,7 +228,8 @@ def local_run_guard(args, base: Path) -> dict:
     gpu = query_cuda_device(0)
 
     def guard(**changes):
-        block = {"enabled": True, "min_vram_gb": 1, "require_gpu_name_substring": gpu.name.split()[-1] if gpu else "H100",
+        block = {"enabled": True, "min_vram_gb": 1,
+                 "require_gpu_name_substring": gpu.name.split()[-1] if gpu else "H100",
                  "allowed_pairs": [{"base": str(base), "sft": str(base), "dtype": "bfloat16"}], **changes}
         try:
             return check_local_run(LocalRunConfig.from_dict(block), str(base), str(base), gpu).log_line

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lens_compare.util.choices import ChatTemplateName, Dtype, ExportFormat, StrategyChoice
 from lens_compare.errors import ConfigError
+from lens_compare.util.choices import ChatTemplateName, Dtype, ExportFormat, StrategyChoice
 from lens_compare.util.files import read_structured
 
 BLOCK = "residual_compare"
@@ -313,7 +313,7 @@ def keyword_options() -> dict[str, dataclasses.Field]:
 
 def fingerprinted(config: RunConfig) -> dict[str, Any]:
     """The options a run folder's fingerprint covers: all but the output-only ones."""
-    return {field.name: value for (field, spec), value in zip(run_options(), config.to_dict().values())
+    return {field.name: value for (field, spec), value in zip(run_options(), config.to_dict().values(), strict=True)
             if not spec.output_only}
 
 

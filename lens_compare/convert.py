@@ -12,9 +12,9 @@ source and dtype in the cache (``$LENS_COMPARE_CACHE/safetensors/``).
 import os
 from pathlib import Path
 
+from lens_compare.cli import Parser, parse_or_exit, run_command
 from lens_compare.errors import LensCompareError
 from lens_compare.util.choices import DTYPES
-from lens_compare.cli import Parser, parse_or_exit, run_command
 
 
 def convert(spec: str, out_dir: Path, dtype: str = "float32") -> Path:
@@ -29,9 +29,9 @@ def convert(spec: str, out_dir: Path, dtype: str = "float32") -> Path:
 
 def converted_checkpoint(spec: str, dtype: str = "float32") -> Path:
     """The cached safetensors copy of ``spec`` in ``dtype``, built on first use."""
-    from lens_compare.util.cache import build_once, cache_root
     from lens_compare.models.fingerprint import checkpoint_fingerprint
     from lens_compare.models.loading import resolve_ref
+    from lens_compare.util.cache import build_once, cache_root
 
     target = cache_root() / "safetensors" / f"{checkpoint_fingerprint(resolve_ref(spec))}-{dtype}"
     return build_once(target, lambda tmp: _write(spec, tmp, dtype))

@@ -18,7 +18,7 @@ def _report(args) -> int:
     report = load_report(directory)
     print(directory)
     print(format_report(report))
-    pairs = list(zip(report["before"]["replies"], report["after"]["replies"]))
+    pairs = list(zip(report["before"]["replies"], report["after"]["replies"], strict=True))
     for before, after in pairs[:: max(1, len(pairs) // args.replies)][: args.replies] if args.replies > 0 else []:
         print(f"  {before['question']!r} ({before['answer']}): {before['reply']!r} -> {after['reply']!r}")
     if args.plot:

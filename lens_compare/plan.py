@@ -13,10 +13,10 @@ Exit status (as every lens_compare command): 0 when a strategy fits, 1 on a refu
 import argparse
 import json
 
-from lens_compare.util.choices import DTYPES, STRATEGIES
 from lens_compare.cli import Parser, add_run_options, parse_or_exit, run_command
 from lens_compare.hardware.machine import catalog_machine, detect_machine
 from lens_compare.hardware.planner import plan_pair
+from lens_compare.util.choices import DTYPES, STRATEGIES
 
 NOTHING_FITS = 3
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from lens_compare.metrics.aggregate import aggregated_positions
 from lens_compare.analyses.components import COMPONENT_METRICS
 from lens_compare.errors import LensCompareError
-from lens_compare.util.hooks import COMPONENTS, HOOK_KINDS
+from lens_compare.metrics.aggregate import aggregated_positions
 from lens_compare.metrics.residual import METRIC_NAMES
+from lens_compare.util.hooks import COMPONENTS, HOOK_KINDS
 from lens_compare.util.progress import in_notebook
 
 # Metrics drawn as 1 - value on a log axis, and metrics drawn on a log axis as they are.
@@ -409,7 +409,8 @@ def position_heatmap(result, metric: str, prompt: int, *, hook: str = "resid_pos
         raise LensCompareError(f"prompt {prompt}: this run has prompts 0..{len(result.tokens.token_ids) - 1}")
     length = len(result.tokens.token_ids[prompt])
     values = result.metrics[hook][metric][:, prompt, :length].numpy()
-    figure, ax = (_subplots((max(6.0, 0.32 * length + 2), 0.22 * len(result.layers) + 2)) if ax is None else (ax.figure, ax))
+    size = (max(6.0, 0.32 * length + 2), 0.22 * len(result.layers) + 2)
+    figure, ax = _subplots(size) if ax is None else (ax.figure, ax)
     shown = 1.0 - values if metric in ONE_MINUS else values
     # A log colour scale where the line plots use a log axis: one outlying token (an attention
     # sink, say) would otherwise flatten every other cell into one colour. Exact zeros

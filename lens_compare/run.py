@@ -1,30 +1,30 @@
 """CLI: ``python -m lens_compare.run --pair llama8b [options]``.
 
 Exit code 0 on success; on any refused input (bad flags included), a one-line reason on
-stderr and exit code 1; 130 when interrupted (finished shards are kept: rerun to resume). Config values come from ``--config PATH`` or,
-without it, from ``configs/dev_config.yaml`` when ``DEV_MODE=true`` and
+stderr and exit code 1; 130 when interrupted (finished shards are kept: rerun to resume).
+Config values come from ``--config PATH`` or, without it, from ``configs/dev_config.yaml`` when ``DEV_MODE=true`` and
 ``configs/prod_config.yaml`` otherwise; flags override them.
 """
 
 import argparse
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from lens_compare.cli import Parser, add_run_options, given_run_options, parse_or_exit, run_command, setup_logging
-from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.config import RunConfig, default_config_path, load_config_file
 from lens_compare.engines import Job
-from lens_compare.util.dtypes import TORCH_DTYPES
-from lens_compare.util.outputs import check_export_formats, check_output_dir, write_frame, write_json
+from lens_compare.engines.store import STATE_KINDS, Kind, RunFolder
 from lens_compare.models.pairs import builtin_pairs
-from lens_compare.pipeline.steps import check_spill_space, summary_line
+from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.pipeline.preflight import memory_preflight
+from lens_compare.pipeline.steps import check_spill_space, summary_line
 from lens_compare.results.residual_file import write_residual_file
 from lens_compare.results.saved import load_run
-from lens_compare.engines.store import STATE_KINDS, Kind, RunFolder
 from lens_compare.results.verdict import verdict
+from lens_compare.util.dtypes import TORCH_DTYPES
+from lens_compare.util.outputs import check_export_formats, check_output_dir, write_frame, write_json
 
 logger = logging.getLogger("lens_compare")
 
@@ -100,7 +100,7 @@ def _output_stem(folder: RunFolder, out_dir: Path, pair: str, seconds: float, no
     earlier = folder.get(Kind.OUTPUTS) if folder.has(Kind.OUTPUTS) else None
     reused = earlier is not None and nothing_pending
     if earlier is None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         earlier = {"stem": f"lens_compare_{pair}_{stamp}", "seconds": 0.0}
     run_seconds = earlier["seconds"] if reused else earlier["seconds"] + seconds
     folder.put(Kind.OUTPUTS, {"stem": earlier["stem"], "seconds": run_seconds})

@@ -24,20 +24,20 @@ def _numpy_linear(x: np.ndarray, y: np.ndarray) -> float:
     return np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
 
 
-def _numpy_hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
-    """Song et al. (2012), eq. 5, on uncentred Gram matrices, spelled out."""
+def _numpy_hsic_unbiased(k: np.ndarray, m: np.ndarray) -> float:
+    """Song et al. (2012), eq. 5 (their K and L as k and m), on uncentred Gram matrices, spelled out."""
     n = k.shape[0]
-    k, l = k.copy(), l.copy()
+    k, m = k.copy(), m.copy()
     np.fill_diagonal(k, 0)
-    np.fill_diagonal(l, 0)
+    np.fill_diagonal(m, 0)
     one = np.ones(n)
-    return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+    return (np.trace(k @ m) + (one @ k @ one) * (one @ m @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one @ k @ m @ one)) / (n * (n - 3))
 
 
 def _numpy_debiased(x: np.ndarray, y: np.ndarray) -> float:
-    k, l = x @ x.T, y @ y.T
-    return _numpy_hsic_unbiased(k, l) / np.sqrt(_numpy_hsic_unbiased(k, k) * _numpy_hsic_unbiased(l, l))
+    k, m = x @ x.T, y @ y.T
+    return _numpy_hsic_unbiased(k, m) / np.sqrt(_numpy_hsic_unbiased(k, k) * _numpy_hsic_unbiased(m, m))
 
 
 def _random_layers(seed: int, n: int = 40, d: int = 12, layers: int = 3):

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import lens_compare
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+import lens_compare
 from lens_compare.metrics.residual import cross_model
-from lens_compare.util.outputs import write_atomically
 from lens_compare.run import main
+from lens_compare.util.outputs import write_atomically
 from tests.fixtures.fake_cuda import H100, fake_cuda
 
 
@@ -55,7 +54,7 @@ def test_run_writes_json_tables_and_residuals(tiny_model_dirs, tmp_path, capsys)
     cm = cross_model(tensors["base/blocks.2.hook_resid_post"], tensors["sft/blocks.2.hook_resid_post"])
     assert document["resid_post"][2]["base_norm"]["mean"] == pytest.approx(cm.base_norm[mask].double().mean().item())
     assert document["provenance"]["token_ids"] == [
-        row[: int(m.sum())] for row, m in zip(tensors["token_ids"].tolist(), tensors["attention_mask"])
+        row[: int(m.sum())] for row, m in zip(tensors["token_ids"].tolist(), tensors["attention_mask"], strict=True)
     ]
 
 
@@ -105,7 +104,8 @@ def test_tokenizer_mismatch_and_long_prompt_fail_before_output(tiny_model_dirs, 
     "text, message",
     [
         ("residual_compare: [unclosed", "is not valid YAML"),
-        ("residual_compare:\n  pair: llama8b\n  dtpye: float32\n", "residual_compare.dtpye: unknown key (did you mean 'dtype'?)"),
+        ("residual_compare:\n  pair: llama8b\n  dtpye: float32\n",
+         "residual_compare.dtpye: unknown key (did you mean 'dtype'?)"),
         ("residual_compare:\n  tokens: ten\n", "residual_compare.tokens: expected an integer"),
         ("other_block: {}\n", "expected exactly one top-level key 'residual_compare'"),
     ],
@@ -169,12 +169,13 @@ def _no_bitsandbytes(monkeypatch) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
 
 
 def _tiny_cpu(monkeypatch) -> None:
-    from lens_compare.pipeline import preflight
     from lens_compare.hardware import Machine
+    from lens_compare.pipeline import preflight
 
     monkeypatch.setattr(preflight, "machine_for", lambda device, gpus: Machine("cpu", 1, 1e-4, 1e-4))
 
@@ -218,7 +219,8 @@ def test_a_reader_that_goes_away_ends_the_cli_quietly(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    script = "from lens_compare.cli import exit_with\nexit_with(lambda: [print('row ' * 20) for _ in range(200000)] and 0)"
+    script = ("from lens_compare.cli import exit_with\n"
+              "exit_with(lambda: [print('row ' * 20) for _ in range(200000)] and 0)")
     pipeline = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True,
                               text=True, cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert pipeline.stdout.startswith("row row")

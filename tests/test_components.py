@@ -11,14 +11,15 @@ import lens_compare
 from lens_compare import RunConfig
 from lens_compare.analyses.components import COMPONENT_KEYS, COMPONENT_METRICS
 from lens_compare.capture.states import capture_states
-from lens_compare.util.hooks import COMPONENTS, states_for_layers
+from lens_compare.capture.streamed import stream_states
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.loading import load_config, resolve_ref
 from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.run import main
-from lens_compare.capture.streamed import stream_states
+from lens_compare.util.hooks import COMPONENTS, states_for_layers
 from tests.fixtures.bridges import PROMPTS, load_bridge, padded_batch
 from tests.fixtures.tiny_models import FAMILIES, perturb_block
+
 FP32 = {"atol": 1e-5, "rtol": 1.3e-6}
 STRATEGIES = ("resident", "sequential", "stream")
 
@@ -125,7 +126,7 @@ def test_aggregates_against_numpy_from_the_captured_writes(mlp_only_pair):
     keep = result.real_tokens.numpy().copy()
     keep[:, 0] = False  # position 0 is left out of the main aggregates, as for the residual metrics
     records = result.analysis_records("components")
-    for row, layer in enumerate(result.layers):
+    for row in range(len(result.layers)):
         for index, part in enumerate(COMPONENTS):
             b, s = base_writes[row, index][keep], sft_writes[row, index][keep]
             relative = np.linalg.norm(s - b, axis=-1) / np.linalg.norm(b, axis=-1)

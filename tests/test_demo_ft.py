@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from lens_compare.demo import fine_tune as demo_ft
-
-from lens_compare.models import demo_recipes
 from lens_compare.demo.task import CAPITALS, FAMILIES, grade, split_examples
 from lens_compare.errors import ModelLoadError
+from lens_compare.models import demo_recipes
 from lens_compare.models.fingerprint import checkpoint_fingerprint
 from lens_compare.models.loading import load_config, load_tokenizer, resolve_ref, weights_ref
 
@@ -67,7 +66,9 @@ def test_examples_are_deterministic_and_held_out_questions_never_train():
     assert split_examples(seed=1)[0] != train
     assert [e.family for e in heldout] == [f for f in FAMILIES for _ in range(20)]
     assert not {e.question for e in heldout} & {e.question for e in train}
-    numbers = lambda e: frozenset(int(w.strip("?,")) for w in e.question.split() if w.strip("?,").isdigit())
+    def numbers(e):
+        return frozenset(int(w.strip("?,")) for w in e.question.split() if w.strip("?,").isdigit())
+
     held_numbers = {numbers(e) for e in heldout if e.family != "capital"}
     assert not held_numbers & {numbers(e) for e in train if e.family != "capital"}
     held_countries = {e.answer for e in heldout if e.family == "capital"}
@@ -139,7 +140,7 @@ def test_learning_rate_schedule():
     assert rates[10] == pytest.approx(1e-4)
     assert rates[55] == pytest.approx(1e-5 + 0.9e-4 * 0.5)  # half-way through the decay
     assert demo_ft.learning_rate(recipe, 100) == pytest.approx(1e-5)
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
 
 
 # ---------------------------------------------------------------------------- the cached build

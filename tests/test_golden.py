@@ -28,7 +28,8 @@ PROMPTS = ("the quick brown fox jumps over the lazy dog", "a model", "hello worl
            "two plus two is four", "the train leaves the station at seven", "water boils at one hundred degrees")
 # Six prompts in shards of two: three shards (all full: under pytest, jaxtyping refuses CKA's list of
 # shard masks when the last shard is shorter); float32, whose sums other CPUs round alike to 1e-4.
-SHARDED = ["--dtype", "float32", "--shard-size", "2", "--logit-lens", "all", "--top-tokens", "5", "--cka", "--bootstrap", "200",
+SHARDED = ["--dtype", "float32", "--shard-size", "2", "--logit-lens", "all", "--top-tokens", "5", "--cka",
+           "--bootstrap", "200",
            *(arg for p in PROMPTS for arg in ("--prompt", p))]
 
 # Keys whose value depends on when, where or with which package versions the run happened.
@@ -71,7 +72,7 @@ def normalised(document: Any, roots: dict[str, str], path: tuple[str, ...] = ())
 
 def _matches(pattern: str, path: tuple[str, ...]) -> bool:
     parts = pattern.split(".")
-    return len(parts) == len(path) and all(p in ("*", key) for p, key in zip(parts, path))
+    return len(parts) == len(path) and all(p in ("*", key) for p, key in zip(parts, path, strict=True))
 
 
 def first_difference(expected: Any, actual: Any, path: str = "") -> str | None:
@@ -86,7 +87,7 @@ def first_difference(expected: Any, actual: Any, path: str = "") -> str | None:
     if isinstance(expected, list) and isinstance(actual, list):
         if len(expected) != len(actual):
             return f"{path}: {len(expected)} items in the golden file, {len(actual)} in this run"
-        found = (first_difference(e, a, f"{path}[{i}]") for i, (e, a) in enumerate(zip(expected, actual)))
+        found = (first_difference(e, a, f"{path}[{i}]") for i, (e, a) in enumerate(zip(expected, actual, strict=False)))
         return next((difference for difference in found if difference), None)
     if isinstance(expected, float) or isinstance(actual, float):
         if (isinstance(actual, (int, float)) and not isinstance(actual, bool)

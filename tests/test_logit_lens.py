@@ -13,16 +13,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 import lens_compare
 from lens_compare import RunConfig
 from lens_compare.analyses.lens_choice import choose_logit_lens
-from lens_compare.config import parse_lens_spec
 from lens_compare.analyses.logit_lens import (
-    LOGIT_LENS_KEYS,
     FINAL_TENSORS,
+    LOGIT_LENS_KEYS,
     SLICE_TENSORS,
     Distributions,
     chunk_tokens,
     logit_lens_metrics,
     token_divergences,
 )
+from lens_compare.config import parse_lens_spec
 from lens_compare.errors import ConfigError
 from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.run import main
@@ -327,7 +327,8 @@ def test_shared_ids_that_name_different_tokens_refuse_the_lens_before_loading(ti
         if (other / name).is_file():
             (other / name).write_text((other / name).read_text().replace("<|system|>", "<|tool|>"))
     monkeypatch.setattr(bridge, "load_hf_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(ConfigError, match=rf"id {index} is '<\|system\|>' in the base tokenizer and '<\|tool\|>' in the"):
+    names = rf"id {index} is '<\|system\|>' in the base tokenizer and '<\|tool\|>' in the"
+    with pytest.raises(ConfigError, match=names):
         lens_compare.compare(base=str(tiny_model_dirs["llama"]), sft=str(other), prompts=["hello world"])
     monkeypatch.undo()
     result = lens_compare.compare(base=str(tiny_model_dirs["llama"]), sft=str(other), prompts=["hello world"],

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from lens_compare.metrics.aggregate import layer_records, token_mask
-from lens_compare.metrics.states import ResidualStates
-from lens_compare.util.hooks import HOOK_KINDS, states_for_layers
+from lens_compare.metrics.per_token import token_metrics
 from lens_compare.metrics.residual import (
     METRIC_NAMES,
     cosine,
@@ -18,7 +17,8 @@ from lens_compare.metrics.residual import (
     masked_stats,
     relative_l2,
 )
-from lens_compare.metrics.per_token import token_metrics
+from lens_compare.metrics.states import ResidualStates
+from lens_compare.util.hooks import HOOK_KINDS, states_for_layers
 
 
 def np_cos(a, b):

@@ -8,14 +8,13 @@ import torch
 
 import lens_compare
 from lens_compare import plots
-from lens_compare.capture.states import capture_states
+from lens_compare.capture.states import boot_bridge, capture_states
+from lens_compare.engines.store import Kind, RunFolder
 from lens_compare.errors import ConfigError
-from lens_compare.util.hooks import states_for_layers
 from lens_compare.models.load_options import LoadOptions
-from lens_compare.capture.states import boot_bridge
 from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
 from lens_compare.run import main
-from lens_compare.engines.store import Kind, RunFolder
+from lens_compare.util.hooks import states_for_layers
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]
 
@@ -150,8 +149,8 @@ def test_nf4_runs_are_refused_before_loading(perturbed_llama):
 def test_plan_refuses_a_floor_no_memory_can_hold(perturbed_llama, monkeypatch):
     from dataclasses import replace
 
-    from lens_compare.pipeline import preflight
     from lens_compare.errors import HardwareError
+    from lens_compare.pipeline import preflight
 
     base, sft, _ = perturbed_llama
     small = replace(preflight.machine_for("cpu", ()), host_ram_gib=1e-4)

@@ -14,13 +14,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 from transformers import AutoModelForCausalLM
 
-from lens_compare.capture.states import capture_states
-from lens_compare.util.hooks import states_for_layers
 from lens_compare.capture.norm_statistics import (
     SkipsUnreadStatistics,
     restore_transformer_lens_norms,
     skip_unread_norm_statistics,
 )
+from lens_compare.capture.states import capture_states
+from lens_compare.util.hooks import states_for_layers
 from tests.fixtures.bridges import load_bridge, padded_batch, reference_model
 from tests.fixtures.tiny_models import FAMILIES
 

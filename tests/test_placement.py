@@ -16,7 +16,6 @@ from lens_compare.hardware import Machine, Workload, plan_models
 from lens_compare.hardware.gpus import resolve_gpu
 from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.sources import ModelSource, checkpoint_of, model_configs
-from lens_compare.util.units import GIB
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.placement import (
     accelerate_map,
@@ -27,6 +26,7 @@ from lens_compare.models.placement import (
     split_loads,
     summarize_placement,
 )
+from lens_compare.util.units import GIB
 from tests.fixtures.fake_cuda import H100, fake_cuda
 
 REAL = ("meta-llama/Llama-3.1-70B", "Qwen/Qwen2.5-72B", "deepseek-ai/DeepSeek-V3-Base")
@@ -95,7 +95,8 @@ def test_device_maps_follow_the_planners_layout(key, n_gpus, strategy, metas, ca
         assert options.split and options.device == "cuda:10"
         assert set(options.device_map) == set(units)
         assert all(isinstance(d, int) for d in options.device_map.values()), "never cpu or disk"
-        assert tuple(options.device_map[u] - 10 for u in units) == layout.assignment[index if strategy == "resident" else 0]
+        expected = layout.assignment[index if strategy == "resident" else 0]
+        assert tuple(options.device_map[u] - 10 for u in units) == expected
         # each GPU's budget is the planner's; resident SFT gets what the base left
         assert set(options.max_memory) == set(gpus)
         if strategy == "sequential" or role == "base":
@@ -188,11 +189,11 @@ def test_tied_head_sits_with_the_embedding():
 
 def test_preflight_splits_a_pair_over_the_fewest_gpus_it_needs(monkeypatch, metas):
     """The whole chain on a fake 4-GPU machine: the planner's pick, its split, the maps."""
-    from lens_compare.pipeline import preflight
-    from lens_compare.pipeline.execution import PlanFacts
     from lens_compare.models.architecture import transformers_config
     from lens_compare.models.loading import ModelRef
     from lens_compare.models.refs import Side
+    from lens_compare.pipeline import preflight
+    from lens_compare.pipeline.execution import PlanFacts
 
     config = transformers_config(two_layers("meta-llama/Llama-3.1-70B"))
     units = placement_units(metas["meta-llama/Llama-3.1-70B"])
@@ -221,7 +222,6 @@ def test_what_the_loader_and_the_bridge_receive_for_a_split(monkeypatch, tiny_mo
     from transformers import AutoModelForCausalLM
 
     from lens_compare.capture.states import boot_bridge
-
     from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
 
     seen = {}

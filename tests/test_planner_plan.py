@@ -21,9 +21,9 @@ from lens_compare.hardware import (
     resolve_gpu,
     weight_bytes,
 )
-from lens_compare.models.params import TensorGroup, model_groups
 from lens_compare.hardware.run_memory import model_run_terms
 from lens_compare.hardware.sources import model_configs
+from lens_compare.models.params import TensorGroup, model_groups
 from lens_compare.plan import main
 
 QWEN7B = model_configs()["Qwen/Qwen2.5-7B"]
@@ -441,7 +441,8 @@ def test_the_analyses_count_in_the_run_memory():
 
     plain, components, lens = peaks(), peaks(components=64), peaks(logit_lens=True)
     writes = 2 * 64 * 8 * 250 * 4096 * 2 / 2**30  # both models' sublayer outputs, bfloat16
-    assert components["resident"] - plain["resident"] == pytest.approx(writes, rel=0.06)  # with the 5% allocator overhead
+    # with the 5% allocator overhead
+    assert components["resident"] - plain["resident"] == pytest.approx(writes, rel=0.06)
     head = 128256 * 4096 * 2 / 2**30
     assert lens["sequential"] - plain["sequential"] == pytest.approx(head, rel=0.06)
     assert lens["stream"] > 2 * head > plain["stream"]  # both heads at once, after the last block

@@ -155,7 +155,8 @@ def test_cli_reads_the_run_against_a_saved_noise_floor_run(perturbed_llama, tmp_
     assert any(row.split()[4] == "1.0" for row in verdict.splitlines()[3:-1])  # the same pair: ratio 1
     capsys.readouterr()
     (tmp_path / "not_a_run.json").write_text("[1, 2]")
-    for bad, message in ((tmp_path / "missing.json", "no run at"), (tmp_path / "not_a_run.json", "schema_version None")):
+    bad_files = ((tmp_path / "missing.json", "no run at"), (tmp_path / "not_a_run.json", "schema_version None"))
+    for bad, message in bad_files:
         assert main(["--base", str(base), "--sft", str(sft), "--prompt", "hi", "--out", str(tmp_path / "x"),
                      "--noise-floor-run", str(bad)]) == 1
         assert message in capsys.readouterr().err

@@ -5,13 +5,12 @@ import logging
 import pytest
 
 import lens_compare
-from lens_compare.pipeline import comparison
-from lens_compare.pipeline.prepare import prepare_run
-from lens_compare.pipeline import preflight
 from lens_compare.engines import bridge
 from lens_compare.errors import HardwareError
 from lens_compare.hardware import Machine
 from lens_compare.hardware.local_run import GpuFacts
+from lens_compare.pipeline import comparison, preflight
+from lens_compare.pipeline.prepare import prepare_run
 from lens_compare.run import main
 from tests.fixtures.fake_cuda import fake_cuda
 

@@ -63,5 +63,6 @@ def test_hub_ids_take_the_real_loading_path_and_fail_clearly_offline():
 
     ref = resolve_ref("Qwen/Qwen2.5-0.5B")
     assert (ref.kind, ref.location) == ("hub", "Qwen/Qwen2.5-0.5B")
-    with pytest.raises(ModelLoadError, match="huggingface.co cannot be reached and the model is not in the local cache"):
+    unreachable = "huggingface.co cannot be reached and the model is not in the local cache"
+    with pytest.raises(ModelLoadError, match=unreachable):
         load_config(ref)

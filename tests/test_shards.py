@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from lens_compare import RunConfig
-from lens_compare.pipeline.execution import Execution
-from lens_compare.models.load_options import LoadOptions
-from lens_compare.pipeline.comparison import run_comparison
-from lens_compare.run import main
 from lens_compare.engines.shards import ShardLayout, default_shard_size
 from lens_compare.engines.store import RunFolder, RunFolderError
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.pipeline.comparison import run_comparison
+from lens_compare.pipeline.execution import Execution
+from lens_compare.run import main
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +227,7 @@ def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, ca
     lengths = planned.run.tokenized.lengths
     widths = [max(lengths[a:b]) for a, b in planned.layout.bounds]
     # 4 states and 2 sublayer outputs of each of 3 blocks, d 64, float32.
-    expected = sum((4 + 2 * 3) * (b - a) * w * 64 * 4 for (a, b), w in zip(planned.layout.bounds, widths))
+    expected = sum((4 + 2 * 3) * (b - a) * w * 64 * 4 for (a, b), w in zip(planned.layout.bounds, widths, strict=True))
     assert sequential == expected
     assert spilled(config.replace(components=False), "sequential")[0] == expected * 4 // 10
     assert spilled(config, "sequential", keep_residuals=True)[0] == 2 * expected

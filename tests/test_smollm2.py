@@ -5,11 +5,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 import lens_compare
-from lens_compare.capture.states import capture_states
-from lens_compare.util.hooks import states_for_layers
+from lens_compare.capture.states import boot_bridge, capture_states
 from lens_compare.models.load_options import LoadOptions
-from lens_compare.capture.states import boot_bridge
 from lens_compare.models.loading import load_config, load_hf_model, load_tokenizer, resolve_ref
+from lens_compare.util.hooks import states_for_layers
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is Paris. The capital of Italy is", "def add(a, b):\n    return"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lens_compare.engines import store as store_module
-from lens_compare.metrics.states import ResidualStates
 from lens_compare.engines.store import STATE_KINDS, Kind, MemoryStore, RunFolder, Store
+from lens_compare.metrics.states import ResidualStates
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lens_compare import RunConfig
 from lens_compare.engines import bridge
-from lens_compare.pipeline.execution import Execution
-from lens_compare.models.load_options import LoadOptions
 from lens_compare.metrics.residual import METRIC_NAMES
-from lens_compare.pipeline.comparison import run_comparison
+from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.placement import meta_model, placement_units
+from lens_compare.pipeline.comparison import run_comparison
+from lens_compare.pipeline.execution import Execution
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a b c d e f g", "two plus two is four"]
 
@@ -67,10 +67,10 @@ def test_split_dispatched_model_equals_resident_exactly(perturbed_llama, residen
         role: LoadOptions("float32", "cpu", device_map=_dispatched_map(path), offload_folder=str(tmp_path / role))
         for role, path in (("base", base), ("sft", sft))
     }
-    split = run_comparison(_config(base, sft), preflight=_fixed("resident", "resident", options["base"], options["sft"]),
-                           keep_residuals=True)
+    split = run_comparison(_config(base, sft), keep_residuals=True,
+                           preflight=_fixed("resident", "resident", options["base"], options["sft"]))
     _assert_same_metrics(split, resident)
-    for mine, theirs in zip(split.residuals, resident.residuals):
+    for mine, theirs in zip(split.residuals, resident.residuals, strict=True):
         assert torch.equal(mine.values, theirs.values)
     placement = split.provenance["placement"]["base"]
     assert placement["disk"]["blocks"] == [0, 2] and placement["cpu"]["blocks"] == [1]
@@ -165,7 +165,7 @@ def test_nf4_capture_equals_the_same_nf4_models_hf_hidden_states(perturbed_llama
     nf4 = LoadOptions("float32", "cpu", quantization="nf4")
     result = run_comparison(_config(base, sft), preflight=_fixed("nf4", "resident", nf4, nf4), keep_residuals=True)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    captured = dict(zip(("base", "sft"), result.residuals))
+    captured = dict(zip(("base", "sft"), result.residuals, strict=True))
     for role, directory in (("base", base), ("sft", sft)):
         model = _hf_nf4(directory)
         assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
@@ -205,7 +205,7 @@ def test_nf4_on_the_cpu_quantizes_once_then_reads_the_cache(perturbed_llama, mon
 
     monkeypatch.setattr(quantization, "_quantize", no_quantizing)
     second = bridge.load_hf_model(ref, load_config(ref), options)
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert [p.name for p in tmp_path.joinpath("nf4").iterdir()] == [quantization.nf4_cache_dir(ref, "float32").name]
     assert not list(tmp_path.joinpath("nf4").glob(".*.tmp"))

@@ -12,17 +12,16 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from lens_compare import RunConfig
-from lens_compare.capture.states import capture_states
-from lens_compare.models.checkpoint import SafetensorsCheckpoint
+from lens_compare.capture.states import boot_bridge, capture_states
+from lens_compare.capture.streamed import StreamedModel, stream_states
 from lens_compare.engines import stream as stream_engine
 from lens_compare.errors import CaptureError, CheckpointError, UnsupportedArchitectureError
+from lens_compare.metrics.residual import METRIC_NAMES
+from lens_compare.models.checkpoint import SafetensorsCheckpoint
 from lens_compare.models.fp8 import dequantize_blockwise, dequantize_rowwise
 from lens_compare.models.load_options import LoadOptions
-from lens_compare.capture.states import boot_bridge
 from lens_compare.models.loading import load_config, load_hf_model, resolve_ref
-from lens_compare.metrics.residual import METRIC_NAMES
 from lens_compare.pipeline.comparison import run_comparison
-from lens_compare.capture.streamed import StreamedModel, stream_states
 from tests.fixtures.fp8_checkpoints import write_fp8_pair
 from tests.fixtures.tiny_models import build_tiny_model, save_random_model, tokenizer_fields
 
@@ -160,7 +159,8 @@ def test_stream_pair_metrics_equal_resident(perturbed_llama, extra):
     # The perturbed block is where the models part.
     cosine = streamed.metrics["resid_post"]["cosine"]
     assert torch.nanmean(cosine[block - 1]) > 1 - 1e-3 > torch.nanmean(cosine[block])
-    assert streamed.provenance["base_model"]["weights_sha256_16"] == resident.provenance["base_model"]["weights_sha256_16"]
+    weights = [result.provenance["base_model"]["weights_sha256_16"] for result in (streamed, resident)]
+    assert weights[0] == weights[1]
 
 
 def test_each_checkpoint_is_read_once_whatever_the_prompts(tiny_model_dirs, monkeypatch):
@@ -189,8 +189,8 @@ def test_each_checkpoint_is_read_once_whatever_the_prompts(tiny_model_dirs, monk
 
 
 def test_interrupted_stream_resumes_after_the_last_finished_block(perturbed_llama, tmp_path, monkeypatch):
-    from lens_compare.pipeline.comparison import Comparison, open_run_folder
     from lens_compare.engines.store import Kind
+    from lens_compare.pipeline.comparison import Comparison, open_run_folder
 
     base, sft, _ = perturbed_llama
     config = _pair_config(base, sft, strategy="stream")
@@ -410,8 +410,8 @@ def test_fp8_scale_on_the_wrong_grid_is_refused_before_reading(wide_llama, tmp_p
     config = json.loads((fp8_dir / "config.json").read_text())
     config["quantization_config"]["weight_block_size"] = [64, 64]
     (fp8_dir / "config.json").write_text(json.dumps(config))
-    _expect_refusal(fp8_dir, fp8_dir, r"FP8 scale .* has shape \[\d+, \d+\], expected \[\d+, \d+\] .* in 64 x 64 blocks",
-                    monkeypatch)
+    _expect_refusal(fp8_dir, fp8_dir,
+                    r"FP8 scale .* has shape \[\d+, \d+\], expected \[\d+, \d+\] .* in 64 x 64 blocks", monkeypatch)
 
 
 def test_stream_run_via_cli_with_saved_residuals(perturbed_llama, tmp_path, capsys):
@@ -512,8 +512,8 @@ def test_hub_id_streams_from_the_local_cache_and_downloads_nothing(weights, tiny
 def test_forcing_stream_on_a_gguf_pair_says_it_cannot_run_and_what_can(smollm2_gguf, capsys, tmp_path):
     from lens_compare.run import main
 
-    assert main(["--pair", "smollm2-sanity", "--prompt", "hi there", "--strategy", "stream", "--out", str(tmp_path / "o"),
-                 "-q"]) == 1
+    assert main(["--pair", "smollm2-sanity", "--prompt", "hi there", "--strategy", "stream",
+                 "--out", str(tmp_path / "o"), "-q"]) == 1
     err = capsys.readouterr().err
     assert "the 'stream' strategy cannot run this pair on CPU" in err
     assert "python -m lens_compare.convert" in err and "what fits instead: resident, sequential" in err

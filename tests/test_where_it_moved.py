@@ -10,9 +10,9 @@ import torch
 
 import lens_compare
 from lens_compare.models.loading import load_tokenizer, resolve_ref
+from lens_compare.models.token_classes import content_flags
 from lens_compare.results.plausibility import PUBLISHED_RANGES, plausibility_warnings
 from lens_compare.run import main
-from lens_compare.models.token_classes import content_flags
 from tests.fixtures.tiny_models import build_tiny_model
 
 PROMPTS = ["the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding"]

@@ -13,10 +13,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import CaptureError
-from lens_compare.util.hooks import COMPONENTS
 from lens_compare.metrics.residual import cross_model
+from lens_compare.metrics.states import ResidualStates
+from lens_compare.util.hooks import COMPONENTS
 
 # Per-token values of one component, in the JSON's order.
 COMPONENT_METRICS = ("cosine", "relative_l2", "base_norm", "sft_norm")

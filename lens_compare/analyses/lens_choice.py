@@ -143,7 +143,7 @@ def shared_vocabulary(configs: dict[str, Any], tokenizers: dict[str, Any]) -> di
     ids = list(range(named))
     base, sft = (tokenizers[role].convert_ids_to_tokens(ids) for role in ("base", "sft"))
     if base != sft:
-        first = next(i for i, (a, b) in enumerate(zip(base, sft)) if a != b)
+        first = next(i for i, (a, b) in enumerate(zip(base, sft, strict=False)) if a != b)
         raise ConfigError(
             f"the logit lens compares the two models' predictions token id by token id, but id {first} is "
             f"{base[first]!r} in the base tokenizer and {sft[first]!r} in the SFT tokenizer; run with "

@@ -44,7 +44,6 @@ from lens_compare.util.units import (
     LOGIT_LENS_CHUNK_BYTES,
 )
 
-
 LOGIT_LENS_KEYS = ("kl_sft_base", "js", "top1_agree", "base_kl_to_final", "sft_kl_to_final")
 # The chunk's tensors and the slices' (lens_compare.util.units: the planner counts them too).
 FINAL_TENSORS = LENS_FINAL_TENSORS

@@ -1,1 +1,3 @@
-"""Reading the residual stream: hook names, the TransformerBridge capture, the streamed (layer by layer) capture, norm statistics."""
+"""Reading the residual stream: hook names, the TransformerBridge capture, the streamed (layer by
+layer) capture, norm statistics.
+"""

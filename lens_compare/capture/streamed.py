@@ -28,14 +28,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_compare.capture.head import Head
+from lens_compare.errors import CaptureError, CheckpointError
 from lens_compare.metrics.states import ResidualStates
 from lens_compare.models.checkpoint import SafetensorsCheckpoint, TensorHeader
-from lens_compare.util.dtypes import TORCH_DTYPES
-from lens_compare.errors import CaptureError, CheckpointError
-from lens_compare.models.fp8 import FP8_DTYPES, dequantize, expected_scale_shape, fp8_layout, scale_name
 from lens_compare.models.families import StreamRule, stream_rule
-from lens_compare.util.hooks import COMPONENTS
+from lens_compare.models.fp8 import FP8_DTYPES, dequantize, expected_scale_shape, fp8_layout, scale_name
 from lens_compare.models.load_options import LoadOptions
+from lens_compare.util.dtypes import TORCH_DTYPES
+from lens_compare.util.hooks import COMPONENTS
 
 _FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
 

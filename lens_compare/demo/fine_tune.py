@@ -33,8 +33,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lens_compare.models.demo_recipes import RECIPE_VERSION, Recipe, checkpoint_path
 from lens_compare.demo.task import FAMILIES, Example, grade, split_examples
+from lens_compare.models.demo_recipes import RECIPE_VERSION, Recipe, checkpoint_path
 from lens_compare.util.versions import package_version
 
 logger = logging.getLogger("lens_compare")
@@ -158,7 +158,7 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, bat
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-        for example, row in zip(chunk, out[:, width:]):
+        for example, row in zip(chunk, out[:, width:], strict=True):
             reply = tokenizer.decode(row, skip_special_tokens=True)
             exact, contains = grade(reply, example.answer)
             replies.append({**asdict(example), "reply": reply, "exact": exact, "contains": contains})
@@ -264,8 +264,9 @@ def format_report(report: dict[str, Any], every: int = 10) -> str:
         f"  {'family':<10} {'exact':>15} {'contains':>17}",
     ]
     for family in [*report["before"]["exact"], "overall"]:
-        pick = (lambda side, key: report[side][f"{key}_overall"]) if family == "overall" else \
-            (lambda side, key: report[side][key][family])
+        def pick(side: str, key: str, family: str = family) -> float:
+            return report[side][f"{key}_overall"] if family == "overall" else report[side][key][family]
+
         lines.append(f"  {family:<10} {pick('before', 'exact'):>6.0%} -> {pick('after', 'exact'):>4.0%}   "
                      f"{pick('before', 'contains'):>8.0%} -> {pick('after', 'contains'):>4.0%}")
     return "\n".join(lines)

@@ -20,17 +20,17 @@ from lens_compare.analyses.components import component_metrics
 from lens_compare.analyses.logit_lens import logit_lens_metrics
 from lens_compare.capture.head import Head, head_of
 from lens_compare.capture.states import boot_bridge, capture_states
-from lens_compare.metrics.states import ResidualStates
 from lens_compare.engines.job import Job, lens_progress
+from lens_compare.engines.store import Kind, Store
+from lens_compare.metrics.per_token import state_metrics
+from lens_compare.metrics.states import ResidualStates
+from lens_compare.models.facts import ModelFacts, model_facts
 from lens_compare.models.families import final_norm_path
-from lens_compare.util.host_memory import release_host_memory
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.loading import load_hf_model, weights_fingerprint
-from lens_compare.models.facts import ModelFacts, model_facts
-from lens_compare.metrics.per_token import state_metrics
 from lens_compare.models.placement import model_device_map, summarize_placement
+from lens_compare.util.host_memory import release_host_memory
 from lens_compare.util.progress import progress_bar
-from lens_compare.engines.store import Kind, Store
 
 logger = logging.getLogger("lens_compare")
 

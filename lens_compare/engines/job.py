@@ -8,9 +8,9 @@ from typing import Any
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from lens_compare.util.units import LOGIT_LENS_CHUNK_BYTES
-from lens_compare.models.load_options import LoadOptions
 from lens_compare.engines.shards import ShardLayout
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.util.units import LOGIT_LENS_CHUNK_BYTES
 
 
 @dataclass(frozen=True)

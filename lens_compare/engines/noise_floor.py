@@ -21,17 +21,17 @@ from dataclasses import replace
 
 import torch
 
-from lens_compare.metrics.states import ResidualStates
+from lens_compare.capture.streamed import stream_states
 from lens_compare.engines.bridge import open_model
 from lens_compare.engines.job import Job
-from lens_compare.hardware.precision import floor_dtype, model_weight_bytes
-from lens_compare.util.units import GIB
-from lens_compare.util.host_memory import release_host_memory
-from lens_compare.models.load_options import LoadOptions
-from lens_compare.metrics.per_token import state_metrics
-from lens_compare.util.progress import progress_bar
 from lens_compare.engines.store import Kind
-from lens_compare.capture.streamed import stream_states
+from lens_compare.hardware.precision import floor_dtype, model_weight_bytes
+from lens_compare.metrics.per_token import state_metrics
+from lens_compare.metrics.states import ResidualStates
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.util.host_memory import release_host_memory
+from lens_compare.util.progress import progress_bar
+from lens_compare.util.units import GIB
 
 logger = logging.getLogger("lens_compare")
 # The floor's weights plus a quarter for its forward pass.

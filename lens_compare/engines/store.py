@@ -46,10 +46,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import LensCompareError
-from lens_compare.util.outputs import write_atomically, write_json
 from lens_compare.metrics.per_token import StateMetrics
+from lens_compare.metrics.states import ResidualStates
+from lens_compare.util.outputs import write_atomically, write_json
 
 # The two models whose entries a store holds.
 ROLES = ("base", "sft")
@@ -350,7 +350,8 @@ class RunFolder(_EntryStore):
              state: int | None = None) -> None:
         super().drop(kind, role=role, shard=shard, state=state)
         top = self.path / Path(_LAYOUT[kind]).parts[0]
-        if (role, shard, state) == (None, None, None) and top.is_dir() and not any(path.is_file() for path in top.rglob("*")):
+        whole_kind = (role, shard, state) == (None, None, None)
+        if whole_kind and top.is_dir() and not any(path.is_file() for path in top.rglob("*")):
             shutil.rmtree(top)
 
     def _stored(self, kind: Kind) -> list[Key]:

@@ -33,15 +33,15 @@ from torch import Tensor
 from lens_compare.analyses.components import COMPONENT_KEYS, block_component_metrics, stack_rows
 from lens_compare.analyses.logit_lens import logit_lens_metrics
 from lens_compare.capture.head import Head
+from lens_compare.capture.streamed import StreamedModel, forward_batches
 from lens_compare.engines.job import Job, lens_progress
+from lens_compare.engines.store import ROLES, Kind, Store
+from lens_compare.metrics.per_token import one_state_metrics, stack_state_rows
+from lens_compare.models.facts import ModelFacts, model_facts
+from lens_compare.models.loading import fingerprint_tensors
 from lens_compare.util.hooks import COMPONENTS
 from lens_compare.util.host_memory import trim_heap
-from lens_compare.models.loading import fingerprint_tensors
-from lens_compare.models.facts import ModelFacts, model_facts
-from lens_compare.metrics.per_token import one_state_metrics, stack_state_rows
 from lens_compare.util.progress import progress_bar
-from lens_compare.engines.store import ROLES, Kind, Store
-from lens_compare.capture.streamed import StreamedModel, forward_batches
 
 logger = logging.getLogger("lens_compare")
 

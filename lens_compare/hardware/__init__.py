@@ -6,7 +6,6 @@ strategy that fits the machine at hand; plus the seed's ``local_run`` guard.
 'resident'
 """
 
-from lens_compare.models.architecture import Architecture, architecture_from_config
 from lens_compare.hardware.gpus import GpuType, gpu_catalog, resolve_gpu
 from lens_compare.hardware.local_run import (
     AllowedPair,
@@ -17,11 +16,12 @@ from lens_compare.hardware.local_run import (
     query_cuda_device,
 )
 from lens_compare.hardware.machine import Machine, catalog_machine, detect_machine
-from lens_compare.models.params import ParamCount, count_params
 from lens_compare.hardware.planner import Plan, plan_for_machine, plan_models, plan_pair
 from lens_compare.hardware.precision import PRECISIONS, weight_bytes
 from lens_compare.hardware.run_memory import Workload
 from lens_compare.hardware.sources import ModelSource, resolve_source
+from lens_compare.models.architecture import Architecture, architecture_from_config
+from lens_compare.models.params import ParamCount, count_params
 from lens_compare.util.choices import STRATEGIES
 
 __all__ = [

@@ -4,6 +4,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from lens_compare.hardware.precision import PRECISIONS, WeightBytes, weight_bytes
+from lens_compare.hardware.run_memory import ModelRunTerms, Workload, model_run_terms
 from lens_compare.models.architecture import Architecture
 from lens_compare.models.params import (
     ParamCount,
@@ -13,8 +15,6 @@ from lens_compare.models.params import (
     load_order,
     model_groups,
 )
-from lens_compare.hardware.precision import PRECISIONS, WeightBytes, weight_bytes
-from lens_compare.hardware.run_memory import ModelRunTerms, Workload, model_run_terms
 from lens_compare.util.choices import DTYPE_BYTES
 
 
@@ -52,7 +52,9 @@ class ModelEstimate:
     def disk_gib(self) -> float:
         if self.checkpoint.precision == "gguf":
             # Read from its dequantized float32 copy once cached; the first run reads the GGUF.
-            return self.weights["float32"].gib if self.checkpoint.gguf_cached else self.checkpoint.gguf_file_bytes / 2**30
+            if self.checkpoint.gguf_cached:
+                return self.weights["float32"].gib
+            return self.checkpoint.gguf_file_bytes / 2**30
         return self.weights[self.checkpoint.precision].gib
 
     def to_dict(self) -> dict[str, Any]:

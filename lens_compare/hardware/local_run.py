@@ -20,8 +20,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lens_compare.util.choices import DTYPES
 from lens_compare.errors import ConfigError, HardwareError
+from lens_compare.util.choices import DTYPES
 from lens_compare.util.units import GIB
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")

@@ -8,9 +8,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from lens_compare.util.choices import DTYPES, STRATEGIES
 from lens_compare.errors import ConfigError, HardwareError
-from lens_compare.models.architecture import architecture_from_config
 from lens_compare.hardware.estimate import ModelEstimate, estimate_model
 from lens_compare.hardware.gpus import gpu_catalog
 from lens_compare.hardware.machine import (
@@ -27,7 +25,9 @@ from lens_compare.hardware.strategies import (
     evaluate,
     min_gpus_anywhere,
 )
+from lens_compare.models.architecture import architecture_from_config
 from lens_compare.models.pairs import get_pair
+from lens_compare.util.choices import DTYPES, STRATEGIES
 
 # What ``auto`` tries, in order. nf4 changes the residual stream itself, so auto never
 # picks it: it runs when requested, or when both sides of the pair load as NF4 already.

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lens_compare.errors import ConfigError
-from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.models.architecture import architecture_from_config
 from lens_compare.models.params import TensorGroup, count_params
+from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.util.units import gib
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "fp8", "nf4")

@@ -98,7 +98,7 @@ def render_table() -> str:
     lines = [header, "|" + " --- |" * (len(table["tokens"]) + 1)]
     for pair, cells in table["rows"].items():
         row = []
-        for tokens, (seed_text, options) in zip(table["tokens"], cells):
+        for tokens, (seed_text, options) in zip(table["tokens"], cells, strict=True):
             verdicts = [judge(pair, tokens, n, g) for n, g in _options(options)]
             seed = "; ".join(v.markdown() for v in verdicts)
             row.append(f"planner: {planner_pick(pair, tokens)}<br>seed: {seed_text} → {seed}")

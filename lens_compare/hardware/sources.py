@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.errors import ConfigError, PairError
-from lens_compare.util.files import read_structured
 from lens_compare.hardware.estimate import Checkpoint
-from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.models.pairs import PairSpec
+from lens_compare.util.choices import DTYPE_BYTES
+from lens_compare.util.files import read_structured
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,9 @@ and its own context.
 from dataclasses import dataclass
 from typing import Any
 
-from lens_compare.models.architecture import Architecture
 from lens_compare.hardware.estimate import ModelEstimate, cast_source_bytes
 from lens_compare.hardware.layout import Layout, place
 from lens_compare.hardware.machine import MAX_GPUS_PER_MACHINE, Machine
-from lens_compare.models.params import TensorGroup, block_groups, model_groups
 from lens_compare.hardware.precision import weight_bytes
 from lens_compare.hardware.run_memory import (
     CAST_SOURCE_RESIDENT,
@@ -35,9 +33,10 @@ from lens_compare.hardware.run_memory import (
     Workload,
 )
 from lens_compare.hardware.timing import run_cost, run_seconds, stream_seconds
+from lens_compare.models.architecture import Architecture
+from lens_compare.models.params import TensorGroup, block_groups, model_groups
 from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.util.units import FP8_CHUNK_ELEMENTS, GIB, gib
-
 
 STREAM_NEEDS_SAFETENSORS = (
     "needs a safetensors checkpoint; convert the GGUF with `python -m lens_compare.convert SRC OUT`"

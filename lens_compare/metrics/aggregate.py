@@ -10,9 +10,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from lens_compare.metrics.bootstrap import Bootstrap, interval
-from lens_compare.util.hooks import HOOK_KINDS
-from lens_compare.metrics.residual import METRIC_NAMES, STAT_NAMES, masked_stats
 from lens_compare.metrics.per_token import TokenMetrics
+from lens_compare.metrics.residual import METRIC_NAMES, STAT_NAMES, masked_stats
+from lens_compare.util.hooks import HOOK_KINDS
 
 
 def token_mask(
@@ -60,7 +60,7 @@ def layer_stats(
         low, high = interval(values, defined, bootstrap)
     out: list[dict[str, float | None] | None] = []
     for row in range(n_layers):
-        found = dict(zip(STAT_NAMES, (_finite_or_none(v) for v in stats[row].tolist())))
+        found = dict(zip(STAT_NAMES, (_finite_or_none(v) for v in stats[row].tolist()), strict=True))
         if all(v is None for v in found.values()):
             out.append(None)
             continue

@@ -11,10 +11,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import CaptureError
-from lens_compare.util.hooks import HOOK_KINDS, HookKind, state_index
 from lens_compare.metrics.residual import METRIC_NAMES, cross_model, depth_step
+from lens_compare.metrics.states import ResidualStates
+from lens_compare.util.hooks import HOOK_KINDS, HookKind, state_index
 
 TokenMetrics = dict[HookKind, dict[str, Float[Tensor, "layer prompt pos"]]]
 StateMetrics = dict[str, Float[Tensor, "state prompt pos"]]

@@ -8,10 +8,10 @@ recipe's cache key, so it is known (and fingerprinted) before it is built. Build
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lens_compare.util.cache import cache_root
 from lens_compare.errors import ModelLoadError
 from lens_compare.models.fingerprint import checkpoint_fingerprint, document_fingerprint
 from lens_compare.models.refs import ModelRef, resolve_plain_ref
+from lens_compare.util.cache import cache_root
 
 PREFIX = "demo:"
 # Bump when the training code changes what a recipe produces: a new cache entry is built.

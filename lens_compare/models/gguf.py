@@ -21,8 +21,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from lens_compare.util.cache import build_once, cache_root
 from lens_compare.errors import LensCompareError
+from lens_compare.util.cache import build_once, cache_root
 
 logger = logging.getLogger("lens_compare")
 

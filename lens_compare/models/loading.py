@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
+from lens_compare.errors import ModelLoadError
 from lens_compare.models.demo_recipes import PREFIX as DEMO_PREFIX
 from lens_compare.models.demo_recipes import demo_ref, recipe_for
-from lens_compare.util.dtypes import TORCH_DTYPES
-from lens_compare.errors import ModelLoadError
 from lens_compare.models.hub import hub_reachable
 from lens_compare.models.load_options import LoadOptions
-from lens_compare.util.progress import gguf_bar_quiet_in_notebook
 from lens_compare.models.refs import ModelRef, resolve_plain_ref
+from lens_compare.util.dtypes import TORCH_DTYPES
+from lens_compare.util.progress import gguf_bar_quiet_in_notebook
 
 
 def resolve_ref(spec: str) -> ModelRef:

@@ -17,11 +17,10 @@ from typing import Any
 
 import yaml
 
-from lens_compare.util.choices import DTYPES
 from lens_compare.errors import PairError
-from lens_compare.util.files import read_structured
 from lens_compare.models.load_options import QUANTIZATIONS
-
+from lens_compare.util.choices import DTYPES
+from lens_compare.util.files import read_structured
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from lens_compare.util.dtypes import TORCH_DTYPES
 from lens_compare.errors import HardwareError
 from lens_compare.models.architecture import transformers_config
-from lens_compare.util.units import GIB
 from lens_compare.models.load_options import LoadOptions
+from lens_compare.util.dtypes import TORCH_DTYPES
+from lens_compare.util.units import GIB
 
 logger = logging.getLogger("lens_compare")
 

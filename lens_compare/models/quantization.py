@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lens_compare.util.cache import build_once
-from lens_compare.util.dtypes import TORCH_DTYPES
 from lens_compare.errors import ConfigError
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.refs import ModelRef
+from lens_compare.util.cache import build_once
+from lens_compare.util.dtypes import TORCH_DTYPES
 from lens_compare.util.versions import package_version
 
 logger = logging.getLogger("lens_compare")
@@ -70,8 +70,8 @@ def _quiet_bitsandbytes() -> None:
 
 def nf4_cache_dir(ref: ModelRef, compute_dtype: str) -> Path:
     """The cached NF4 checkpoint of ``ref`` (keyed by its weights' fingerprint)."""
-    from lens_compare.util.cache import cache_root
     from lens_compare.models.fingerprint import checkpoint_fingerprint
+    from lens_compare.util.cache import cache_root
 
     version = package_version("bitsandbytes")
     return cache_root() / "nf4" / f"{checkpoint_fingerprint(ref)}-{compute_dtype}-bnb{version}"

@@ -48,7 +48,7 @@ class TokenizedPrompts:
         if len(self.token_ids) < 2:
             return 0
         length = 0
-        for column in zip(*self.token_ids):
+        for column in zip(*self.token_ids, strict=False):
             if len(set(column)) > 1:
                 break
             length += 1
@@ -85,7 +85,7 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> tuple[int, ...]:
 
 
 def _first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    for position, (x, y) in enumerate(zip(a, b)):
+    for position, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return position
     return min(len(a), len(b))

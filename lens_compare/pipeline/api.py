@@ -6,12 +6,12 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.config import RunConfig, keyword_options
 from lens_compare.errors import ConfigError
+from lens_compare.pipeline.comparison import run_comparison
 from lens_compare.pipeline.preflight import memory_preflight
-from lens_compare.util.progress import quiet_library_bars
 from lens_compare.results.result import ComparisonResult
+from lens_compare.util.progress import quiet_library_bars
 
 
 def compare(

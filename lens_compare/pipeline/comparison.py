@@ -31,14 +31,14 @@ import torch
 
 from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
-from lens_compare.pipeline.execution import Execution
-from lens_compare.models.fingerprint import document_fingerprint
 from lens_compare.engines.noise_floor import run_noise_floor
-from lens_compare.pipeline.steps import Preflight, assemble, make_job, run_manifest, start_run, summary_line
-from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun
-from lens_compare.results.result import ComparisonResult
 from lens_compare.engines.shards import ShardLayout
 from lens_compare.engines.store import Kind, MemoryStore, RunFolder, Store
+from lens_compare.models.fingerprint import document_fingerprint
+from lens_compare.pipeline.execution import Execution
+from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun
+from lens_compare.pipeline.steps import Preflight, assemble, make_job, run_manifest, start_run, summary_line
+from lens_compare.results.result import ComparisonResult
 
 logger = logging.getLogger("lens_compare")
 

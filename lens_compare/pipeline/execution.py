@@ -8,10 +8,9 @@ hardware planner's choice; ``default_execution`` without a planner (``check_memo
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lens_compare.util.units import LOGIT_LENS_CHUNK_BYTES
 from lens_compare.models.load_options import LoadOptions
-
 from lens_compare.models.refs import Side
+from lens_compare.util.units import LOGIT_LENS_CHUNK_BYTES
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -4,8 +4,8 @@
 (the models' configs, token counts, dtypes, device and GPUs, captured layers) and asks
 the hardware planner what runs on this machine. It returns the ``Execution``: the
 schedule, and how each model is loaded (one device, split over GPUs by a device map
-computed here from the planner's layout, NF4, or streamed block by block from the checkpoint). Whatever cannot run is refused
-here with the planner's explanation, before a single weight is read.
+computed here from the planner's layout, NF4, or streamed block by block from the checkpoint).
+Whatever cannot run is refused here with the planner's explanation, before a single weight is read.
 """
 
 import logging
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.errors import HardwareError, UnsupportedArchitectureError
-from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution, side_loads
 from lens_compare.hardware import Machine, Workload, plan_models
 from lens_compare.hardware.local_run import (
     LocalRunApproval,
@@ -27,8 +26,9 @@ from lens_compare.hardware.planner import Plan
 from lens_compare.hardware.precision import floor_dtype
 from lens_compare.hardware.run_memory import CUDA_CONTEXT_GIB
 from lens_compare.hardware.sources import ModelSource, checkpoint_of
-from lens_compare.util.units import GIB, LOGIT_LENS_CHUNK_BYTES
+from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution, side_loads
 from lens_compare.util.hooks import states_for_layers
+from lens_compare.util.units import GIB, LOGIT_LENS_CHUNK_BYTES
 
 logger = logging.getLogger("lens_compare")
 
@@ -162,7 +162,8 @@ def memory_preflight(facts: PlanFacts) -> Execution:
             raise HardwareError(f"refusing to load: the {requested!r} strategy {verdict} on {plan.machine.label}: "
                                 f"{result.reason or 'it does not fit'}{_alternatives(plan)}")
         reasons = "; ".join(f"{name}: {r.reason}" for name, r in plan.strategies.items() if name != "nf4")
-        nf4 = " (nf4 would fit: --strategy nf4, read against the NF4 noise floor)" if plan.strategies["nf4"].fits else ""
+        nf4_fits = plan.strategies["nf4"].fits
+        nf4 = " (nf4 would fit: --strategy nf4, read against the NF4 noise floor)" if nf4_fits else ""
         raise HardwareError(f"refusing to load: nothing fits on {plan.machine.label}{nf4}; {reasons}")
     chosen = plan.chosen
     if machine.kind == "cuda" and chosen.min_gpus is not None and chosen.min_gpus < machine.count:

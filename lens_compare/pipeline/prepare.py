@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 
-from lens_compare.metrics.aggregate import aggregated_positions, token_mask
 from lens_compare.analyses.lens_choice import OFF, LensChoice, choose_logit_lens
 from lens_compare.config import RunConfig
 from lens_compare.errors import ConfigError, TokenizationError
-from lens_compare.pipeline.execution import PlanFacts
+from lens_compare.metrics.aggregate import aggregated_positions, token_mask
 from lens_compare.models.loading import (
     ModelRef,
     context_length,
@@ -27,8 +26,9 @@ from lens_compare.models.loading import (
 )
 from lens_compare.models.pairs import get_pair, load_pairs_file
 from lens_compare.models.refs import Side
-from lens_compare.pipeline.preflight import local_run_approval
 from lens_compare.models.tokens import TokenizedPrompts, check_context, tokenize_prompts
+from lens_compare.pipeline.execution import PlanFacts
+from lens_compare.pipeline.preflight import local_run_approval
 
 logger = logging.getLogger("lens_compare")
 
@@ -263,16 +263,18 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
             "(the attention sink; it is reported on its own): nothing would be aggregated. Give longer prompts, "
             "or pass --include-first-token (include_first_token=True) to aggregate position 0"
         )
+    dtypes = {"base": base.dtype, "sft": sft.dtype}
     logit_lens = choose_logit_lens(config.logit_lens, model_configs, tokenizers, layers,
-                                   estimate=lambda: _lens_estimate(config, model_configs, {"base": base.dtype, "sft": sft.dtype},
-                                                                   tokenized, device, gpus, layers))
+                                   estimate=lambda: _lens_estimate(config, model_configs, dtypes, tokenized,
+                                                                   device, gpus, layers))
     _log_lens(logit_lens)
     return PreparedRun(config, pair_label, base, sft, device, gpus, model_configs, layers, tokenized,
                        tokenizers, overrides, logit_lens)
 
 
-def _lens_estimate(config: RunConfig, model_configs: dict[str, Any], dtypes: dict[str, str], tokenized: TokenizedPrompts,
-                   device: str, gpus: tuple[int, ...], layers: tuple[int, ...]) -> dict[str, float] | None:
+def _lens_estimate(config: RunConfig, model_configs: dict[str, Any], dtypes: dict[str, str],
+                   tokenized: TokenizedPrompts, device: str, gpus: tuple[int, ...],
+                   layers: tuple[int, ...]) -> dict[str, float] | None:
     """The planner's seconds for the two forward passes and for the logit lens, on the run's device."""
     from lens_compare.hardware.planner import lens_time_estimate
     from lens_compare.pipeline.preflight import machine_for

@@ -12,35 +12,35 @@ import logging
 import resource
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lens_compare.metrics.aggregate import aggregated_positions, token_mask
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
-from lens_compare.metrics.bootstrap import Bootstrap
 from lens_compare.config import RunConfig, fingerprinted
 from lens_compare.demo.fine_tune import demo_checkpoint
-from lens_compare.models.demo_recipes import recipe_for
 from lens_compare.engines import Job
-from lens_compare.errors import ConfigError, HardwareError
-from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution
-from lens_compare.models.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
-from lens_compare.util.choices import DTYPE_BYTES
-from lens_compare.util.units import GIB
-from lens_compare.util.hooks import states_for_layers
-from lens_compare.models.facts import ModelFacts
-from lens_compare.hardware.precision import floor_dtype
-from lens_compare.results.provenance import floor_provenance
-from lens_compare.metrics.per_token import hook_metrics
-from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
-from lens_compare.results.result import ComparisonResult
 from lens_compare.engines.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
 from lens_compare.engines.store import Kind, Store, stack_metrics, stack_states
+from lens_compare.errors import ConfigError, HardwareError
+from lens_compare.hardware.precision import floor_dtype
+from lens_compare.metrics.aggregate import aggregated_positions, token_mask
+from lens_compare.metrics.bootstrap import Bootstrap
+from lens_compare.metrics.per_token import hook_metrics
+from lens_compare.models.demo_recipes import recipe_for
+from lens_compare.models.facts import ModelFacts
+from lens_compare.models.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.models.tokens import UNTRAINED_NORM_RATIO, readable_tokens
+from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution
+from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
+from lens_compare.results.provenance import floor_provenance
+from lens_compare.results.result import ComparisonResult
+from lens_compare.util.choices import DTYPE_BYTES
+from lens_compare.util.hooks import states_for_layers
+from lens_compare.util.units import GIB
 from lens_compare.util.versions import recorded_versions
 
 logger = logging.getLogger("lens_compare")
@@ -91,7 +91,7 @@ def captured_per_position(run: PreparedRun) -> int:
 
 def _d_model(run: PreparedRun) -> int:
     config = run.model_configs["base"]
-    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
 def start_run(
@@ -253,7 +253,10 @@ def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
     """CKA over the aggregates' tokens, each state read back from the store shard by shard."""
     mask = token_mask(job.real, aggregated_positions(run.config.include_first_token))
     masks = [mask[start:stop] for start, stop in job.layout.bounds]
-    return layer_cka(lambda role, state: (store.get(Kind.STATE, role=role, shard=shard, state=state) for shard in range(job.layout.count)),
+    def shard_states(role: str, state: int):
+        return (store.get(Kind.STATE, role=role, shard=shard, state=state) for shard in range(job.layout.count))
+
+    return layer_cka(shard_states,
                      run.layers, masks)
 
 
@@ -330,7 +333,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         "bootstrap": {"resamples": run.config.bootstrap, "seed": run.config.seed},
         "logit_lens": run.logit_lens.to_dict(),
         "plan": execution.estimate,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "config_file": run.config.config_file,
         "config": run.config.to_dict(),
     }

@@ -9,17 +9,23 @@ import pandas as pd
 from jaxtyping import Bool
 from torch import Tensor
 
-from lens_compare.metrics.aggregate import aggregated_positions, analysis_records, largest_tokens, layer_records, token_mask
 from lens_compare.analyses import ANALYSES, TokenAnalysis
-from lens_compare.metrics.bootstrap import Bootstrap, unit_for
-from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import LensCompareError
-from lens_compare.util.hooks import COMPONENTS, HOOK_KINDS
-from lens_compare.metrics.residual import METRIC_NAMES
+from lens_compare.metrics.aggregate import (
+    aggregated_positions,
+    analysis_records,
+    largest_tokens,
+    layer_records,
+    token_mask,
+)
+from lens_compare.metrics.bootstrap import Bootstrap, unit_for
 from lens_compare.metrics.per_token import TokenMetrics
-from lens_compare.results.plausibility import plausibility_warnings
+from lens_compare.metrics.residual import METRIC_NAMES
+from lens_compare.metrics.states import ResidualStates
 from lens_compare.models.token_classes import TOKEN_CLASSES, class_mask
 from lens_compare.models.tokens import TokenizedPrompts
+from lens_compare.results.plausibility import plausibility_warnings
+from lens_compare.util.hooks import COMPONENTS, HOOK_KINDS
 
 # The summary's statistic columns: the mean, its interval (NaN without one), the spread.
 SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
@@ -268,7 +274,8 @@ class ComparisonResult:
         ``template``, ``content``) keep only those rows. A curve needs one row per layer, so pick the
         positions too (or use ``result.plot``):
 
-        >>> result.summary(hook="resid_post", metric="cosine", positions="rest").plot(x="layer", y="mean")  # doctest: +SKIP
+        >>> cosine = result.summary(hook="resid_post", metric="cosine", positions="rest")  # doctest: +SKIP
+        >>> cosine.plot(x="layer", y="mean")  # doctest: +SKIP
         """
         main = aggregated_positions(self.include_first_token)
         groups = (main, "first", *self.token_classes())
@@ -338,7 +345,7 @@ class ComparisonResult:
         n_tokens = prompt_idx.size
         token_grid = np.full(real.shape, "", dtype=object)
         id_grid = np.full(real.shape, -1, dtype=np.int64)
-        for row, (ids, strings) in enumerate(zip(self.tokens.token_ids, self.token_strings)):
+        for row, (ids, strings) in enumerate(zip(self.tokens.token_ids, self.token_strings, strict=True)):
             id_grid[row, : len(ids)] = ids
             token_grid[row, : len(strings)] = strings
         token_ids = id_grid[prompt_idx, position_idx]
@@ -348,8 +355,8 @@ class ComparisonResult:
         # fewer layers than the residual metrics (a logit lens at the output only).
         columns = [(hook, name, self.metrics[hook][name], self.layers) for hook in HOOK_KINDS for name in METRIC_NAMES]
         for analysis in self.analyses():
-            columns += [(*analysis.hook_and_metric(key), self.analysis_metrics[key], self.analysis_layers_of(analysis.name))
-                        for key in analysis.keys]
+            layers = self.analysis_layers_of(analysis.name)
+            columns += [(*analysis.hook_and_metric(key), self.analysis_metrics[key], layers) for key in analysis.keys]
         for hook, layers in dict.fromkeys((column[0], column[3]) for column in columns):
             group = [(name, values) for kind, name, values, rows in columns if (kind, rows) == (hook, layers)]
             names = [name for name, _ in group]
@@ -384,7 +391,8 @@ def _add_clears_noise(records: dict[str, list[dict[str, Any]]], floor: dict[str,
 
 def _shared_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns ``summary()`` and ``to_dataframe()`` share get one dtype in both."""
-    for column, categories in (("hook", HOOK_COLUMN), ("metric", METRIC_COLUMN), ("positions", ("rest", "all", "first", *TOKEN_CLASSES))):
+    positions = ("rest", "all", "first", *TOKEN_CLASSES)
+    for column, categories in (("hook", HOOK_COLUMN), ("metric", METRIC_COLUMN), ("positions", positions)):
         if column in frame:
             frame[column] = pd.Categorical(frame[column], categories=list(categories))
     frame["layer"] = frame["layer"].astype("int64")

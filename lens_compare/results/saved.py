@@ -18,15 +18,15 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from lens_compare.metrics.aggregate import aggregated_positions
 from lens_compare.analyses import ANALYSES
-from lens_compare.metrics.bootstrap import Bootstrap
-from lens_compare.metrics.states import ResidualStates
 from lens_compare.errors import LensCompareError
-from lens_compare.util.hooks import HOOK_KINDS, hook_name, states_for_layers
+from lens_compare.metrics.aggregate import aggregated_positions
+from lens_compare.metrics.bootstrap import Bootstrap
 from lens_compare.metrics.residual import METRIC_NAMES
-from lens_compare.results.result import SCHEMA_VERSION, ComparisonResult
+from lens_compare.metrics.states import ResidualStates
 from lens_compare.models.tokens import TokenizedPrompts
+from lens_compare.results.result import SCHEMA_VERSION, ComparisonResult
+from lens_compare.util.hooks import HOOK_KINDS, hook_name, states_for_layers
 
 # Schema 1 runs (before the bootstrap intervals) read the same, without ci_low/ci_high;
 # schema 1 and 2 runs have no analyses; schema 3 runs have a logit lens at every layer when any.

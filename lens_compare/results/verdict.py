@@ -5,7 +5,7 @@ resid_post, mean over tokens (position 0 excluded):
  layer    cosine  relative_l2
      0  1.000000     0.000000
    ...
-largest drift: layer 29 (relative_l2 0.3400, 95% CI 0.3100-0.3700, cosine 0.9400); most-moved token ' Paris' (prompt 1, position 6): relative_l2 0.5800
+largest drift: layer 29 (relative_l2 0.3400, 95% CI 0.3100-0.3700, cosine 0.9400); most-moved token ...
 
 Given a noise-floor run (``--noise-floor-run``: e.g. a saved ``smollm2-dtype`` run, the same
 weights in two precisions), each row also shows that run's mean relative_l2 at the same
@@ -15,7 +15,6 @@ layer and how many times the pair's drift exceeds it.
 import torch
 
 from lens_compare.metrics.aggregate import aggregated_positions
-
 
 ROWS = 5
 

@@ -1,1 +1,3 @@
-"""Small helpers every layer uses: files, the cache, progress bars, versions, atomic writes, the closed sets of names, the CLI convention."""
+"""Small helpers every layer uses: files, the cache, progress bars, versions, atomic writes, the
+closed sets of names, the CLI convention.
+"""
