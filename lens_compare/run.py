@@ -68,11 +68,10 @@ def write_outputs(result, config: RunConfig, stem: Path, job: Job, folder: RunFo
             for name, frame in tables.items():
                 written.append(write_frame(stem.with_name(f"{stem.name}.{name}.{fmt}"), frame, fmt))
     if config.save_residuals:
-        run = job.run
         written.append(write_residual_file(
             stem.with_suffix(".safetensors"),
-            token_ids=job.token_ids.masked_fill(~job.real, 0), real=job.real, layers=run.layers,
-            dtypes={side.role: TORCH_DTYPES[side.dtype] for side in run.sides},
+            token_ids=job.token_ids.masked_fill(~job.real, 0), real=job.real, layers=result.layers,
+            dtypes={side.role: TORCH_DTYPES[side.dtype] for side in job.sides},
             d_model=result.provenance["d_model"], bounds=job.layout.bounds,
             state_slice=lambda role, state, shard: folder.get(Kind.STATE, role=role, shard=shard, state=state),
             metadata={"pair": str(result.provenance["pair"]), "layers": ",".join(map(str, result.layers))},
@@ -125,7 +124,7 @@ def _run(args: argparse.Namespace, opened: list[RunFolder]) -> int:
     floor = load_run(args.noise_floor_run) if args.noise_floor_run else None
     comparison = Comparison(config, preflight=memory_preflight, held_in_memory=False)
     planned = comparison.plan()
-    check_spill_space(planned.job, planned.execution, out_dir)
+    check_spill_space(planned.run, planned.job, planned.execution, out_dir)
     folder = open_run_folder(comparison, out_dir)
     opened.append(folder)
     _log_folder(folder, comparison)

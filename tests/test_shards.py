@@ -221,7 +221,7 @@ def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, ca
 
     def spilled(config, schedule, keep_residuals=False):
         planned = Comparison(config, preflight=_cpu(schedule), keep_residuals=keep_residuals).plan()
-        return spill_bytes(planned.job, planned.execution), planned
+        return spill_bytes(planned.run, planned.job, planned.execution), planned
 
     sequential, planned = spilled(config, "sequential")
     lengths = planned.run.tokenized.lengths

@@ -49,7 +49,7 @@ class LoadedModel:
 
     def capture(self, job: Job, shard: int, on_batch: Callable[[int], None] | None) -> ResidualStates:
         token_ids, real = job.shard_inputs(shard)
-        states = capture_states(self.bridge, token_ids, real, job.states, batch_size=job.run.config.batch_size,
+        states = capture_states(self.bridge, token_ids, real, job.states, batch_size=job.batch_size,
                                 label=self.role, on_batch=on_batch, component_layers=job.component_layers)
         release_host_memory()
         return states
@@ -74,19 +74,18 @@ def _quantization_facts(options: LoadOptions) -> dict[str, Any] | None:
 def open_model(job: Job, side) -> LoadedModel:
     """Load ``side`` as ``job.loads`` says, with what it learns from the weights (``facts``) and,
     for the logit lens, its head; ``close()`` frees it."""
-    run = job.run
     options = job.loads[side.role]
     logger.info("loading %s model %s (%s): %s", side.role, side.ref, side.ref.kind, options.describe())
-    hf_model = load_hf_model(side.ref, run.model_configs[side.role], options)
+    hf_model = load_hf_model(side.ref, job.model_configs[side.role], options)
     # Before the bridge wraps the modules (and renames the final norm's weight).
     fingerprint = weights_fingerprint(hf_model)
     head = None
     if job.logit_lens:
         head = head_of(hf_model, final_norm_path(hf_model.config.model_type))
         head = head.shared(job.lens_vocab) if job.lens_vocab else head
-    bridge = boot_bridge(hf_model, side.ref, run.tokenizers[side.role], options)
+    bridge = boot_bridge(hf_model, side.ref, job.tokenizers[side.role], options)
     facts = model_facts(
-        side.role, hf_model.get_input_embeddings().weight, run.tokenized.token_ids, fingerprint=fingerprint,
+        side.role, hf_model.get_input_embeddings().weight, job.prompt_ids, fingerprint=fingerprint,
         load=options.describe(), quantization=_quantization_facts(options),
         placement=summarize_placement(hf_model, model_device_map(hf_model), [block.name for block in bridge.blocks]),
     )
@@ -134,7 +133,7 @@ def run_resident(job: Job, store: Store) -> None:
     pending = _pending(job, store)
     if not pending:
         return
-    base_side, sft_side = job.run.sides
+    base_side, sft_side = job.sides
     with loaded(job, base_side, store) as base, loaded(job, sft_side, store) as sft:
         with _bar(job, pending, "base+sft") as bar:
             for shard in pending:
@@ -150,7 +149,7 @@ def run_resident(job: Job, store: Store) -> None:
 def run_sequential(job: Job, store: Store) -> None:
     """Base once for every pending shard (states spilled to the store), then SFT once."""
     pending = _pending(job, store)
-    base_side, sft_side = job.run.sides
+    base_side, sft_side = job.sides
     need_base = [shard for shard in pending if not store.has(Kind.STATES, role="base", shard=shard)]
     base_head = None
     if need_base:

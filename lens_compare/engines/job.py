@@ -3,21 +3,33 @@
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxtyping import Bool, Int
 from torch import Tensor
 
 from lens_compare.engines.shards import ShardLayout
 from lens_compare.models.load_options import LoadOptions
+from lens_compare.models.refs import Side
 from lens_compare.util.units import LOGIT_LENS_CHUNK_BYTES
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
 class Job:
     """One comparison's work, as the engines see it."""
 
-    run: Any  # lens_compare.pipeline.prepare.PreparedRun
+    # The two models as they load (base, sft), their transformers configs and tokenizers by role.
+    sides: tuple[Side, Side]
+    model_configs: dict[str, "PretrainedConfig"]
+    tokenizers: dict[str, Any]
+    # Each prompt's token ids, unpadded (what the untrained-embedding check reads).
+    prompt_ids: tuple[tuple[int, ...], ...]
+    # The run's device (cpu, cuda:N) and prompts per forward pass.
+    device: str
+    batch_size: int
     loads: dict[str, LoadOptions]
     layout: ShardLayout
     states: tuple[int, ...]

@@ -46,11 +46,11 @@ def floor_bytes(config, dtype: str) -> int:
 def floor_device(job: Job, schedule: str, dtype: str) -> str:
     """The run's device when the SFT model fits there in ``dtype`` (with a quarter spare for the
     forward), else the CPU; a streamed run keeps its device (one block at a time)."""
-    device = job.run.device
+    device = job.device
     if schedule == "stream" or not device.startswith("cuda"):
         return device
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    need = floor_bytes(job.run.model_configs["sft"], dtype)
+    need = floor_bytes(job.model_configs["sft"], dtype)
     if need <= free:
         return device
     logger.info("noise floor: the SFT model in %s needs ~%.1f GiB, %s has %.1f GiB free: running it on the CPU",
@@ -69,7 +69,7 @@ def run_noise_floor(job: Job, schedule: str, store) -> None:
     pending = [shard for shard in job.selected_shards() if not store.has(Kind.NOISE, shard=shard)]
     if not pending:
         return
-    side = job.run.sft
+    side = job.sides[1]
     dtype = floor_dtype(side.dtype)
     device = floor_device(job, schedule, dtype)
     logger.info("noise floor: the SFT model once more in %s on %s, against its %s run", dtype, device, side.dtype)
@@ -87,7 +87,7 @@ def run_noise_floor(job: Job, schedule: str, store) -> None:
 def _second_capture(job: Job, schedule: str) -> Iterator[Callable[[int], ResidualStates]]:
     """A shard's SFT states in the floor's precision: through the bridge engines' loaded model, or
     streamed block by block after a streamed run; the model is freed on exit."""
-    side = job.run.sft
+    side = job.sides[1]
     if schedule != "stream":
         with closing(open_model(job, side)) as model:
             yield lambda shard: model.capture(job, shard, None)
@@ -95,7 +95,7 @@ def _second_capture(job: Job, schedule: str) -> Iterator[Callable[[int], Residua
 
     def streamed(shard: int) -> ResidualStates:
         token_ids, real = job.shard_inputs(shard)
-        return stream_states("sft", side.ref, job.run.model_configs["sft"], job.loads["sft"], token_ids, real,
-                             job.states, batch_size=job.run.config.batch_size)
+        return stream_states("sft", side.ref, job.model_configs["sft"], job.loads["sft"], token_ids, real,
+                             job.states, batch_size=job.batch_size)
 
     yield streamed

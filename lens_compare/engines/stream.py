@@ -74,8 +74,8 @@ def prefetched(loads: list[Callable[[], torch.nn.Module]]) -> Iterator[Iterator[
 def _open_models(job: Job) -> dict[str, StreamedModel]:
     """Both models' skeletons and checkpoints, every tensor the run reads checked (headers only)."""
     models = {}
-    for side in job.run.sides:
-        models[side.role] = StreamedModel.open(side.role, side.ref, job.run.model_configs[side.role],
+    for side in job.sides:
+        models[side.role] = StreamedModel.open(side.role, side.ref, job.model_configs[side.role],
                                                job.loads[side.role])
     n_blocks = max(job.states)
     for model in models.values():
@@ -86,7 +86,7 @@ def _open_models(job: Job) -> dict[str, StreamedModel]:
 def _facts(job: Job, model: StreamedModel, embedding: Tensor) -> ModelFacts:
     norm = model.read_final_norm_weight()
     return model_facts(
-        model.role, embedding, job.run.tokenized.token_ids,
+        model.role, embedding, job.prompt_ids,
         fingerprint=fingerprint_tensors([embedding] + ([norm] if norm is not None else [])),
         load=f"{job.loads[model.role].describe()}, streamed block by block",
         # Every block passes through the run device, one (two while prefetching) at a time.
@@ -144,7 +144,7 @@ def lens_states(job: Job) -> set[int]:
 def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shard: int,
                   heads: dict[str, Head] | None) -> None:
     token_ids, real = job.shard_inputs(shard)
-    batches = forward_batches(real, job.run.config.batch_size)
+    batches = forward_batches(real, job.batch_size)
     n_blocks = max(job.states)
     start = _resume_point(store, shard)
     if start is None:

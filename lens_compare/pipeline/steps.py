@@ -131,7 +131,10 @@ def start_run(
 
 def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
     token_ids, real = run.tokenized.padded(pad_id(run.tokenizers["base"]))
-    return Job(run, execution.loads, layout, run_states(run), keep_states or run.config.noise_floor, token_ids, real,
+    return Job(sides=run.sides, model_configs=run.model_configs, tokenizers=run.tokenizers,
+               prompt_ids=run.tokenized.token_ids, device=run.device, batch_size=run.config.batch_size,
+               loads=execution.loads, layout=layout, states=run_states(run),
+               keep_states=keep_states or run.config.noise_floor, token_ids=token_ids, real=real,
                component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
                lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
                noise_floor=run.config.noise_floor)
@@ -165,32 +168,32 @@ def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, ke
     }
 
 
-def spill_bytes(job: Job, execution: Execution) -> int:
+def spill_bytes(run: PreparedRun, job: Job, execution: Execution) -> int:
     """Disk a run folder needs for spilled residual states, at most: the base model's for a
     sequential run, both models' when they are kept (``--save-residuals``), and a streamed
     run's resume point (two states of both models while the newer one is written)."""
     streamed = execution.schedule == "stream"
     models = 2 if job.keep_states else (1 if execution.schedule == "sequential" else 0)
-    d_model = _d_model(job.run)
+    d_model = _d_model(run)
     total = frontier = 0
     for start, stop in job.layout.bounds:
-        width = max(job.run.tokenized.lengths[start:stop])
+        width = max(run.tokenized.lengths[start:stop])
         per_state = (stop - start) * width * d_model
         # A streamed run keeps residual states only, a bridge run also the sublayer outputs.
-        vectors = len(job.states) if streamed else captured_per_position(job.run)
-        total += sum(vectors * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides[:models])
+        vectors = len(job.states) if streamed else captured_per_position(run)
+        total += sum(vectors * per_state * DTYPE_BYTES[side.dtype] for side in run.sides[:models])
         # A streamed shard's frontier: two states of both models while the newer one is written, and
         # the states its logit lens reads at the shard's end.
-        extra = 0 if job.keep_states else lens_kept_states(job.run)
-        frontier = max(frontier, sum((2 + extra) * per_state * DTYPE_BYTES[side.dtype] for side in job.run.sides))
+        extra = 0 if job.keep_states else lens_kept_states(run)
+        frontier = max(frontier, sum((2 + extra) * per_state * DTYPE_BYTES[side.dtype] for side in run.sides))
     return total + (frontier if streamed else 0)
 
 
-def check_spill_space(job: Job, execution: Execution, directory) -> None:
+def check_spill_space(run: PreparedRun, job: Job, execution: Execution, directory) -> None:
     """Refuse before loading when the output directory's disk cannot hold the spilled states."""
     import shutil
 
-    need = spill_bytes(job, execution)
+    need = spill_bytes(run, job, execution)
     existing = Path(directory).absolute()
     while not existing.exists():  # the output directory is created only once the run starts
         existing = existing.parent
@@ -241,7 +244,7 @@ def assemble(
         bootstrap=Bootstrap(run.config.bootstrap, run.config.seed),
         analysis_metrics=analysis_metrics,
         cka=_layer_cka(run, job, store) if run.config.cka else None,
-        noise_floor=noise_floor_result(job, store, width, provenance, token_strings) if job.noise_floor else None,
+        noise_floor=noise_floor_result(run, job, store, width, provenance, token_strings) if job.noise_floor else None,
         analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
     )
     for warning in result.warnings():
@@ -260,11 +263,10 @@ def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
                      run.layers, masks)
 
 
-def noise_floor_result(job: Job, store: Store, width: int, run_provenance: dict, token_strings: tuple
+def noise_floor_result(run: PreparedRun, job: Job, store: Store, width: int, run_provenance: dict, token_strings: tuple
                        ) -> ComparisonResult:
     """The noise floor as a result of its own: the SFT model (its run precision as "base") against
     itself in the second precision (as "sft"), with the residual metrics only."""
-    run = job.run
     per_state = stack_metrics([store.get(Kind.NOISE, shard=shard) for shard in range(job.layout.count)], width)
     second = floor_dtype(run.sft.dtype)
     return ComparisonResult(
