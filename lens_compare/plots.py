@@ -79,7 +79,7 @@ def _subplots(figsize: tuple[float, float], ncols: int = 1, **kwargs):
 
 
 def _label(result) -> str:
-    return str(result.provenance.get("pair") or "run")
+    return str(result.provenance.pair or "run")
 
 
 def _series(result, hook: str, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -315,7 +315,7 @@ def _one_layer_lens(result):
     means and intervals alone."""
     record = result.analysis_records("logit_lens")[0]
     layer = record["layer"]
-    at_output = layer == result.provenance.get("n_layers", 0) - 1
+    at_output = layer == result.provenance.n_layers - 1
     figure, (left, right) = _subplots((11.0, 3.8), 2)
     colours = _matplotlib().rcParams["axes.prop_cycle"].by_key()["color"]
     n_prompts = len(result.tokens.token_ids)

@@ -72,9 +72,9 @@ def write_outputs(result, config: RunConfig, stem: Path, job: Job, folder: RunFo
             stem.with_suffix(".safetensors"),
             token_ids=job.token_ids.masked_fill(~job.real, 0), real=job.real, layers=result.layers,
             dtypes={side.role: TORCH_DTYPES[side.dtype] for side in job.sides},
-            d_model=result.provenance["d_model"], bounds=job.layout.bounds,
+            d_model=result.provenance.d_model, bounds=job.layout.bounds,
             state_slice=lambda role, state, shard: folder.get(Kind.STATE, role=role, shard=shard, state=state),
-            metadata={"pair": str(result.provenance["pair"]), "layers": ",".join(map(str, result.layers))},
+            metadata={"pair": str(result.provenance.pair), "layers": ",".join(map(str, result.layers))},
         ))
     return written
 
@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace, opened: list[RunFolder]) -> int:
     result = comparison.assemble(folder)
     if floor is None:  # --noise-floor-run names another run's floor; else this run's own, if measured
         floor = result.noise_floor
-    stem, run_seconds, reused = _output_stem(folder, out_dir, result.provenance["pair"], seconds, nothing_pending)
+    stem, run_seconds, reused = _output_stem(folder, out_dir, result.provenance.pair, seconds, nothing_pending)
     if reused:
         logger.info("every shard was already in the run folder: its outputs are rewritten in place (%s.*), "
                     "not written again under a new name", stem)

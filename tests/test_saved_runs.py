@@ -69,7 +69,7 @@ def test_concat_runs_adds_pair_and_run_columns(perturbed_llama, in_memory, tmp_p
     same = lens_compare.compare(base=str(base), sft=str(base), prompts=PROMPTS)
     # Ad-hoc runs are all pair "custom": a run column tells them apart.
     assert list(lens_compare.concat_runs([in_memory, same]).columns[:2]) == ["pair", "run"]
-    other = replace(same, provenance={**same.provenance, "pair": "identity"})
+    other = replace(same, provenance=replace(same.provenance, pair="identity"))
     two = lens_compare.concat_runs([in_memory, other])
     assert "run" not in two and list(two.columns[:1]) == ["pair"]
     assert set(two["pair"]) == {"custom", "identity"}

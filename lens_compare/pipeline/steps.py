@@ -36,7 +36,7 @@ from lens_compare.models.fingerprint import checkpoint_fingerprint, code_fingerp
 from lens_compare.models.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution
 from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
-from lens_compare.results.provenance import floor_provenance
+from lens_compare.results.provenance import Provenance, floor_provenance
 from lens_compare.results.result import ComparisonResult
 from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.util.hooks import states_for_layers
@@ -259,12 +259,11 @@ def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
     def shard_states(role: str, state: int):
         return (store.get(Kind.STATE, role=role, shard=shard, state=state) for shard in range(job.layout.count))
 
-    return layer_cka(shard_states,
-                     run.layers, masks)
+    return layer_cka(shard_states, run.layers, masks)
 
 
-def noise_floor_result(run: PreparedRun, job: Job, store: Store, width: int, run_provenance: dict, token_strings: tuple
-                       ) -> ComparisonResult:
+def noise_floor_result(run: PreparedRun, job: Job, store: Store, width: int, run_provenance: Provenance,
+                       token_strings: tuple) -> ComparisonResult:
     """The noise floor as a result of its own: the SFT model (its run precision as "base") against
     itself in the second precision (as "sft"), with the residual metrics only."""
     per_state = stack_metrics([store.get(Kind.NOISE, shard=shard) for shard in range(job.layout.count)], width)
@@ -301,44 +300,44 @@ def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: floa
 
 
 def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, ModelFacts],
-                untrained: dict[int, float]) -> dict[str, Any]:
+                untrained: dict[int, float]) -> Provenance:
     tokenizer = run.tokenizers["base"]
-    return {
-        "versions": recorded_versions(),
-        "pair": run.pair,
-        "base_model": _side_provenance(run.base, facts["base"]),
-        "sft_model": _side_provenance(run.sft, facts["sft"]),
-        "dtype": {"base": run.base.dtype, "sft": run.sft.dtype},
-        "device": run.device,
-        "gpus": list(run.gpus),
-        "strategy": execution.strategy,
-        "schedule": execution.schedule,
-        "quantization": {role: facts[role].quantization for role in ("base", "sft")},
-        "placement": {role: facts[role].placement for role in ("base", "sft")},
-        "shards": {"count": job.layout.count, "size": job.layout.size},
-        "n_layers": run.model_configs["base"].num_hidden_layers,
-        "model_types": {role: run.model_configs[role].model_type for role in ("base", "sft")},
-        "d_model": facts["base"].d_model,
-        "layers": list(run.layers),
-        "chat_template": run.tokenized.chat_template,
-        "prompts": list(run.tokenized.prompts),
+    return Provenance(
+        versions=recorded_versions(),
+        pair=run.pair,
+        base_model=_side_provenance(run.base, facts["base"]),
+        sft_model=_side_provenance(run.sft, facts["sft"]),
+        dtype={"base": run.base.dtype, "sft": run.sft.dtype},
+        device=run.device,
+        gpus=list(run.gpus),
+        strategy=execution.strategy,
+        schedule=execution.schedule,
+        quantization={role: facts[role].quantization for role in ("base", "sft")},
+        placement={role: facts[role].placement for role in ("base", "sft")},
+        shards={"count": job.layout.count, "size": job.layout.size},
+        n_layers=run.model_configs["base"].num_hidden_layers,
+        model_types={role: run.model_configs[role].model_type for role in ("base", "sft")},
+        d_model=facts["base"].d_model,
+        layers=list(run.layers),
+        chat_template=run.tokenized.chat_template,
+        prompts=list(run.tokenized.prompts),
         # What was tokenized, when a chat template (or filler text) changed the prompts.
-        "texts": list(run.tokenized.texts) if run.tokenized.texts != run.tokenized.prompts else None,
-        "token_ids": [list(ids) for ids in run.tokenized.token_ids],
+        texts=list(run.tokenized.texts) if run.tokenized.texts != run.tokenized.prompts else None,
+        token_ids=[list(ids) for ids in run.tokenized.token_ids],
         # With a chat template: 1 where a token is the user's content, 0 where the template wrote it.
-        "token_content": None if run.tokenized.content is None
+        token_content=None if run.tokenized.content is None
         else [[int(flag) for flag in flags] for flags in run.tokenized.content],
-        "untrained_base_tokens": [
+        untrained_base_tokens=[
             {"id": t, "token": readable_tokens(tokenizer, [t])[0], "norm_over_median": round(r, 6)}
             for t, r in untrained.items()
         ],
-        "bootstrap": {"resamples": run.config.bootstrap, "seed": run.config.seed},
-        "logit_lens": run.logit_lens.to_dict(),
-        "plan": execution.estimate,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config_file": run.config.config_file,
-        "config": run.config.to_dict(),
-    }
+        bootstrap={"resamples": run.config.bootstrap, "seed": run.config.seed},
+        logit_lens=run.logit_lens.to_dict(),
+        plan=execution.estimate,
+        timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
+        config_file=run.config.config_file,
+        config=run.config.to_dict(),
+    )
 
 
 def _side_provenance(side, facts: ModelFacts) -> dict[str, Any]:

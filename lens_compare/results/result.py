@@ -25,6 +25,7 @@ from lens_compare.metrics.states import ResidualStates
 from lens_compare.models.token_classes import TOKEN_CLASSES, class_mask
 from lens_compare.models.tokens import TokenizedPrompts
 from lens_compare.results.plausibility import plausibility_warnings
+from lens_compare.results.provenance import Provenance
 from lens_compare.util.hooks import COMPONENTS, HOOK_KINDS
 
 # The summary's statistic columns: the mean, its interval (NaN without one), the spread.
@@ -57,7 +58,7 @@ class ComparisonResult:
     (``stored_records``), and ``to_dataframe`` says how to get the table.
     """
 
-    provenance: dict[str, Any]
+    provenance: Provenance
     layers: tuple[int, ...]
     tokens: TokenizedPrompts
     token_strings: tuple[tuple[str, ...], ...]
@@ -96,12 +97,11 @@ class ComparisonResult:
             f"{last['relative_l2']['mean']:.4f}; largest relative_l2 {worst['relative_l2']['mean']:.4f} "
             f"at layer {worst['layer']}")
         what = "noise floor: the SFT model against itself in a second precision, " \
-            if p.get("kind") == "noise_floor" else ""
+            if p.is_noise_floor else ""
         return (
-            f"ComparisonResult({what}pair={p.get('pair')!r}, strategy={p.get('strategy')!r}, "
-            f"device={p.get('device')!r})\n"
-            f"  base: {p['base_model']['reference']} ({p['dtype']['base']})\n"
-            f"  sft:  {p['sft_model']['reference']} ({p['dtype']['sft']})\n"
+            f"ComparisonResult({what}pair={p.pair!r}, strategy={p.strategy!r}, device={p.device!r})\n"
+            f"  base: {p.base_model['reference']} ({p.dtype['base']})\n"
+            f"  sft:  {p.sft_model['reference']} ({p.dtype['sft']})\n"
             f"  {len(self.layers)} layers ({self.layers[0]}..{self.layers[-1]}), {len(self.tokens.token_ids)} prompts, "
             f"{sum(self.tokens.lengths)} tokens\n"
             f"  resid_post (mean over tokens): {headline}"
@@ -173,7 +173,7 @@ class ComparisonResult:
         mask = token_mask(self.real_tokens, positions)
         return {
             "schema_version": SCHEMA_VERSION,
-            "provenance": self.provenance,
+            "provenance": self.provenance.to_dict(),
             "aggregation": {
                 "over": "all prompts' real tokens (padding excluded)",
                 "position_0": "included" if self.include_first_token else "excluded (see first_token)",
@@ -192,7 +192,7 @@ class ComparisonResult:
             "warnings": self.warnings(),
             "cka": self.cka,
             "noise_floor": None if self.noise_floor is None else {
-                "model": self.noise_floor.provenance.get("model"), "dtype": self.noise_floor.provenance["dtype"],
+                "model": self.noise_floor.provenance.model, "dtype": self.noise_floor.provenance.dtype,
                 **{kind: self.noise_floor.layer_records(positions)[kind] for kind in HOOK_KINDS},
                 "first_token": {kind: self.noise_floor.layer_records("first")[kind] for kind in HOOK_KINDS}},
         }
@@ -201,9 +201,9 @@ class ComparisonResult:
         """What looks implausible against published base-vs-chat ranges (``lens_compare.results.plausibility``)."""
         if self.metrics is None and self.stored_warnings is not None:
             return self.stored_warnings
-        models = (self.provenance.get("model_types") or {})
+        models = (self.provenance.model_types or {})
         same = len(set(models.values())) == 1 if models else True
-        return plausibility_warnings(self.layer_records()["resid_post"], self.provenance["n_layers"], same)
+        return plausibility_warnings(self.layer_records()["resid_post"], self.provenance.n_layers, same)
 
     def _records_over(self, positions: str) -> dict[str, list[dict[str, Any]]]:
         """Every hook's and analysis's per-layer records over ``positions``."""
@@ -227,7 +227,7 @@ class ComparisonResult:
         if k is None:
             if self.metrics is None:
                 return self.stored_top_tokens
-            k = int(self.provenance.get("config", {}).get("top_tokens", 10))
+            k = int((self.provenance.config or {}).get("top_tokens", 10))
         if k == 0:
             return None
         if self.metrics is None:
@@ -331,7 +331,7 @@ class ComparisonResult:
         """Tidy long table: one row per prompt x hook x layer x position x metric (real tokens only),
         the analyses' per-token values included (hooks ``attn_out``/``mlp_out`` for ``components``)."""
         if self.metrics is None:
-            if self.provenance.get("kind") == "noise_floor":
+            if self.provenance.is_noise_floor:
                 raise LensCompareError(
                     "a saved run keeps its noise floor's per-layer records only, not its per-token values: "
                     "summary() and the plots work; for per-token values, compare(..., noise_floor=True) in memory"

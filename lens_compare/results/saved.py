@@ -25,6 +25,7 @@ from lens_compare.metrics.bootstrap import Bootstrap
 from lens_compare.metrics.residual import METRIC_NAMES
 from lens_compare.metrics.states import ResidualStates
 from lens_compare.models.tokens import TokenizedPrompts
+from lens_compare.results.provenance import Provenance, floor_provenance
 from lens_compare.results.result import SCHEMA_VERSION, ComparisonResult
 from lens_compare.util.hooks import HOOK_KINDS, hook_name, states_for_layers
 
@@ -52,12 +53,12 @@ def load_run(path: str | Path) -> ComparisonResult:
     if version not in READABLE_VERSIONS:
         raise LensCompareError(f"{str(path)!r} has schema_version {version!r}; this lens_compare reads "
                                f"{', '.join(map(str, READABLE_VERSIONS))}")
-    provenance = document["provenance"]
+    provenance = Provenance.from_dict(document["provenance"])
     layers = tuple(document["layers"])
-    token_ids = tuple(tuple(ids) for ids in provenance["token_ids"])
-    prompts = tuple(provenance["prompts"])
-    content = provenance.get("token_content")
-    tokens = TokenizedPrompts(prompts, tuple(provenance["texts"] or prompts), token_ids, provenance["chat_template"],
+    token_ids = tuple(tuple(ids) for ids in provenance.token_ids)
+    prompts = tuple(provenance.prompts)
+    content = provenance.token_content
+    tokens = TokenizedPrompts(prompts, tuple(provenance.texts or prompts), token_ids, provenance.chat_template,
                               None if content is None else tuple(tuple(bool(f) for f in row) for row in content))
     width = max(tokens.lengths)
     real = torch.zeros((len(token_ids), width), dtype=torch.bool)
@@ -65,7 +66,7 @@ def load_run(path: str | Path) -> ComparisonResult:
         real[row, : len(ids)] = True
     include_first = document["aggregation"]["position_0"] == "included"
     main = aggregated_positions(include_first)
-    untrained = {int(entry["id"]): float(entry["norm_over_median"]) for entry in provenance["untrained_base_tokens"]}
+    untrained = {int(entry["id"]): float(entry["norm_over_median"]) for entry in provenance.untrained_base_tokens or []}
     table = _token_table(_stem(path))
     held = [a for a in ANALYSES if a.name in document]
     # Each analysis's layers, from its records: a logit lens may cover fewer layers than the run.
@@ -78,7 +79,7 @@ def load_run(path: str | Path) -> ComparisonResult:
     return ComparisonResult(
         provenance=provenance, layers=layers, tokens=tokens, token_strings=token_strings,
         untrained_base_tokens=untrained, real_tokens=real, metrics=metrics, include_first_token=include_first,
-        residuals=_residuals(_stem(path).with_suffix(".safetensors"), layers, provenance["n_layers"]),
+        residuals=_residuals(_stem(path).with_suffix(".safetensors"), layers, provenance.n_layers),
         stored_records=stored,
         bootstrap=_bootstrap(provenance),
         analysis_metrics=analysis_metrics,
@@ -95,20 +96,18 @@ def _noise_floor(document, provenance, layers, tokens, real, include_first, main
     floor = document.get("noise_floor")
     if floor is None:
         return None
-    from lens_compare.results.provenance import floor_provenance
-
     return ComparisonResult(
-        provenance=floor_provenance(floor.get("model"), floor["dtype"], provenance["n_layers"], provenance),
+        provenance=floor_provenance(floor.get("model"), floor["dtype"], provenance.n_layers, provenance),
         layers=layers, tokens=tokens, token_strings=tuple(("",) * len(ids) for ids in tokens.token_ids),
         untrained_base_tokens={}, real_tokens=real, metrics=None, include_first_token=include_first,
         stored_records={main: {k: floor[k] for k in HOOK_KINDS}, "first": floor["first_token"]},
     )
 
 
-def _bootstrap(provenance: dict[str, Any]) -> Bootstrap | None:
+def _bootstrap(provenance: Provenance) -> Bootstrap | None:
     """The interval settings the run used (schema 1 runs had none), so that recomputing the
     aggregates from the token table draws the same resamples."""
-    settings = provenance.get("bootstrap")
+    settings = provenance.bootstrap
     return None if settings is None else Bootstrap(settings["resamples"], settings["seed"])
 
 
@@ -176,7 +175,7 @@ def concat_runs(runs: list[ComparisonResult | str | Path], table: str = "summary
     results = [run if isinstance(run, ComparisonResult) else load_run(run) for run in runs]
     if not results:
         raise LensCompareError("concat_runs needs at least one run")
-    pairs = [str(result.provenance.get("pair")) for result in results]
+    pairs = [str(result.provenance.pair) for result in results]
     repeated = len(set(pairs)) < len(pairs)
     frames = []
     for index, (result, pair) in enumerate(zip(results, pairs, strict=True)):

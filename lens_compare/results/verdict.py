@@ -41,7 +41,7 @@ def verdict(result, rows: int = ROWS, noise_floor=None) -> str:
         header += f"  {'floor rel_l2':>12}  {'x floor':>9}"
     title = f"resid_post, mean over tokens{excluded}"
     if noise_floor is not None:
-        title += f"; noise floor: {noise_floor.provenance.get('pair') or 'run'}"
+        title += f"; noise floor: {noise_floor.provenance.pair or 'run'}"
     lines = [f"{title}:", header]
     for layer in picks:
         cosine, relative = ((records[layer][name] or {}).get("mean") for name in ("cosine", "relative_l2"))
@@ -74,7 +74,7 @@ def _lens_line(result, positions: str) -> str | None:
     record = result.analysis_records("logit_lens", positions)[-1]
     if not record.get("kl_sft_base"):
         return None
-    at_output = record["layer"] == result.provenance.get("n_layers", 0) - 1
+    at_output = record["layer"] == result.provenance.n_layers - 1
     where = f"the models' outputs, layer {record['layer']}" if at_output else f"logit lens at layer {record['layer']}"
     kl, js, top1 = record["kl_sft_base"], record["js"], record["top1_agree"]
     interval = f" (95% CI {kl['ci_low']:.4f}-{kl['ci_high']:.4f})" \
