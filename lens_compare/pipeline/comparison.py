@@ -37,7 +37,15 @@ from lens_compare.engines.store import Kind, MemoryStore, RunFolder, Store
 from lens_compare.models.fingerprint import document_fingerprint
 from lens_compare.pipeline.execution import Execution
 from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun
-from lens_compare.pipeline.steps import Preflight, assemble, make_job, run_manifest, start_run, summary_line
+from lens_compare.pipeline.steps import (
+    Preflight,
+    assemble,
+    build_demo_checkpoints,
+    make_job,
+    run_manifest,
+    start_run,
+    summary_line,
+)
 from lens_compare.results.result import ComparisonResult
 
 logger = logging.getLogger("lens_compare")
@@ -132,6 +140,8 @@ class Comparison:
             for device in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(device)
         job = dataclasses.replace(planned.job, shards=selected)
+        if any(shard in self.pending(store) for shard in selected):
+            build_demo_checkpoints(planned.run)
         engine_for(planned.execution.schedule)(job, store)
         if job.noise_floor:
             run_noise_floor(job, planned.execution.schedule, store)

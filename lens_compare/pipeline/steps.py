@@ -1,11 +1,13 @@
-"""The orchestrator: prepare -> preflight -> engine (shard by shard into a store) -> result.
+"""The steps ``Comparison`` (``lens_compare.pipeline.comparison``) drives, each a function of
+what the one before settled.
 
-``prepare_run`` checks everything that needs no weights; the preflight (the hardware
-planner) turns the prepared run into an ``Execution`` (schedule, how each model is
-loaded, shard size) or refuses it; an engine fills a store with every shard's
-per-state metrics; the result is assembled from the store. The CLI passes a
-``RunFolder`` store so that an interrupted run resumes; notebooks use a
-``MemoryStore`` and nothing touches the disk.
+- ``start_run``: the prepared run (``prepare_run``: everything that needs no weights), its shard
+  layout and its ``Execution`` (the preflight, that is the hardware planner: schedule, how each
+  model loads, or a refusal);
+- ``make_job`` / ``run_manifest``: what the engines run and what a run folder is a fingerprint of;
+- ``spill_bytes`` / ``check_spill_space``: the disk a run folder needs, refused before loading;
+- ``build_demo_checkpoints``: a demo pair's fine-tune, when shards are about to run;
+- ``assemble``: the result from a store's shards, its provenance and noise floor included.
 """
 
 import logging
@@ -113,20 +115,29 @@ def start_run(
                     lens_kept_states=lens_kept_states(run) if held_in_memory else 0)
     execution = decide(facts)
     if execution.schedule == "stream" and config.strategy != "stream":
-        # auto picked stream: its shards hold two states per model; plan that run.
-        layout = shard_layout(run, streamed=True)
-        facts = replace(facts, strategy="stream", held_prompts=layout.n_prompts if held_in_memory else layout.size)
-        execution = decide(facts)
+        # auto picked stream, whose shards hold two states per model: larger shards, planned once more
+        # when that changes what a shard holds.
+        streamed = shard_layout(run, streamed=True)
+        if streamed.size != layout.size:
+            facts = replace(facts, strategy="stream",
+                            held_prompts=streamed.n_prompts if held_in_memory else streamed.size)
+            execution = decide(facts)
+        layout = streamed
     if config.noise_floor and any(options.quantization for options in execution.loads.values()):
         raise ConfigError(
             "--noise-floor measures a second float precision of the SFT model; this run quantizes it to NF4, whose "
             "noise is the quantization's: compare the model with its own NF4 copy instead (as the smollm2-nf4 pair "
             "does) and pass that run with --noise-floor-run"
         )
-    for side in run.sides:  # every check has passed: a demo checkpoint is built now, on first use
+    return run, layout, execution
+
+
+def build_demo_checkpoints(run: PreparedRun) -> None:
+    """The demo checkpoints a run compares, fine-tuned on first use (minutes, then cached): called
+    when shards are about to run, never while planning."""
+    for side in run.sides:
         if side.ref.kind == "demo":
             demo_checkpoint(recipe_for(side.ref.spec))
-    return run, layout, execution
 
 
 def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
