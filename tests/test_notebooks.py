@@ -10,15 +10,33 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 # The notebooks that read the fine-tuned demo pair run on the test worker that trains it (once, into
-# the shared cache), not on the other worker waiting for it.
+# the shared cache), not on the other worker waiting for it. Each is a test function of its own:
+# pytest-xdist 3.8 does not group parametrized tests by xdist_group (their node ids put the
+# group before the parameters), so a parametrized test would land on either worker.
 FINE_TUNED = ("01_quickstart.ipynb", "03_reading_results.ipynb")
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [
-    pytest.param(path, marks=[pytest.mark.xdist_group("smollm2_ft")] if path.name in FINE_TUNED else [], id=path.name)
-    for path in NOTEBOOKS])
+@pytest.mark.xdist_group("smollm2_ft")
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    run_notebook(NOTEBOOKS_DIR / "01_quickstart.ipynb", tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smollm2_ft")
+def test_reading_results_notebook_runs(tmp_path, monkeypatch):
+    run_notebook(NOTEBOOKS_DIR / "03_reading_results.ipynb", tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [path for path in NOTEBOOKS if path.name not in FINE_TUNED], ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path, monkeypatch):
+    run_notebook(path, tmp_path, monkeypatch)
+
+
+def run_notebook(path: Path, tmp_path: Path, monkeypatch) -> None:
+    """Run ``path`` top to bottom; no cell errs, none shows a wall of bars or a figure twice."""
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
         f"{path.name} has outputs committed; clear them before committing"
@@ -42,3 +60,4 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 
 def test_there_is_a_notebook():
     assert NOTEBOOKS, "notebooks/ holds no notebook"
+    assert all((NOTEBOOKS_DIR / name).is_file() for name in FINE_TUNED)
