@@ -77,8 +77,12 @@ def add_run_options(parser: argparse.ArgumentParser, names: Iterable[str] | None
                                     help=f"{help_text}: {choice}")
             continue
         keywords = {**_argparse_keywords(hint, spec.metavar), **spec.cli}
-        parser.add_argument(spec.flag or f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            metavar=spec.metavar, help=help_text, **keywords)
+        flag = spec.flag or f"--{field.name.replace('_', '-')}"
+        if field.default not in (None, (), False) and "default" not in help_text:
+            help_text += f" (default: {field.default})"
+        metavar = None if "choices" in keywords or keywords.get("action") is argparse.BooleanOptionalAction else \
+            spec.metavar or flag.lstrip("-").upper().replace("-", "_")
+        parser.add_argument(flag, dest=field.name, default=None, metavar=metavar, help=help_text, **keywords)
         if spec.off_flag:
             parser.add_argument(spec.off_flag, dest=field.name, action="store_const", const=spec.off_value,
                                 help=f"same as {spec.flag or '--' + field.name.replace('_', '-')} "
