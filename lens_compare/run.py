@@ -14,17 +14,15 @@ from pathlib import Path
 
 from lens_compare.cli import Parser, add_run_options, given_run_options, parse_or_exit, run_command, setup_logging
 from lens_compare.config import RunConfig, default_config_path, load_config_file
-from lens_compare.engines import Job
 from lens_compare.engines.store import STATE_KINDS, Kind, RunFolder
 from lens_compare.models.pairs import builtin_pairs
 from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.pipeline.preflight import memory_preflight
 from lens_compare.pipeline.steps import check_spill_space, summary_line
-from lens_compare.results.residual_file import write_residual_file
 from lens_compare.results.saved import load_run
 from lens_compare.results.verdict import verdict
-from lens_compare.util.dtypes import TORCH_DTYPES
-from lens_compare.util.outputs import check_export_formats, check_output_dir, write_frame, write_json
+from lens_compare.results.writers import write_outputs
+from lens_compare.util.outputs import check_export_formats, check_output_dir
 
 logger = logging.getLogger("lens_compare")
 
@@ -58,25 +56,6 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     else:
         logger.info("config file: none; built-in defaults (lens_compare.config.RunConfig), flags replace them")
     return config.given(given_run_options(args))
-
-
-def write_outputs(result, config: RunConfig, stem: Path, job: Job, folder: RunFolder) -> list[Path]:
-    written = [write_json(stem.with_suffix(".json"), result.to_dict())]
-    if config.export:
-        tables = {"tokens": result.to_dataframe(), "summary": result.summary()}
-        for fmt in config.export:
-            for name, frame in tables.items():
-                written.append(write_frame(stem.with_name(f"{stem.name}.{name}.{fmt}"), frame, fmt))
-    if config.save_residuals:
-        written.append(write_residual_file(
-            stem.with_suffix(".safetensors"),
-            token_ids=job.token_ids.masked_fill(~job.real, 0), real=job.real, layers=result.layers,
-            dtypes={side.role: TORCH_DTYPES[side.dtype] for side in job.sides},
-            d_model=result.provenance.d_model, bounds=job.layout.bounds,
-            state_slice=lambda role, state, shard: folder.get(Kind.STATE, role=role, shard=shard, state=state),
-            metadata={"pair": str(result.provenance.pair), "layers": ",".join(map(str, result.layers))},
-        ))
-    return written
 
 
 def _log_folder(folder: RunFolder, comparison: Comparison) -> None:

@@ -1,0 +1,114 @@
+"""Sweeps, local executor: lengths as prefixes of one capture equal separate runs, failures stay
+isolated, and the same call again redoes only what is missing."""
+
+import json
+
+import pytest
+
+from lens_compare import RunConfig
+from lens_compare.models.load_options import LoadOptions
+from lens_compare.models.tokens import TokenizedPrompts
+from lens_compare.pipeline.comparison import run_comparison
+from lens_compare.pipeline.execution import Execution
+from lens_compare.results.saved import load_run
+from lens_compare.sweeps.index import SweepIndex
+from lens_compare.sweeps.local import run_sweep
+from lens_compare.sweeps.prefix import capture_lengths
+
+PROMPTS = ("the quick brown fox jumps over the lazy dog and runs into the old forest",
+           "a model of the world is only as good as the data it has seen so far today",
+           "hello world, this is a test of the sweep over several token lengths at once")
+
+
+def _cpu(facts):
+    options = LoadOptions("float32", "cpu")
+    return Execution("resident", "resident", {"base": options, "sft": options})
+
+
+@pytest.fixture
+def pairs_file(perturbed_llama, tmp_path):
+    base, sft, _ = perturbed_llama
+    path = tmp_path / "pairs.yaml"
+    path.write_text(f"pairs:\n  tiny:\n    base: {base}\n    sft: {sft}\n"
+                    f"  broken:\n    base: {tmp_path / 'missing'}\n    sft: {tmp_path / 'missing'}\n")
+    return path
+
+
+def _config(pairs_file, **extra):
+    return RunConfig(pairs_file=str(pairs_file), prompts=PROMPTS, batch_size=2, shard_size=2, bootstrap=50,
+                     logit_lens="all", top_tokens=3, **extra)
+
+
+def _without_volatile(document):
+    document = json.loads(json.dumps(document))
+    document["provenance"].pop("timestamp")
+    return document
+
+
+def _assert_documents_close(found, expected, path="$"):
+    if isinstance(expected, dict):
+        assert set(found) == set(expected), path
+        for key in expected:
+            _assert_documents_close(found[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert len(found) == len(expected), path
+        for i, (a, b) in enumerate(zip(found, expected, strict=True)):
+            _assert_documents_close(a, b, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        # The longer capture's forward runs over more positions; CPU kernels may round the first
+        # positions' sums differently (float32: a few ulps).
+        assert found == pytest.approx(expected, rel=1e-4, abs=1e-6), path
+    else:
+        assert found == expected, path
+
+
+def test_lengths_read_off_one_capture_equal_separate_runs(pairs_file, tmp_path):
+    config = _config(pairs_file)
+    index = run_sweep(["tiny"], [12, 6], config, tmp_path / "out", preflight=_cpu)
+    found = sorted((e.tokens, e.status, e.captured_at) for e in index.entries.values())
+    assert found == [(6, "done", 12), (12, "done", 12)]
+    assert len(list((tmp_path / "out" / "runs").iterdir())) == 1, "one capture for both lengths"
+    for tokens in (6, 12):
+        written = json.loads((tmp_path / "out" / f"tiny-{tokens}tok.json").read_text())
+        separate = run_comparison(config.given({"pair": "tiny", "tokens": tokens}), preflight=_cpu)
+        assert written["provenance"]["config"]["tokens"] == tokens
+        assert [len(ids) for ids in written["provenance"]["token_ids"]] == [tokens] * len(PROMPTS)
+        _assert_documents_close(_without_volatile(written), _without_volatile(separate.to_dict()))
+    short = load_run(tmp_path / "out" / "tiny-6tok.json")
+    assert short.layers == (0, 1, 2)
+
+
+def _tokenized(*rows):
+    return TokenizedPrompts(tuple("p" for _ in rows), tuple("p" for _ in rows), tuple(rows), "none")
+
+
+def test_which_lengths_ride_on_a_longer_capture(pairs_file):
+    long = _tokenized(tuple(range(12)), tuple(range(100, 112)))
+    short = _tokenized(tuple(range(6)), tuple(range(100, 106)))
+    moved = _tokenized(tuple(range(6)), (100, 101, 102, 103, 104, 999))  # a cut that changed a token
+    assert capture_lengths({6: short, 12: long}, _config(pairs_file)) == {6: 12, 12: 12}
+    assert capture_lengths({6: moved, 12: long}, _config(pairs_file)) == {6: 6, 12: 12}
+    # Runs that need the states themselves capture at every length.
+    assert capture_lengths({6: short, 12: long}, _config(pairs_file, cka=True)) == {6: 6, 12: 12}
+    assert capture_lengths({6: short, 12: long}, _config(pairs_file, save_residuals=True)) == {6: 6, 12: 12}
+
+
+def test_a_failing_pair_is_recorded_and_a_rerun_redoes_only_what_is_missing(pairs_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    config = _config(pairs_file)
+    index = run_sweep(["broken", "tiny"], [6], config, out, preflight=_cpu)
+    entries = {e.pair: e for e in index.entries.values()}
+    assert entries["tiny"].status == "done" and entries["broken"].status == "failed"
+    assert "missing" in entries["broken"].reason and "\n" not in entries["broken"].reason
+    assert json.loads((out / "sweep.json").read_text())["runs"][0]["pair"] == "broken"
+    # Again: only the failed pair is tried (a done run's JSON is there), and a new length runs.
+    from lens_compare.sweeps import local
+
+    tried = []
+    real = local._plans
+    monkeypatch.setattr(local, "_plans", lambda pair, *a: tried.append(pair) or real(pair, *a))
+    again = run_sweep(["broken", "tiny"], [6], config, out, preflight=_cpu)
+    assert tried == ["broken"] and SweepIndex.open(out).entries == again.entries
+    (out / "tiny-6tok.json").unlink()
+    run_sweep(["tiny"], [6], config, out, preflight=_cpu)
+    assert tried == ["broken", "tiny"] and (out / "tiny-6tok.json").is_file()
