@@ -30,6 +30,7 @@ _PUBLIC = {
     "concat_runs": "lens_compare.results.saved",
     "load_run": "lens_compare.results.saved",
     "verdict": "lens_compare.results.verdict",
+    "sweep": "lens_compare.sweeps.api",
     # The figures, a module of functions (lens_compare.plots.layer_profile(result), ...).
     "plots": None,
 }

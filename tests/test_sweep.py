@@ -112,3 +112,42 @@ def test_a_failing_pair_is_recorded_and_a_rerun_redoes_only_what_is_missing(pair
     (out / "tiny-6tok.json").unlink()
     run_sweep(["tiny"], [6], config, out, preflight=_cpu)
     assert tried == ["broken", "tiny"] and (out / "tiny-6tok.json").is_file()
+
+
+def test_the_command_writes_every_run_the_index_and_the_table_and_exits_1_on_a_failure(pairs_file, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import pandas as pd
+
+    import lens_compare
+    from lens_compare.sweep import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEV_MODE", raising=False)
+    args = ["--pairs-file", str(pairs_file), "--tokens", "12,6", "--batch-size", "2", "--bootstrap", "20",
+            *(arg for prompt in PROMPTS for arg in ("--prompt", prompt)), "--out", "sw", "-q"]
+    assert main(["--pairs", "tiny", *args]) == 0
+    table = pd.read_parquet(tmp_path / "sw" / "sweep.parquet")
+    assert list(table.columns[:2]) == ["pair", "tokens"] and set(table["tokens"]) == {6, 12}
+    assert "tiny" in capsys.readouterr().out
+    assert main(["--pairs", "tiny,broken", *args]) == 1
+    out = capsys.readouterr().out
+    assert "broken" in out and "failed" in out
+    # The notebook path: the same sweep, nothing missing, so nothing runs again.
+    index = lens_compare.sweep("tiny", [6, 12], out=tmp_path / "sw", pairs_file=str(pairs_file), prompts=PROMPTS,
+                               batch_size=2, bootstrap=20)
+    assert {e.tokens for e in index.entries.values() if e.pair == "tiny" and e.status == "done"} == {6, 12}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pairs", "tiny", "--tokens", "10,x"], "expected comma-separated positive integers"),
+    (["--pairs", "tinny"], "unknown pair 'tinny'"),
+    (["--tokens", "10"], "the following arguments are required: --pairs"),
+])
+def test_bad_sweep_input_is_one_line_and_exit_1(argv, message, pairs_file, tmp_path, monkeypatch, capsys):
+    from lens_compare.sweep import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--pairs-file", str(pairs_file), "--prompt", "hi", "--out", "sw"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lens_compare: error:") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sw" / "sweep.json").exists()

@@ -41,12 +41,12 @@ def compare(
     The options, each also a ``residual_compare:`` key and a ``python -m lens_compare.run`` flag:
     """
     quiet_library_bars()
-    config = RunConfig().given(_config_values(pair, prompts, options), path="compare()")
+    config = RunConfig().given(config_values(pair, prompts, options), path="compare()")
     return run_comparison(config, preflight=memory_preflight if check_memory else None,
                           keep_residuals=keep_residuals)
 
 
-def _config_values(pair: str | None, prompts: Sequence[str] | str, options: dict[str, Any]) -> dict[str, Any]:
+def config_values(pair: str | None, prompts: Sequence[str] | str, options: dict[str, Any]) -> dict[str, Any]:
     """``compare()``'s arguments as ``RunConfig`` values; an unknown keyword is refused by name."""
     fields = keyword_options()
     unknown = [name for name in options if name not in fields or name in ("pair", "prompts")]

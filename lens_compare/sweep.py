@@ -1,0 +1,97 @@
+"""``python -m lens_compare.sweep --pairs KEY,KEY --tokens 10,50,100,250 [run options]``: every
+pair at every length, one after another on this machine, each with the strategy the planner picks.
+
+    python -m lens_compare.sweep --pairs smollm2-ft,smollm2-sanity --tokens 10,50 --prompts-file p.txt
+    python -m lens_compare.sweep --pairs seed --tokens 10,50,100,250 --dry-run --gpu h100 --count 8
+
+Writes, under ``--out``: a JSON per run (``<pair>-<N>tok.json``), ``sweep.json`` (every run:
+done, failed with its reason, or refused by the planner), ``sweep.parquet`` (every run's summary
+rows). The same command again redoes only what is missing. Exit code 0 when every run is done,
+1 when any failed or was refused (or on a refused input), 130 when interrupted.
+
+This module is also ``lens_compare.sweep(...)``, the same sweep from Python.
+"""
+
+import argparse
+import sys
+import types
+
+from lens_compare.cli import Parser, add_run_options, given_run_options, parse_or_exit, run_command, setup_logging
+from lens_compare.config import RunConfig, default_config_path, load_config_file, run_options
+from lens_compare.models.pairs import load_pairs_file
+from lens_compare.sweeps.api import SEED_LENGTHS, parse_lengths, sweep, sweep_config
+from lens_compare.sweeps.pairs import expand_pairs
+
+# What the sweep sets per run, instead of taking it as a flag.
+PER_RUN = ("pair", "base_model", "sft_model", "tokens")
+
+
+def parser() -> Parser:
+    p = Parser(prog="python -m lens_compare.sweep", description=__doc__.splitlines()[0].strip("`: "))
+    p.add_argument("--pairs", required=True, help="pair keys, comma-separated; 'seed' for the seed's 18 pairs, "
+                                                  "'all' for every registered pair (and --pairs-file's)")
+    p.add_argument("--tokens", default=",".join(map(str, SEED_LENGTHS)),
+                   help="token lengths, comma-separated (default: the seed's 10,50,100,250); the shorter ones "
+                        "are read off the longest capture where their tokens are its first ones")
+    p.add_argument("--config", help="YAML file with a residual_compare: block (the run options)")
+    add_run_options(p, [field.name for field, _ in run_options() if field.name not in PER_RUN])
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan every run (strategy, GPUs, memory, minutes, dollars) and the totals; load nothing")
+    p.add_argument("--gpu", default="H100 SXM 80GB", help="--dry-run: the GPU type to plan for (default: h100)")
+    p.add_argument("--count", type=int, default=1, help="--dry-run: GPUs of that type per machine (default 1)")
+    p.add_argument("--here", action="store_true", help="--dry-run: plan for this machine instead")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    path = args.config or default_config_path()
+    config = load_config_file(path) if path else RunConfig()
+    return config.given(given_run_options(args))
+
+
+def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
+    from lens_compare.hardware.machine import catalog_machine, detect_machine
+    from lens_compare.pipeline.prepare import read_prompts
+    from lens_compare.sweeps.dry_run import plan_sweep
+
+    extra = load_pairs_file(config.pairs_file) if config.pairs_file else None
+    machine = detect_machine() if args.here else catalog_machine(args.gpu, args.count, None)
+    plan = plan_sweep(expand_pairs(args.pairs, extra), parse_lengths(args.tokens), n_prompts=len(read_prompts(config)),
+                      machine=machine, strategy=None if config.strategy == "auto" else config.strategy, extra=extra)
+    print(plan.table())
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.dry_run:
+        return _dry_run(args, config)
+    index = sweep_config(args.pairs, args.tokens, config)
+    print(index.table())
+    return 0 if all(entry.status == "done" for entry in index.entries.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_or_exit(parser(), argv)
+    if isinstance(args, int):
+        return args
+    setup_logging(args.quiet)
+    return run_command("lens_compare.sweep", lambda: _sweep(args))
+
+
+class _CallableModule(types.ModuleType):
+    """``lens_compare.sweep`` is this command's module once imported, and the function before: both
+    call the sweep."""
+
+    def __call__(self, *args, **kwargs):
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
+if __name__ == "__main__":
+    from lens_compare.cli import exit_with
+
+    exit_with(main)
