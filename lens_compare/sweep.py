@@ -47,7 +47,7 @@ def parser() -> Parser:
 def _config(args: argparse.Namespace) -> RunConfig:
     path = args.config or default_config_path()
     config = load_config_file(path) if path else RunConfig()
-    return config.given(given_run_options(args))
+    return config.given({key: value for key, value in given_run_options(args).items() if key not in PER_RUN})
 
 
 def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:

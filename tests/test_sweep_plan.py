@@ -14,8 +14,8 @@ from lens_compare.hardware.machine import Machine, catalog_machine
 from lens_compare.hardware.planner import plan_pair
 from lens_compare.hardware.seed_table import seed_table
 from lens_compare.models.pairs import builtin_pairs, parse_pairs
-from lens_compare.sweep.dry_run import PlannedRun, plan_sweep
-from lens_compare.sweep.pairs import expand_pairs
+from lens_compare.sweeps.dry_run import PlannedRun, plan_sweep
+from lens_compare.sweeps.pairs import expand_pairs
 
 H100_X8 = catalog_machine("h100", 8, None)
 CPU = Machine("cpu", 1, 64.0, 64.0)
@@ -211,8 +211,8 @@ def test_dry_run_needs_neither_torch_nor_pandas():
     script = (
         "import sys; sys.modules['torch'] = None; sys.modules['pandas'] = None\n"
         "from lens_compare.hardware.machine import catalog_machine\n"
-        "from lens_compare.sweep.dry_run import plan_sweep\n"
-        "from lens_compare.sweep.pairs import expand_pairs\n"
+        "from lens_compare.sweeps.dry_run import plan_sweep\n"
+        "from lens_compare.sweeps.pairs import expand_pairs\n"
         "plan = plan_sweep(expand_pairs('qwen7b,deepseek-v3'), [10, 250], n_prompts=16,\n"
         "                  machine=catalog_machine('h100', 8, None))\n"
         "print(plan.table())\n"
