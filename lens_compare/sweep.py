@@ -18,6 +18,7 @@ import types
 
 from lens_compare.cli import Parser, add_run_options, given_run_options, parse_or_exit, run_command, setup_logging
 from lens_compare.config import RunConfig, default_config_path, load_config_file, run_options
+from lens_compare.errors import ConfigError
 from lens_compare.models.pairs import load_pairs_file
 from lens_compare.sweeps.api import SEED_LENGTHS, parse_lengths, sweep, sweep_config
 from lens_compare.sweeps.pairs import expand_pairs
@@ -40,6 +41,8 @@ def parser() -> Parser:
     p.add_argument("--gpu", default="H100 SXM 80GB", help="--dry-run: the GPU type to plan for (default: h100)")
     p.add_argument("--count", type=int, default=1, help="--dry-run: GPUs of that type per machine (default 1)")
     p.add_argument("--here", action="store_true", help="--dry-run: plan for this machine instead")
+    p.add_argument("--n-prompts", type=int, metavar="N",
+                   help="--dry-run: prompts per run (default: the prompts given, else 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
 
@@ -57,7 +60,8 @@ def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
 
     extra = load_pairs_file(config.pairs_file) if config.pairs_file else None
     machine = detect_machine() if args.here else catalog_machine(args.gpu, args.count, None)
-    plan = plan_sweep(expand_pairs(args.pairs, extra), parse_lengths(args.tokens), n_prompts=len(read_prompts(config)),
+    n_prompts = args.n_prompts or len(read_prompts(config)) or 1
+    plan = plan_sweep(expand_pairs(args.pairs, extra), parse_lengths(args.tokens), n_prompts=n_prompts,
                       machine=machine, strategy=None if config.strategy == "auto" else config.strategy, extra=extra)
     print(plan.table())
     return 0
@@ -67,6 +71,11 @@ def _sweep(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.dry_run:
         return _dry_run(args, config)
+    from lens_compare.pipeline.prepare import read_prompts
+
+    if not read_prompts(config):
+        raise ConfigError("a sweep runs every pair on the same prompts: give --prompt TEXT (repeatable), "
+                          "--prompts-file F or prompts: in --config (or plan it first with --dry-run)")
     index = sweep_config(args.pairs, args.tokens, config)
     print(index.table())
     return 0 if all(entry.status == "done" for entry in index.entries.values()) else 1

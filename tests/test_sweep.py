@@ -151,3 +151,16 @@ def test_bad_sweep_input_is_one_line_and_exit_1(argv, message, pairs_file, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("lens_compare: error:") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "sw" / "sweep.json").exists()
+
+
+def test_the_dry_run_plans_the_seed_pairs_and_a_sweep_without_prompts_is_refused(tmp_path, monkeypatch, capsys):
+    from lens_compare.sweep import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEV_MODE", raising=False)
+    assert main(["--pairs", "seed", "--tokens", "10,250", "--dry-run", "--gpu", "h100", "--count", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 36 and "36 runs on 8x H100" in out  # header, rule, then 18 pairs x 2 lengths
+    assert main(["--pairs", "qwen7b", "--out", "sw"]) == 1
+    assert "give --prompt TEXT" in capsys.readouterr().err and not (tmp_path / "sw").exists()
