@@ -6,7 +6,8 @@ pair at every length, one after another on this machine, each with the strategy 
 
 Writes, under ``--out``: a JSON per run (``<pair>-<N>tok.json``), ``sweep.json`` (every run:
 done, failed with its reason, or refused by the planner), ``sweep.parquet`` (every run's summary
-rows). The same command again redoes only what is missing. Exit code 0 when every run is done,
+rows) and, with ``--plots``, the study's figures. The same command again redoes only what is
+missing. Exit code 0 when every run is done,
 1 when any failed or was refused (or on a refused input), 130 when interrupted.
 
 This module is also ``lens_compare.sweep(...)``, the same sweep from Python.
@@ -36,6 +37,9 @@ def parser() -> Parser:
                         "are read off the longest capture where their tokens are its first ones")
     p.add_argument("--config", help="YAML file with a residual_compare: block (the run options)")
     add_run_options(p, [field.name for field, _ in run_options() if field.name not in PER_RUN])
+    p.add_argument("--plots", action="store_true",
+                   help="also the study's figures: pairs x relative depth, each pair's curves by length, "
+                        "seconds per run (sweep.*.png; needs the plots extra)")
     p.add_argument("--dry-run", action="store_true",
                    help="plan every run (strategy, GPUs, memory, minutes, dollars) and the totals; load nothing")
     p.add_argument("--gpu", default="H100 SXM 80GB", help="--dry-run: the GPU type to plan for (default: h100)")
@@ -76,7 +80,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if not read_prompts(config):
         raise ConfigError("a sweep runs every pair on the same prompts: give --prompt TEXT (repeatable), "
                           "--prompts-file F or prompts: in --config (or plan it first with --dry-run)")
-    index = sweep_config(args.pairs, args.tokens, config)
+    index = sweep_config(args.pairs, args.tokens, config, plots=args.plots)
     print(index.table())
     return 0 if all(entry.status == "done" for entry in index.entries.values()) else 1
 

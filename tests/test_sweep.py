@@ -125,7 +125,8 @@ def test_the_command_writes_every_run_the_index_and_the_table_and_exits_1_on_a_f
     monkeypatch.delenv("DEV_MODE", raising=False)
     args = ["--pairs-file", str(pairs_file), "--tokens", "12,6", "--batch-size", "2", "--bootstrap", "20",
             *(arg for prompt in PROMPTS for arg in ("--prompt", prompt)), "--out", "sw", "-q"]
-    assert main(["--pairs", "tiny", *args]) == 0
+    assert main(["--pairs", "tiny", *args, "--plots"]) == 0
+    assert all((tmp_path / "sw" / f"sweep.{name}.png").is_file() for name in ("heatmap", "curves", "costs"))
     table = pd.read_parquet(tmp_path / "sw" / "sweep.parquet")
     assert list(table.columns[:2]) == ["pair", "tokens"] and set(table["tokens"]) == {6, 12}
     assert "tiny" in capsys.readouterr().out

@@ -10,7 +10,9 @@ from lens_compare.errors import ConfigError
 from lens_compare.models.pairs import load_pairs_file
 from lens_compare.pipeline.api import config_values
 from lens_compare.pipeline.preflight import memory_preflight
+from lens_compare.plots import require_matplotlib
 from lens_compare.results.saved import concat_runs
+from lens_compare.sweeps.figures import save_sweep_figures
 from lens_compare.sweeps.index import SweepIndex
 from lens_compare.sweeps.local import run_sweep
 from lens_compare.sweeps.pairs import expand_pairs
@@ -62,22 +64,23 @@ def sweep_table(index: SweepIndex) -> Path | None:
 
 
 def sweep(pairs: str | Sequence[str], tokens: str | Sequence[int] = SEED_LENGTHS, *, out: str | Path = "outputs",
-          check_memory: bool = True, **options: Any) -> SweepIndex:
+          plots: bool = False, check_memory: bool = True, **options: Any) -> SweepIndex:
     """Every pair at every length into ``out``: a JSON per run, ``sweep.json`` (what became of each
     run), ``sweep.parquet`` (every run's summary rows). ``pairs``: keys, or ``"seed"`` / ``"all"``;
-    ``options``: ``compare()``'s (``prompts=``, ``dtype=``, ...). Running it again redoes only what
-    is missing.
+    ``options``: ``compare()``'s (``prompts=``, ``dtype=``, ...). ``plots``: also the study's figures
+    (``sweep.heatmap.png``, ``sweep.curves.png``, ``sweep.costs.png``). Running it again redoes only
+    what is missing.
 
     >>> index = lens_compare.sweep("smollm2-ft,smollm2-sanity", [10, 50], prompts=["..."])  # doctest: +SKIP
     >>> print(index.table())                                                                 # doctest: +SKIP
     """
     values = config_values(None, options.pop("prompts", ()), options)
     config = RunConfig().given({**values, "output_dir": str(out)}, path="sweep()")
-    return sweep_config(pairs, tokens, config, check_memory=check_memory)
+    return sweep_config(pairs, tokens, config, plots=plots, check_memory=check_memory)
 
 
 def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config: RunConfig, *,
-                 check_memory: bool = True) -> SweepIndex:
+                 plots: bool = False, check_memory: bool = True) -> SweepIndex:
     """The sweep of ``pairs`` x ``tokens`` with every other option from ``config`` (its
     ``output_dir`` is the sweep's folder); what ``python -m lens_compare.sweep`` calls."""
     extra = load_pairs_file(config.pairs_file) if config.pairs_file else None
@@ -85,8 +88,12 @@ def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config
     lengths = parse_lengths(tokens)
     out = Path(config.output_dir)
     check_output_dir(out)
+    if plots:
+        require_matplotlib()
     with progress_bar(total=len(keys), desc="sweep", unit="pair", dynamic_ncols=True) as bar:
         index = run_sweep(keys, lengths, config, out, preflight=memory_preflight if check_memory else None,
                           on_pair=lambda pair: bar.update(1))
     sweep_table(index)
+    if plots:
+        save_sweep_figures(index)
     return index
