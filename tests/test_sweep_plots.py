@@ -139,7 +139,7 @@ def test_costs_one_bar_per_run_and_bars_read_off_a_longer_capture_are_hatched(in
     # Both lengths of a pair share one capture's seconds.
     assert {entry.pair: entry.seconds for entry in done if entry.tokens == 6} == \
         {entry.pair: entry.seconds for entry in done if entry.tokens == 12}
-    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    legend = [text.get_text() for text in ax.figure.legends[0].get_texts()]
     assert legend[:2] == ["6 tokens", "12 tokens"] and "read off a longer capture" in legend[2]
     assert [label.get_text() for label in ax.get_xticklabels()] == ["same", "tiny"]
 

@@ -125,11 +125,13 @@ def _heatmap(curves: list[DepthCurve], index: SweepIndex, tokens: int | None, bi
     if zeros.any():  # a log scale has no 0: these cells get a colour of their own
         ax.imshow(np.where(zeros, 1.0, np.nan), aspect="auto", cmap=ListedColormap(["lightgrey"]),
                   interpolation="nearest", extent=extent)
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     bar = figure.colorbar(image, ax=ax, label=f"{METRIC} (log)")
-    for formatter in (bar.ax.yaxis.set_major_formatter, bar.ax.yaxis.set_minor_formatter):
-        formatter(FormatStrFormatter("%.3g"))
+    bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    # Within one decade only the minor ticks fall inside the bar; across several, labelling them
+    # all would print them on top of each other.
+    bar.ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g") if high / low < 10 else NullFormatter())
     notes = [text for text, shown in (("grey: 0 (identical residuals)", zeros.any()),
                                       ("blank: no layer at that depth", np.isnan(values).any())) if shown]
     ax.set_yticks(range(len(rows)), [f"{curve.pair} ({curve.n_layers} layers)" for curve in rows], fontsize=8)
@@ -216,7 +218,8 @@ def run_costs(index: SweepIndex):
     if any(entry.captured_at not in (None, entry.tokens) for entry in done):
         handles.append(patches.Patch(facecolor="white", edgecolor="0.25", hatch="//",
                                      label="read off a longer capture: its seconds, no time of its own"))
-    ax.legend(handles=handles, fontsize=8, loc="best")
+    # Below the axes, as the curves' legend: inside, it would cover the tallest bars' labels.
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
     ax.set_xticks(range(len(pairs)), pairs, fontsize=8, rotation=30 if len(pairs) > 6 else 0)
     ax.set_ylabel("wall seconds")
     ax.set_ylim(0, max(entry.seconds for entry in done) * 1.15)
