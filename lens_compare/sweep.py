@@ -40,6 +40,12 @@ def parser() -> Parser:
     p.add_argument("--plots", action="store_true",
                    help="also the study's figures: pairs x relative depth, each pair's curves by length, "
                         "seconds per run (sweep.*.png; needs the plots extra)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local (default): one run after another here; ray: each capture's shards over Ray "
+                        "actors (needs the ray extra; --out must be storage every node sees)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="--executor ray: actors per capture")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="--executor ray: a running cluster (ray://host:10001 or auto); default: a local instance")
     p.add_argument("--dry-run", action="store_true",
                    help="plan every run (strategy, GPUs, memory, minutes, dollars) and the totals; load nothing")
     p.add_argument("--gpu", default="H100 SXM 80GB", help="--dry-run: the GPU type to plan for (default: h100)")
@@ -80,7 +86,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if not read_prompts(config):
         raise ConfigError("a sweep runs every pair on the same prompts: give --prompt TEXT (repeatable), "
                           "--prompts-file F or prompts: in --config (or plan it first with --dry-run)")
-    index = sweep_config(args.pairs, args.tokens, config, plots=args.plots)
+    index = sweep_config(args.pairs, args.tokens, config, plots=args.plots, executor=args.executor,
+                         workers=args.workers, ray_address=args.ray_address)
     print(index.table())
     return 0 if all(entry.status == "done" for entry in index.entries.values()) else 1
 

@@ -14,7 +14,7 @@ from lens_compare.plots import require_matplotlib
 from lens_compare.results.saved import concat_runs
 from lens_compare.sweeps.figures import save_sweep_figures
 from lens_compare.sweeps.index import SweepIndex
-from lens_compare.sweeps.local import run_sweep
+from lens_compare.sweeps.local import run_here, run_sweep
 from lens_compare.sweeps.pairs import expand_pairs
 from lens_compare.util.outputs import check_output_dir, write_frame
 from lens_compare.util.progress import progress_bar
@@ -64,23 +64,28 @@ def sweep_table(index: SweepIndex) -> Path | None:
 
 
 def sweep(pairs: str | Sequence[str], tokens: str | Sequence[int] = SEED_LENGTHS, *, out: str | Path = "outputs",
-          plots: bool = False, check_memory: bool = True, **options: Any) -> SweepIndex:
+          plots: bool = False, executor: str = "local", workers: int = 1, ray_address: str | None = None,
+          check_memory: bool = True, **options: Any) -> SweepIndex:
     """Every pair at every length into ``out``: a JSON per run, ``sweep.json`` (what became of each
     run), ``sweep.parquet`` (every run's summary rows). ``pairs``: keys, or ``"seed"`` / ``"all"``;
     ``options``: ``compare()``'s (``prompts=``, ``dtype=``, ...). ``plots``: also the study's figures
     (``sweep.heatmap.png``, ``sweep.curves.png``, ``sweep.costs.png``). Running it again redoes only
-    what is missing.
+    what is missing. ``executor="ray"`` fans each capture's shards out over ``workers`` Ray actors
+    (``ray_address``: a running cluster's, else a local Ray instance; ``out`` must be storage every
+    node sees).
 
     >>> index = lens_compare.sweep("smollm2-ft,smollm2-sanity", [10, 50], prompts=["..."])  # doctest: +SKIP
     >>> print(index.table())                                                                 # doctest: +SKIP
     """
     values = config_values(None, options.pop("prompts", ()), options)
     config = RunConfig().given({**values, "output_dir": str(out)}, path="sweep()")
-    return sweep_config(pairs, tokens, config, plots=plots, check_memory=check_memory)
+    return sweep_config(pairs, tokens, config, plots=plots, executor=executor, workers=workers,
+                        ray_address=ray_address, check_memory=check_memory)
 
 
 def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config: RunConfig, *,
-                 plots: bool = False, check_memory: bool = True) -> SweepIndex:
+                 plots: bool = False, executor: str = "local", workers: int = 1, ray_address: str | None = None,
+                 check_memory: bool = True) -> SweepIndex:
     """The sweep of ``pairs`` x ``tokens`` with every other option from ``config`` (its
     ``output_dir`` is the sweep's folder); what ``python -m lens_compare.sweep`` calls."""
     extra = load_pairs_file(config.pairs_file) if config.pairs_file else None
@@ -90,9 +95,17 @@ def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config
     check_output_dir(out)
     if plots:
         require_matplotlib()
+    run_shards = run_here
+    if executor == "ray":
+        from lens_compare.sweeps.ray_executor import RayShards
+
+        run_shards = RayShards(workers, ray_address, check_memory=check_memory)
+        run_shards.check_shared_storage(out)
+    elif executor != "local":
+        raise ConfigError(f"--executor {executor!r}: expected local or ray")
     with progress_bar(total=len(keys), desc="sweep", unit="pair", dynamic_ncols=True) as bar:
         index = run_sweep(keys, lengths, config, out, preflight=memory_preflight if check_memory else None,
-                          on_pair=lambda pair: bar.update(1))
+                          run_shards=run_shards, on_pair=lambda pair: bar.update(1))
     sweep_table(index)
     if plots:
         save_sweep_figures(index)

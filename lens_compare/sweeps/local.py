@@ -72,15 +72,24 @@ def _write(result: ComparisonResult, comparison: Comparison, folder: RunFolder, 
                       peak_gib=round(peak_gib(planned.run.device), 3))
 
 
+# Runs every missing shard of a capture into its run folder: ``comparison.run(folder)`` here,
+# fanned out over Ray actors by ``lens_compare.sweeps.ray_executor.RayShards``.
+RunShards = Callable[[Comparison, RunFolder], None]
+
+
+def run_here(comparison: Comparison, folder: RunFolder) -> None:
+    comparison.run(folder)
+
+
 def _capture(pair: str, longest: int, served: list[int], comparisons: dict[int, Comparison], out_dir: Path,
-             preflight: Preflight | None, index: SweepIndex) -> None:
+             preflight: Preflight | None, index: SweepIndex, run_shards: RunShards) -> None:
     """Run the capture at ``longest`` tokens and write every length it serves."""
     capture = comparisons[longest]
     planned: PlannedRun = capture.plan()
     check_spill_space(planned.run, planned.job, planned.execution, out_dir)
     folder = open_run_folder(capture, out_dir)
     start = time.perf_counter()
-    capture.run(folder)
+    run_shards(capture, folder)
     seconds = time.perf_counter() - start
     for tokens in sorted(served, reverse=True):
         try:
@@ -102,7 +111,7 @@ def _capture(pair: str, longest: int, served: list[int], comparisons: dict[int, 
 
 
 def run_pair(pair: str, lengths: Sequence[int], config: RunConfig, out_dir: Path, index: SweepIndex,
-             preflight: Preflight | None) -> None:
+             preflight: Preflight | None, run_shards: RunShards = run_here) -> None:
     """One pair at every length the index does not hold as done."""
     missing = [tokens for tokens in lengths if not index.is_done(pair, tokens)]
     if not missing:
@@ -118,19 +127,20 @@ def run_pair(pair: str, lengths: Sequence[int], config: RunConfig, out_dir: Path
         if not served:
             continue
         try:
-            _capture(pair, longest, served, comparisons, out_dir, preflight, index)
+            _capture(pair, longest, served, comparisons, out_dir, preflight, index, run_shards)
         except Exception as error:  # recorded with its reason; the sweep goes on
             for tokens in served:
                 index.record(_failure(pair, tokens, error))
 
 
 def run_sweep(pairs: Sequence[str], lengths: Sequence[int], config: RunConfig, out_dir: Path, *,
-              preflight: Preflight | None = None,
+              preflight: Preflight | None = None, run_shards: RunShards = run_here,
               on_pair: Callable[[str], None] | None = None) -> SweepIndex:
-    """Every pair at every length into ``out_dir`` (its ``sweep.json`` says what became of each)."""
+    """Every pair at every length into ``out_dir`` (its ``sweep.json`` says what became of each);
+    ``run_shards`` runs a capture's shards (here, or over Ray actors)."""
     index = SweepIndex.open(out_dir)
     for pair in pairs:
-        run_pair(pair, lengths, config, out_dir, index, preflight)
+        run_pair(pair, lengths, config, out_dir, index, preflight, run_shards)
         if on_pair is not None:
             on_pair(pair)
     return index

@@ -1,0 +1,112 @@
+"""The ray executor on this machine: a local Ray instance (shared by the module's tests, on one
+xdist worker: Ray and xdist together are flaky) gives the local executor's results, a killed
+worker costs only its call, and a missing extra or unshared storage is refused in one line."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from lens_compare import RunConfig
+from lens_compare.sweeps.local import run_sweep
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+pytestmark = pytest.mark.xdist_group("ray")
+
+PROMPTS = tuple(f"prompt {i}: the quick brown fox jumps over the lazy dog and runs into the old forest"
+                for i in range(6))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # The workers import lens_compare from this checkout, as the driver does.
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), before]))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if before is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = before
+
+
+@pytest.fixture
+def pairs_file(perturbed_llama, tmp_path):
+    base, sft, _ = perturbed_llama
+    path = tmp_path / "pairs.yaml"
+    path.write_text(f"pairs:\n  tiny:\n    base: {base}\n    sft: {sft}\n")
+    return path
+
+
+def _config(pairs_file):
+    return RunConfig(pairs_file=str(pairs_file), prompts=PROMPTS, batch_size=2, shard_size=2, bootstrap=50,
+                     logit_lens="all", device="cpu")
+
+
+def _documents(out: Path) -> dict[str, dict]:
+    documents = {}
+    for path in sorted(out.glob("tiny-*tok.json")):
+        document = json.loads(path.read_text())
+        document["provenance"].pop("timestamp")
+        documents[path.name] = document
+    return documents
+
+
+def test_a_ray_sweep_equals_the_local_sweep(local_ray, pairs_file, tmp_path):
+    from lens_compare.sweeps.ray_executor import RayShards
+
+    config = _config(pairs_file)
+    local = run_sweep(["tiny"], [6, 12], config, tmp_path / "local")
+    shards = RayShards(workers=2)
+    shards.check_shared_storage(tmp_path / "ray")
+    remote = run_sweep(["tiny"], [6, 12], config, tmp_path / "ray", run_shards=shards)
+    assert {e.key: e.status for e in remote.entries.values()} == {e.key: e.status for e in local.entries.values()}
+    assert all(e.status == "done" for e in remote.entries.values())
+    assert _documents(tmp_path / "ray") == _documents(tmp_path / "local")
+
+
+def test_a_worker_killed_mid_shard_costs_only_its_call(local_ray, pairs_file, tmp_path):
+    """SIGKILL to an actor's process while it runs its shards: Ray restarts it and retries the call,
+    which skips the shards already written; the results equal a clean run's."""
+    import time
+
+    from lens_compare.engines.store import Kind
+    from lens_compare.pipeline.comparison import Comparison, open_run_folder
+    from lens_compare.sweeps.ray_executor import ShardWorker, actor_options
+
+    config = _config(pairs_file).given({"pair": "tiny", "tokens": 12, "shard_size": 1})
+    comparison = Comparison(config, held_in_memory=False)
+    folder = open_run_folder(comparison, tmp_path / "out")
+    actor = ray.remote(ShardWorker).options(**actor_options(comparison.plan().execution)).remote(
+        config.to_dict(), str(tmp_path / "out"), str(folder.path), False)
+    first = ray.get(actor.pid.remote())
+    call = actor.run.remote(list(range(len(PROMPTS))))
+    while not folder.keys(Kind.METRICS):  # the first shard is written: the call is under way
+        time.sleep(0.02)
+    left = comparison.pending(folder)
+    os.kill(first, signal.SIGKILL)
+    assert ray.get(call) == list(range(len(PROMPTS)))
+    assert left, "the kill came after the last shard: nothing was interrupted"
+    assert ray.get(actor.pid.remote()) != first, "the actor was restarted"
+    assert comparison.pending(folder) == []
+    clean = Comparison(config, held_in_memory=False)
+    clean_folder = open_run_folder(clean, tmp_path / "clean")
+    clean.run(clean_folder)
+    strip = lambda d: {k: v for k, v in d.items() if k != "provenance"}  # noqa: E731
+    assert strip(comparison.assemble(folder).to_dict()) == strip(clean.assemble(clean_folder).to_dict())
+
+
+def test_without_ray_the_executor_is_refused_in_one_line(monkeypatch):
+    import sys
+
+    from lens_compare.errors import ConfigError
+    from lens_compare.sweeps.ray_executor import require_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError, match=r"pip install 'lens_compare\[ray\]'"):
+        require_ray()
