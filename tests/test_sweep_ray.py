@@ -26,7 +26,7 @@ def local_ray():
     # The workers import lens_compare from this checkout, as the driver does.
     before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), before]))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
     if before is None:
@@ -110,3 +110,18 @@ def test_without_ray_the_executor_is_refused_in_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install 'lens_compare\[ray\]'"):
         require_ray()
+
+
+def test_the_command_runs_a_sweep_on_ray(local_ray, pairs_file, tmp_path, monkeypatch, capsys):
+    from lens_compare.sweep import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEV_MODE", raising=False)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")  # a relative path: the workers run elsewhere
+    args = ["--pairs", "tiny", "--pairs-file", str(pairs_file), "--tokens", "6,12", "--batch-size", "2",
+            "--shard-size", "2", "--bootstrap", "20", "--prompts-file", "prompts.txt",
+            "--out", "sw", "-q"]
+    assert main([*args, "--executor", "ray", "--workers", "2"]) == 0
+    assert "prefix of the 12-token capture" in capsys.readouterr().out
+    assert main([*args, "--executor", "ray", "--workers", "0"]) == 1
+    assert "--workers 0: expected at least 1" in capsys.readouterr().err

@@ -101,6 +101,10 @@ def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config
 
         run_shards = RayShards(workers, ray_address, check_memory=check_memory)
         run_shards.check_shared_storage(out)
+        # The workers rebuild each run from its config in their own working directory.
+        config = config.replace(**{key: str(Path(value).resolve()) for key, value in
+                                   (("pairs_file", config.pairs_file), ("prompts_file", config.prompts_file))
+                                   if value})
     elif executor != "local":
         raise ConfigError(f"--executor {executor!r}: expected local or ray")
     with progress_bar(total=len(keys), desc="sweep", unit="pair", dynamic_ncols=True) as bar:

@@ -88,7 +88,7 @@ class ShardWorker:
         self.comparison = Comparison(RunConfig.from_dict(config), held_in_memory=False,
                                      preflight=memory_preflight if check_memory else None)
         self.folder = open_run_folder(self.comparison, Path(out_dir))
-        if str(self.folder.path) != folder:
+        if str(self.folder.path.resolve()) != folder:
             raise HardwareError(f"this worker's run folder {self.folder.path} is not the driver's {folder}: "
                                 "the nodes differ in what the run is (device, package version or weights)")
 
@@ -117,12 +117,14 @@ class RayShards:
             raise ConfigError(f"--workers {workers}: expected at least 1")
         self.ray = require_ray()
         if not self.ray.is_initialized():
-            self.ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            # "local": a new instance on this machine, not whatever cluster happens to run here.
+            self.ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
         self.workers = workers
         self.check_memory = check_memory
 
     def check_shared_storage(self, out_dir: Path) -> None:
         """Every node writes a probe into ``out_dir``; the driver must see them all."""
+        out_dir = Path(out_dir).resolve()  # the workers' working directory is not the driver's
         out_dir.mkdir(parents=True, exist_ok=True)
         nodes = [node for node in self.ray.nodes() if node.get("Alive")]
         probe = self.ray.remote(num_cpus=0)(_probe)
@@ -149,8 +151,9 @@ class RayShards:
         execution = comparison.plan().execution
         count = min(self.workers, len(pending))
         worker = self.ray.remote(ShardWorker).options(**actor_options(execution))
-        out_dir = folder.path.parent.parent  # OUT/runs/<name>
-        actors = [worker.remote(comparison.config.to_dict(), str(out_dir), str(folder.path), self.check_memory)
+        path = folder.path.resolve()  # absolute: the workers' working directory is not the driver's
+        out_dir = path.parent.parent  # OUT/runs/<name>
+        actors = [worker.remote(comparison.config.to_dict(), str(out_dir), str(path), self.check_memory)
                   for _ in range(count)]
         chunks = [pending[i::count] for i in range(count)]
         try:
