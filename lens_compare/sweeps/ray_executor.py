@@ -156,10 +156,17 @@ class RayShards:
         actors = [worker.remote(comparison.config.to_dict(), str(out_dir), str(path), self.check_memory)
                   for _ in range(count)]
         chunks = [pending[i::count] for i in range(count)]
+        calls = {actor.run.remote(chunk): actor for actor, chunk in zip(actors, chunks, strict=True)}
         try:
-            self.ray.get([actor.run.remote(chunk) for actor, chunk in zip(actors, chunks, strict=True)])
+            while calls:
+                # An actor holds its resources while it lives: each goes as soon as its call returns,
+                # so that a restarted one (its node lost) can be placed where another finished.
+                finished, _ = self.ray.wait(list(calls), num_returns=1)
+                for call in finished:
+                    self.ray.get(call)
+                    self.ray.kill(calls.pop(call))
         finally:
-            for actor in actors:
+            for actor in calls.values():
                 self.ray.kill(actor)
         missing = comparison.pending(folder)
         if missing:
