@@ -2,7 +2,6 @@
 this machine): a node removed mid-sweep costs only its actor's shards, and the results equal a
 local sweep's."""
 
-import json
 import os
 import threading
 import time
@@ -12,14 +11,13 @@ import pytest
 
 from lens_compare import RunConfig
 from lens_compare.sweeps.local import run_sweep
+from tests.fixtures.sweeps import PROMPTS, written_documents
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 pytestmark = pytest.mark.xdist_group("ray")
 
-PROMPTS = tuple(f"prompt {i}: the quick brown fox jumps over the lazy dog and runs into the old forest"
-                for i in range(6))
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 300
 
@@ -40,15 +38,6 @@ def two_nodes():
             os.environ.pop("PYTHONPATH")
         else:
             os.environ["PYTHONPATH"] = before
-
-
-def _documents(out: Path) -> dict[str, dict]:
-    documents = {}
-    for path in sorted(out.glob("tiny-*tok.json")):
-        document = json.loads(path.read_text())
-        document["provenance"].pop("timestamp")
-        documents[path.name] = document
-    return documents
 
 
 def test_a_lost_node_costs_only_its_shards(two_nodes, perturbed_llama, tmp_path):
@@ -84,4 +73,4 @@ def test_a_lost_node_costs_only_its_shards(two_nodes, perturbed_llama, tmp_path)
     assert [entry.status for entry in found["index"].entries.values()] == ["done"]
     local = run_sweep(["tiny"], [12], config, tmp_path / "local")
     assert [entry.status for entry in local.entries.values()] == ["done"]
-    assert _documents(tmp_path / "ray") == _documents(tmp_path / "local")
+    assert written_documents(tmp_path / "ray") == written_documents(tmp_path / "local")

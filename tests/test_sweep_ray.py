@@ -2,7 +2,6 @@
 xdist worker: Ray and xdist together are flaky) gives the local executor's results, a killed
 worker costs only its call, and a missing extra or unshared storage is refused in one line."""
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -11,13 +10,12 @@ import pytest
 
 from lens_compare import RunConfig
 from lens_compare.sweeps.local import run_sweep
+from tests.fixtures.sweeps import PROMPTS, written_documents
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
 pytestmark = pytest.mark.xdist_group("ray")
 
-PROMPTS = tuple(f"prompt {i}: the quick brown fox jumps over the lazy dog and runs into the old forest"
-                for i in range(6))
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,15 +46,6 @@ def _config(pairs_file):
                      logit_lens="all", device="cpu")
 
 
-def _documents(out: Path) -> dict[str, dict]:
-    documents = {}
-    for path in sorted(out.glob("tiny-*tok.json")):
-        document = json.loads(path.read_text())
-        document["provenance"].pop("timestamp")
-        documents[path.name] = document
-    return documents
-
-
 def test_a_ray_sweep_equals_the_local_sweep(local_ray, pairs_file, tmp_path):
     from lens_compare.sweeps.ray_executor import RayShards
 
@@ -67,7 +56,7 @@ def test_a_ray_sweep_equals_the_local_sweep(local_ray, pairs_file, tmp_path):
     remote = run_sweep(["tiny"], [6, 12], config, tmp_path / "ray", run_shards=shards)
     assert {e.key: e.status for e in remote.entries.values()} == {e.key: e.status for e in local.entries.values()}
     assert all(e.status == "done" for e in remote.entries.values())
-    assert _documents(tmp_path / "ray") == _documents(tmp_path / "local")
+    assert written_documents(tmp_path / "ray") == written_documents(tmp_path / "local")
 
 
 def test_a_worker_killed_mid_shard_costs_only_its_call(local_ray, pairs_file, tmp_path):
