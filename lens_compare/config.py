@@ -325,12 +325,29 @@ def default_config_path() -> Path | None:
 
 
 def load_config_file(path: str | Path) -> RunConfig:
+    """The run options of a YAML (or JSON) file with one top-level key, ``residual_compare:``."""
+    config, _ = load_config_blocks(path)
+    return config
+
+
+def load_config_blocks(path: str | Path, others: tuple[str, ...] = ()) -> tuple[RunConfig, dict[str, dict[str, Any]]]:
+    """The run options of ``path``'s ``residual_compare:`` block, and the blocks named in ``others``
+    (a sweep file's ``sweep:``), each a mapping; every block may be left out but one must be there."""
     path = Path(path)
     data = read_structured(path, "config file", ConfigError)
-    if not isinstance(data, dict) or set(data) != {BLOCK}:
+    allowed = (BLOCK, *others)
+    if not isinstance(data, dict) or not data or set(data) - set(allowed):
         found = list(data) if isinstance(data, dict) else type(data).__name__
-        raise ConfigError(f"config file {str(path)!r}: expected exactly one top-level key {BLOCK!r}, found {found}")
-    block = data[BLOCK] or {}
-    if isinstance(block, dict) and "config_file" in block:
+        expected = f"exactly one top-level key {BLOCK!r}" if not others else f"top-level keys among {list(allowed)}"
+        raise ConfigError(f"config file {str(path)!r}: expected {expected}, found {found}")
+    blocks = {}
+    for name in allowed:
+        block = data.get(name) or {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"config file {str(path)!r}: {name}: expected a mapping of keys, "
+                              f"found {type(block).__name__}")
+        blocks[name] = block
+    block = blocks.pop(BLOCK)
+    if "config_file" in block:
         raise ConfigError(f"config file {str(path)!r}: {BLOCK}.config_file is set by lens_compare, not in a file")
-    return RunConfig.from_dict({**block, "config_file": str(path)}, BLOCK)
+    return RunConfig.from_dict({**block, "config_file": str(path)}, BLOCK), blocks

@@ -14,6 +14,7 @@ from lens_compare.results.saved import load_run
 from lens_compare.sweeps.index import SweepIndex
 from lens_compare.sweeps.local import run_sweep
 from lens_compare.sweeps.prefix import capture_lengths
+from tests.fixtures.sweeps import assert_documents_close
 
 PROMPTS = ("the quick brown fox jumps over the lazy dog and runs into the old forest",
            "a model of the world is only as good as the data it has seen so far today",
@@ -45,23 +46,6 @@ def _without_volatile(document):
     return document
 
 
-def _assert_documents_close(found, expected, path="$"):
-    if isinstance(expected, dict):
-        assert set(found) == set(expected), path
-        for key in expected:
-            _assert_documents_close(found[key], expected[key], f"{path}.{key}")
-    elif isinstance(expected, list):
-        assert len(found) == len(expected), path
-        for i, (a, b) in enumerate(zip(found, expected, strict=True)):
-            _assert_documents_close(a, b, f"{path}[{i}]")
-    elif isinstance(expected, float):
-        # The longer capture's forward runs over more positions; CPU kernels may round the first
-        # positions' sums differently (float32: a few ulps).
-        assert found == pytest.approx(expected, rel=1e-4, abs=1e-6), path
-    else:
-        assert found == expected, path
-
-
 def test_lengths_read_off_one_capture_equal_separate_runs(pairs_file, tmp_path):
     config = _config(pairs_file)
     index = run_sweep(["tiny"], [12, 6], config, tmp_path / "out", preflight=_cpu)
@@ -73,7 +57,7 @@ def test_lengths_read_off_one_capture_equal_separate_runs(pairs_file, tmp_path):
         separate = run_comparison(config.given({"pair": "tiny", "tokens": tokens}), preflight=_cpu)
         assert written["provenance"]["config"]["tokens"] == tokens
         assert [len(ids) for ids in written["provenance"]["token_ids"]] == [tokens] * len(PROMPTS)
-        _assert_documents_close(_without_volatile(written), _without_volatile(separate.to_dict()))
+        assert_documents_close(_without_volatile(written), _without_volatile(separate.to_dict()))
     short = load_run(tmp_path / "out" / "tiny-6tok.json")
     assert short.layers == (0, 1, 2)
 
@@ -142,7 +126,9 @@ def test_the_command_writes_every_run_the_index_and_the_table_and_exits_1_on_a_f
 @pytest.mark.parametrize("argv, message", [
     (["--pairs", "tiny", "--tokens", "10,x"], "expected comma-separated positive integers"),
     (["--pairs", "tinny"], "unknown pair 'tinny'"),
-    (["--tokens", "10"], "the following arguments are required: --pairs"),
+    (["--pairs", "tiny", "--tokens", "0,10"], "expected comma-separated positive integers"),
+    (["--pairs", "tiny", "--workers", "0"], "--workers 0: expected a whole number of at least 1"),
+    (["--tokens", "10"], "which pairs? give --pairs KEY,KEY,..."),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_1(argv, message, pairs_file, tmp_path, monkeypatch, capsys):
     from lens_compare.sweep import main
@@ -165,3 +151,59 @@ def test_the_dry_run_plans_the_seed_pairs_and_a_sweep_without_prompts_is_refused
     assert len(rows) == 2 + 36 and "36 runs on 8x H100" in out  # header, rule, then 18 pairs x 2 lengths
     assert main(["--pairs", "qwen7b", "--out", "sw"]) == 1
     assert "give --prompt TEXT" in capsys.readouterr().err and not (tmp_path / "sw").exists()
+
+
+def test_the_progress_bar_counts_runs_moves_with_the_shards_and_writes_a_line_per_run(pairs_file, tmp_path, capsys):
+    import threading
+
+    from lens_compare.sweeps.index import SweepEntry
+    from lens_compare.sweeps.progress import SweepProgress
+
+    # A capture serving 2 runs, 4 shards, 3 of them in: the bar stands at 1 (done before) + 2 x 3/4.
+    left = [0, 1, 2, 3]
+    seen = []
+    with SweepProgress(total=4, initial=1, poll_seconds=0.01) as progress:
+        with progress.capture("tiny", 12, runs=2, pending=lambda: list(left), shards=4):
+            for _ in range(3):
+                left.pop()
+                event = threading.Event()
+                event.wait(0.05)
+                seen.append(progress.done)
+        assert seen[-1] == pytest.approx(1 + 2 * 3 / 4)
+        assert seen == sorted(seen)
+        progress.finished(SweepEntry("tiny", 12, "done", json="tiny-12tok.json", captured_at=12, strategy="resident",
+                                     seconds=1.5, peak_gib=0.25))
+        progress.finished(SweepEntry("tiny", 6, "failed", reason="ValueError: no"))
+        assert progress.done == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["tiny at 12 tokens: done in 1.5 s (resident, peak 0.25 GiB) -> tiny-12tok.json",
+                     "tiny at 6 tokens: failed: ValueError: no"]
+    # A sweep: one line per run, whatever ended it, each with its peak memory where it ran.
+    index = run_sweep(["broken", "tiny"], [6, 12], _config(pairs_file), tmp_path / "out", preflight=_cpu)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and sum("done in" in line for line in lines) == 2
+    assert "tiny at 6 tokens: done" in lines[-1] and "read off the 12-token capture" in lines[-1]
+    peaks = {entry.peak_gib for entry in index.entries.values() if entry.status == "done"}
+    assert len(peaks) == 1 and 0.05 < peaks.pop() < 24
+
+
+def test_a_sweep_file_holds_the_sweep_and_its_run_options_and_flags_win(pairs_file, tmp_path, monkeypatch, capsys):
+    from lens_compare.sweep import main
+
+    monkeypatch.chdir(tmp_path)
+    prompts = "".join(f"    - {prompt}\n" for prompt in PROMPTS)
+    (tmp_path / "study.yaml").write_text(
+        f"sweep:\n  pairs: [tiny]\n  tokens: [12, 6]\n  executor: local\n"
+        f"residual_compare:\n  pairs_file: {pairs_file}\n  batch_size: 2\n  bootstrap: 20\n"
+        f"  output_dir: study\n  prompts:\n{prompts}")
+    assert main(["--config", "study.yaml", "--tokens", "6", "-q"]) == 0
+    index = json.loads((tmp_path / "study" / "sweep.json").read_text())
+    assert [(run["pair"], run["tokens"], run["status"]) for run in index["runs"]] == [("tiny", 6, "done")]
+    capsys.readouterr()
+    (tmp_path / "bad.yaml").write_text("sweep:\n  pairs: tiny\n  frobnicate: 1\n")
+    assert main(["--config", "bad.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "sweep.frobnicate is not a sweep key" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.yaml").write_text("sweep:\n  pairs: tiny\n  workers: two\n")
+    assert main(["--config", "bad.yaml"]) == 1
+    assert "sweep.workers: expected int, got str 'two'" in capsys.readouterr().err

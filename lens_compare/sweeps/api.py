@@ -17,7 +17,6 @@ from lens_compare.sweeps.index import SweepIndex
 from lens_compare.sweeps.local import run_here, run_sweep
 from lens_compare.sweeps.pairs import expand_pairs
 from lens_compare.util.outputs import check_output_dir, write_frame
-from lens_compare.util.progress import progress_bar
 
 logger = logging.getLogger("lens_compare")
 
@@ -91,6 +90,10 @@ def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config
     extra = load_pairs_file(config.pairs_file) if config.pairs_file else None
     keys = expand_pairs(pairs if isinstance(pairs, str) else ",".join(pairs), extra)
     lengths = parse_lengths(tokens)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"--workers {workers!r}: expected a whole number of at least 1")
+    if workers > 1 and executor != "ray":
+        logger.warning("--workers %d is for --executor ray; the local executor runs one run at a time", workers)
     out = Path(config.output_dir)
     check_output_dir(out)
     if plots:
@@ -107,9 +110,8 @@ def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config
                                    if value})
     elif executor != "local":
         raise ConfigError(f"--executor {executor!r}: expected local or ray")
-    with progress_bar(total=len(keys), desc="sweep", unit="pair", dynamic_ncols=True) as bar:
-        index = run_sweep(keys, lengths, config, out, preflight=memory_preflight if check_memory else None,
-                          run_shards=run_shards, on_pair=lambda pair: bar.update(1))
+    index = run_sweep(keys, lengths, config, out, preflight=memory_preflight if check_memory else None,
+                      run_shards=run_shards)
     sweep_table(index)
     if plots:
         save_sweep_figures(index)

@@ -6,6 +6,7 @@ command again redoes only what is missing (an entry ``done`` whose JSON is still
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,8 @@ class SweepIndex:
 
     folder: Path
     entries: dict[tuple[str, int], SweepEntry] = field(default_factory=dict)
+    # Called with each entry once it is recorded (the sweep's progress).
+    on_record: Callable[[SweepEntry], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
@@ -69,6 +72,8 @@ class SweepIndex:
     def record(self, entry: SweepEntry) -> None:
         self.entries[entry.key] = entry
         write_json(self.path, self.to_dict())
+        if self.on_record is not None:
+            self.on_record(entry)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION,

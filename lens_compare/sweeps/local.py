@@ -7,9 +7,9 @@ with its one-line reason and the sweep goes on; the same call again redoes only 
 """
 
 import logging
-import resource
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +23,8 @@ from lens_compare.results.result import ComparisonResult
 from lens_compare.results.writers import write_outputs
 from lens_compare.sweeps.index import SweepEntry, SweepIndex
 from lens_compare.sweeps.prefix import PrefixView, capture_lengths
+from lens_compare.sweeps.progress import SweepProgress
+from lens_compare.util.host_memory import peak_rss_bytes, reset_peak_rss
 from lens_compare.util.units import GIB
 
 logger = logging.getLogger("lens_compare")
@@ -33,10 +35,11 @@ def run_stem(out_dir: Path, pair: str, tokens: int) -> Path:
 
 
 def peak_gib(device: str) -> float:
-    """This process's peak memory so far: the GPU's where the run used one, else host RSS."""
+    """This process's peak memory since ``reset_peak_rss`` (host) or since ``Comparison.run_shards``
+    started (it resets the GPUs' peaks): the busiest GPU's where the run used one, else host RSS."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / GIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return peak_rss_bytes() / GIB
 
 
 def _failure(pair: str, tokens: int, error: BaseException) -> SweepEntry:
@@ -63,55 +66,65 @@ def _plans(pair: str, lengths: Sequence[int], config: RunConfig, preflight: Pref
 
 
 def _write(result: ComparisonResult, comparison: Comparison, folder: RunFolder, out_dir: Path, pair: str,
-           tokens: int, captured_at: int, seconds: float) -> SweepEntry:
+           tokens: int, captured_at: int, seconds: float, peak: float | None) -> SweepEntry:
     planned = comparison.plan()
     stem = run_stem(out_dir, pair, tokens)
     write_outputs(result, comparison.config, stem, planned.job, folder)
     return SweepEntry(pair, tokens, "done", json=stem.with_suffix(".json").name, captured_at=captured_at,
                       strategy=planned.execution.strategy, seconds=round(seconds, 2),
-                      peak_gib=round(peak_gib(planned.run.device), 3))
+                      peak_gib=None if peak is None else round(peak, 3))
 
 
-# Runs every missing shard of a capture into its run folder: ``comparison.run(folder)`` here,
-# fanned out over Ray actors by ``lens_compare.sweeps.ray_executor.RayShards``.
-RunShards = Callable[[Comparison, RunFolder], None]
+# Runs every missing shard of a capture into its run folder and returns the peak memory (GiB) of
+# the process(es) that ran them, None where none ran: ``run_here`` on this machine, fanned out over
+# Ray actors by ``lens_compare.sweeps.ray_executor.RayShards``.
+RunShards = Callable[[Comparison, RunFolder], float | None]
 
 
-def run_here(comparison: Comparison, folder: RunFolder) -> None:
+def run_here(comparison: Comparison, folder: RunFolder) -> float | None:
+    if not comparison.pending(folder):
+        return None
+    reset_peak_rss()
     comparison.run(folder)
+    return peak_gib(comparison.plan().run.device)
 
 
 def _capture(pair: str, longest: int, served: list[int], comparisons: dict[int, Comparison], out_dir: Path,
-             preflight: Preflight | None, index: SweepIndex, run_shards: RunShards) -> None:
+             preflight: Preflight | None, index: SweepIndex, run_shards: RunShards,
+             progress: SweepProgress | None) -> None:
     """Run the capture at ``longest`` tokens and write every length it serves."""
     capture = comparisons[longest]
     planned: PlannedRun = capture.plan()
     check_spill_space(planned.run, planned.job, planned.execution, out_dir)
     folder = open_run_folder(capture, out_dir)
+    watching = nullcontext() if progress is None else progress.capture(
+        pair, longest, runs=len(served), pending=lambda: capture.pending(folder), shards=planned.layout.count)
     start = time.perf_counter()
-    run_shards(capture, folder)
+    with watching:
+        peak = run_shards(capture, folder)
     seconds = time.perf_counter() - start
     for tokens in sorted(served, reverse=True):
         try:
             if tokens == longest:
-                entry = _write(capture.assemble(folder), capture, folder, out_dir, pair, tokens, longest, seconds)
+                entry = _write(capture.assemble(folder), capture, folder, out_dir, pair, tokens, longest, seconds,
+                               peak)
             else:
                 # The shorter run with the capture's shards, read through a view cut to its length.
                 config = comparisons[tokens].config.replace(shard_size=planned.layout.size)
                 prefix = Comparison(config, preflight=preflight, held_in_memory=False)
                 view = PrefixView(folder, tokens, prefix.plan().run.tokenized.token_ids)
-                entry = _write(prefix.assemble(view), prefix, folder, out_dir, pair, tokens, longest, seconds)
+                entry = _write(prefix.assemble(view), prefix, folder, out_dir, pair, tokens, longest, seconds, peak)
         except Exception as error:  # recorded with its reason; the sweep goes on
             entry = _failure(pair, tokens, error)
         index.record(entry)
-        logger.info("%s at %d tokens: %s%s", pair, tokens, entry.status, f" ({entry.reason})" if entry.reason else "")
     if not planned.run.config.save_residuals:
         for kind in STATE_KINDS:
             folder.drop(kind)
 
 
 def run_pair(pair: str, lengths: Sequence[int], config: RunConfig, out_dir: Path, index: SweepIndex,
-             preflight: Preflight | None, run_shards: RunShards = run_here) -> None:
+             preflight: Preflight | None, run_shards: RunShards = run_here,
+             progress: SweepProgress | None = None) -> None:
     """One pair at every length the index does not hold as done."""
     missing = [tokens for tokens in lengths if not index.is_done(pair, tokens)]
     if not missing:
@@ -127,7 +140,7 @@ def run_pair(pair: str, lengths: Sequence[int], config: RunConfig, out_dir: Path
         if not served:
             continue
         try:
-            _capture(pair, longest, served, comparisons, out_dir, preflight, index, run_shards)
+            _capture(pair, longest, served, comparisons, out_dir, preflight, index, run_shards, progress)
         except Exception as error:  # recorded with its reason; the sweep goes on
             for tokens in served:
                 index.record(_failure(pair, tokens, error))
@@ -135,12 +148,19 @@ def run_pair(pair: str, lengths: Sequence[int], config: RunConfig, out_dir: Path
 
 def run_sweep(pairs: Sequence[str], lengths: Sequence[int], config: RunConfig, out_dir: Path, *,
               preflight: Preflight | None = None, run_shards: RunShards = run_here,
-              on_pair: Callable[[str], None] | None = None) -> SweepIndex:
+              progress: bool = True) -> SweepIndex:
     """Every pair at every length into ``out_dir`` (its ``sweep.json`` says what became of each);
-    ``run_shards`` runs a capture's shards (here, or over Ray actors)."""
+    ``run_shards`` runs a capture's shards (here, or over Ray actors). ``progress``: one bar over
+    the runs, moved on by the shards, and a line per finished run (``SweepProgress``)."""
     index = SweepIndex.open(out_dir)
-    for pair in pairs:
-        run_pair(pair, lengths, config, out_dir, index, preflight, run_shards)
-        if on_pair is not None:
-            on_pair(pair)
+    lengths = sorted(set(lengths))
+    done = sum(index.is_done(pair, tokens) for pair in pairs for tokens in lengths)
+    with SweepProgress(len(pairs) * len(lengths), done, show=progress) as bar:
+        index.on_record = bar.finished
+        try:
+            for pair in pairs:
+                run_pair(pair, lengths, config, out_dir, index, preflight, run_shards, bar)
+        finally:
+            index.on_record = None
     return index
+

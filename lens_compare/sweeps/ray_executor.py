@@ -27,6 +27,8 @@ from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.pipeline.execution import Execution
 from lens_compare.pipeline.preflight import memory_preflight
+from lens_compare.sweeps.local import peak_gib
+from lens_compare.util.host_memory import reset_peak_rss
 from lens_compare.util.units import GIB
 
 logger = logging.getLogger("lens_compare")
@@ -92,9 +94,12 @@ class ShardWorker:
             raise HardwareError(f"this worker's run folder {self.folder.path} is not the driver's {folder}: "
                                 "the nodes differ in what the run is (device, package version or weights)")
 
-    def run(self, shards: list[int]) -> list[int]:
+    def run(self, shards: list[int]) -> float:
+        """Run ``shards`` (those the folder lacks) with the models loaded once; returns this actor's
+        peak memory in GiB while it ran them (the GPU's where it used one, else host RSS)."""
+        reset_peak_rss()
         self.comparison.run_shards(shards, self.folder)
-        return shards
+        return peak_gib(self.comparison.plan().run.device)
 
     def pid(self) -> int:
         return os.getpid()
@@ -144,10 +149,12 @@ class RayShards:
                               f"{', '.join(missing)} is not visible here; give every node the same --out "
                               "(a network file system or a mounted bucket)")
 
-    def __call__(self, comparison: Comparison, folder: RunFolder) -> None:
+    def __call__(self, comparison: Comparison, folder: RunFolder) -> float | None:
+        """Run the capture's missing shards over the actors; returns the busiest actor's peak memory
+        in GiB (None when no shard was missing)."""
         pending = comparison.pending(folder)
         if not pending:
-            return
+            return None
         execution = comparison.plan().execution
         count = min(self.workers, len(pending))
         worker = self.ray.remote(ShardWorker).options(**actor_options(execution))
@@ -157,13 +164,14 @@ class RayShards:
                   for _ in range(count)]
         chunks = [pending[i::count] for i in range(count)]
         calls = {actor.run.remote(chunk): actor for actor, chunk in zip(actors, chunks, strict=True)}
+        peaks = []
         try:
             while calls:
                 # An actor holds its resources while it lives: each goes as soon as its call returns,
                 # so that a restarted one (its node lost) can be placed where another finished.
                 finished, _ = self.ray.wait(list(calls), num_returns=1)
                 for call in finished:
-                    self.ray.get(call)
+                    peaks.append(self.ray.get(call))
                     self.ray.kill(calls.pop(call))
         finally:
             for actor in calls.values():
@@ -172,3 +180,4 @@ class RayShards:
         if missing:
             raise HardwareError(f"{len(missing)} shard(s) are not in the run folder after the workers returned "
                                 f"(first: {missing[0]})")
+        return max(peaks)

@@ -28,3 +28,29 @@ def release_host_memory() -> None:
     """Collect garbage, then trim the heap."""
     gc.collect()
     trim_heap()
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory (``VmHWM``) afresh from what it holds now, so that
+    ``peak_rss_bytes`` measures what comes next (Linux >= 4.0: ``clear_refs`` 5). False where the
+    kernel does not allow it: the peak is then the process's lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started or since ``reset_peak_rss``."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -28,8 +28,32 @@ def widgets_available() -> bool:
     return importlib.util.find_spec("ipywidgets") is not None
 
 
-def progress_bar(**kwargs):
-    """A tqdm bar (same arguments) for where it will be seen (see the module docstring)."""
+# Inside ``one_bar()``: the bars of the runs (and of the libraries' weight loads) stay hidden.
+_ONE_BAR = {"active": 0}
+
+
+@contextlib.contextmanager
+def one_bar():
+    """While it lasts, only bars made with ``progress_bar(outer=True)`` show: a sweep shows its own
+    bar, not one per run and per weight load besides."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    _ONE_BAR["active"] += 1
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        _ONE_BAR["active"] -= 1
+        if shown and not _ONE_BAR["active"]:
+            transformers_logging.enable_progress_bar()
+
+
+def progress_bar(outer: bool = False, **kwargs):
+    """A tqdm bar (same arguments) for where it will be seen (see the module docstring); hidden
+    inside ``one_bar()`` unless ``outer``."""
+    if _ONE_BAR["active"] and not outer:
+        return text_tqdm(disable=True, **kwargs)
     if in_notebook():
         _quiet_library_bars()
         if widgets_available():
@@ -62,7 +86,7 @@ def gguf_bar_quiet_in_notebook():
     ``disable_progress_bar()`` does not reach; in Jupyter, silence that one bar while a GGUF
     loads (the module's ``tqdm`` name is swapped for a disabled one, then restored)."""
     module = None
-    if in_notebook():
+    if in_notebook() or _ONE_BAR["active"]:
         try:
             import transformers.modeling_gguf_pytorch_utils as module
         except ImportError:
