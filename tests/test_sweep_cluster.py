@@ -41,21 +41,21 @@ def two_nodes():
 
 
 def test_a_lost_node_costs_only_its_shards(two_nodes, perturbed_llama, tmp_path):
-    from lens_compare.sweeps.ray_executor import RayShards
+    from lens_compare.sweeps.ray_executor import RayExecutor
 
     cluster, worker_node = two_nodes
     base, sft, _ = perturbed_llama
     (tmp_path / "pairs.yaml").write_text(f"pairs:\n  tiny:\n    base: {base}\n    sft: {sft}\n")
     config = RunConfig(pairs_file=str(tmp_path / "pairs.yaml"), prompts=PROMPTS, batch_size=1, shard_size=1,
                        bootstrap=50, logit_lens="all")
-    shards = RayShards(workers=2)
+    shards = RayExecutor(workers=2)
     shards.check_shared_storage(tmp_path / "ray")
     assert len([node for node in ray.nodes() if node["Alive"]]) == 2
     found, failed = {}, []
 
     def sweep():
         try:
-            found["index"] = run_sweep(["tiny"], [12], config, tmp_path / "ray", run_shards=shards)
+            found["index"] = run_sweep(["tiny"], [12], config, tmp_path / "ray", executor=shards)
         except BaseException as error:  # reported by the assertion below
             failed.append(error)
 

@@ -48,13 +48,13 @@ def _config(pairs_file):
 
 
 def test_a_ray_sweep_equals_the_local_sweep(local_ray, pairs_file, tmp_path):
-    from lens_compare.sweeps.ray_executor import RayShards
+    from lens_compare.sweeps.ray_executor import RayExecutor
 
     config = _config(pairs_file)
     local = run_sweep(["tiny"], [6, 12], config, tmp_path / "local")
-    shards = RayShards(workers=2)
+    shards = RayExecutor(workers=2)
     shards.check_shared_storage(tmp_path / "ray")
-    remote = run_sweep(["tiny"], [6, 12], config, tmp_path / "ray", run_shards=shards)
+    remote = run_sweep(["tiny"], [6, 12], config, tmp_path / "ray", executor=shards)
     assert {e.key: e.status for e in remote.entries.values()} == {e.key: e.status for e in local.entries.values()}
     assert all(e.status == "done" for e in remote.entries.values())
     assert written_documents(tmp_path / "ray") == written_documents(tmp_path / "local")
@@ -92,16 +92,44 @@ def test_a_worker_killed_mid_shard_costs_only_its_call(local_ray, pairs_file, tm
     assert strip(comparison.assemble(folder).to_dict()) == strip(clean.assemble(clean_folder).to_dict())
 
 
+def test_several_pairs_run_side_by_side_and_one_pair_is_split_over_the_workers(local_ray, perturbed_llama, tmp_path,
+                                                                            monkeypatch):
+    """Two workers, two pairs: one actor per pair, both at work at once (each pair loaded once);
+    two workers, one pair: its shards split over both. The results equal the local executor's."""
+    from lens_compare.sweeps.ray_executor import RayExecutor
+
+    base, sft, _ = perturbed_llama
+    pairs_file = tmp_path / "pairs.yaml"
+    pairs_file.write_text(f"pairs:\n  tiny:\n    base: {base}\n    sft: {sft}\n"
+                          f"  twin:\n    base: {base}\n    sft: {sft}\n")
+    config = _config(pairs_file)
+    started = []
+    start = RayExecutor._start
+    monkeypatch.setattr(RayExecutor, "_start", lambda self, capture, chunk: started.append(
+        (capture.pair, tuple(chunk))) or start(self, capture, chunk))
+    index = run_sweep(["tiny", "twin"], [12], config, tmp_path / "ray", executor=RayExecutor(workers=2))
+    assert all(entry.status == "done" for entry in index.entries.values()) and len(index.entries) == 2
+    assert started == [("tiny", (0, 1, 2)), ("twin", (0, 1, 2))]  # 6 prompts, 2 a shard
+    started.clear()
+    run_sweep(["tiny"], [12], config, tmp_path / "one", executor=RayExecutor(workers=2))
+    assert started == [("tiny", (0, 2)), ("tiny", (1,))]
+    run_sweep(["tiny", "twin"], [12], config, tmp_path / "local")
+    for name in ("tiny-12tok.json", "twin-12tok.json"):
+        swept, local = (json.loads((tmp_path / out / name).read_text()) for out in ("ray", "local"))
+        assert {k: v for k, v in swept.items() if k != "provenance"} == \
+            {k: v for k, v in local.items() if k != "provenance"}
+
+
 @pytest.mark.slow
 def test_the_real_smollm2_fine_tune_swept_on_ray_equals_single_runs(local_ray, smollm2_ft, tmp_path):
     """Real weights (SmolLM2-135M-Instruct against the demo fine-tune): two actors, three shards, two
     lengths read off one capture; each run's JSON equals a single ``lens_compare.run`` at its length."""
     from lens_compare.pipeline.comparison import run_comparison
-    from lens_compare.sweeps.ray_executor import RayShards
+    from lens_compare.sweeps.ray_executor import RayExecutor
 
     config = RunConfig(prompts=PROMPTS[:3], batch_size=1, shard_size=1, bootstrap=50, logit_lens="final", top_tokens=3,
                        filler_text=" The history of science is long.", device="cpu")
-    index = run_sweep(["smollm2-ft"], [8, 16], config, tmp_path / "ray", run_shards=RayShards(workers=2))
+    index = run_sweep(["smollm2-ft"], [8, 16], config, tmp_path / "ray", executor=RayExecutor(workers=2))
     assert sorted((e.tokens, e.status, e.captured_at) for e in index.entries.values()) == [(8, "done", 16),
                                                                                           (16, "done", 16)]
     for tokens in (8, 16):

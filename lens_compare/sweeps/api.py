@@ -14,7 +14,7 @@ from lens_compare.plots import require_matplotlib
 from lens_compare.results.saved import concat_runs
 from lens_compare.sweeps.figures import save_sweep_figures
 from lens_compare.sweeps.index import SweepIndex
-from lens_compare.sweeps.local import run_here, run_sweep
+from lens_compare.sweeps.local import Executor, run_here, run_sweep
 from lens_compare.sweeps.pairs import expand_pairs
 from lens_compare.util.outputs import check_output_dir, write_frame
 
@@ -98,12 +98,12 @@ def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config
     check_output_dir(out)
     if plots:
         require_matplotlib()
-    run_shards = run_here
+    runner: Executor = run_here
     if executor == "ray":
-        from lens_compare.sweeps.ray_executor import RayShards
+        from lens_compare.sweeps.ray_executor import RayExecutor
 
-        run_shards = RayShards(workers, ray_address, check_memory=check_memory)
-        run_shards.check_shared_storage(out)
+        runner = RayExecutor(workers, ray_address, check_memory=check_memory)
+        runner.check_shared_storage(out)
         # The workers rebuild each run from its config in their own working directory.
         config = config.replace(**{key: str(Path(value).resolve()) for key, value in
                                    (("pairs_file", config.pairs_file), ("prompts_file", config.prompts_file))
@@ -111,7 +111,7 @@ def sweep_config(pairs: str | Sequence[str], tokens: str | Sequence[int], config
     elif executor != "local":
         raise ConfigError(f"--executor {executor!r}: expected local or ray")
     index = run_sweep(keys, lengths, config, out, preflight=memory_preflight if check_memory else None,
-                      run_shards=run_shards)
+                      executor=runner)
     sweep_table(index)
     if plots:
         save_sweep_figures(index)

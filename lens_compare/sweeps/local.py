@@ -9,7 +9,7 @@ with its one-line reason and the sweep goes on; the same call again redoes only 
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,92 +75,135 @@ def _write(result: ComparisonResult, comparison: Comparison, folder: RunFolder, 
                       peak_gib=None if peak is None else round(peak, 3))
 
 
-# Runs every missing shard of a capture into its run folder and returns the peak memory (GiB) of
-# the process(es) that ran them, None where none ran: ``run_here`` on this machine, fanned out over
-# Ray actors by ``lens_compare.sweeps.ray_executor.RayShards``.
-RunShards = Callable[[Comparison, RunFolder], float | None]
+@dataclass
+class Capture:
+    """One capture of a sweep: a pair at its ``longest`` length, run once, and the lengths it serves
+    (itself, and the shorter ones read off it). ``folder``: its run folder, once opened."""
+
+    pair: str
+    longest: int
+    served: list[int]
+    comparisons: dict[int, Comparison]
+    folder: RunFolder | None = None
+
+    @property
+    def comparison(self) -> Comparison:
+        return self.comparisons[self.longest]
+
+    def pending(self) -> list[int]:
+        """The shards its run folder lacks."""
+        return self.comparison.pending(self.folder)
 
 
-def run_here(comparison: Comparison, folder: RunFolder) -> float | None:
-    if not comparison.pending(folder):
-        return None
-    reset_peak_rss()
-    comparison.run(folder)
-    return peak_gib(comparison.plan().run.device)
+class Sweep:
+    """What an executor needs of the sweep: open a capture's run folder, then record it as finished
+    (its runs written) or failed, and the progress to show while its shards run."""
+
+    def __init__(self, out_dir: Path, index: SweepIndex, preflight: Preflight | None, progress: SweepProgress):
+        self.out_dir = Path(out_dir)
+        self.index = index
+        self.preflight = preflight
+        self.progress = progress
+
+    def open(self, capture: Capture) -> RunFolder:
+        planned: PlannedRun = capture.comparison.plan()
+        check_spill_space(planned.run, planned.job, planned.execution, self.out_dir)
+        capture.folder = open_run_folder(capture.comparison, self.out_dir)
+        return capture.folder
+
+    def watch(self, capture: Capture) -> None:
+        """Count the capture's shards on the bar while they run."""
+        self.progress.watch(id(capture), capture.pair, capture.longest, runs=len(capture.served),
+                            pending=capture.pending, shards=capture.comparison.plan().layout.count)
+
+    def finish(self, capture: Capture, seconds: float, peak: float | None) -> None:
+        """Every shard is in: write each length the capture serves, longest first."""
+        self.progress.unwatch(id(capture))
+        capture_plan = capture.comparison.plan()
+        for tokens in sorted(capture.served, reverse=True):
+            try:
+                if tokens == capture.longest:
+                    comparison, store = capture.comparison, capture.folder
+                else:
+                    # The shorter run with the capture's shards, read through a view cut to its length.
+                    config = capture.comparisons[tokens].config.replace(shard_size=capture_plan.layout.size)
+                    comparison = Comparison(config, preflight=self.preflight, held_in_memory=False)
+                    store = PrefixView(capture.folder, tokens, comparison.plan().run.tokenized.token_ids)
+                entry = _write(comparison.assemble(store), comparison, capture.folder, self.out_dir, capture.pair,
+                               tokens, capture.longest, seconds, peak)
+            except Exception as error:  # recorded with its reason; the sweep goes on
+                entry = _failure(capture.pair, tokens, error)
+            self.index.record(entry)
+        if not capture_plan.run.config.save_residuals:
+            for kind in STATE_KINDS:
+                capture.folder.drop(kind)
+
+    def fail(self, capture: Capture, error: BaseException) -> None:
+        """The capture could not run: each length it serves is recorded with the reason."""
+        self.progress.unwatch(id(capture))
+        for tokens in capture.served:
+            self.index.record(_failure(capture.pair, tokens, error))
 
 
-def _capture(pair: str, longest: int, served: list[int], comparisons: dict[int, Comparison], out_dir: Path,
-             preflight: Preflight | None, index: SweepIndex, run_shards: RunShards,
-             progress: SweepProgress | None) -> None:
-    """Run the capture at ``longest`` tokens and write every length it serves."""
-    capture = comparisons[longest]
-    planned: PlannedRun = capture.plan()
-    check_spill_space(planned.run, planned.job, planned.execution, out_dir)
-    folder = open_run_folder(capture, out_dir)
-    watching = nullcontext() if progress is None else progress.capture(
-        pair, longest, runs=len(served), pending=lambda: capture.pending(folder), shards=planned.layout.count)
-    start = time.perf_counter()
-    with watching:
-        peak = run_shards(capture, folder)
-    seconds = time.perf_counter() - start
-    for tokens in sorted(served, reverse=True):
+# Runs a sweep's captures: each one's missing shards into its run folder, then ``sweep.finish``
+# (or ``sweep.fail``) for it: ``run_here``, or ``lens_compare.sweeps.ray_executor.RayExecutor``.
+Executor = Callable[[Sequence[Capture], Sweep], None]
+
+
+def run_here(captures: Sequence[Capture], sweep: Sweep) -> None:
+    """The local executor: one capture after another in this process, with the models loaded once
+    per capture."""
+    for capture in captures:
         try:
-            if tokens == longest:
-                entry = _write(capture.assemble(folder), capture, folder, out_dir, pair, tokens, longest, seconds,
-                               peak)
-            else:
-                # The shorter run with the capture's shards, read through a view cut to its length.
-                config = comparisons[tokens].config.replace(shard_size=planned.layout.size)
-                prefix = Comparison(config, preflight=preflight, held_in_memory=False)
-                view = PrefixView(folder, tokens, prefix.plan().run.tokenized.token_ids)
-                entry = _write(prefix.assemble(view), prefix, folder, out_dir, pair, tokens, longest, seconds, peak)
+            sweep.open(capture)
+            peak = None
+            start = time.perf_counter()
+            if capture.pending():
+                sweep.watch(capture)
+                reset_peak_rss()
+                capture.comparison.run(capture.folder)
+                peak = peak_gib(capture.comparison.plan().run.device)
+            sweep.finish(capture, time.perf_counter() - start, peak)
         except Exception as error:  # recorded with its reason; the sweep goes on
-            entry = _failure(pair, tokens, error)
-        index.record(entry)
-    if not planned.run.config.save_residuals:
-        for kind in STATE_KINDS:
-            folder.drop(kind)
+            sweep.fail(capture, error)
 
 
-def run_pair(pair: str, lengths: Sequence[int], config: RunConfig, out_dir: Path, index: SweepIndex,
-             preflight: Preflight | None, run_shards: RunShards = run_here,
-             progress: SweepProgress | None = None) -> None:
-    """One pair at every length the index does not hold as done."""
+def plan_captures(pair: str, lengths: Sequence[int], config: RunConfig, index: SweepIndex,
+                  preflight: Preflight | None) -> list[Capture]:
+    """The captures that make ``pair``'s missing lengths, longest first; nothing loads. A length
+    refused here is recorded."""
     missing = [tokens for tokens in lengths if not index.is_done(pair, tokens)]
     if not missing:
-        return
+        return []
     # Plan every length (the done ones too: a missing short length may ride on a done long one).
     comparisons = _plans(pair, sorted(set(lengths)), config, preflight, index)
+    if not comparisons:
+        return []
     tokenized = {tokens: comparison.plan().run.tokenized for tokens, comparison in comparisons.items()}
-    if not tokenized:
-        return
     sources = capture_lengths(tokenized, config)
+    captures = []
     for longest in sorted(set(sources.values()), reverse=True):
         served = [tokens for tokens, source in sources.items() if source == longest and tokens in missing]
-        if not served:
-            continue
-        try:
-            _capture(pair, longest, served, comparisons, out_dir, preflight, index, run_shards, progress)
-        except Exception as error:  # recorded with its reason; the sweep goes on
-            for tokens in served:
-                index.record(_failure(pair, tokens, error))
+        if served:
+            captures.append(Capture(pair, longest, served, comparisons))
+    return captures
 
 
 def run_sweep(pairs: Sequence[str], lengths: Sequence[int], config: RunConfig, out_dir: Path, *,
-              preflight: Preflight | None = None, run_shards: RunShards = run_here,
+              preflight: Preflight | None = None, executor: Executor = run_here,
               progress: bool = True) -> SweepIndex:
-    """Every pair at every length into ``out_dir`` (its ``sweep.json`` says what became of each);
-    ``run_shards`` runs a capture's shards (here, or over Ray actors). ``progress``: one bar over
-    the runs, moved on by the shards, and a line per finished run (``SweepProgress``)."""
+    """Every pair at every length into ``out_dir`` (its ``sweep.json`` says what became of each).
+    Every capture is planned first (nothing loads; a refusal is recorded at once), then
+    ``executor`` runs them: ``run_here`` one after another, or ``RayExecutor`` over Ray actors.
+    ``progress``: one bar over the runs, moved on by the shards, and a line per finished run."""
     index = SweepIndex.open(out_dir)
     lengths = sorted(set(lengths))
     done = sum(index.is_done(pair, tokens) for pair in pairs for tokens in lengths)
     with SweepProgress(len(pairs) * len(lengths), done, show=progress) as bar:
         index.on_record = bar.finished
         try:
-            for pair in pairs:
-                run_pair(pair, lengths, config, out_dir, index, preflight, run_shards, bar)
+            captures = [capture for pair in pairs for capture in plan_captures(pair, lengths, config, index, preflight)]
+            executor(captures, Sweep(out_dir, index, preflight, bar))
         finally:
             index.on_record = None
     return index
-

@@ -1,33 +1,40 @@
-"""The ``ray`` executor: a capture's shards fanned out over Ray actors, on one machine or many.
+"""The ``ray`` executor: a sweep's captures and their shards fanned out over Ray actors, on one
+machine or many.
 
-The driver plans each capture and opens its run folder under ``--out``, which every node must
-see (shared storage: checked at start, every worker writes a probe the driver must find). Each
-actor rebuilds the same ``Comparison`` from the run's config, checks that it lands on the same
-run folder, and runs its chunk of the shards with ``run_shards``: the models load once per chunk.
+The driver plans every capture and opens its run folder under ``--out``, which every node must
+see (shared storage: checked at start, every worker writes a probe the driver must find). It
+keeps at most ``--workers`` actors at work, each on a chunk of one capture's shards: several
+captures side by side when there are several, one capture split over every worker when there is
+one. Each actor rebuilds the same ``Comparison`` from the run's config, checks that it lands on
+the same run folder, and runs its chunk with ``run_shards``: the models load once per chunk.
 It asks Ray for what the planner says its strategy needs: the GPUs its models are placed on (a
 placement group of that many GPUs on one node, ``STRICT_PACK``, for a split), and the host
 memory the plan counts. A killed worker or a lost node costs only what it was running: Ray
 restarts the actor (``max_restarts``) and retries the call (``max_task_retries``), and the retried
-chunk skips every shard the run folder already holds (atomic files). The driver assembles the
-run once every shard is in, exactly as the local executor does.
+chunk skips every shard the run folder already holds (atomic files); a chunk whose retries are
+spent fails its capture, recorded with its reason, and the sweep goes on. The driver assembles a
+capture's runs once every shard is in, exactly as the local executor does.
 
->>> index = run_sweep(pairs, lengths, config, out, run_shards=RayShards(workers=4))  # doctest: +SKIP
+>>> index = run_sweep(pairs, lengths, config, out, executor=RayExecutor(workers=4))  # doctest: +SKIP
 """
 
 import logging
 import os
 import socket
+import time
 import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lens_compare.config import RunConfig
-from lens_compare.engines.store import RunFolder
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.pipeline.execution import Execution
 from lens_compare.pipeline.preflight import memory_preflight
-from lens_compare.sweeps.local import peak_gib
+from lens_compare.sweeps.local import Capture, Sweep, peak_gib
 from lens_compare.util.host_memory import reset_peak_rss
 from lens_compare.util.units import GIB
 
@@ -110,16 +117,32 @@ def _probe(path: str) -> str:
     return socket.gethostname()
 
 
-class RayShards:
-    """Runs a capture's missing shards over ``workers`` Ray actors (``run_sweep(run_shards=...)``).
+@dataclass
+class _Running:
+    """A capture under way: its chunks still out, its actors' peaks, when it started, its error."""
 
+    capture: Capture
+    chunks: int
+    peaks: list[float] = field(default_factory=list)
+    start: float | None = None
+    error: BaseException | None = None
+
+
+class RayExecutor:
+    """Runs a sweep's captures over at most ``workers`` Ray actors at a time
+    (``run_sweep(executor=...)``).
+
+    Each capture's missing shards are cut into chunks, one per actor: ``workers`` // the number of
+    captures (at least one), so a sweep of many pairs runs whole pairs side by side (each loaded
+    once) and a sweep of one pair splits it over every worker. The driver starts an actor per chunk
+    as a slot frees, and assembles and writes a capture's runs once all its chunks are in.
     ``address``: a running cluster's (``ray://...`` or ``auto``), else a local Ray instance is
     started. Every node must see ``out_dir``: ``check_shared_storage`` says so before any run.
     """
 
     def __init__(self, workers: int = 1, address: str | None = None, check_memory: bool = True):
         if workers < 1:
-            raise ConfigError(f"--workers {workers}: expected at least 1")
+            raise ConfigError(f"--workers {workers}: expected a whole number of at least 1")
         self.ray = require_ray()
         if not self.ray.is_initialized():
             # "local": a new instance on this machine, not whatever cluster happens to run here.
@@ -149,35 +172,79 @@ class RayShards:
                               f"{', '.join(missing)} is not visible here; give every node the same --out "
                               "(a network file system or a mounted bucket)")
 
-    def __call__(self, comparison: Comparison, folder: RunFolder) -> float | None:
-        """Run the capture's missing shards over the actors; returns the busiest actor's peak memory
-        in GiB (None when no shard was missing)."""
-        pending = comparison.pending(folder)
-        if not pending:
-            return None
-        execution = comparison.plan().execution
-        count = min(self.workers, len(pending))
-        worker = self.ray.remote(ShardWorker).options(**actor_options(execution))
-        path = folder.path.resolve()  # absolute: the workers' working directory is not the driver's
-        out_dir = path.parent.parent  # OUT/runs/<name>
-        actors = [worker.remote(comparison.config.to_dict(), str(out_dir), str(path), self.check_memory)
-                  for _ in range(count)]
-        chunks = [pending[i::count] for i in range(count)]
-        calls = {actor.run.remote(chunk): actor for actor, chunk in zip(actors, chunks, strict=True)}
-        peaks = []
+    def _chunks(self, captures: Sequence[Capture], sweep: Sweep) -> tuple[deque, dict[int, _Running]]:
+        """Open every capture's run folder and cut its missing shards into chunks; a capture with
+        none missing is finished at once."""
+        per_capture = max(1, self.workers // max(1, len(captures)))
+        chunks: deque = deque()
+        running: dict[int, _Running] = {}
+        for capture in captures:
+            try:
+                sweep.open(capture)
+                pending = capture.pending()
+            except Exception as error:  # recorded with its reason; the sweep goes on
+                sweep.fail(capture, error)
+                continue
+            if not pending:
+                sweep.finish(capture, 0.0, None)
+                continue
+            count = min(per_capture, len(pending))
+            running[id(capture)] = _Running(capture, chunks=count)
+            chunks.extend((capture, pending[i::count]) for i in range(count))
+        return chunks, running
+
+    def _start(self, capture: Capture, chunk: list[int]):
+        worker = self.ray.remote(ShardWorker).options(**actor_options(capture.comparison.plan().execution))
+        path = capture.folder.path.resolve()  # absolute: the workers' working directory is not the driver's
+        actor = worker.remote(capture.comparison.config.to_dict(), str(path.parent.parent), str(path),
+                              self.check_memory)
+        return actor, actor.run.remote(chunk)
+
+    def __call__(self, captures: Sequence[Capture], sweep: Sweep) -> None:
+        chunks, running = self._chunks(captures, sweep)
+        calls: dict[Any, tuple[Any, _Running]] = {}
         try:
-            while calls:
+            while chunks or calls:
+                while chunks and len(calls) < self.workers:
+                    capture, chunk = chunks.popleft()
+                    state = running[id(capture)]
+                    if state.error is not None:  # another chunk of it failed: this one is not started
+                        state.chunks -= 1
+                        if state.chunks == 0:
+                            self._end(state, sweep)
+                        continue
+                    if state.start is None:
+                        state.start = time.perf_counter()
+                        sweep.watch(capture)
+                    actor, call = self._start(capture, chunk)
+                    calls[call] = (actor, state)
                 # An actor holds its resources while it lives: each goes as soon as its call returns,
-                # so that a restarted one (its node lost) can be placed where another finished.
+                # so that the next chunk, or a restarted actor (its node lost), finds room.
                 finished, _ = self.ray.wait(list(calls), num_returns=1)
                 for call in finished:
-                    peaks.append(self.ray.get(call))
-                    self.ray.kill(calls.pop(call))
+                    actor, state = calls.pop(call)
+                    try:
+                        state.peaks.append(self.ray.get(call))
+                    except Exception as error:  # Ray's retries are spent: the capture failed
+                        state.error = state.error or error
+                    finally:
+                        self.ray.kill(actor)
+                    state.chunks -= 1
+                    if state.chunks == 0:
+                        self._end(state, sweep)
         finally:
-            for actor in calls.values():
+            for actor, _ in calls.values():
                 self.ray.kill(actor)
-        missing = comparison.pending(folder)
+
+    @staticmethod
+    def _end(state: _Running, sweep: Sweep) -> None:
+        """Every chunk of the capture is back (or was not started after one failed)."""
+        capture = state.capture
+        missing = capture.pending() if state.error is None else []
         if missing:
-            raise HardwareError(f"{len(missing)} shard(s) are not in the run folder after the workers returned "
-                                f"(first: {missing[0]})")
-        return max(peaks)
+            state.error = HardwareError(f"{len(missing)} shard(s) are not in the run folder after the workers "
+                                        f"returned (first: {missing[0]})")
+        if state.error is not None:
+            sweep.fail(capture, state.error)
+        else:
+            sweep.finish(capture, time.perf_counter() - state.start, max(state.peaks))
