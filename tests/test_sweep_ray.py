@@ -72,10 +72,9 @@ def test_a_worker_killed_mid_shard_costs_only_its_call(local_ray, pairs_file, tm
     config = _config(pairs_file).given({"pair": "tiny", "tokens": 12, "shard_size": 1})
     comparison = Comparison(config, held_in_memory=False)
     folder = open_run_folder(comparison, tmp_path / "out")
-    actor = ray.remote(ShardWorker).options(**actor_options(comparison.plan().execution)).remote(
-        config.to_dict(), str(tmp_path / "out"), str(folder.path), False)
+    actor = ray.remote(ShardWorker).options(**actor_options(comparison.plan().execution)).remote(False)
     first = ray.get(actor.pid.remote())
-    call = actor.run.remote(list(range(len(PROMPTS))))
+    call = actor.run.remote(config.to_dict(), str(tmp_path / "out"), str(folder.path), list(range(len(PROMPTS))))
     while not folder.keys(Kind.METRICS):  # the first shard is written: the call is under way
         time.sleep(0.02)
     left = comparison.pending(folder)
@@ -103,16 +102,21 @@ def test_several_pairs_run_side_by_side_and_one_pair_is_split_over_the_workers(l
     pairs_file.write_text(f"pairs:\n  tiny:\n    base: {base}\n    sft: {sft}\n"
                           f"  twin:\n    base: {base}\n    sft: {sft}\n")
     config = _config(pairs_file)
-    started = []
-    start = RayExecutor._start
-    monkeypatch.setattr(RayExecutor, "_start", lambda self, capture, chunk: started.append(
-        (capture.pair, tuple(chunk))) or start(self, capture, chunk))
+    started, created = [], []
+    dispatch, new_actor = RayExecutor._dispatch, RayExecutor._new_actor
+    monkeypatch.setattr(RayExecutor, "_dispatch", lambda self, capture, chunk, idle: started.append(
+        (capture.pair, tuple(chunk))) or dispatch(self, capture, chunk, idle))
+    monkeypatch.setattr(RayExecutor, "_new_actor", lambda self, options: created.append(options) or new_actor(
+        self, options))
     index = run_sweep(["tiny", "twin"], [12], config, tmp_path / "ray", executor=RayExecutor(workers=2))
     assert all(entry.status == "done" for entry in index.entries.values()) and len(index.entries) == 2
     assert started == [("tiny", (0, 1, 2)), ("twin", (0, 1, 2))]  # 6 prompts, 2 a shard
     started.clear()
     run_sweep(["tiny"], [12], config, tmp_path / "one", executor=RayExecutor(workers=2))
     assert started == [("tiny", (0, 2)), ("tiny", (1,))]
+    # One worker, two pairs: one actor takes both, one after the other.
+    run_sweep(["tiny", "twin"], [12], config, tmp_path / "serial", executor=RayExecutor(workers=1))
+    assert len(created) == 2 + 2 + 1
     run_sweep(["tiny", "twin"], [12], config, tmp_path / "local")
     for name in ("tiny-12tok.json", "twin-12tok.json"):
         swept, local = (json.loads((tmp_path / out / name).read_text()) for out in ("ray", "local"))

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_compare.config import RunConfig
+from lens_compare.engines.store import RunFolder
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.pipeline.execution import Execution
@@ -88,28 +89,47 @@ def actor_options(execution: Execution) -> dict[str, Any]:
 
 
 class ShardWorker:
-    """One Ray actor's work: the run's ``Comparison``, rebuilt from its config, and its run folder."""
+    """One Ray actor: it runs chunks of shards, of one capture or of several in turn (the libraries
+    imported once), each with the capture's ``Comparison`` rebuilt from its config."""
 
-    def __init__(self, config: dict[str, Any], out_dir: str, folder: str, check_memory: bool):
+    def __init__(self, check_memory: bool):
         import torch
 
         torch.set_num_threads(1)  # one CPU asked of Ray: the actors do not fight over the cores
-        self.comparison = Comparison(RunConfig.from_dict(config), held_in_memory=False,
-                                     preflight=memory_preflight if check_memory else None)
-        self.folder = open_run_folder(self.comparison, Path(out_dir))
-        if str(self.folder.path.resolve()) != folder:
-            raise HardwareError(f"this worker's run folder {self.folder.path} is not the driver's {folder}: "
-                                "the nodes differ in what the run is (device, package version or weights)")
+        self.check_memory = check_memory
+        self.runs: dict[str, tuple[Comparison, RunFolder]] = {}
 
-    def run(self, shards: list[int]) -> float:
-        """Run ``shards`` (those the folder lacks) with the models loaded once; returns this actor's
-        peak memory in GiB while it ran them (the GPU's where it used one, else host RSS)."""
+    def _open(self, config: dict[str, Any], out_dir: str, folder: str) -> tuple[Comparison, RunFolder]:
+        if folder not in self.runs:
+            comparison = Comparison(RunConfig.from_dict(config), held_in_memory=False,
+                                    preflight=memory_preflight if self.check_memory else None)
+            opened = open_run_folder(comparison, Path(out_dir))
+            if str(opened.path.resolve()) != folder:
+                raise HardwareError(f"this worker's run folder {opened.path} is not the driver's {folder}: "
+                                    "the nodes differ in what the run is (device, package version or weights)")
+            self.runs = {folder: (comparison, opened)}  # the capture before is done with
+        return self.runs[folder]
+
+    def run(self, config: dict[str, Any], out_dir: str, folder: str, shards: list[int]) -> float:
+        """Run ``shards`` of the capture whose run folder is ``folder`` (those it lacks), the models
+        loaded once; returns this actor's peak memory in GiB while it ran them (the GPU's where it
+        used one, else host RSS)."""
+        comparison, opened = self._open(config, out_dir, folder)
         reset_peak_rss()
-        self.comparison.run_shards(shards, self.folder)
-        return peak_gib(self.comparison.plan().run.device)
+        comparison.run_shards(shards, opened)
+        return peak_gib(comparison.plan().run.device)
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _fits(held: dict[str, Any], needed: dict[str, Any]) -> bool:
+    """Whether an actor created with ``held`` can run a chunk that asks for ``needed``."""
+    if "scheduling_strategy" in held or "scheduling_strategy" in needed:
+        return False
+    same = {key: value for key, value in held.items() if key != "memory"}
+    return same == {key: value for key, value in needed.items() if key != "memory"} \
+        and held.get("memory", 0) >= needed.get("memory", 0)
 
 
 def _probe(path: str) -> str:
@@ -193,16 +213,31 @@ class RayExecutor:
             chunks.extend((capture, pending[i::count]) for i in range(count))
         return chunks, running
 
-    def _start(self, capture: Capture, chunk: list[int]):
-        worker = self.ray.remote(ShardWorker).options(**actor_options(capture.comparison.plan().execution))
+    def _actor(self, options: dict[str, Any], idle: list[tuple[Any, dict[str, Any]]]):
+        """An idle actor that fits ``options`` (the same GPUs, at least the memory; never one
+        placed in a placement group), else a new one (an idle one that does not fit goes first)."""
+        for i, (actor, held) in enumerate(idle):
+            if _fits(held, options):
+                del idle[i]
+                return actor, held
+        if idle:
+            self.ray.kill(idle.pop(0)[0])
+        return self._new_actor(options), options
+
+    def _new_actor(self, options: dict[str, Any]):
+        return self.ray.remote(ShardWorker).options(**options).remote(self.check_memory)
+
+    def _dispatch(self, capture: Capture, chunk: list[int], idle: list[tuple[Any, dict[str, Any]]]):
+        """Start ``chunk`` of ``capture`` on an actor; returns the call, the actor and its options."""
+        actor, held = self._actor(actor_options(capture.comparison.plan().execution), idle)
         path = capture.folder.path.resolve()  # absolute: the workers' working directory is not the driver's
-        actor = worker.remote(capture.comparison.config.to_dict(), str(path.parent.parent), str(path),
-                              self.check_memory)
-        return actor, actor.run.remote(chunk)
+        return actor.run.remote(capture.comparison.config.to_dict(), str(path.parent.parent), str(path), chunk), \
+            actor, held
 
     def __call__(self, captures: Sequence[Capture], sweep: Sweep) -> None:
         chunks, running = self._chunks(captures, sweep)
-        calls: dict[Any, tuple[Any, _Running]] = {}
+        calls: dict[Any, tuple[Any, dict[str, Any], _Running]] = {}
+        idle: list[tuple[Any, dict[str, Any]]] = []
         try:
             while chunks or calls:
                 while chunks and len(calls) < self.workers:
@@ -216,24 +251,31 @@ class RayExecutor:
                     if state.start is None:
                         state.start = time.perf_counter()
                         sweep.watch(capture)
-                    actor, call = self._start(capture, chunk)
-                    calls[call] = (actor, state)
-                # An actor holds its resources while it lives: each goes as soon as its call returns,
-                # so that the next chunk, or a restarted actor (its node lost), finds room.
+                    call, actor, held = self._dispatch(capture, chunk, idle)
+                    calls[call] = (actor, held, state)
+                # An actor holds its resources while it lives: one whose call returned takes the next
+                # chunk that fits it, or goes, so that another (or one restarted after its node was
+                # lost) finds room.
+                if not calls:
+                    continue
                 finished, _ = self.ray.wait(list(calls), num_returns=1)
                 for call in finished:
-                    actor, state = calls.pop(call)
+                    actor, held, state = calls.pop(call)
                     try:
                         state.peaks.append(self.ray.get(call))
                     except Exception as error:  # Ray's retries are spent: the capture failed
                         state.error = state.error or error
-                    finally:
+                    if chunks and state.error is None:
+                        idle.append((actor, held))
+                    else:
                         self.ray.kill(actor)
                     state.chunks -= 1
                     if state.chunks == 0:
                         self._end(state, sweep)
+                while idle and not chunks:
+                    self.ray.kill(idle.pop()[0])
         finally:
-            for actor, _ in calls.values():
+            for actor, *_ in [*calls.values(), *idle]:
                 self.ray.kill(actor)
 
     @staticmethod
