@@ -24,6 +24,8 @@ from lens_compare.models.pairs import load_pairs_file
 from lens_compare.sweeps.api import SEED_LENGTHS, parse_lengths, sweep, sweep_config
 from lens_compare.sweeps.pairs import expand_pairs
 
+DEFAULT_GPU = "H100 SXM 80GB"
+
 # What the sweep sets per run, instead of taking it as a flag.
 PER_RUN = ("pair", "base_model", "sft_model", "tokens")
 
@@ -48,7 +50,8 @@ def parser() -> Parser:
                    help="--executor ray: a running cluster (ray://host:10001 or auto); default: a local instance")
     p.add_argument("--dry-run", action="store_true",
                    help="plan every run (strategy, GPUs, memory, minutes, dollars) and the totals; load nothing")
-    p.add_argument("--gpu", default="H100 SXM 80GB", help="--dry-run: the GPU type to plan for (default: h100)")
+    p.add_argument("--gpu", help="--dry-run: the GPU type to plan for (default: h100; with --executor ray, the "
+                                 "cluster's own nodes)")
     p.add_argument("--count", type=int, default=1, help="--dry-run: GPUs of that type per machine (default 1)")
     p.add_argument("--here", action="store_true", help="--dry-run: plan for this machine instead")
     p.add_argument("--n-prompts", type=int, metavar="N",
@@ -104,7 +107,16 @@ def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
     from lens_compare.sweeps.dry_run import plan_sweep
 
     extra = load_pairs_file(config.pairs_file) if config.pairs_file else None
-    machine = detect_machine() if args.here else catalog_machine(args.gpu, args.count, None)
+    if args.here:
+        machine = detect_machine()
+    elif args.executor == "ray" and args.gpu is None:
+        from lens_compare.sweeps.ray_executor import RayExecutor, cluster_machine
+
+        executor = RayExecutor(args.workers, args.ray_address)
+        machine, like = cluster_machine(executor.ray.nodes())
+        print(f"planned for the Ray cluster's largest node ({like} node(s) like it): {machine.label}")
+    else:
+        machine = catalog_machine(args.gpu or DEFAULT_GPU, args.count, None)
     n_prompts = args.n_prompts or len(read_prompts(config)) or 1
     plan = plan_sweep(expand_pairs(args.pairs, extra), parse_lengths(args.tokens), n_prompts=n_prompts,
                       machine=machine, strategy=None if config.strategy == "auto" else config.strategy, extra=extra)

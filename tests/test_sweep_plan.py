@@ -76,8 +76,11 @@ def test_rows_are_the_planners_own_choice():
     assert [(row.pair, row.tokens) for row in plan.rows] == [(p, n) for p in THREE for n in LENGTHS]
     for row in plan.rows:
         direct = plan_pair(row.pair, tokens=row.tokens, batch=16, machine=H100_X8)
-        chosen = direct.chosen
-        assert chosen is not None
+        assert direct.chosen is not None
+        # Then on no more GPUs than it needs, as the preflight runs it: the rest take other runs.
+        narrow = plan_pair(row.pair, tokens=row.tokens, batch=16, machine=H100_X8.with_count(direct.chosen.min_gpus),
+                           strategy=direct.strategy)
+        chosen = narrow.chosen
         assert row == PlannedRun(row.pair, row.tokens, direct.strategy, chosen.min_gpus, chosen.peak_gib_per_gpu,
                                  chosen.est_seconds, chosen.est_cost_usd)
     # The three sizes take three different answers: one GPU, a split, and a stream.
@@ -86,19 +89,22 @@ def test_rows_are_the_planners_own_choice():
 
 def test_totals_add_up_the_rows():
     plan = plan_sweep(THREE, LENGTHS, n_prompts=16, machine=H100_X8)
-    seconds = {(p, n): plan_pair(p, tokens=n, batch=16, machine=H100_X8).chosen.est_seconds
-               for p in THREE for n in LENGTHS}
-    cost = {(p, n): plan_pair(p, tokens=n, batch=16, machine=H100_X8).chosen.est_cost_usd
-            for p in THREE for n in LENGTHS}
+    seconds = {(row.pair, row.tokens): row.est_seconds for row in plan.rows}
+    cost = {(row.pair, row.tokens): row.est_cost_usd for row in plan.rows}
+    gpus = {(row.pair, row.tokens): row.gpus for row in plan.rows}
     totals = plan.totals()
     assert (totals.runs, totals.runs_fit, totals.runs_refused) == (6, 6, 0)
     assert totals.seconds == pytest.approx(sum(seconds.values()))
     assert totals.cost_usd == pytest.approx(sum(cost.values()))
     assert totals.seconds_with_prefixes == pytest.approx(sum(seconds[p, 250] for p in THREE))
     assert totals.cost_usd_with_prefixes == pytest.approx(sum(cost[p, 250] for p in THREE))
-    # H100 SXM's price, 8 GPUs of it, for the seconds of each run.
+    # H100 SXM's price, for the GPUs each run takes, for its seconds.
     price = H100_X8.gpu.price_per_hour
-    assert totals.cost_usd == pytest.approx(8 * price * sum(seconds.values()) / 3600)
+    assert totals.cost_usd == pytest.approx(price * sum(gpus[k] * seconds[k] for k in seconds) / 3600)
+    # Side by side on the 8 GPUs: the GPU-seconds of the longest lengths over 8, or the longest run.
+    longest = [(gpus[p, 250], seconds[p, 250]) for p in THREE]
+    assert totals.seconds_side_by_side_at_least == pytest.approx(
+        max(sum(g * s for g, s in longest) / 8, *(s for _, s in longest)))
 
 
 def test_table_shows_each_row_and_the_totals():
@@ -186,8 +192,9 @@ def test_a_pairs_file_pair_keeps_its_own_dtypes():
 
 def test_dtype_and_strategy_reach_the_planner():
     (row,) = plan_sweep(["qwen7b"], [250], n_prompts=4, machine=H100_X8, dtype="float32", strategy="sequential").rows
-    direct = plan_pair("qwen7b", tokens=250, batch=4, machine=H100_X8, dtype="float32", strategy="sequential")
-    assert row.strategy == "sequential" and row.peak_gib_per_gpu == direct.chosen.peak_gib_per_gpu
+    direct = plan_pair("qwen7b", tokens=250, batch=4, machine=H100_X8.with_count(1), dtype="float32",
+                       strategy="sequential")
+    assert row.strategy == "sequential" and row.gpus == 1 and row.peak_gib_per_gpu == direct.chosen.peak_gib_per_gpu
     (auto,) = plan_sweep(["qwen7b"], [250], n_prompts=4, machine=H100_X8, strategy="auto").rows
     assert auto.strategy == plan_pair("qwen7b", tokens=250, batch=4, machine=H100_X8).strategy
 
@@ -221,3 +228,23 @@ def test_dry_run_needs_neither_torch_nor_pandas():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| deepseek-v3 | 250 | stream |" in done.stdout
+
+
+def test_a_dry_run_on_a_ray_cluster_plans_for_its_largest_node():
+    from lens_compare.sweeps.ray_executor import cluster_machine
+
+    def node(alive=True, **resources):
+        return {"Alive": alive, "NodeManagerAddress": "10.0.0.1", "Resources": resources}
+
+    gib = 2**30
+    nodes = [node(CPU=16, memory=64 * gib), node(GPU=8, CPU=96, memory=900 * gib, **{"accelerator_type:H100": 1}),
+             node(GPU=8, CPU=96, memory=900 * gib, **{"accelerator_type:H100": 1}),
+             node(False, GPU=16, **{"accelerator_type:H100": 1}),
+             node(GPU=1, memory=32 * gib, **{"accelerator_type:A10G": 1})]
+    machine, like = cluster_machine(nodes)
+    assert (machine.kind, machine.count, machine.gpu.name, round(machine.host_ram_gib), like) == (
+        "cuda", 8, "H100 SXM 80GB", 900, 2)
+    cpu, like = cluster_machine(nodes[:1])
+    assert (cpu.kind, cpu.count, cpu.device_gib, like) == ("cpu", 1, 64.0, 1)
+    with pytest.raises(ConfigError, match="does not say which"):
+        cluster_machine([node(GPU=2)])

@@ -169,5 +169,9 @@ def test_the_command_runs_a_sweep_on_ray(local_ray, pairs_file, tmp_path, monkey
             "--out", "sw", "-q"]
     assert main([*args, "--executor", "ray", "--workers", "2"]) == 0
     assert "prefix of the 12-token capture" in capsys.readouterr().out
+    # --dry-run with --executor ray plans for the cluster's own nodes (here: this CPU machine).
+    assert main(["--pairs", "qwen0.5b", "--tokens", "10", "--dry-run", "--executor", "ray"]) == 0
+    out = capsys.readouterr().out
+    assert "planned for the Ray cluster's largest node (1 node(s) like it): CPU" in out and "| qwen0.5b | 10 |" in out
     assert main([*args, "--executor", "ray", "--workers", "0"]) == 1
     assert "--workers 0: expected a whole number of at least 1" in capsys.readouterr().err

@@ -34,7 +34,7 @@ class PlannedRun:
     gpus: int | None = None
     peak_gib_per_gpu: float | None = None
     est_seconds: float | None = None
-    # The whole machine's GPUs x hourly price x seconds; None where the machine has no price (the CPU).
+    # The GPUs it runs on x their hourly price x seconds; None where the machine has no price (the CPU).
     est_cost_usd: float | None = None
     reason: str | None = None
 
@@ -61,6 +61,9 @@ class SweepTotals:
     seconds_with_prefixes: float
     cost_usd: float | None
     cost_usd_with_prefixes: float | None
+    # With the prefix rule and the runs side by side on the machine's GPUs (``--executor ray``), the
+    # machine's wall time is at least this: the GPU-seconds over the GPU count, or the longest run.
+    seconds_side_by_side_at_least: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +91,9 @@ class SweepPlan:
             seconds_with_prefixes=sum(row.est_seconds or 0.0 for row in longest.values()),
             cost_usd=_priced_sum(fitting),
             cost_usd_with_prefixes=_priced_sum(list(longest.values())),
+            seconds_side_by_side_at_least=max(
+                [sum((row.gpus or 1) * (row.est_seconds or 0.0) for row in longest.values()) / self.machine.count,
+                 *(row.est_seconds or 0.0 for row in longest.values())], default=0.0),
         )
 
     def table(self) -> str:
@@ -107,7 +113,9 @@ class SweepPlan:
             f"{t.runs} run{'s' if t.runs != 1 else ''} on {self.machine.label}, {self.n_prompts} prompt(s) each: "
             f"{t.runs_fit} fit, {t.runs_refused} refused; {_minutes(t.seconds)} min, {_dollars(t.cost_usd)} "
             f"({_minutes(t.seconds_with_prefixes)} min, {_dollars(t.cost_usd_with_prefixes)} with each pair's "
-            "shorter lengths read from its longest capture)"
+            "shorter lengths read from its longest capture"
+            + (f"; side by side on the {self.machine.count} GPUs, --executor ray: at least "
+               f"{_minutes(t.seconds_side_by_side_at_least)} min of the machine)" if self.machine.count > 1 else ")")
         )
         return "\n".join(lines)
 
@@ -212,6 +220,11 @@ def plan_sweep(
                 rows.append(PlannedRun(spec.key, tokens, None, reason=_one_line(str(error))))
                 continue
             run = plan.chosen
+            if run is not None and machine.kind == "cuda" and run.min_gpus and run.min_gpus < machine.count:
+                # As a run does (the preflight): on no more GPUs than it needs, so that the others
+                # take other runs side by side (--executor ray); its peak and cost are those GPUs'.
+                narrow = _plan_run(spec, tokens, n_prompts, machine.with_count(run.min_gpus), dtype, run.name).chosen
+                run = narrow or run
             if run is None:
                 rows.append(PlannedRun(spec.key, tokens, None, reason=_refusal(plan)))
             else:

@@ -32,6 +32,7 @@ from typing import Any
 from lens_compare.config import RunConfig
 from lens_compare.engines.store import RunFolder
 from lens_compare.errors import ConfigError, HardwareError
+from lens_compare.hardware.machine import Machine, catalog_machine
 from lens_compare.pipeline.comparison import Comparison, open_run_folder
 from lens_compare.pipeline.execution import Execution
 from lens_compare.pipeline.preflight import memory_preflight
@@ -121,6 +122,31 @@ class ShardWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def cluster_machine(nodes: list[dict[str, Any]]) -> tuple[Machine, int]:
+    """The machine a dry run plans for on a Ray cluster: its largest node (by GPU memory, else host
+    memory), from what each node tells Ray (``GPU``, ``accelerator_type:NAME``, ``memory``), and how
+    many nodes are like it."""
+    machines = []
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        host_gib = resources.get("memory", 0) / GIB
+        gpus = int(resources.get("GPU", 0))
+        if gpus:
+            kinds = [key.partition(":")[2] for key in resources if key.startswith("accelerator_type:")]
+            if not kinds:
+                raise ConfigError(f"Ray node {node.get('NodeManagerAddress')} has {gpus} GPU(s) but does not say "
+                                  "which (no accelerator_type resource): give --gpu NAME --count N")
+            machines.append(catalog_machine(kinds[0], gpus, host_gib or None))
+        else:
+            machines.append(Machine("cpu", 1, host_gib, host_gib, None, "cpu"))
+    if not machines:
+        raise ConfigError("the Ray cluster has no live node to plan for")
+    largest = max(machines, key=lambda m: (m.kind == "cuda", m.count * m.device_gib, m.host_ram_gib))
+    return largest, sum(m == largest for m in machines)
 
 
 def _fits(held: dict[str, Any], needed: dict[str, Any]) -> bool:
