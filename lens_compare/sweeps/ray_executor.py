@@ -192,7 +192,9 @@ class RayExecutor:
         self.ray = require_ray()
         if not self.ray.is_initialized():
             # "local": a new instance on this machine, not whatever cluster happens to run here.
-            self.ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
+            # No dashboard on a local instance: seconds of start-up and a core's share a sweep does not use.
+            local = {} if address else {"include_dashboard": False}
+            self.ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False, **local)
         self.workers = workers
         self.check_memory = check_memory
 
