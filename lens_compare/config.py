@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lens_compare.errors import ConfigError
-from lens_compare.util.choices import ChatTemplateName, Dtype, ExportFormat, StrategyChoice
+from lens_compare.util.choices import ChatTemplateName, Dtype, ExportFormat, StrategyChoice, TokenizerName
 from lens_compare.util.files import read_structured
 
 BLOCK = "residual_compare"
@@ -111,6 +111,10 @@ class RunConfig:
                                            "(e.g. 'The history of science')", metavar="TEXT")
     chat_template: ChatTemplateName = option("none", "wrap each prompt in the SFT model's chat template (sft) "
                                                      "or not (none)")
+    tokenizer: TokenizerName = option(
+        "base", "whose tokenizer gives the ids both models see: base (the SFT tokenizer must give the same ids), "
+                "or sft (an SFT tokenizer with added tokens: every id must be within the base model's embedding "
+                "rows)")
     dtype: Dtype = option("float32", "the precision both models run in")
     device: str = option("cpu", "cpu, cuda, cuda:N or auto")
     gpus: tuple[int, ...] | None = option(

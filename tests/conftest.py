@@ -77,3 +77,14 @@ def smollm2_ft(smollm2_gguf, shared_cache) -> Path:
     from lens_compare.models.demo_recipes import recipe_for
 
     return demo_checkpoint(recipe_for("demo:smollm2-ft"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_with_chat_tokens(smollm2_safetensors, tmp_path_factory) -> Path:
+    """SmolLM2 with "<|tool|>", "<|think|>", "<|answer|>" added to its tokenizer as special tokens
+    (ids 49152..49154), a chat template that writes them, and its (tied) embedding resized to
+    49,155 rows, as many SFT recipes do: the same model on every shared id
+    (``tests.fixtures.chat_tokens``)."""
+    from tests.fixtures.chat_tokens import with_chat_tokens
+
+    return with_chat_tokens(smollm2_safetensors, tmp_path_factory.mktemp("resized") / "smollm2-plus3")

@@ -3,7 +3,6 @@ actual output, every engine and chunking against each other, and when it runs.""
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,20 +274,6 @@ def test_a_streamed_run_reads_the_heads_first_and_keeps_two_states_at_the_output
         assert reads.count("head") == 2 and reads.index("head") < first_block and reads[1:first_block].count("head")
     # All: states 1 and 2 (layers 0 and 1) kept until the last, 3, arrives; the output only: two at a time.
     assert held["final"] == 2 and held["all"] == 3
-
-
-@pytest.fixture(scope="session")
-def smollm2_with_chat_tokens(smollm2_safetensors, tmp_path_factory) -> Path:
-    """SmolLM2 with three special tokens added to its tokenizer and its (tied) embedding resized, as
-    many SFT recipes do: the same model on every shared id."""
-    out = tmp_path_factory.mktemp("resized") / "smollm2-plus3"
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_safetensors)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>", "<|think|>", "<|answer|>"]})
-    model = AutoModelForCausalLM.from_pretrained(smollm2_safetensors)
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.mark.slow

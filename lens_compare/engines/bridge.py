@@ -86,7 +86,7 @@ def open_model(job: Job, side) -> LoadedModel:
     bridge = boot_bridge(hf_model, side.ref, job.tokenizers[side.role], options)
     facts = model_facts(
         side.role, hf_model.get_input_embeddings().weight, job.prompt_ids, fingerprint=fingerprint,
-        load=options.describe(), quantization=_quantization_facts(options),
+        load=options.describe(), quantization=_quantization_facts(options), base_lacks=job.base_lacks,
         placement=summarize_placement(hf_model, model_device_map(hf_model), [block.name for block in bridge.blocks]),
     )
     return LoadedModel(side.role, hf_model, bridge, facts, head)

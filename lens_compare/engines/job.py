@@ -49,6 +49,9 @@ class Job:
     noise_floor: bool = False
     # The shards this call runs (None: every one); an engine skips those the store holds already.
     shards: tuple[int, ...] | None = None
+    # Ids fed that the base tokenizer lacks (--tokenizer sft): the untrained-embedding check counts
+    # them whatever their row's norm.
+    base_lacks: tuple[int, ...] = ()
 
     @property
     def logit_lens(self) -> bool:

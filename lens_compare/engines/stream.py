@@ -86,7 +86,7 @@ def _open_models(job: Job) -> dict[str, StreamedModel]:
 def _facts(job: Job, model: StreamedModel, embedding: Tensor) -> ModelFacts:
     norm = model.read_final_norm_weight()
     return model_facts(
-        model.role, embedding, job.prompt_ids,
+        model.role, embedding, job.prompt_ids, base_lacks=job.base_lacks,
         fingerprint=fingerprint_tensors([embedding] + ([norm] if norm is not None else [])),
         load=f"{job.loads[model.role].describe()}, streamed block by block",
         # Every block passes through the run device, one (two while prefetching) at a time.

@@ -49,9 +49,11 @@ def model_facts(
     load: str,
     placement: dict[str, dict[str, Any]],
     quantization: dict[str, Any] | None = None,
+    base_lacks: tuple[int, ...] = (),
 ) -> ModelFacts:
     """The facts of the model in ``role`` whose input embedding is ``embedding``; its untrained
-    rows are looked for (the base model's only) among the run's ``token_ids``."""
+    rows are looked for (the base model's only) among the run's ``token_ids``, and the ids its
+    tokenizer lacks (``base_lacks``, fed with --tokenizer sft) are counted among them."""
     seen_ids = {token for ids in token_ids for token in ids}
-    untrained = untrained_token_ids(embedding, seen_ids) if role == "base" else {}
+    untrained = untrained_token_ids(embedding, seen_ids, known=frozenset(base_lacks)) if role == "base" else {}
     return ModelFacts(fingerprint, int(embedding.shape[1]), load, quantization, placement, untrained)

@@ -1,7 +1,11 @@
 """Turn prompts into one set of token ids that both models will see.
 
-The base tokenizer tokenizes; the SFT tokenizer must produce the identical ids
-for every prompt, or the run stops before any model is loaded.
+By default the base tokenizer tokenizes and the SFT tokenizer must produce the identical ids
+for every prompt, or the run stops before any model is loaded, naming the tokens where they
+part. With ``tokenizer="sft"`` (``--tokenizer sft``: an SFT tokenizer with added chat tokens)
+the SFT tokenizer's ids go to both models, provided each one has an embedding row for every id;
+the ids the base tokenizer lacks are kept (``TokenizedPrompts.base_lacks``) so that the outputs
+mark them, since the base model's rows for them were never trained on those tokens.
 """
 
 import math
@@ -15,9 +19,13 @@ from torch import Tensor
 from lens_compare.errors import TokenizationError
 from lens_compare.metrics.residual import l2_norm
 from lens_compare.models.token_classes import class_flags
+from lens_compare.util.choices import TokenizerName
 
 ChatTemplate = Literal["none", "sft"]
 CHAT_TEMPLATES: tuple[ChatTemplate, ...] = ("none", "sft")
+TOKENIZERS: tuple[TokenizerName, ...] = ("base", "sft")
+# How many tokens of each side an error message names before it writes "...".
+NAMED_TOKENS = 8
 
 # A base embedding row whose norm is below this fraction of the median row norm is
 # treated as never trained (Llama-3.1 base: <|start_header_id|>, <|eot_id|>, ...).
@@ -35,6 +43,12 @@ class TokenizedPrompts:
     # With a chat template: per token, whether it is the user's content (else the template's);
     # None without a template (see lens_compare.models.token_classes).
     content: tuple[tuple[bool, ...], ...] | None = None
+    # Whose tokenizer gave ``token_ids`` ("base", or "sft" with --tokenizer sft).
+    tokenizer: TokenizerName = "base"
+    # With --tokenizer sft: the ids fed that the base tokenizer lacks (beyond its vocabulary, or its
+    # token there is another one), sorted; the base model's embedding rows for them were never
+    # trained on these tokens.
+    base_lacks: tuple[int, ...] = ()
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -91,6 +105,93 @@ def _first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return min(len(a), len(b))
 
 
+def _offsets(tokenizer, text: str, add_special: bool, ids: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """Each token's characters in ``text``, or None when the tokenizer gives no offsets for ``ids``."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    return list(encoded["offset_mapping"]) if tuple(encoded["input_ids"]) == ids else None
+
+
+def _differing_spans(text: str, add_special: bool, tokenizers: tuple, ids: tuple[tuple[int, ...], ...],
+                     position: int) -> tuple[int, int]:
+    """Where two encodings of ``text`` that part at ``position`` meet again: the end of each side's
+    tokens from ``position`` on that cover the same characters (one token each without offsets).
+    An SFT tokenizer's added ``<|tool|>`` against the base's ``<``, ``|``, ``tool``, ``|``, ``>``
+    (``ids`` base first) gives ``(position + 5, position + 1)``."""
+    ends = [min(position + 1, len(side)) for side in ids]
+    offsets = [_offsets(tokenizer, text, add_special, side) for tokenizer, side in zip(tokenizers, ids, strict=True)]
+    if None in offsets:
+        return ends[0], ends[1]
+    while all(end > position for end in ends):
+        last = [offsets[side][ends[side] - 1][1] for side in (0, 1)]
+        if last[0] == last[1]:
+            break
+        behind = 0 if last[0] < last[1] else 1
+        if ends[behind] == len(ids[behind]):
+            break
+        ends[behind] += 1
+    return ends[0], ends[1]
+
+
+def _reading(tokenizer, ids) -> str:
+    """``5 tokens, '<', '|', 'tool', '|', '>' (ids 44, 108, 19324, 108, 46)``: the first few only."""
+    if not ids:
+        return "no token (its encoding ends there)"
+    shown, cut = ids[:NAMED_TOKENS], ", ..." if len(ids) > NAMED_TOKENS else ""
+    words = ", ".join(repr(token) for token in readable_tokens(tokenizer, shown))
+    plural = "s" if len(ids) > 1 else ""
+    return f"{len(ids)} token{plural}, {words}{cut} (id{plural} {', '.join(map(str, shown))}{cut})"
+
+
+def _beyond_rows(token_ids, vocab_sizes: dict[str, int] | None) -> tuple[str, int, list[int]] | None:
+    """The first model (by role) without an embedding row for some of ``token_ids``: its role, its
+    rows and those ids; None when both have a row for every id (or their sizes are unknown)."""
+    for role, rows in (vocab_sizes or {}).items():
+        beyond = sorted({token for ids in token_ids for token in ids if token >= rows})
+        if beyond:
+            return role, rows, beyond
+    return None
+
+
+def _beyond_words(tokenizer, beyond: tuple[str, int, list[int]]) -> str:
+    role, rows, ids = beyond
+    shown = ", ".join(f"{readable_tokens(tokenizer, [t])[0]!r} (id {t})" for t in ids[:NAMED_TOKENS])
+    return (f"{shown}{', ...' if len(ids) > NAMED_TOKENS else ''} {'is' if len(ids) == 1 else 'are'} beyond "
+            f"the {role} model's {rows:,} embedding rows (ids 0..{rows - 1})")
+
+
+def _disagreement(index: int, text: str, add_special: bool, base_tokenizer, sft_tokenizer,
+                  base_ids: tuple[int, ...], sft_ids: tuple[int, ...], sft_beyond: str | None,
+                  rows_known: bool) -> str:
+    """The refusal when the two tokenizers part on prompt ``index``: the tokens on both sides, and
+    whether ``--tokenizer sft`` is a way through (``sft_beyond``: why not; ``rows_known``: the
+    models' embedding rows were checked)."""
+    position = _first_difference(base_ids, sft_ids)
+    base_end, sft_end = _differing_spans(text, add_special, (base_tokenizer, sft_tokenizer), (base_ids, sft_ids),
+                                         position)
+    head = (f"the base and SFT tokenizers disagree on prompt {index} at token position {position}: the SFT "
+            f"tokenizer reads {_reading(sft_tokenizer, sft_ids[position:sft_end])} where the base tokenizer "
+            f"reads {_reading(base_tokenizer, base_ids[position:base_end])}; both models must see the same ids")
+    if sft_beyond is None and not rows_known:
+        return f"{head}. --tokenizer sft feeds the SFT tokenizer's ids to both models where both have rows for them"
+    if sft_beyond is None:
+        return (f"{head}. Pass --tokenizer sft to feed the SFT tokenizer's ids to both models: the base model has "
+                "an embedding row for each (those its tokenizer lacks were never trained on these tokens)")
+    return (f"{head}. --tokenizer sft, which feeds the SFT tokenizer's ids to both models, cannot help here: "
+            f"{sft_beyond}")
+
+
+def _lacked_by(base_tokenizer, sft_tokenizer, token_ids) -> tuple[int, ...]:
+    """The ids among ``token_ids`` the base tokenizer does not have as the SFT tokenizer's tokens."""
+    seen = sorted({token for ids in token_ids for token in ids})
+    size = len(base_tokenizer)
+    known = [t for t in seen if t < size]
+    base = dict(zip(known, base_tokenizer.convert_ids_to_tokens(known), strict=True))
+    sft = dict(zip(seen, sft_tokenizer.convert_ids_to_tokens(seen), strict=True))
+    return tuple(t for t in seen if t >= size or base[t] != sft[t])
+
+
 def _extend_with_filler(prompt: str, filler: str, n_tokens: int, tokenizer) -> str:
     """``prompt`` followed by as many `` filler`` as reach ``n_tokens`` tokens.
 
@@ -118,54 +219,73 @@ def tokenize_prompts(
     chat_template: ChatTemplate = "none",
     n_tokens: int | None = None,
     filler_text: str | None = None,
+    tokenizer: TokenizerName = "base",
+    vocab_sizes: dict[str, int] | None = None,
 ) -> TokenizedPrompts:
-    """Tokenize with the base tokenizer and require identical ids from the SFT tokenizer.
+    """The ids both models see: the base tokenizer's, which the SFT tokenizer must give too, or
+    with ``tokenizer="sft"`` the SFT tokenizer's.
 
-    ``n_tokens`` makes every prompt exactly that long: longer prompts are truncated,
-    shorter ones are extended with ``filler_text`` (repeated) or refused.
+    ``vocab_sizes``: each model's embedding rows by role (its config's ``vocab_size``), when known;
+    fed ids must be within them. ``n_tokens`` makes every prompt exactly that long: longer prompts
+    are truncated, shorter ones are extended with ``filler_text`` (repeated) or refused.
     """
     if not prompts:
         raise TokenizationError("no prompts given: pass --prompt TEXT or --prompts-file FILE")
     if chat_template not in CHAT_TEMPLATES:
         raise TokenizationError(f"chat template {chat_template!r} is not one of {CHAT_TEMPLATES}")
+    if tokenizer not in TOKENIZERS:
+        raise TokenizationError(f"tokenizer {tokenizer!r} is not one of {TOKENIZERS}")
     if n_tokens is not None and n_tokens < 1:
         raise TokenizationError(f"--tokens must be a positive integer, got {n_tokens}")
+    fed = sft_tokenizer if tokenizer == "sft" else base_tokenizer
     contents = prompts
     if n_tokens is not None and filler_text:
-        contents = tuple(
-            _extend_with_filler(prompt, filler_text, n_tokens, base_tokenizer) for prompt in prompts
-        )
+        contents = tuple(_extend_with_filler(prompt, filler_text, n_tokens, fed) for prompt in prompts)
     templated = chat_template == "sft"
     texts = apply_chat_template(contents, sft_tokenizer, "SFT") if templated else contents
     # A chat template writes its own BOS; adding special tokens again would double it.
     add_special = not templated
+    encoded = [_encode(fed, text, add_special) for text in texts]
+    if tokenizer == "base":
+        for index, (text, base_ids) in enumerate(zip(texts, encoded, strict=True)):
+            sft_ids = _encode(sft_tokenizer, text, add_special)
+            if base_ids != sft_ids:
+                every_sft = [_encode(sft_tokenizer, t, add_special)[:n_tokens] for t in texts]
+                beyond = _beyond_rows(every_sft, vocab_sizes)
+                raise TokenizationError(_disagreement(
+                    index, text, add_special, base_tokenizer, sft_tokenizer, base_ids, sft_ids,
+                    None if beyond is None else _beyond_words(sft_tokenizer, beyond), vocab_sizes is not None))
     all_ids = []
-    for index, text in enumerate(texts):
-        base_ids = _encode(base_tokenizer, text, add_special)
-        sft_ids = _encode(sft_tokenizer, text, add_special)
-        if base_ids != sft_ids:
-            position = _first_difference(base_ids, sft_ids)
-            base_tok = base_ids[position] if position < len(base_ids) else "<end>"
-            sft_tok = sft_ids[position] if position < len(sft_ids) else "<end>"
-            raise TokenizationError(
-                f"the base and SFT tokenizers disagree on prompt {index} at token position "
-                f"{position} (base id {base_tok}, SFT id {sft_tok}); both models must see the "
-                "same ids, so this pair cannot be compared on this prompt"
-            )
+    for index, ids in enumerate(encoded):
         if n_tokens is not None:
-            if len(base_ids) < n_tokens:
+            if len(ids) < n_tokens:
                 raise TokenizationError(
-                    f"prompt {index} is {len(base_ids)} tokens, shorter than --tokens {n_tokens}; "
+                    f"prompt {index} is {len(ids)} tokens, shorter than --tokens {n_tokens}; "
                     "give a longer prompt, or pad it with text: --filler-text TEXT (filler_text in a config file, "
                     "compare(filler_text=...))"
                 )
-            base_ids = base_ids[:n_tokens]
-        if not base_ids:
+            ids = ids[:n_tokens]
+        if not ids:
             raise TokenizationError(f"prompt {index} tokenizes to no tokens at all")
-        all_ids.append(base_ids)
-    content = class_flags(texts, contents, all_ids, base_tokenizer) if templated else None
+        all_ids.append(ids)
+    base_lacks: tuple[int, ...] = ()
+    if tokenizer == "sft":
+        beyond = _beyond_rows(all_ids, vocab_sizes)
+        if beyond is not None:
+            # Tokens the prompts never spell out came from the template.
+            from_template = templated and not any(sft_tokenizer.decode([token]) in prompt
+                                                  for prompt in contents for token in beyond[2])
+            raise TokenizationError(
+                f"--tokenizer sft: the SFT tokenizer's {_beyond_words(sft_tokenizer, beyond)}, so that model "
+                "cannot read them and this pair cannot be compared on these prompts"
+                + ("; the SFT chat template writes them (--chat-template none leaves the template out)"
+                   if from_template else "")
+            )
+        base_lacks = _lacked_by(base_tokenizer, sft_tokenizer, all_ids)
+    content = class_flags(texts, contents, all_ids, fed) if templated else None
     return TokenizedPrompts(
-        prompts=prompts, texts=texts, token_ids=tuple(all_ids), chat_template=chat_template, content=content
+        prompts=prompts, texts=texts, token_ids=tuple(all_ids), chat_template=chat_template, content=content,
+        tokenizer=tokenizer, base_lacks=base_lacks,
     )
 
 
@@ -182,9 +302,12 @@ def check_context(tokenized: TokenizedPrompts, context: int | None, label: str) 
 
 
 def untrained_token_ids(
-    embedding: Float[Tensor, "vocab d_model"], token_ids: set[int], chunk: int = 16384
+    embedding: Float[Tensor, "vocab d_model"], token_ids: set[int], chunk: int = 16384,
+    known: frozenset[int] = frozenset(),
 ) -> dict[int, float]:
-    """Ids among ``token_ids`` whose embedding row looks untrained, with norm / median row norm."""
+    """Ids among ``token_ids`` whose embedding row looks untrained, with norm / median row norm;
+    the ids in ``known`` (rows known never to have been trained on their tokens: ids the base
+    tokenizer lacks) whatever their norm."""
     # Chunked so a 128k-row bfloat16 matrix is never upcast to float32 all at once.
     norms = torch.cat(
         [
@@ -198,7 +321,7 @@ def untrained_token_ids(
     return {
         token: norms[token].item() / median
         for token in sorted(token_ids)
-        if token < norms.shape[0] and norms[token].item() < UNTRAINED_NORM_RATIO * median
+        if token < norms.shape[0] and (token in known or norms[token].item() < UNTRAINED_NORM_RATIO * median)
     }
 
 

@@ -182,6 +182,22 @@ class PreparedRun:
     def sides(self) -> tuple[Side, Side]:
         return self.base, self.sft
 
+    @property
+    def fed_tokenizer(self):
+        """The tokenizer whose ids both models see (``--tokenizer``): it names every token in the outputs."""
+        return self.tokenizers[self.tokenized.tokenizer]
+
+    def pad_id(self) -> int:
+        """The id prompts are right-padded with: the fed tokenizer's pad (or EOS) token, if both
+        models have an embedding row for it. Padding is masked out of every metric, so any such id
+        will do; an SFT tokenizer's pad token may be one it added, beyond the base model's rows."""
+        rows = _embedding_rows(self.model_configs)
+        fewest = min(rows.values()) if rows else None
+        for candidate in (self.fed_tokenizer.pad_token_id, self.fed_tokenizer.eos_token_id):
+            if candidate is not None and (fewest is None or candidate < fewest):
+                return candidate
+        return 0
+
     def plan_facts(self) -> PlanFacts:
         """What the preflight (the hardware planner) needs to judge the run."""
         return PlanFacts(
@@ -253,6 +269,7 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
     tokenized = tokenize_prompts(
         prompts, tokenizers["base"], tokenizers["sft"],
         chat_template=config.chat_template, n_tokens=config.tokens, filler_text=config.filler_text,
+        tokenizer=config.tokenizer, vocab_sizes=_embedding_rows(model_configs),
     )
     for side in (base, sft):
         check_context(tokenized, context_length(model_configs[side.role]), f"{side.role} model {side.ref}")
@@ -270,6 +287,12 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
     _log_lens(logit_lens)
     return PreparedRun(config, pair_label, base, sft, device, gpus, model_configs, layers, tokenized,
                        tokenizers, overrides, logit_lens)
+
+
+def _embedding_rows(model_configs: dict[str, Any]) -> dict[str, int] | None:
+    """Each model's input embedding rows by role (its config's ``vocab_size``); None if a config lacks it."""
+    sizes = {role: getattr(config, "vocab_size", None) for role, config in model_configs.items()}
+    return None if None in sizes.values() else {role: int(size) for role, size in sizes.items()}
 
 
 def _lens_estimate(config: RunConfig, model_configs: dict[str, Any], dtypes: dict[str, str],
@@ -291,11 +314,3 @@ def _log_lens(choice: LensChoice) -> None:
         logger.info("logit lens %s (--logit-lens %s: %s)", where, choice.requested, choice.reason)
     if choice.vocabulary is not None:
         logger.info("logit lens: %s", choice.vocabulary["note"])
-
-
-def pad_id(tokenizer) -> int:
-    # Right padding is masked out of every metric, so any id in the vocabulary will do.
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0

@@ -37,7 +37,7 @@ from lens_compare.models.facts import ModelFacts
 from lens_compare.models.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.models.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution
-from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, pad_id, prepare_run
+from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, prepare_run
 from lens_compare.results.provenance import Provenance, floor_provenance
 from lens_compare.results.result import ComparisonResult
 from lens_compare.util.choices import DTYPE_BYTES
@@ -141,14 +141,14 @@ def build_demo_checkpoints(run: PreparedRun) -> None:
 
 
 def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
-    token_ids, real = run.tokenized.padded(pad_id(run.tokenizers["base"]))
+    token_ids, real = run.tokenized.padded(run.pad_id())
     return Job(sides=run.sides, model_configs=run.model_configs, tokenizers=run.tokenizers,
                prompt_ids=run.tokenized.token_ids, device=run.device, batch_size=run.config.batch_size,
                loads=execution.loads, layout=layout, states=run_states(run),
                keep_states=keep_states or run.config.noise_floor, token_ids=token_ids, real=real,
                component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
                lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
-               noise_floor=run.config.noise_floor)
+               noise_floor=run.config.noise_floor, base_lacks=run.tokenized.base_lacks)
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -226,14 +226,8 @@ def assemble(
     analysis_metrics = {key: values for key, values in per_state.items() if key in ANALYSIS_KEYS}
     facts = {side.role: ModelFacts.from_dict(store.get(Kind.FACTS, role=side.role)) for side in run.sides}
     untrained = facts["base"].untrained
-    tokenizer = run.tokenizers["base"]
-    if untrained:
-        logger.warning(
-            "the base model's embedding rows look untrained for %s (row norm / median < %s); "
-            "residuals at these positions are outliers, marked base_untrained in the outputs",
-            ", ".join(f"{readable_tokens(tokenizer, [t])[0]!r} (id {t})" for t in untrained),
-            UNTRAINED_NORM_RATIO,
-        )
+    tokenizer = run.fed_tokenizer
+    _warn_untrained(tokenizer, untrained, run.tokenized.base_lacks)
     residuals = None
     if keep_residuals:
         residuals = tuple(
@@ -261,6 +255,29 @@ def assemble(
     for warning in result.warnings():
         logger.warning(warning)
     return result
+
+
+def _warn_untrained(tokenizer, untrained: dict[int, float], base_lacks: tuple[int, ...]) -> None:
+    """One warning for the base rows whose norm says they are untrained, one for the ids fed that
+    the base tokenizer lacks (--tokenizer sft), whose rows were never trained on those tokens."""
+    def named(ids) -> str:
+        return ", ".join(f"{readable_tokens(tokenizer, [t])[0]!r} (id {t}, row norm / median {untrained[t]:.3g})"
+                         for t in ids)
+
+    low = [t for t in untrained if t not in base_lacks]
+    if low:
+        logger.warning(
+            "the base model's embedding rows look untrained for %s (row norm / median < %s); "
+            "residuals at these positions are outliers, marked base_untrained in the outputs",
+            ", ".join(f"{readable_tokens(tokenizer, [t])[0]!r} (id {t})" for t in low), UNTRAINED_NORM_RATIO,
+        )
+    lacked = [t for t in untrained if t in base_lacks]
+    if lacked:
+        logger.warning(
+            "--tokenizer sft fed the base model ids its own tokenizer lacks: %s; its embedding rows for them were "
+            "never trained on these tokens, so its states there (and the differences to the SFT model's) are "
+            "not a reading of them; marked base_untrained in the outputs", named(lacked),
+        )
 
 
 def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
@@ -312,7 +329,7 @@ def summary_line(run: PreparedRun, execution: Execution, job: Job, seconds: floa
 
 def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[str, ModelFacts],
                 untrained: dict[int, float]) -> Provenance:
-    tokenizer = run.tokenizers["base"]
+    tokenizer = run.fed_tokenizer
     return Provenance(
         versions=recorded_versions(),
         pair=run.pair,
@@ -331,6 +348,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         d_model=facts["base"].d_model,
         layers=list(run.layers),
         chat_template=run.tokenized.chat_template,
+        tokenizer=run.tokenized.tokenizer,
         prompts=list(run.tokenized.prompts),
         # What was tokenized, when a chat template (or filler text) changed the prompts.
         texts=list(run.tokenized.texts) if run.tokenized.texts != run.tokenized.prompts else None,
@@ -339,7 +357,8 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         token_content=None if run.tokenized.content is None
         else [[int(flag) for flag in flags] for flags in run.tokenized.content],
         untrained_base_tokens=[
-            {"id": t, "token": readable_tokens(tokenizer, [t])[0], "norm_over_median": round(r, 6)}
+            {"id": t, "token": readable_tokens(tokenizer, [t])[0], "norm_over_median": round(r, 6),
+             "in_base_tokenizer": t not in run.tokenized.base_lacks}
             for t, r in untrained.items()
         ],
         bootstrap={"resamples": run.config.bootstrap, "seed": run.config.seed},

@@ -19,8 +19,8 @@ from typing import Any
 RUN_KEYS = (
     "versions", "pair", "base_model", "sft_model", "dtype", "device", "gpus", "strategy", "schedule",
     "quantization", "placement", "shards", "n_layers", "model_types", "d_model", "layers", "chat_template",
-    "prompts", "texts", "token_ids", "token_content", "untrained_base_tokens", "bootstrap", "logit_lens", "plan",
-    "timestamp", "config_file", "config",
+    "tokenizer", "prompts", "texts", "token_ids", "token_content", "untrained_base_tokens", "bootstrap",
+    "logit_lens", "plan", "timestamp", "config_file", "config",
 )
 FLOOR_KEYS = ("kind", "pair", "model", "base_model", "sft_model", "dtype", "n_layers", "strategy", "device")
 
@@ -54,6 +54,9 @@ class Provenance(Mapping):
     d_model: int | None = None
     layers: list[int] | None = None
     chat_template: str | None = None
+    # Whose tokenizer gave the ids both models saw: "base", or "sft" (--tokenizer sft); None in runs
+    # saved before the option, which were all "base".
+    tokenizer: str | None = None
     prompts: list[str] | None = None
     # What was tokenized, when a chat template (or filler text) changed the prompts.
     texts: list[str] | None = None

@@ -58,8 +58,11 @@ def load_run(path: str | Path) -> ComparisonResult:
     token_ids = tuple(tuple(ids) for ids in provenance.token_ids)
     prompts = tuple(provenance.prompts)
     content = provenance.token_content
+    lacked = tuple(entry["id"] for entry in provenance.untrained_base_tokens or []
+                   if not entry.get("in_base_tokenizer", True))
     tokens = TokenizedPrompts(prompts, tuple(provenance.texts or prompts), token_ids, provenance.chat_template,
-                              None if content is None else tuple(tuple(bool(f) for f in row) for row in content))
+                              None if content is None else tuple(tuple(bool(f) for f in row) for row in content),
+                              tokenizer=provenance.tokenizer or "base", base_lacks=lacked)
     width = max(tokens.lengths)
     real = torch.zeros((len(token_ids), width), dtype=torch.bool)
     for row, ids in enumerate(token_ids):

@@ -19,4 +19,6 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 StrategyChoice = Literal["auto", Strategy]
 
 ChatTemplateName = Literal["none", "sft"]
+# Whose tokenizer gives the ids both models see (``--tokenizer``).
+TokenizerName = Literal["base", "sft"]
 ExportFormat = Literal["parquet", "csv"]
