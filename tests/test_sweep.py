@@ -35,8 +35,9 @@ def pairs_file(perturbed_llama, tmp_path):
 
 
 def _config(pairs_file, **extra):
+    # Without the difference lens, whose sums over whole prompts a shorter length cannot cut.
     return RunConfig(pairs_file=str(pairs_file), prompts=PROMPTS, batch_size=2, shard_size=2, bootstrap=50,
-                     logit_lens="all", top_tokens=3, **extra)
+                     top_tokens=3, **{"logit_lens": "all", "difference_lens": False, **extra})
 
 
 def _without_volatile(document):
@@ -91,6 +92,9 @@ def test_which_lengths_ride_on_a_longer_capture(pairs_file):
     # Runs that need the states themselves capture at every length.
     assert capture_lengths({6: short, 12: long}, _config(pairs_file, cka=True)) == {6: 6, 12: 12}
     assert capture_lengths({6: short, 12: long}, _config(pairs_file, save_residuals=True)) == {6: 6, 12: 12}
+    assert capture_lengths({6: short, 12: long}, _config(pairs_file, difference_lens=None)) == {6: 6, 12: 12}
+    assert capture_lengths({6: short, 12: long}, _config(pairs_file, difference_lens=None, logit_lens="off")) \
+        == {6: 12, 12: 12}, "the difference lens runs only beside the logit lens"
 
 
 def test_a_failing_pair_is_recorded_and_a_rerun_redoes_only_what_is_missing(pairs_file, tmp_path, monkeypatch):

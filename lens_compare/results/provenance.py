@@ -19,8 +19,8 @@ from typing import Any
 RUN_KEYS = (
     "versions", "pair", "base_model", "sft_model", "dtype", "device", "gpus", "strategy", "schedule",
     "quantization", "placement", "shards", "n_layers", "model_types", "d_model", "layers", "chat_template",
-    "prompts", "texts", "token_ids", "token_content", "untrained_base_tokens", "bootstrap", "logit_lens", "plan",
-    "timestamp", "config_file", "config",
+    "prompts", "texts", "token_ids", "token_content", "untrained_base_tokens", "bootstrap", "logit_lens",
+    "difference_lens", "plan", "timestamp", "config_file", "config",
 )
 FLOOR_KEYS = ("kind", "pair", "model", "base_model", "sft_model", "dtype", "n_layers", "strategy", "device")
 
@@ -63,6 +63,7 @@ class Provenance(Mapping):
     untrained_base_tokens: list[dict[str, Any]] | None = None
     bootstrap: dict[str, int] | None = None
     logit_lens: dict[str, Any] | None = None
+    difference_lens: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
     timestamp: str | None = None
     config_file: str | None = None

@@ -32,6 +32,8 @@ def needs_own_capture(config: RunConfig) -> str | None:
         return "CKA reads every token's state, not per-token values"
     if config.save_residuals:
         return "--save-residuals writes the states themselves"
+    if config.difference_lens is not False and config.logit_lens != "off":
+        return "the difference lens sums each token class over whole prompts, which a shorter run cannot cut"
     return None
 
 
