@@ -24,25 +24,25 @@ The token classes (``positions``, named as the residual records name theirs):
 A class with no token gives no records; a reading that is the same for every token (δ = 0 where
 both models' states agree exactly, before the first block fine-tuning changed) lists no tokens.
 δ is exact over any number of shards: a shard gives sums (``shard_sums``: Σ (sft - base) and
-Σ base per layer and class, float64, and the token counts), which add up, and the readings
-divide the run's sums once (``read_difference``): however the prompts were cut into shards,
-they read the same to the last bit. The readings are float32: the norm on a float32 copy, a
+Σ base per layer and class, each prompt's in float32, added up in float64, and the token
+counts), which add up, and the readings divide the run's sums once (``read_difference``):
+however the prompts were cut into shards, they read the same. The readings are float32: the norm on a float32 copy, a
 16-bit unembedding upcast slice by slice.
 
 >>> lens = choose_difference_lens(config, logit_lens, layers, tokenized)   # doctest: +SKIP
->>> sums = shard_sums(read_state, lens.layers, lens.masks)                  # doctest: +SKIP
+>>> sums = shard_sums(base.values, sft.values, rows, lens.masks, real)      # doctest: +SKIP
 >>> read_difference(heads, sums, lens.layers, lens.positions, top=10)[0]    # doctest: +SKIP
 {'layer': 0, 'positions': 'rest', 'reading': 'base', 'promoted': [{'token_id': 9, 'logit': 3.1}, ...], ...}
 """
 
 import copy
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import einops
 import torch
-from jaxtyping import Bool, Float, Float64, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_compare.analyses.lens_choice import LensChoice
@@ -55,9 +55,7 @@ from lens_compare.models.tokens import TokenizedPrompts
 
 POSITIONS = ("rest", "first_content", "template")
 READINGS = ("base", "sft", "logit_difference")
-# Bytes of the float64 copy of a few prompts' states summed at a time; of a float32 slice of an
-# unembedding upcast at a time; and of the logits computed at a time.
-SUM_CHUNK_BYTES = 64 * 2**20
+# Bytes of a float32 slice of an unembedding upcast at a time, and of the logits computed at a time.
 UPCAST_BYTES = 64 * 2**20
 LOGITS_BYTES = 256 * 2**20
 
@@ -151,48 +149,57 @@ def describe(lens: DifferenceLens) -> str:
 
 
 def class_sums(
-    base: Float[Tensor, "prompt pos d_model"], sft: Float[Tensor, "prompt pos d_model"],
-    masks: Bool[Tensor, "token_class prompt pos"],
-) -> tuple[Float64[Tensor, "token_class d_model"], Float64[Tensor, "token_class d_model"]]:
-    """Per class, Σ (sft - base) and Σ base over its tokens, in float64 a few prompts at a time (the
-    difference taken token by token first: close states lose nothing to cancellation). In float64,
-    the shards' sums added up and one shard's sum differ far below float32's resolution."""
-    n_prompts, n_pos, d_model = base.shape
-    step = max(1, SUM_CHUNK_BYTES // (n_pos * d_model * 8))
-    masks = masks.to(base.device)
-    difference = torch.zeros((masks.shape[0], d_model), dtype=torch.float64, device=base.device)
-    own = torch.zeros_like(difference)
-    for start in range(0, n_prompts, step):
-        weights = masks[:, start:start + step].double()
-        # What no class counts (padding) is zeroed, so a non-finite value there cannot reach a sum.
-        outside = einops.reduce(weights, "token_class prompt pos -> prompt pos 1", "max") == 0
-        base64 = base[start:start + step].double().masked_fill_(outside, 0)
-        shift = sft[start:start + step].double().masked_fill_(outside, 0).sub_(base64)
-        difference += einops.einsum(weights, shift, "token_class prompt pos, prompt pos d_model -> token_class d_model")
-        own += einops.einsum(weights, base64, "token_class prompt pos, prompt pos d_model -> token_class d_model")
-    return difference.cpu(), own.cpu()
+    base: Float[Tensor, "layer pos d_model"], sft: Float[Tensor, "layer pos d_model"],
+    masks: Bool[Tensor, "token_class pos"],
+) -> tuple[Float[Tensor, "layer token_class d_model"], Float[Tensor, "layer token_class d_model"]]:
+    """One prompt's Σ (sft - base) and Σ base over each class's tokens at every layer, float32 (the
+    difference taken token by token first: close states lose nothing to cancellation)."""
+    weights = masks.to(device=base.device, dtype=torch.float32)
+    base32 = base.to(torch.float32)
+    shift = sft.to(torch.float32) - base32
+    # [token_class, pos] @ [layer, pos, d_model]: one batched product over the layers (an einsum
+    # of this pattern first copies its operands into another layout: three times slower here).
+    return torch.matmul(weights, shift), torch.matmul(weights, base32)
 
 
 def shard_sums(
-    read_state: Callable[[str, int], Float[Tensor, "prompt pos d_model"]], layers: tuple[int, ...],
-    masks: Bool[Tensor, "token_class prompt pos"],
+    base: Float[Tensor, "state prompt pos d_model"], sft: Float[Tensor, "state prompt pos d_model"],
+    rows: tuple[int, ...], masks: Bool[Tensor, "token_class prompt pos"], real: Bool[Tensor, "prompt pos"],
 ) -> dict[str, Tensor]:
-    """A shard's sums (``read_state(role, state)`` gives its states): ``difference`` and ``base``
-    [layer, token_class, d_model] float64, ``count`` [token_class] int64."""
-    rows = [class_sums(read_state("base", layer + 1), read_state("sft", layer + 1), masks) for layer in layers]
-    return stack_sums(rows, masks)
+    """A shard's sums over the states ``rows`` of both models' ``[state, prompt, pos, d_model]``
+    states: ``difference`` and ``base`` [layer, token_class, d_model] float64, ``count``
+    [token_class] int64.
 
-
-def stack_sums(rows: list[tuple[Tensor, Tensor]], masks: Bool[Tensor, "token_class prompt pos"]) -> dict[str, Tensor]:
-    """Per-layer ``class_sums`` -> a shard's sums (see ``shard_sums``)."""
-    return {"difference": torch.stack([difference for difference, _ in rows]),
-            "base": torch.stack([own for _, own in rows]),
+    Prompt by prompt over its own (right-padded) tokens, every layer at once, float32 within a prompt
+    and float64 across prompts: a prompt's sums are the same whichever shard it is in and however
+    wide that shard's padding, and float64 adds them up far below float32's resolution, so that a
+    run's readings do not depend on how its prompts were cut into shards."""
+    # Consecutive states (every layer's, the usual case) are a view; others are gathered.
+    index = slice(rows[0], rows[-1] + 1) if rows == tuple(range(rows[0], rows[-1] + 1)) else torch.tensor(rows)
+    difference = torch.zeros((len(rows), masks.shape[0], base.shape[-1]), dtype=torch.float64)
+    own = torch.zeros_like(difference)
+    lengths = einops.reduce(real.long(), "prompt pos -> prompt", "sum").tolist()
+    for prompt, length in enumerate(lengths):
+        shift, states = class_sums(base[index, prompt, :length], sft[index, prompt, :length],
+                                   masks[:, prompt, :length])
+        difference += shift.double().cpu()
+        own += states.double().cpu()
+    return {"difference": difference, "base": own,
             "count": einops.reduce(masks.long(), "token_class prompt pos -> token_class", "sum")}
 
 
-def add_sums(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Several shards' sums as one."""
-    return {key: sum(part[key] for part in parts) for key in parts[0]}
+def stack_sums(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Sums of one state each (``shard_sums`` of one row: a streamed shard's) -> the shard's."""
+    return {"difference": torch.cat([row["difference"] for row in rows]),
+            "base": torch.cat([row["base"] for row in rows]), "count": rows[0]["count"]}
+
+
+def add_sums(parts: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Several shards' sums as one, each added as it comes (a run's shards need not fit in memory)."""
+    total: dict[str, Tensor] = {}
+    for part in parts:
+        total = {key: total[key] + value if key in total else value for key, value in part.items()}
+    return total
 
 
 def _float32_norm(head: Head) -> torch.nn.Module:

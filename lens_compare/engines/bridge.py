@@ -126,8 +126,7 @@ def _pending(job: Job, store: Store) -> list[int]:
 def _put_shard(job: Job, store: Store, shard: int, base: ResidualStates, sft: ResidualStates,
                heads: dict[str, Head] | None) -> None:
     """A shard's difference-lens sums, then its metrics: a shard whose metrics are stored is done."""
-    captured = {"base": base, "sft": sft}
-    put_sums(job, store, shard, lambda role, state: captured[role].values[captured[role].states.index(state)])
+    put_sums(job, store, shard, base, sft)
     store.put(Kind.METRICS, shard_metrics(job, shard, base, sft, heads), shard=shard)
 
 

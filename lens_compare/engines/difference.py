@@ -14,19 +14,19 @@ whose store lacks the readings (a run interrupted between its last sums and its 
 the heads for them alone.
 """
 
-from collections.abc import Callable
-
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from lens_compare.analyses.difference_lens import add_sums, class_sums, read_difference, shard_sums, stack_sums
+from lens_compare.analyses.difference_lens import add_sums, read_difference, shard_sums, stack_sums
 from lens_compare.capture.head import Head
 from lens_compare.engines.job import Job
 from lens_compare.engines.store import Kind, Store
+from lens_compare.metrics.states import ResidualStates
 
 # A streamed state's sums, beside its metrics until the shard's are stacked.
-STATE_KEYS = ("difference_lens.difference", "difference_lens.base")
+STATE_KEYS = {"difference_lens.difference": "difference", "difference_lens.base": "base",
+              "difference_lens.count": "count"}
 
 
 def shard_masks(job: Job, shard: int) -> Bool[Tensor, "token_class prompt pos"]:
@@ -36,11 +36,13 @@ def shard_masks(job: Job, shard: int) -> Bool[Tensor, "token_class prompt pos"]:
     return job.difference.masks[:, start:stop, : real.shape[1]]
 
 
-def put_sums(job: Job, store: Store, shard: int,
-             read_state: Callable[[str, int], Float[Tensor, "prompt pos d_model"]]) -> None:
-    """Store a shard's sums from its states (``read_state(role, state)``); nothing without the lens."""
+def put_sums(job: Job, store: Store, shard: int, base: ResidualStates, sft: ResidualStates) -> None:
+    """Store a shard's sums from both models' captured states; nothing without the lens."""
     if job.difference is not None:
-        store.put(Kind.DIFFERENCE, shard_sums(read_state, job.difference.layers, shard_masks(job, shard)), shard=shard)
+        rows = tuple(base.states.index(state) for state in job.difference.states)
+        _, real = job.shard_inputs(shard)
+        store.put(Kind.DIFFERENCE, shard_sums(base.values, sft.values, rows, shard_masks(job, shard), real),
+                  shard=shard)
 
 
 def state_sums(job: Job, shard: int, state: int, base: Float[Tensor, "prompt pos d_model"],
@@ -48,7 +50,9 @@ def state_sums(job: Job, shard: int, state: int, base: Float[Tensor, "prompt pos
     """A streamed state's sums, to store with its metrics (empty unless the lens reads that state)."""
     if job.difference is None or state not in job.difference.states:
         return {}
-    return dict(zip(STATE_KEYS, class_sums(base, sft, shard_masks(job, shard)), strict=True))
+    _, real = job.shard_inputs(shard)
+    sums = shard_sums(base[None], sft[None], (0,), shard_masks(job, shard), real)
+    return {key: sums[name] for key, name in STATE_KEYS.items()}
 
 
 def put_streamed_sums(job: Job, store: Store, shard: int) -> None:
@@ -58,8 +62,8 @@ def put_streamed_sums(job: Job, store: Store, shard: int) -> None:
     rows = []
     for state in job.difference.states:
         metrics = store.get(Kind.STATE_METRICS, shard=shard, state=state)
-        rows.append(tuple(metrics[key] for key in STATE_KEYS))
-    store.put(Kind.DIFFERENCE, stack_sums(rows, shard_masks(job, shard)), shard=shard)
+        rows.append({name: metrics[key] for key, name in STATE_KEYS.items()})
+    store.put(Kind.DIFFERENCE, stack_sums(rows), shard=shard)
 
 
 def readings_due(job: Job, store: Store) -> bool:
@@ -70,7 +74,7 @@ def readings_due(job: Job, store: Store) -> bool:
 
 def put_readings(job: Job, store: Store, heads: dict[str, Head]) -> None:
     """The run's readings from every shard's sums, through ``heads`` (over the shared ids)."""
-    sums = add_sums([store.get(Kind.DIFFERENCE, shard=shard) for shard in range(job.layout.count)])
+    sums = add_sums(store.get(Kind.DIFFERENCE, shard=shard) for shard in range(job.layout.count))
     with torch.inference_mode():
         records = read_difference(heads, sums, job.difference.layers, job.difference.positions, job.difference.top)
     store.put(Kind.DIFFERENCE_LENS, {"records": records})

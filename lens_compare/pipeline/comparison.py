@@ -124,18 +124,20 @@ class Comparison:
         """The shards ``store`` does not hold yet (metrics, and the noise floor where measured). With the
         difference lens, a store that holds every shard but not the lens's readings (an interruption
         after the last shard's sums) lists the last shard: running it computes the readings alone."""
-        missing = self._missing_shards(store)
-        if not missing and self._missing_readings(store):
+        missing = self.missing_shards(store)
+        if not missing and self.missing_readings(store):
             return [self.plan().layout.count - 1]
         return missing
 
-    def _missing_shards(self, store: Store) -> list[int]:
+    def missing_shards(self, store: Store) -> list[int]:
+        """The shards whose metrics (and noise floor, where measured) ``store`` lacks."""
         job = self.plan().job
         return [shard for shard in range(job.layout.count)
                 if not store.has(Kind.METRICS, shard=shard)
                 or (job.noise_floor and not store.has(Kind.NOISE, shard=shard))]
 
-    def _missing_readings(self, store: Store) -> bool:
+    def missing_readings(self, store: Store) -> bool:
+        """Whether the run has a difference lens whose readings ``store`` lacks."""
         return self.plan().job.difference is not None and not store.has(Kind.DIFFERENCE_LENS)
 
     def run_shards(self, shards: Iterable[int], store: Store) -> float:
@@ -169,11 +171,11 @@ class Comparison:
     def assemble(self, store: Store) -> ComparisonResult:
         """The result from ``store``, which must hold every shard."""
         planned = self.plan()
-        missing = self._missing_shards(store)
+        missing = self.missing_shards(store)
         if missing:
             raise RuntimeError(f"cannot assemble: {len(missing)} of {planned.layout.count} shard(s) are not in "
                                f"the store yet (first: {missing[0]}); run them first")
-        if self._missing_readings(store):
+        if self.missing_readings(store):
             raise RuntimeError("cannot assemble: the store holds every shard but not the difference lens's readings "
                                "(computed once every shard's sums are in); run(store) computes them")
         return assemble(planned.run, planned.job, planned.execution, store, keep_residuals=self.keep_residuals)
