@@ -140,6 +140,9 @@ class RunConfig:
                                           "promoted and suppressed each", metavar="K")
     difference_lens_first: int = option(5, "the difference lens's first_content class: each prompt's first K "
                                            "content tokens (0: no such class)", metavar="K")
+    prefix_lengths: tuple[int, ...] = option(
+        (), "shorter token lengths read off this run's capture (set by lens_compare's sweeps): the difference "
+            "lens also sums and reads each one's first positions", flag=None, keyword=None)
     top_tokens: int = option(10, "list per layer the K tokens whose stream moved most (relative_l2; 0: none)",
                              metavar="K", output_only=True)
     cka: bool = option(False, "linear CKA (and its debiased estimator) between every base and every SFT "
@@ -247,6 +250,9 @@ class RunConfig:
         if self.difference_lens_first < 0:
             problems.append(f"{path}.difference_lens_first: must be >= 0 tokens (0: no first_content class), "
                             f"got {self.difference_lens_first}")
+        if self.prefix_lengths and (self.tokens is None or any(not 0 < n < self.tokens for n in self.prefix_lengths)):
+            problems.append(f"{path}.prefix_lengths: each must be a length between 1 and tokens - 1 (tokens: "
+                            f"{self.tokens}), got {list(self.prefix_lengths)}")
         if self.difference_lens and self.logit_lens == "off":
             problems.append(f"{path}.difference_lens: the difference lens reads through the heads the logit lens "
                             "loads, and the logit lens is off (--no-logit-lens); drop one of the two")

@@ -243,6 +243,32 @@ def test_the_cli_resumes_a_run_folder_that_lacks_only_the_readings(perturbed_lla
     assert again["difference_lens"] == first["difference_lens"] and first["difference_lens"]
 
 
+@pytest.mark.parametrize("schedule", ["resident", "stream"])
+def test_a_capture_reads_the_prefixes_a_sweep_serves_from_it(perturbed_llama, tmp_path, schedule):
+    """A sweep reads a shorter length off a longer capture (``PrefixView``); the difference lens's
+    sums cover whole prompts, so the capture also sums and reads each asked-for prefix."""
+    from lens_compare.sweeps.prefix import PrefixView
+
+    base, sft, _ = perturbed_llama
+    config = _config(base, sft, tokens=12, filler_text=" and so on", shard_size=2)
+    capture = Comparison(config.replace(prefix_lengths=[6]), preflight=_cpu(schedule), held_in_memory=False)
+    folder = open_run_folder(capture, tmp_path)
+    capture.run(folder)
+    assert set(folder.get(Kind.DIFFERENCE_LENS)["prefixes"]) == {"6"}
+    short = Comparison(config.replace(tokens=6), preflight=_cpu("resident"), held_in_memory=False)
+    read_off = short.assemble(PrefixView(folder, 6, short.plan().run.tokenized.token_ids))
+    separate = run_comparison(config.replace(tokens=6), preflight=_cpu("resident"))
+    _assert_same_readings(read_off.difference_lens_records, separate.difference_lens_records)
+    # A length the capture was not asked for has no readings: refused, not read off the whole prompts.
+    other = Comparison(config.replace(tokens=8), preflight=_cpu("resident"), held_in_memory=False)
+    view = PrefixView(folder, 8, other.plan().run.tokenized.token_ids)
+    assert other.pending(view) == [2]
+    with pytest.raises(RuntimeError, match="difference lens's readings"):
+        other.assemble(view)
+    with pytest.raises(ConfigError, match="prefix_lengths"):
+        RunConfig.from_dict({"prefix_lengths": [6]})
+
+
 def test_vocabularies_of_different_sizes_read_their_shared_ids(perturbed_llama, tmp_path):
     base, perturbed, _ = perturbed_llama
     model = AutoModelForCausalLM.from_pretrained(str(perturbed), dtype=torch.float32)

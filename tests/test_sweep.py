@@ -35,9 +35,8 @@ def pairs_file(perturbed_llama, tmp_path):
 
 
 def _config(pairs_file, **extra):
-    # Without the difference lens, whose sums over whole prompts a shorter length cannot cut.
     return RunConfig(pairs_file=str(pairs_file), prompts=PROMPTS, batch_size=2, shard_size=2, bootstrap=50,
-                     top_tokens=3, **{"logit_lens": "all", "difference_lens": False, **extra})
+                     logit_lens="all", top_tokens=3, **extra)
 
 
 def _without_volatile(document):
@@ -73,8 +72,12 @@ def test_lengths_read_off_one_capture_equal_separate_runs(pairs_file, tmp_path):
         written = json.loads((tmp_path / "out" / f"tiny-{tokens}tok.json").read_text())
         separate = run_comparison(config.given({"pair": "tiny", "tokens": tokens}), preflight=_cpu)
         assert written["provenance"]["config"]["tokens"] == tokens
+        # The capture also summed the 6-token prefix for the difference lens, and says so.
+        assert written["provenance"]["config"].pop("prefix_lengths") == ([6] if tokens == 12 else [])
+        separate_document = separate.to_dict()
+        separate_document["provenance"]["config"].pop("prefix_lengths")
         assert [len(ids) for ids in written["provenance"]["token_ids"]] == [tokens] * len(PROMPTS)
-        _assert_documents_close(_without_volatile(written), _without_volatile(separate.to_dict()))
+        _assert_documents_close(_without_volatile(written), _without_volatile(separate_document))
     short = load_run(tmp_path / "out" / "tiny-6tok.json")
     assert short.layers == (0, 1, 2)
 
@@ -92,9 +95,6 @@ def test_which_lengths_ride_on_a_longer_capture(pairs_file):
     # Runs that need the states themselves capture at every length.
     assert capture_lengths({6: short, 12: long}, _config(pairs_file, cka=True)) == {6: 6, 12: 12}
     assert capture_lengths({6: short, 12: long}, _config(pairs_file, save_residuals=True)) == {6: 6, 12: 12}
-    assert capture_lengths({6: short, 12: long}, _config(pairs_file, difference_lens=None)) == {6: 6, 12: 12}
-    assert capture_lengths({6: short, 12: long}, _config(pairs_file, difference_lens=None, logit_lens="off")) \
-        == {6: 12, 12: 12}, "the difference lens runs only beside the logit lens"
 
 
 def test_a_failing_pair_is_recorded_and_a_rerun_redoes_only_what_is_missing(pairs_file, tmp_path, monkeypatch):

@@ -38,8 +38,7 @@ def index(perturbed_llama, tmp_path_factory) -> SweepIndex:
     pairs_file = root / "pairs.yaml"
     pairs_file.write_text(f"pairs:\n  tiny:\n    base: {base}\n    sft: {sft}\n"
                           f"  same:\n    base: {base}\n    sft: {base}\n")
-    # Without the difference lens, so that the 6-token runs are read off the 12-token captures.
-    config = RunConfig(pairs_file=str(pairs_file), prompts=PROMPTS, batch_size=2, bootstrap=50, difference_lens=False)
+    config = RunConfig(pairs_file=str(pairs_file), prompts=PROMPTS, batch_size=2, bootstrap=50)
     index = run_sweep(["tiny", "same"], LENGTHS, config, root / "out", preflight=_cpu)
     assert {(e.pair, e.tokens): e.status for e in index.entries.values()} == dict.fromkeys(
         [("same", 6), ("same", 12), ("tiny", 6), ("tiny", 12)], "done")

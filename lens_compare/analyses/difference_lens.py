@@ -74,6 +74,9 @@ class DifferenceLens:
     masks: Bool[Tensor, "token_class prompt pos"] | None = field(default=None, repr=False, compare=False)
     top: int = 10
     first_content: int = 5
+    # Shorter token lengths read off this run's capture (a sweep's): each also summed and read over
+    # its first positions alone (``prefix_lengths``).
+    cuts: tuple[int, ...] = ()
 
     @property
     def on(self) -> bool:
@@ -132,7 +135,7 @@ def choose_difference_lens(config: RunConfig, logit_lens: LensChoice, layers: tu
         return DifferenceLens(requested, "no prompt has a token past position 0: no token class to average over",
                               top=top, first_content=first)
     return DifferenceLens(requested, "asked for" if requested else "on wherever the logit lens runs", tuple(layers),
-                          tuple(found), torch.stack(list(found.values())), top, first)
+                          tuple(found), torch.stack(list(found.values())), top, first, tuple(config.prefix_lengths))
 
 
 def describe(lens: DifferenceLens) -> str:
@@ -165,10 +168,12 @@ def class_sums(
 def shard_sums(
     base: Float[Tensor, "state prompt pos d_model"], sft: Float[Tensor, "state prompt pos d_model"],
     rows: tuple[int, ...], masks: Bool[Tensor, "token_class prompt pos"], real: Bool[Tensor, "prompt pos"],
+    cuts: tuple[int, ...] = (),
 ) -> dict[str, Tensor]:
     """A shard's sums over the states ``rows`` of both models' ``[state, prompt, pos, d_model]``
     states: ``difference`` and ``base`` [layer, token_class, d_model] float64, ``count``
-    [token_class] int64.
+    [token_class] int64; and for each of ``cuts`` the same over the first that many positions,
+    keyed ``difference.N``, ``base.N``, ``count.N`` (``sums_at``).
 
     Prompt by prompt over its own (right-padded) tokens, every layer at once, float32 within a prompt
     and float64 across prompts: a prompt's sums are the same whichever shard it is in and however
@@ -176,22 +181,36 @@ def shard_sums(
     run's readings do not depend on how its prompts were cut into shards."""
     # Consecutive states (every layer's, the usual case) are a view; others are gathered.
     index = slice(rows[0], rows[-1] + 1) if rows == tuple(range(rows[0], rows[-1] + 1)) else torch.tensor(rows)
-    difference = torch.zeros((len(rows), masks.shape[0], base.shape[-1]), dtype=torch.float64)
-    own = torch.zeros_like(difference)
+    widths = (None, *cuts)
+    zeros = torch.zeros((len(rows), masks.shape[0], base.shape[-1]), dtype=torch.float64)
+    difference = {width: zeros.clone() for width in widths}
+    own = {width: zeros.clone() for width in widths}
+    count = {width: einops.reduce(masks[:, :, :width].long(), "token_class prompt pos -> token_class", "sum")
+             for width in widths}
     lengths = einops.reduce(real.long(), "prompt pos -> prompt", "sum").tolist()
     for prompt, length in enumerate(lengths):
-        shift, states = class_sums(base[index, prompt, :length], sft[index, prompt, :length],
-                                   masks[:, prompt, :length])
-        difference += shift.double().cpu()
-        own += states.double().cpu()
-    return {"difference": difference, "base": own,
-            "count": einops.reduce(masks.long(), "token_class prompt pos -> token_class", "sum")}
+        found = {}
+        for width in widths:
+            n = length if width is None else min(width, length)
+            if n not in found:  # a prompt no longer than a cut: its sums over the cut are its whole sums
+                shift, states = class_sums(base[index, prompt, :n], sft[index, prompt, :n], masks[:, prompt, :n])
+                found[n] = (shift.double().cpu(), states.double().cpu())
+            difference[width] += found[n][0]
+            own[width] += found[n][1]
+    return {f"{name}{'' if width is None else f'.{width}'}": values[width]
+            for width in widths for name, values in (("difference", difference), ("base", own), ("count", count))}
+
+
+def sums_at(sums: dict[str, Tensor], cut: int | None = None) -> dict[str, Tensor]:
+    """The sums over whole prompts (``cut`` None) or over their first ``cut`` positions."""
+    suffix = "" if cut is None else f".{cut}"
+    return {name: sums[name + suffix] for name in ("difference", "base", "count")}
 
 
 def stack_sums(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Sums of one state each (``shard_sums`` of one row: a streamed shard's) -> the shard's."""
-    return {"difference": torch.cat([row["difference"] for row in rows]),
-            "base": torch.cat([row["base"] for row in rows]), "count": rows[0]["count"]}
+    return {key: rows[0][key] if key.startswith("count") else torch.cat([row[key] for row in rows])
+            for key in rows[0]}
 
 
 def add_sums(parts: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:

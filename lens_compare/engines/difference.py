@@ -18,15 +18,14 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from lens_compare.analyses.difference_lens import add_sums, read_difference, shard_sums, stack_sums
+from lens_compare.analyses.difference_lens import add_sums, read_difference, shard_sums, stack_sums, sums_at
 from lens_compare.capture.head import Head
 from lens_compare.engines.job import Job
 from lens_compare.engines.store import Kind, Store
 from lens_compare.metrics.states import ResidualStates
 
-# A streamed state's sums, beside its metrics until the shard's are stacked.
-STATE_KEYS = {"difference_lens.difference": "difference", "difference_lens.base": "base",
-              "difference_lens.count": "count"}
+# A streamed state's sums go beside its metrics, under this prefix, until the shard's are stacked.
+STATE_PREFIX = "difference_lens."
 
 
 def shard_masks(job: Job, shard: int) -> Bool[Tensor, "token_class prompt pos"]:
@@ -36,13 +35,16 @@ def shard_masks(job: Job, shard: int) -> Bool[Tensor, "token_class prompt pos"]:
     return job.difference.masks[:, start:stop, : real.shape[1]]
 
 
+def _sums(job: Job, shard: int, base: Tensor, sft: Tensor, rows: tuple[int, ...]) -> dict[str, Tensor]:
+    _, real = job.shard_inputs(shard)
+    return shard_sums(base, sft, rows, shard_masks(job, shard), real, job.difference.cuts)
+
+
 def put_sums(job: Job, store: Store, shard: int, base: ResidualStates, sft: ResidualStates) -> None:
     """Store a shard's sums from both models' captured states; nothing without the lens."""
     if job.difference is not None:
         rows = tuple(base.states.index(state) for state in job.difference.states)
-        _, real = job.shard_inputs(shard)
-        store.put(Kind.DIFFERENCE, shard_sums(base.values, sft.values, rows, shard_masks(job, shard), real),
-                  shard=shard)
+        store.put(Kind.DIFFERENCE, _sums(job, shard, base.values, sft.values, rows), shard=shard)
 
 
 def state_sums(job: Job, shard: int, state: int, base: Float[Tensor, "prompt pos d_model"],
@@ -50,9 +52,7 @@ def state_sums(job: Job, shard: int, state: int, base: Float[Tensor, "prompt pos
     """A streamed state's sums, to store with its metrics (empty unless the lens reads that state)."""
     if job.difference is None or state not in job.difference.states:
         return {}
-    _, real = job.shard_inputs(shard)
-    sums = shard_sums(base[None], sft[None], (0,), shard_masks(job, shard), real)
-    return {key: sums[name] for key, name in STATE_KEYS.items()}
+    return {STATE_PREFIX + key: value for key, value in _sums(job, shard, base[None], sft[None], (0,)).items()}
 
 
 def put_streamed_sums(job: Job, store: Store, shard: int) -> None:
@@ -62,7 +62,8 @@ def put_streamed_sums(job: Job, store: Store, shard: int) -> None:
     rows = []
     for state in job.difference.states:
         metrics = store.get(Kind.STATE_METRICS, shard=shard, state=state)
-        rows.append({name: metrics[key] for key, name in STATE_KEYS.items()})
+        rows.append({key.removeprefix(STATE_PREFIX): value for key, value in metrics.items()
+                     if key.startswith(STATE_PREFIX)})
     store.put(Kind.DIFFERENCE, stack_sums(rows), shard=shard)
 
 
@@ -73,8 +74,14 @@ def readings_due(job: Job, store: Store) -> bool:
 
 
 def put_readings(job: Job, store: Store, heads: dict[str, Head]) -> None:
-    """The run's readings from every shard's sums, through ``heads`` (over the shared ids)."""
+    """The run's readings from every shard's sums, through ``heads`` (over the shared ids): over
+    whole prompts (``records``), and over the first N positions of each shorter length a sweep reads
+    off this capture (``prefixes``, by N)."""
     sums = add_sums(store.get(Kind.DIFFERENCE, shard=shard) for shard in range(job.layout.count))
+    lens = job.difference
+
+    def read(cut: int | None) -> list[dict]:
+        return read_difference(heads, sums_at(sums, cut), lens.layers, lens.positions, lens.top)
+
     with torch.inference_mode():
-        records = read_difference(heads, sums, job.difference.layers, job.difference.positions, job.difference.top)
-    store.put(Kind.DIFFERENCE_LENS, {"records": records})
+        store.put(Kind.DIFFERENCE_LENS, {"records": read(None), "prefixes": {str(cut): read(cut) for cut in lens.cuts}})

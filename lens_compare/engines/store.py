@@ -73,10 +73,12 @@ class Kind(Enum):
     STATE_METRICS = "state_metrics", ("shard", "state")
     KEPT = "kept", ("role", "shard")  # {"n_layers", "states"}: the STATE entries a stream kept as the STATES
     NOISE = "noise", ("shard",)  # StateMetrics: the noise floor's metrics of a shard
-    # {"difference", "base": [layer, class, d_model] float64 sums, "count": [class]}: a shard's
-    # difference-lens sums (lens_compare.analyses.difference_lens.shard_sums)
+    # {"difference", "base": [layer, class, d_model] float64 sums, "count": [class]} (and each cut's,
+    # "difference.N", ...): a shard's difference-lens sums (lens_compare.analyses.difference_lens.shard_sums)
     DIFFERENCE = "difference", ("shard",)
-    DIFFERENCE_LENS = "difference_lens", ()  # {"records": [...]}: the difference lens's readings of the run
+    # {"records": [...], "prefixes": {"N": [...]}}: the difference lens's readings of the run (and of the
+    # first N positions of each shorter length a sweep reads off it)
+    DIFFERENCE_LENS = "difference_lens", ()
     FACTS = "facts", ("role",)  # dict: what was learnt from a model's weights while it was loaded
     PLAN = "plan", ()  # {"estimate", "lens_chunk_bytes"}: the plan the run started with
     OUTPUTS = "outputs", ()  # {"stem", "seconds"}: where the run's outputs went, and its time

@@ -82,9 +82,13 @@ def run_here(comparison: Comparison, folder: RunFolder) -> None:
 
 
 def _capture(pair: str, longest: int, served: list[int], comparisons: dict[int, Comparison], out_dir: Path,
-             preflight: Preflight | None, index: SweepIndex, run_shards: RunShards) -> None:
-    """Run the capture at ``longest`` tokens and write every length it serves."""
+             preflight: Preflight | None, index: SweepIndex, run_shards: RunShards, riders: tuple[int, ...]) -> None:
+    """Run the capture at ``longest`` tokens and write every length it serves (``riders``: the
+    shorter lengths read off it, done or not)."""
     capture = comparisons[longest]
+    if riders and capture.plan().job.difference is not None:
+        # The difference lens's sums cover whole prompts: the capture also sums each rider's first positions.
+        capture = Comparison(capture.config.replace(prefix_lengths=riders), preflight=preflight, held_in_memory=False)
     planned: PlannedRun = capture.plan()
     check_spill_space(planned.run, planned.job, planned.execution, out_dir)
     folder = open_run_folder(capture, out_dir)
@@ -126,8 +130,9 @@ def run_pair(pair: str, lengths: Sequence[int], config: RunConfig, out_dir: Path
         served = [tokens for tokens, source in sources.items() if source == longest and tokens in missing]
         if not served:
             continue
+        riders = tuple(sorted(tokens for tokens, source in sources.items() if source == longest and tokens != longest))
         try:
-            _capture(pair, longest, served, comparisons, out_dir, preflight, index, run_shards)
+            _capture(pair, longest, served, comparisons, out_dir, preflight, index, run_shards, riders)
         except Exception as error:  # recorded with its reason; the sweep goes on
             for tokens in served:
                 index.record(_failure(pair, tokens, error))
