@@ -16,13 +16,18 @@ And the analyses against the core run, side by side in the same loop:
   comparison, whose capture of every block's attention and MLP outputs is part of it; the
   logit lens at every layer; the 95% bootstrap interval of every per-layer mean, 1000
   resamples) and their per-layer records, on the smollm2-ft pair (the base SmolLM2 and its
-  demo fine-tune, built on first use); the core run there is the pipeline without them.
+  demo fine-tune, built on first use); the core run there is the pipeline without them;
+- differenced: analysed plus the difference lens (its sums at every layer and class, and its
+  readings through both heads): what a default run does now, against analysed, which has the
+  logit lens but not the difference lens.
 
 Prints one JSON line at the end: pipeline_s, bare_s, ratio (of the medians),
 paired_ratio_median (median of the per-repeat ratios, a cross-check), load_s,
 bare_load_s, load_ratio, analysed_s, analyses_ratio (analysed / pipeline, medians) and
-analyses_parts_s (each analysis timed alone once, after the loop). Targets: ratio <= 1.10,
-load_ratio <= 1.25, analyses_ratio <= 1.3.
+analyses_parts_s (each analysis timed alone once, after the loop) and difference_lens_overhead
+(differenced against analysed: medians, their ratio, the median of the per-repeat ratios, and the
+difference lens alone). Targets: ratio <= 1.10, load_ratio <= 1.25, analyses_ratio <= 1.3,
+difference_lens_overhead.ratio <= 1.05.
 
     python benchmarks/bench_overhead.py [--repeats 7] [--prompts 4] [--tokens 250]
 
@@ -62,6 +67,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, GgufConfig  # noqa: E402
 
 from lens_compare.analyses.components import component_metrics  # noqa: E402
+from lens_compare.analyses.difference_lens import read_difference, shard_sums  # noqa: E402
 from lens_compare.analyses.logit_lens import chunk_tokens, logit_lens_metrics  # noqa: E402
 from lens_compare.capture.head import head_of  # noqa: E402
 from lens_compare.capture.norm_statistics import restore_transformer_lens_norms  # noqa: E402
@@ -392,6 +398,22 @@ def pipeline_and_analyses(args) -> None:
         metrics = token_metrics(captured[0], captured[1], layers)
         return layer_records(metrics, layers, token_mask(real, "rest"), settings), analyses_of(captured)
 
+    difference = run.difference_lens
+
+    def difference_of(captured):
+        """The difference lens of both captures: every layer's sums, then the readings."""
+        base, sft = captured
+        rows = tuple(base.states.index(state) for state in difference.states)
+        sums = shard_sums(base.values, sft.values, rows, difference.masks, real)
+        return read_difference(heads, sums, difference.layers, difference.positions, difference.top)
+
+    def differenced():
+        captured = [capture_states(b, ids, real, every_state, batch_size=args.prompts, label="differenced",
+                                   component_layers=layers) for b in pair]
+        metrics = token_metrics(captured[0], captured[1], layers)
+        return (layer_records(metrics, layers, token_mask(real, "rest"), settings), analyses_of(captured),
+                difference_of(captured))
+
     def bare():
         with torch.inference_mode():
             return [m(ids, attention_mask=real.long(), output_hidden_states=True, logits_to_keep=1).hidden_states
@@ -405,7 +427,11 @@ def pipeline_and_analyses(args) -> None:
     def matmul():
         return torch.nn.functional.linear(x, heads["base"].weight)
 
-    contenders = [pipeline, bare, core, analysed, *([lens] if lens_layers else []), matmul]
+    def difference_alone():
+        return difference_of(lens_input)
+
+    contenders = [pipeline, bare, core, analysed, *([lens] if lens_layers else []), matmul,
+                  *([differenced, difference_alone] if difference.on else [])]
     for fn in contenders:
         fn()  # warm-up
     times = {fn: [] for fn in contenders}
@@ -450,6 +476,17 @@ def pipeline_and_analyses(args) -> None:
     }
     if lens_layers:
         result["lens_ratio"] = round(result["lens_gflops"] / result["matmul_gflops"], 3)
+    if difference.on:
+        with_lens = statistics.median(times[analysed])
+        result["difference_lens_overhead"] = {
+            "layers": len(difference.layers), "classes": list(difference.positions), "top": difference.top,
+            "analysed_s": round(with_lens, 4), "differenced_s": round(statistics.median(times[differenced]), 4),
+            "ratio": round(statistics.median(times[differenced]) / with_lens, 4),
+            "paired_ratio_median": round(statistics.median(
+                d / a for d, a in zip(times[differenced], times[analysed], strict=True)), 4),
+            "alone_s": round(statistics.median(times[difference_alone]), 4),
+            "alone_share": round(statistics.median(times[difference_alone]) / with_lens, 4),
+        }
     print(json.dumps(result))
 
 

@@ -136,6 +136,17 @@ class RunConfig:
                 "takes true/false/null and a list of layers",
         metavar="MODE", normalize=parse_lens_spec, cli={"nargs": "?", "const": "all"},
         off_flag="--no-logit-lens", off_value="off")
+    difference_lens: bool | None = option(
+        None, "read the mean SFT-minus-base shift of resid_post at every captured layer, per token class (rest, "
+              "first_content, template), through each model's final norm and unembedding: the tokens it "
+              "promotes and suppresses (default: on wherever the logit lens runs)")
+    difference_lens_top: int = option(10, "tokens the difference lens lists per layer, class and reading, "
+                                          "promoted and suppressed each", metavar="K")
+    difference_lens_first: int = option(5, "the difference lens's first_content class: each prompt's first K "
+                                           "content tokens (0: no such class)", metavar="K")
+    prefix_lengths: tuple[int, ...] = option(
+        (), "shorter token lengths read off this run's capture (set by lens_compare's sweeps): the difference "
+            "lens also sums and reads each one's first positions", flag=None, keyword=None)
     top_tokens: int = option(10, "list per layer the K tokens whose stream moved most (relative_l2; 0: none)",
                              metavar="K", output_only=True)
     cka: bool = option(False, "linear CKA (and its debiased estimator) between every base and every SFT "
@@ -238,6 +249,17 @@ class RunConfig:
             problems.append(f"{path}.bootstrap: must be >= 0 resamples (0: no interval), got {self.bootstrap}")
         if self.top_tokens < 0:
             problems.append(f"{path}.top_tokens: must be >= 0 tokens per layer (0: none), got {self.top_tokens}")
+        if self.difference_lens_top < 1:
+            problems.append(f"{path}.difference_lens_top: must be >= 1 token, got {self.difference_lens_top}")
+        if self.difference_lens_first < 0:
+            problems.append(f"{path}.difference_lens_first: must be >= 0 tokens (0: no first_content class), "
+                            f"got {self.difference_lens_first}")
+        if self.prefix_lengths and (self.tokens is None or any(not 0 < n < self.tokens for n in self.prefix_lengths)):
+            problems.append(f"{path}.prefix_lengths: each must be a length between 1 and tokens - 1 (tokens: "
+                            f"{self.tokens}), got {list(self.prefix_lengths)}")
+        if self.difference_lens and self.logit_lens == "off":
+            problems.append(f"{path}.difference_lens: the difference lens reads through the heads the logit lens "
+                            "loads, and the logit lens is off (--no-logit-lens); drop one of the two")
         if self.shard_size is not None and self.shard_size < 1:
             problems.append(f"{path}.shard_size: must be >= 1 prompt, got {self.shard_size}")
         if self.gpus is not None and (

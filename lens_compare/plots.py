@@ -12,6 +12,7 @@ accumulates in pyplot's figure list; save one with ``figure.savefig(...)``.
 >>> plots.sublayer_curves(result, "relative_l2")                            # doctest: +SKIP
 >>> plots.logit_lens_curves(result)                                         # doctest: +SKIP
 >>> plots.cka_matrix(result)                                                # doctest: +SKIP
+>>> plots.difference_lens_table(result, reading="base", positions="rest")    # doctest: +SKIP
 
 Per-layer values are the means over tokens (position 0 excluded unless the run included
 it), with a band of one standard deviation, the min-max range, or (``band="ci"``) the 95%
@@ -394,6 +395,66 @@ def cka_matrix(result, estimator: str = "linear", *, ax=None):
     return figure
 
 
+# What each difference-lens reading is, for a figure's title.
+READING_TITLES = {
+    "base": "read by the base model, W_U_base · norm_base(δ)",
+    "sft": "read by the SFT model, W_U_sft · norm_sft(δ)",
+    "logit_difference": "lens_sft(mean SFT state) - lens_base(mean base state)",
+}
+
+
+def difference_lens_table(result, reading: str = "base", positions: str = "rest", *, ax=None):
+    """The difference lens as a layer x rank table (``--difference-lens``): per layer, the tokens the
+    mean SFT-minus-base shift δ over ``positions`` promotes most (left, rank 1 first) and suppresses
+    most (right), each cell the token's text coloured by its logit on a scale centred on 0 (red:
+    raised, blue: lowered). ``reading``: ``base``, ``sft`` or ``logit_difference`` (see
+    ``lens_compare.analyses.difference_lens``). A layer where both models' states agree exactly has
+    no shift to read: a grey row."""
+    frame = result.difference_lens()
+    if reading not in READING_TITLES:
+        raise LensCompareError(f"reading {reading!r}: expected one of {list(READING_TITLES)}")
+    held = [str(p) for p in frame["positions"].unique()] or ["rest"]
+    records = [r for r in result.difference_lens_records if r["reading"] == reading and r["positions"] == positions]
+    if not records:
+        raise LensCompareError(f"positions {positions!r}: this run's difference lens covers {held}")
+    k = max((len(r["promoted"]) for r in records), default=0) or int(result.provenance.difference_lens["top"])
+    layers = [r["layer"] for r in records]
+    values = np.full((len(records), 2 * k + 1), np.nan)
+    texts: dict[tuple[int, int], str] = {}
+    for row, record in enumerate(records):
+        for offset, direction in ((0, "promoted"), (k + 1, "suppressed")):
+            for rank, item in enumerate(record[direction]):
+                values[row, offset + rank] = item["logit"]
+                # A control character (a byte token's) has no glyph: its escape instead.
+                token = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in item["token"])
+                texts[row, offset + rank] = token if len(token) <= 10 else token[:9] + "…"
+    size = (max(7.0, 0.78 * (2 * k + 1) + 2.2), 0.32 * len(records) + 1.8)
+    figure, ax = _subplots(size) if ax is None else (ax.figure, ax)
+    from matplotlib.colors import TwoSlopeNorm
+
+    limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-limit or -1.0, vmax=limit or 1.0)
+    cmap = _matplotlib().colormaps["RdBu_r"].with_extremes(bad="0.88")
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    ax.axvspan(k - 0.5, k + 0.5, color="white", zorder=2)  # the gap between the two halves
+    for (row, column), token in texts.items():
+        dark = abs(values[row, column]) > 0.6 * limit
+        ax.text(column, row, token, ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+    ranks = [str(r) for r in range(1, k + 1)]
+    ax.set_xticks(range(2 * k + 1), [*ranks, "", *ranks], fontsize=7)
+    ax.set_yticks(range(len(records)), [str(layer) for layer in layers], fontsize=7)
+    flat = any(not record["promoted"] for record in records)
+    ax.set_xlabel("rank: promoted (left), suppressed (right)"
+                  + ("; grey rows: δ = 0, both models' states agree exactly" if flat else ""), fontsize=8)
+    ax.set_ylabel("layer (resid_post)")
+    n_tokens = (result.provenance.difference_lens or {}).get("n_tokens", {}).get(positions)
+    ax.set_title(f"{_label(result)}: difference lens over {positions}"
+                 + (f" ({n_tokens} tokens)" if n_tokens else "") + f", {READING_TITLES[reading]}", fontsize=9)
+    label = "logit difference" if reading == "logit_difference" else "logit of the shift's direction"
+    figure.colorbar(image, ax=ax, label=label, shrink=0.8)
+    return figure
+
+
 def _band_keys(band: str) -> tuple[str, str, str]:
     """The record fields of the mean and of a band's two edges (for ``std``: the std, twice)."""
     if band not in ("std", "minmax", "ci"):
@@ -487,7 +548,8 @@ def save_figure(figure, path: Path) -> Path:
     return write_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
-STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "components", "logit_lens", "cka", "heatmap")
+STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "components", "logit_lens", "difference_lens", "cka",
+            "heatmap")
 
 
 def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
@@ -505,6 +567,8 @@ def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
         figures["components"] = sublayer_curves(result, "relative_l2")
     if "logit_lens" in [a.name for a in result.analyses()]:
         figures["logit_lens"] = logit_lens_curves(result)
+    if result.difference_lens_records:
+        figures["difference_lens"] = difference_lens_table(result)
     if result.cka is not None:
         figures["cka"] = cka_matrix(result)
     if result.metrics is not None:

@@ -60,9 +60,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 def _log_folder(folder: RunFolder, comparison: Comparison) -> None:
     count = comparison.plan().layout.count
-    found = count - len(comparison.pending(folder))
+    found = count - len(comparison.missing_shards(folder))
     spilled = len(folder.keys(Kind.STATES, role="base"))
-    if found == count:
+    if found == count and comparison.missing_readings(folder):
+        state = "; all finished but the difference lens's readings: loading the heads for them"
+    elif found == count:
         state = "; all finished: assembling the outputs without loading a model"
     else:
         state = "; resuming" if found or spilled else ""

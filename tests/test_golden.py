@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from lens_compare.run import main
+from tests.fixtures.ranks import ranked_difference
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,9 @@ def _matches(pattern: str, path: tuple[str, ...]) -> bool:
 def first_difference(expected: Any, actual: Any, path: str = "") -> str | None:
     """Where ``actual`` first departs from ``expected`` (floats within RTOL/ATOL), with both values;
     None when it does not."""
+    if path.startswith("difference_lens[") and path.endswith(("promoted", "suppressed")):
+        # Ranked tokens: a tie within the tolerance may swap on another CPU.
+        return ranked_difference(expected, actual, RTOL, ATOL, path)
     if isinstance(expected, dict) and isinstance(actual, dict):
         if expected.keys() != actual.keys():
             return (f"{path or '<top>'}: keys only in the golden file {sorted(expected.keys() - actual.keys())}, "

@@ -34,6 +34,11 @@ def _value(kind: Kind, seed: int):
         Kind.STATE_METRICS: lambda: {"cosine": torch.randn(2, 4, generator=generator)},
         Kind.KEPT: lambda: {"n_layers": 2, "states": [seed, seed + 1]},
         Kind.NOISE: lambda: {"cosine": torch.randn(3, 2, 4, generator=generator)},
+        Kind.DIFFERENCE: lambda: {"difference": torch.randn(3, 2, 8, generator=generator),
+                                  "base": torch.randn(3, 2, 8, generator=generator),
+                                  "count": torch.tensor([5, seed])},
+        Kind.DIFFERENCE_LENS: lambda: {"records": [{"layer": 0, "positions": "rest", "reading": "base",
+                                                    "promoted": [{"token_id": seed, "logit": 1.5}], "suppressed": []}]},
         Kind.FACTS: lambda: {"d_model": 8, "untrained": {str(seed): 0.25}},
         Kind.PLAN: lambda: {"estimate": {"gib": seed}, "lens_chunk_bytes": 1024},
         Kind.OUTPUTS: lambda: {"stem": f"lens_compare_{seed}", "seconds": 1.5},
@@ -137,17 +142,18 @@ def test_the_folder_layout_is_the_one_resumed_runs_have(tmp_path):
     for kind in Kind:
         folder.put(kind, _value(kind, 1), **_parts(kind))
     found = sorted(p.relative_to(folder.path).as_posix() for p in folder.path.rglob("*") if p.is_file())
-    assert found == ["layers/00003/kept-sft.json", "layers/00003/metrics-00012.safetensors",
-                     "layers/00003/sft-00012.safetensors", "manifest.json", "metrics/00003.safetensors",
-                     "models/sft.json", "noise/00003.safetensors", "outputs.json", "plan.json",
-                     "states/sft-00003.safetensors"]
+    assert found == ["difference/00003.safetensors", "difference_lens.json", "layers/00003/kept-sft.json",
+                     "layers/00003/metrics-00012.safetensors", "layers/00003/sft-00012.safetensors", "manifest.json",
+                     "metrics/00003.safetensors", "models/sft.json", "noise/00003.safetensors", "outputs.json",
+                     "plan.json", "states/sft-00003.safetensors"]
     for kind in STATE_KINDS + (Kind.STATE_METRICS,):
         folder.drop(kind)
     assert not (folder.path / "layers").exists() and not (folder.path / "states").exists(), \
         "drop leaves no empty folder behind"
     reopened = RunFolder(tmp_path / "run", {"run": 1})
     assert all(_same(reopened.get(kind, **_parts(kind)), _value(kind, 1))
-               for kind in (Kind.METRICS, Kind.NOISE, Kind.FACTS, Kind.PLAN, Kind.OUTPUTS))
+               for kind in (Kind.METRICS, Kind.NOISE, Kind.DIFFERENCE, Kind.DIFFERENCE_LENS, Kind.FACTS, Kind.PLAN,
+                            Kind.OUTPUTS))
 
 
 @pytest.mark.parametrize("kind", [Kind.METRICS, Kind.STATES, Kind.FACTS], ids=lambda kind: kind.label)

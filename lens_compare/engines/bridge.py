@@ -20,6 +20,7 @@ from lens_compare.analyses.components import component_metrics
 from lens_compare.analyses.logit_lens import logit_lens_metrics
 from lens_compare.capture.head import Head, head_of
 from lens_compare.capture.states import boot_bridge, capture_states
+from lens_compare.engines.difference import put_readings, put_sums, readings_due
 from lens_compare.engines.job import Job, lens_progress
 from lens_compare.engines.store import Kind, Store
 from lens_compare.metrics.per_token import state_metrics
@@ -122,6 +123,26 @@ def _pending(job: Job, store: Store) -> list[int]:
     return [shard for shard in job.selected_shards() if not store.has(Kind.METRICS, shard=shard)]
 
 
+def _put_shard(job: Job, store: Store, shard: int, base: ResidualStates, sft: ResidualStates,
+               heads: dict[str, Head] | None) -> None:
+    """A shard's difference-lens sums, then its metrics: a shard whose metrics are stored is done."""
+    put_sums(job, store, shard, base, sft)
+    store.put(Kind.METRICS, shard_metrics(job, shard, base, sft, heads), shard=shard)
+
+
+def _difference_readings(job: Job, store: Store, heads: dict[str, Head] | None) -> None:
+    """The difference lens's readings, once the store holds every shard's sums; without ``heads``
+    (a call with no shard to run) each model is loaded alone for its head."""
+    if not readings_due(job, store):
+        return
+    if heads is None:
+        heads = {}
+        for side in job.sides:
+            with loaded(job, side, store) as model:
+                heads[side.role] = model.head.detached()
+    put_readings(job, store, heads)
+
+
 def _bar(job: Job, shards: list[int], desc: str) -> tqdm:
     total = sum(job.shard_prompts(shard) for shard in job.selected_shards())
     done = total - sum(job.shard_prompts(shard) for shard in shards)
@@ -132,9 +153,11 @@ def run_resident(job: Job, store: Store) -> None:
     """Both models loaded at once; each pending shard through both, then its metrics stored."""
     pending = _pending(job, store)
     if not pending:
+        _difference_readings(job, store, None)
         return
     base_side, sft_side = job.sides
     with loaded(job, base_side, store) as base, loaded(job, sft_side, store) as sft:
+        heads = {"base": base.head, "sft": sft.head} if job.logit_lens else None
         with _bar(job, pending, "base+sft") as bar:
             for shard in pending:
                 base_states = base.capture(job, shard, None)
@@ -142,8 +165,8 @@ def run_resident(job: Job, store: Store) -> None:
                 if job.keep_states:
                     store.put(Kind.STATES, base_states, role="base", shard=shard)
                     store.put(Kind.STATES, sft_states, role="sft", shard=shard)
-                heads = {"base": base.head, "sft": sft.head} if job.logit_lens else None
-                store.put(Kind.METRICS, shard_metrics(job, shard, base_states, sft_states, heads), shard=shard)
+                _put_shard(job, store, shard, base_states, sft_states, heads)
+        _difference_readings(job, store, heads)
 
 
 def run_sequential(job: Job, store: Store) -> None:
@@ -159,6 +182,7 @@ def run_sequential(job: Job, store: Store) -> None:
             # Kept for the logit lens: the final norm and unembedding only, copied out of the model.
             base_head = base.head.detached() if base.head is not None else None
     if not pending:
+        _difference_readings(job, store, None)
         return
     if job.logit_lens and base_head is None:
         # Resumed after every base shard was spilled: the lens still needs the base model's head.
@@ -171,6 +195,7 @@ def run_sequential(job: Job, store: Store) -> None:
             base_states = store.get(Kind.STATES, role="base", shard=shard)
             if job.keep_states:
                 store.put(Kind.STATES, sft_states, role="sft", shard=shard)
-            store.put(Kind.METRICS, shard_metrics(job, shard, base_states, sft_states, heads), shard=shard)
+            _put_shard(job, store, shard, base_states, sft_states, heads)
             if not job.keep_states:
                 store.drop(Kind.STATES, role="base", shard=shard)
+        _difference_readings(job, store, heads)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from lens_compare.analyses.difference_lens import DifferenceLens
 from lens_compare.engines.shards import ShardLayout
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.refs import Side
@@ -45,6 +46,9 @@ class Job:
     lens_chunk_bytes: int = LOGIT_LENS_CHUNK_BYTES
     # The ids the lens compares when the two vocabularies differ in size (None: every id).
     lens_vocab: int | None = None
+    # The difference lens (its layers, token classes and their masks over ``real``); None for none.
+    # It reads through the logit lens's heads, so it runs only beside the lens.
+    difference: DifferenceLens | None = None
     # Measure the noise floor after the run (``lens_compare.engines.noise_floor``; needs keep_states).
     noise_floor: bool = False
     # The shards this call runs (None: every one); an engine skips those the store holds already.

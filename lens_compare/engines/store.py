@@ -20,12 +20,20 @@ A ``RunFolder`` on disk::
       layers/00003/metrics-00012.safetensors  its per-token metrics, [prompt, pos] each
       layers/00003/kept-base.json  the states of a finished streamed shard kept one file each
       noise/00003.safetensors    the noise floor's per-state metrics of a shard (--noise-floor)
+      difference/00003.safetensors  the difference lens's sums of a shard, [layer, class, d_model]
+      difference_lens.json       its readings, once every shard's sums are in
 
 A streamed run (``--strategy stream``) goes layer by layer: after each block of both
 models it stores the newest state of both (the frontier it resumes from) and that
 state's metrics; when the shard's last block is done its metrics are stacked into
 ``metrics/`` like any other shard's and the layer files are removed (``--save-residuals``
 keeps the captured states there instead, one file per state, listed in ``kept-<role>.json``).
+A streamed state's metrics also carry the difference lens's sums of that state until the
+shard's are stacked into ``difference/``.
+
+The difference lens's readings need both models' heads and every shard's sums: whichever
+call finishes the last shard's sums (in any process) computes them, while its models are
+loaded, and stores them once for the run; a duplicate computation writes the same file.
 
 Every file is written to a temporary name and renamed into place, so a killed run
 (SIGKILL included) leaves only whole files; leftover temporary files are removed
@@ -61,9 +69,16 @@ class Kind(Enum):
     METRICS = "metrics", ("shard",)  # StateMetrics: a shard's per-token metrics, [state, prompt, pos] each
     STATES = "states", ("role", "shard")  # ResidualStates: one model's captured states of a shard
     STATE = "state", ("role", "shard", "state")  # Tensor [prompt, pos, d_model]: one state (a stream's)
-    STATE_METRICS = "state_metrics", ("shard", "state")  # dict of [prompt, pos] tensors: one state's metrics
+    # dict of [prompt, pos] tensors: one state's metrics (and, streamed, its difference-lens sums)
+    STATE_METRICS = "state_metrics", ("shard", "state")
     KEPT = "kept", ("role", "shard")  # {"n_layers", "states"}: the STATE entries a stream kept as the STATES
     NOISE = "noise", ("shard",)  # StateMetrics: the noise floor's metrics of a shard
+    # {"difference", "base": [layer, class, d_model] float64 sums, "count": [class]} (and each cut's,
+    # "difference.N", ...): a shard's difference-lens sums (lens_compare.analyses.difference_lens.shard_sums)
+    DIFFERENCE = "difference", ("shard",)
+    # {"records": [...], "prefixes": {"N": [...]}}: the difference lens's readings of the run (and of the
+    # first N positions of each shorter length a sweep reads off it)
+    DIFFERENCE_LENS = "difference_lens", ()
     FACTS = "facts", ("role",)  # dict: what was learnt from a model's weights while it was loaded
     PLAN = "plan", ()  # {"estimate", "lens_chunk_bytes"}: the plan the run started with
     OUTPUTS = "outputs", ()  # {"stem", "seconds"}: where the run's outputs went, and its time
@@ -237,6 +252,8 @@ _LAYOUT = {
     Kind.STATE_METRICS: "layers/{shard}/metrics-{state}.safetensors",
     Kind.KEPT: "layers/{shard}/kept-{role}.json",
     Kind.NOISE: "noise/{shard}.safetensors",
+    Kind.DIFFERENCE: "difference/{shard}.safetensors",
+    Kind.DIFFERENCE_LENS: "difference_lens.json",
     Kind.FACTS: "models/{role}.json",
     Kind.PLAN: "plan.json",
     Kind.OUTPUTS: "outputs.json",

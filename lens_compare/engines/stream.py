@@ -34,6 +34,7 @@ from lens_compare.analyses.components import COMPONENT_KEYS, block_component_met
 from lens_compare.analyses.logit_lens import logit_lens_metrics
 from lens_compare.capture.head import Head
 from lens_compare.capture.streamed import StreamedModel, forward_batches
+from lens_compare.engines.difference import put_readings, put_streamed_sums, readings_due, state_sums
 from lens_compare.engines.job import Job, lens_progress
 from lens_compare.engines.store import ROLES, Kind, Store
 from lens_compare.metrics.per_token import one_state_metrics, stack_state_rows
@@ -104,13 +105,17 @@ def _resume_point(store: Store, shard: int) -> int | None:
 def run_stream(job: Job, store: Store) -> None:
     """Every pending shard through both models, layer-major (see the module docstring)."""
     pending = [shard for shard in job.selected_shards() if not store.has(Kind.METRICS, shard=shard)]
-    if not pending:
+    if not pending and not readings_due(job, store):
         return
     models = _open_models(job)
     heads, head_bytes = _read_heads(job, models)
     try:
         for shard in pending:
             _stream_shard(job, store, models, shard, heads)
+        # The difference lens's readings, once every shard's sums are in (the heads alone were read
+        # for them when no shard was left to run).
+        if readings_due(job, store):
+            put_readings(job, store, heads)
     finally:
         for role, head in (heads or {}).items():
             models[role].free(head.norm)
@@ -192,6 +197,7 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
                                    for layer in job.component_layers], COMPONENT_KEYS))
     if heads is not None:
         metrics.update(_streamed_logit_lens(job, store, heads, models["base"].n_layers, shard, real))
+    put_streamed_sums(job, store, shard)
     store.put(Kind.METRICS, metrics, shard=shard)
     store.drop(Kind.STATE_METRICS, shard=shard)
     for role in ROLES:
@@ -229,6 +235,7 @@ def _finish_state(
         metrics = one_state_metrics(current["base"], current["sft"], before)
         if writes:
             metrics.update(block_component_metrics(writes["base"], writes["sft"]))
+        metrics.update(state_sums(job, shard, state, current["base"], current["sft"]))
         store.put(Kind.STATE_METRICS, metrics, shard=shard, state=state)
     for role in ROLES:
         store.put(Kind.STATE, current[role], role=role, shard=shard, state=state)

@@ -121,11 +121,24 @@ class Comparison:
         return recorded
 
     def pending(self, store: Store) -> list[int]:
-        """The shards ``store`` does not hold yet (metrics, and the noise floor where measured)."""
+        """The shards ``store`` does not hold yet (metrics, and the noise floor where measured). With the
+        difference lens, a store that holds every shard but not the lens's readings (an interruption
+        after the last shard's sums) lists the last shard: running it computes the readings alone."""
+        missing = self.missing_shards(store)
+        if not missing and self.missing_readings(store):
+            return [self.plan().layout.count - 1]
+        return missing
+
+    def missing_shards(self, store: Store) -> list[int]:
+        """The shards whose metrics (and noise floor, where measured) ``store`` lacks."""
         job = self.plan().job
         return [shard for shard in range(job.layout.count)
                 if not store.has(Kind.METRICS, shard=shard)
                 or (job.noise_floor and not store.has(Kind.NOISE, shard=shard))]
+
+    def missing_readings(self, store: Store) -> bool:
+        """Whether the run has a difference lens whose readings ``store`` lacks."""
+        return self.plan().job.difference is not None and not store.has(Kind.DIFFERENCE_LENS)
 
     def run_shards(self, shards: Iterable[int], store: Store) -> float:
         """Run ``shards`` (those the store lacks) into ``store``; returns the wall time in seconds."""
@@ -158,10 +171,13 @@ class Comparison:
     def assemble(self, store: Store) -> ComparisonResult:
         """The result from ``store``, which must hold every shard."""
         planned = self.plan()
-        missing = self.pending(store)
+        missing = self.missing_shards(store)
         if missing:
             raise RuntimeError(f"cannot assemble: {len(missing)} of {planned.layout.count} shard(s) are not in "
                                f"the store yet (first: {missing[0]}); run them first")
+        if self.missing_readings(store):
+            raise RuntimeError("cannot assemble: the store holds every shard but not the difference lens's readings "
+                               "(computed once every shard's sums are in); run(store) computes them")
         return assemble(planned.run, planned.job, planned.execution, store, keep_residuals=self.keep_residuals)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lens_compare.analyses.difference_lens import DifferenceLens, choose_difference_lens, describe
 from lens_compare.analyses.lens_choice import OFF, LensChoice, choose_logit_lens
 from lens_compare.config import RunConfig
 from lens_compare.errors import ConfigError, TokenizationError
@@ -177,6 +178,8 @@ class PreparedRun:
     overrides: LoadOverrides
     # Where the logit lens runs (``config.logit_lens`` resolved: see lens_compare.analyses.lens_choice).
     logit_lens: LensChoice = OFF
+    # The difference lens (``config.difference_lens`` resolved: lens_compare.analyses.difference_lens).
+    difference_lens: DifferenceLens = DifferenceLens(None, "off")
 
     @property
     def sides(self) -> tuple[Side, Side]:
@@ -284,9 +287,10 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
     logit_lens = choose_logit_lens(config.logit_lens, model_configs, tokenizers, layers,
                                    estimate=lambda: _lens_estimate(config, model_configs, dtypes, tokenized,
                                                                    device, gpus, layers))
-    _log_lens(logit_lens)
+    difference_lens = choose_difference_lens(config, logit_lens, layers, tokenized)
+    _log_lens(logit_lens, difference_lens)
     return PreparedRun(config, pair_label, base, sft, device, gpus, model_configs, layers, tokenized,
-                       tokenizers, overrides, logit_lens)
+                       tokenizers, overrides, logit_lens, difference_lens)
 
 
 def _embedding_rows(model_configs: dict[str, Any]) -> dict[str, int] | None:
@@ -306,11 +310,15 @@ def _lens_estimate(config: RunConfig, model_configs: dict[str, Any], dtypes: dic
                               prompts=len(tokenized.token_ids), forward_batch=config.batch_size, layers=len(layers))
 
 
-def _log_lens(choice: LensChoice) -> None:
+def _log_lens(choice: LensChoice, difference: DifferenceLens) -> None:
+    """One line for both lenses (the difference lens reads through the logit lens's heads)."""
     if choice.on:
         where = "at every captured layer" if choice.mode == "all" else \
             "at the output only: each model's actual next-token distribution" if choice.mode == "final" else \
             f"at layers {', '.join(map(str, choice.layers))}"
-        logger.info("logit lens %s (--logit-lens %s: %s)", where, choice.requested, choice.reason)
+        logger.info("logit lens %s (--logit-lens %s: %s); %s", where, choice.requested, choice.reason,
+                    describe(difference))
+    elif difference.requested is not False:
+        logger.info("%s", describe(difference))
     if choice.vocabulary is not None:
         logger.info("logit lens: %s", choice.vocabulary["note"])

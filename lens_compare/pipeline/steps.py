@@ -148,7 +148,8 @@ def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_s
                keep_states=keep_states or run.config.noise_floor, token_ids=token_ids, real=real,
                component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
                lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
-               noise_floor=run.config.noise_floor, base_lacks=run.tokenized.base_lacks)
+                difference=run.difference_lens if run.difference_lens.on else None,
+                noise_floor=run.config.noise_floor, base_lacks=run.tokenized.base_lacks)
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -251,6 +252,7 @@ def assemble(
         cka=_layer_cka(run, job, store) if run.config.cka else None,
         noise_floor=noise_floor_result(run, job, store, width, provenance, token_strings) if job.noise_floor else None,
         analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
+        difference_lens_records=_difference_lens(run, job, store),
     )
     for warning in result.warnings():
         logger.warning(warning)
@@ -278,6 +280,24 @@ def _warn_untrained(tokenizer, untrained: dict[int, float], base_lacks: tuple[in
             "never trained on these tokens, so its states there (and the differences to the SFT model's) are "
             "not a reading of them; marked base_untrained in the outputs", named(lacked),
         )
+
+
+def _difference_lens(run: PreparedRun, job: Job, store: Store) -> list[dict[str, Any]] | None:
+    """The difference lens's records with their tokens' strings: the base tokenizer's for the
+    ``base`` and ``logit_difference`` readings, the SFT tokenizer's for ``sft``."""
+    if job.difference is None:
+        return None
+    records = store.get(Kind.DIFFERENCE_LENS)["records"]
+    out = []
+    for record in records:
+        tokenizer = run.tokenizers["sft" if record["reading"] == "sft" else "base"]
+        entry = dict(record)
+        for direction in ("promoted", "suppressed"):
+            ids = [item["token_id"] for item in record[direction]]
+            entry[direction] = [{"token_id": item["token_id"], "token": token, "logit": item["logit"]}
+                                for item, token in zip(record[direction], readable_tokens(tokenizer, ids), strict=True)]
+        out.append(entry)
+    return out
 
 
 def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
@@ -363,6 +383,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         ],
         bootstrap={"resamples": run.config.bootstrap, "seed": run.config.seed},
         logit_lens=run.logit_lens.to_dict(),
+        difference_lens=run.difference_lens.to_dict(),
         plan=execution.estimate,
         timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         config_file=run.config.config_file,

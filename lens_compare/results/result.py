@@ -10,6 +10,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from lens_compare.analyses import ANALYSES, TokenAnalysis
+from lens_compare.analyses.difference_lens import POSITIONS as DIFFERENCE_POSITIONS
+from lens_compare.analyses.difference_lens import READINGS
 from lens_compare.errors import LensCompareError
 from lens_compare.metrics.aggregate import (
     aggregated_positions,
@@ -38,7 +40,11 @@ SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
 #    gives the planner's figures; ``top_tokens`` ranks each prompt's own tokens apart from their
 #    shared prefix (``shared_prefix``, ``shared_prefix_tokens``); token strings are readable
 #    (``␣France``, not ``ĠFrance``), each beside its id.
-SCHEMA_VERSION = 4
+# 5: ``difference_lens`` (the difference lens's records; null when it did not run) and
+#    ``provenance.difference_lens``.
+SCHEMA_VERSION = 5
+# The difference lens's DataFrame (``ComparisonResult.difference_lens``).
+DIFFERENCE_LENS_COLUMNS = ("layer", "positions", "reading", "direction", "rank", "token_id", "token", "logit")
 # The DataFrames' hook and metric categories: the residual hooks and metrics, then the analyses'.
 HOOK_COLUMN = (*HOOK_KINDS, *COMPONENTS)
 METRIC_COLUMN = tuple(dict.fromkeys(
@@ -83,6 +89,9 @@ class ComparisonResult:
     noise_floor: "ComparisonResult | None" = field(default=None, repr=False)
     # The layers each analysis covers (the rows of its tensors), where not every captured layer.
     analysis_layers: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    # The difference lens's records (``lens_compare.analyses.difference_lens``), token strings
+    # included; None when it did not run (or the run predates it).
+    difference_lens_records: list[dict[str, Any]] | None = field(default=None, repr=False)
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
     _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -189,6 +198,7 @@ class ComparisonResult:
             "token_classes": {name: {"n_tokens": int(self.positions_mask(name).sum()), **self._records_over(name)}
                               for name in self.token_classes()} or None,
             "top_tokens": self.top_tokens(),
+            "difference_lens": self.difference_lens_records,
             "warnings": self.warnings(),
             "cka": self.cka,
             "noise_floor": None if self.noise_floor is None else {
@@ -252,6 +262,31 @@ class ComparisonResult:
                 entry["shared_prefix_tokens"] = entries(in_prefix[row])
             layers.append(entry)
         return {"hook": hook, "metric": metric, "k": k, "shared_prefix": self.tokens.shared_prefix, "layers": layers}
+
+    def difference_lens(self) -> pd.DataFrame:
+        """The difference lens (``lens_compare.analyses.difference_lens``): one row per layer, token class
+        (``positions``), ``reading`` (``base``, ``sft``, ``logit_difference``), ``direction``
+        (``promoted``, ``suppressed``) and ``rank`` (1: the largest change), with the token's id, its
+        readable string and its ``logit``. Refused, with the reason, for a run without one::
+
+            frame = result.difference_lens()
+            frame.query("reading == 'base' and positions == 'rest' and direction == 'promoted' and rank == 1")
+        """
+        if self.difference_lens_records is None:
+            recorded = self.provenance.difference_lens
+            why = (f"this run's difference lens is off: {recorded['reason']}" if recorded is not None
+                   else "this run was saved before lens_compare had a difference lens (schema_version < 5)")
+            raise LensCompareError(f"{why}; re-run it with the logit lens on (and without --no-difference-lens)")
+        rows = [{"layer": record["layer"], "positions": record["positions"], "reading": record["reading"],
+                 "direction": direction, "rank": rank, "token_id": item["token_id"], "token": item["token"],
+                 "logit": item["logit"]}
+                for record in self.difference_lens_records for direction in ("promoted", "suppressed")
+                for rank, item in enumerate(record[direction], 1)]
+        frame = pd.DataFrame(rows, columns=list(DIFFERENCE_LENS_COLUMNS))
+        for column, categories in (("positions", DIFFERENCE_POSITIONS), ("reading", READINGS),
+                                   ("direction", ("promoted", "suppressed"))):
+            frame[column] = pd.Categorical(frame[column], categories=list(categories))
+        return frame.astype({"layer": "int64", "rank": "int64", "token_id": "int64", "logit": "float64"})
 
     def split_at_shared_prefix(self) -> tuple[Bool[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
         """The aggregates' tokens split at the shared prefix: every prompt's own tokens, and the

@@ -184,8 +184,16 @@ def plan_captures(pair: str, lengths: Sequence[int], config: RunConfig, index: S
     captures = []
     for longest in sorted(set(sources.values()), reverse=True):
         served = [tokens for tokens, source in sources.items() if source == longest and tokens in missing]
-        if served:
-            captures.append(Capture(pair, longest, served, comparisons))
+        if not served:
+            continue
+        riders = tuple(sorted(tokens for tokens, source in sources.items() if source == longest and tokens != longest))
+        ours = comparisons
+        if riders and comparisons[longest].plan().job.difference is not None:
+            # The difference lens's sums cover whole prompts: the capture also sums each rider's first positions.
+            capture = comparisons[longest]
+            ours = {**comparisons, longest: Comparison(capture.config.replace(prefix_lengths=riders),
+                                                       preflight=preflight, held_in_memory=False)}
+        captures.append(Capture(pair, longest, served, ours))
     return captures
 
 

@@ -5,9 +5,11 @@ reads the same per-token values as the first N positions of a run at ``--tokens 
 same prompts, whenever its token ids are the first N of the longer run's (the prompts are cut, or
 padded with filler text whose tokens do not change where the cut falls). Then the shorter run is
 assembled from the longer run's store through ``PrefixView``: its own plan, shard layout and
-provenance, the longer run's per-token metrics cut to N positions. Where the ids differ (a chat
-template wraps the prompt after it is cut), or the run needs the states themselves (CKA, saved
-residuals), the length runs on its own.
+provenance, the longer run's per-token metrics cut to N positions, and the difference lens's
+readings of the longer run's first N positions (the capture computes them when its config's
+``prefix_lengths`` names N: its sums cover whole prompts and cannot be cut afterwards). Where the
+ids differ (a chat template wraps the prompt after it is cut), or the run needs the states
+themselves (CKA, saved residuals), the length runs on its own.
 
 >>> view = PrefixView(store, 10, token_ids)          # doctest: +SKIP
 >>> Comparison(config_at_10).assemble(view)           # doctest: +SKIP
@@ -21,9 +23,10 @@ from lens_compare.engines.store import Key, Kind, Store, Value
 from lens_compare.models.tokens import TokenizedPrompts
 
 # What a prefix view reads: a shard's metrics and noise floor (``[..., prompt, pos]`` tensors,
-# cut to the prefix) and each model's facts (its untrained ids, kept where the prefix has them).
+# cut to the prefix), each model's facts (its untrained ids, kept where the prefix has them) and
+# the difference lens's readings of the prefix.
 _CUT = (Kind.METRICS, Kind.NOISE)
-_READ = (*_CUT, Kind.FACTS, Kind.PLAN)
+_READ = (*_CUT, Kind.FACTS, Kind.PLAN, Kind.DIFFERENCE_LENS)
 
 
 def needs_own_capture(config: RunConfig) -> str | None:
@@ -66,7 +69,8 @@ def capture_lengths(tokenized: Mapping[int, TokenizedPrompts], config: RunConfig
 class PrefixView:
     """A read-only ``Store`` over a longer run's store, as the run at ``length`` tokens would have
     filled it: metrics and noise floor cut to the first ``length`` positions, each model's untrained
-    ids kept where ``token_ids`` (the shorter run's) have them."""
+    ids kept where ``token_ids`` (the shorter run's) have them, the difference lens's readings of
+    the first ``length`` positions (there when the capture was asked for them)."""
 
     def __init__(self, store: Store, length: int, token_ids: tuple[tuple[int, ...], ...]):
         self._store = store
@@ -85,10 +89,14 @@ class PrefixView:
             return {name: values[..., : self._length] for name, values in value.items()}
         if kind is Kind.FACTS:
             return {**value, "untrained": {t: r for t, r in value.get("untrained", {}).items() if t in self._seen}}
+        if kind is Kind.DIFFERENCE_LENS:
+            return {"records": value["prefixes"][str(self._length)]}
         return value
 
     def has(self, kind: Kind, *, role: str | None = None, shard: int | None = None,
             state: int | None = None) -> bool:
+        if kind is Kind.DIFFERENCE_LENS:
+            return self._store.has(kind) and str(self._length) in self._store.get(kind).get("prefixes", {})
         return kind in _READ and self._store.has(kind, role=role, shard=shard, state=state)
 
     def keys(self, kind: Kind, *, role: str | None = None, shard: int | None = None,
