@@ -211,3 +211,26 @@ def test_a_sweep_file_holds_the_sweep_and_its_run_options_and_flags_win(pairs_fi
     (tmp_path / "bad.yaml").write_text("sweep:\n  pairs: tiny\n  workers: two\n")
     assert main(["--config", "bad.yaml"]) == 1
     assert "sweep.workers: expected int, got str 'two'" in capsys.readouterr().err
+
+
+def test_an_unreachable_ray_address_is_one_line_at_once(pairs_file, tmp_path, monkeypatch, capsys):
+    """Ray retries a dead address for minutes; the sweep refuses it in one line, in seconds, before
+    anything loads or its --out is made."""
+    import socket
+    import time
+
+    from lens_compare.sweep import main
+
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    with socket.socket() as probe:  # a port nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    argv = ["--pairs", "tiny", "--pairs-file", str(pairs_file), "--prompt", "hi", "--out", "sw", "--executor", "ray"]
+    assert main([*argv, "--ray-address", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"nothing answers at 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+    assert time.perf_counter() - start < 30 and not (tmp_path / "sw").exists()
+    assert main([*argv, "--ray-address", "nohost"]) == 1
+    assert "expected HOST:PORT" in capsys.readouterr().err

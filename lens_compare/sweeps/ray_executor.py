@@ -124,6 +124,24 @@ class ShardWorker:
         return os.getpid()
 
 
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Refuse, in one line and within ``timeout`` seconds, a ``--ray-address`` where nothing answers
+    (Ray itself retries for minutes). ``auto`` and ``local`` are Ray's own lookups, left to it."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: expected HOST:PORT (the head's, e.g. 10.0.0.1:6379), "
+                          "ray://HOST:10001 for Ray Client, or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(f"--ray-address {address!r}: nothing answers at {host}:{port} ({error.strerror or error}); "
+                          "start the head there with `ray start --head --port PORT`, or leave --ray-address out "
+                          "for a local instance") from None
+
+
 def cluster_machine(nodes: list[dict[str, Any]]) -> tuple[Machine, int]:
     """The machine a dry run plans for on a Ray cluster: its largest node (by GPU memory, else host
     memory), from what each node tells Ray (``GPU``, ``accelerator_type:NAME``, ``memory``), and how
@@ -190,11 +208,17 @@ class RayExecutor:
         if workers < 1:
             raise ConfigError(f"--workers {workers}: expected a whole number of at least 1")
         self.ray = require_ray()
+        if address and not self.ray.is_initialized():
+            check_reachable(address)
         if not self.ray.is_initialized():
             # "local": a new instance on this machine, not whatever cluster happens to run here.
             # No dashboard on a local instance: seconds of start-up and a core's share a sweep does not use.
             local = {} if address else {"include_dashboard": False}
-            self.ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False, **local)
+            try:
+                self.ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False, **local)
+            except (ConnectionError, TimeoutError, RuntimeError) as error:
+                where = f"the Ray cluster at --ray-address {address!r}" if address else "a local Ray instance"
+                raise ConfigError(f"could not connect to {where}: {' '.join(str(error).split())}") from None
         self.workers = workers
         self.check_memory = check_memory
 
