@@ -41,7 +41,8 @@ def _comma_list(item: type, example: str) -> Callable[[str], list]:
         try:
             return [item(part) for part in text.split(",")]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers like {example}") from None
+            kind = "integers" if item is int else "numbers"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {kind} like {example}") from None
 
     return parse
 
@@ -59,6 +60,8 @@ def _argparse_keywords(hint: Any, example: str | None) -> dict[str, Any]:
         return {"choices": typing.get_args(hint)}
     if origin is tuple and typing.get_args(hint)[0] is int:
         return {"type": _comma_list(int, example or "0,5,10")}
+    if origin is tuple and typing.get_args(hint)[0] is float:
+        return {"type": _comma_list(float, example or "0.5,1,2")}
     return {}
 
 

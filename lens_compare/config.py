@@ -144,6 +144,15 @@ class RunConfig:
                                           "promoted and suppressed each", metavar="K")
     difference_lens_first: int = option(5, "the difference lens's first_content class: each prompt's first K "
                                            "content tokens (0: no such class)", metavar="K")
+    steer: bool = option(
+        False, "the steering check: run the base model again with alpha times the difference lens's mean shift "
+               "added to its stream after each of --steer-layers, and report how much of KL(p_sft || p_base) and "
+               "of the top-1 disagreement it removes (one base forward per layer and alpha; default: off)")
+    steer_layers: tuple[int, ...] = option(
+        (), "layers the steering check steers at (default: the verdict's spread of up to 5 captured layers)",
+        metavar="1,4,8")
+    steer_alphas: tuple[float, ...] = option((0.5, 1.0, 2.0), "the steering check's multiples of the mean shift",
+                                             metavar="0.5,1,2")
     prefix_lengths: tuple[int, ...] = option(
         (), "shorter token lengths read off this run's capture (set by lens_compare's sweeps): the difference "
             "lens also sums and reads each one's first positions", flag=None, keyword=None)
@@ -260,6 +269,14 @@ class RunConfig:
         if self.difference_lens and self.logit_lens == "off":
             problems.append(f"{path}.difference_lens: the difference lens reads through the heads the logit lens "
                             "loads, and the logit lens is off (--no-logit-lens); drop one of the two")
+        if self.steer and self.difference_lens is False:
+            problems.append(f"{path}.steer: the steering check adds the difference lens's mean shift, and the "
+                            "difference lens is off (--no-difference-lens); drop one of the two")
+        if self.steer and self.logit_lens == "off":
+            problems.append(f"{path}.steer: the steering check needs the difference lens, which reads through the "
+                            "logit lens's heads, and the logit lens is off (--no-logit-lens); drop one of the two")
+        if not self.steer_alphas:
+            problems.append(f"{path}.steer_alphas: give at least one multiple, e.g. 0.5,1,2")
         if self.shard_size is not None and self.shard_size < 1:
             problems.append(f"{path}.shard_size: must be >= 1 prompt, got {self.shard_size}")
         if self.gpus is not None and (

@@ -294,7 +294,7 @@ def test_json_dataframe_figure_and_saved_runs(perturbed_llama, tmp_path, capsys)
                  "--out", str(tmp_path), "-q"]) == 0
     written = [Path(line) for line in capsys.readouterr().out.split()]
     document = json.loads(next(p for p in written if p.suffix == ".json").read_text())
-    assert document["schema_version"] == 5
+    assert document["schema_version"] == 6
     provenance = document["provenance"]["difference_lens"]
     assert provenance["on"] and provenance["top"] == 3 and provenance["layers"] == [0, 1, 2]
     assert set(provenance["n_tokens"]) == {"rest", "first_content"}

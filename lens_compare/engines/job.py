@@ -9,6 +9,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from lens_compare.analyses.difference_lens import DifferenceLens
+from lens_compare.analyses.steering import Steering
 from lens_compare.engines.shards import ShardLayout
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.refs import Side
@@ -49,6 +50,8 @@ class Job:
     # The difference lens (its layers, token classes and their masks over ``real``); None for none.
     # It reads through the logit lens's heads, so it runs only beside the lens.
     difference: DifferenceLens | None = None
+    # The steering check (its layers and multiples of δ); None for none. It needs the difference lens.
+    steering: Steering | None = None
     # Measure the noise floor after the run (``lens_compare.engines.noise_floor``; needs keep_states).
     noise_floor: bool = False
     # The shards this call runs (None: every one); an engine skips those the store holds already.

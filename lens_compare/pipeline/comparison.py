@@ -33,6 +33,8 @@ from lens_compare.config import RunConfig
 from lens_compare.engines import Job, engine_for
 from lens_compare.engines.noise_floor import run_noise_floor
 from lens_compare.engines.shards import ShardLayout
+from lens_compare.engines.steering import missing as missing_steering
+from lens_compare.engines.steering import run_steering, steering_due
 from lens_compare.engines.store import Kind, MemoryStore, RunFolder, Store
 from lens_compare.models.fingerprint import document_fingerprint
 from lens_compare.pipeline.execution import Execution
@@ -123,11 +125,13 @@ class Comparison:
     def pending(self, store: Store) -> list[int]:
         """The shards ``store`` does not hold yet (metrics, and the noise floor where measured). With the
         difference lens, a store that holds every shard but not the lens's readings (an interruption
-        after the last shard's sums) lists the last shard: running it computes the readings alone."""
+        after the last shard's sums) lists the last shard: running it computes the readings alone.
+        With the steering check, a store that holds all that lists the shards that lack their steering
+        sums: running any of them computes every one's (they need the whole run's δ)."""
         missing = self.missing_shards(store)
         if not missing and self.missing_readings(store):
             return [self.plan().layout.count - 1]
-        return missing
+        return missing or missing_steering(self.plan().job, store)
 
     def missing_shards(self, store: Store) -> list[int]:
         """The shards whose metrics (and noise floor, where measured) ``store`` lacks."""
@@ -158,6 +162,8 @@ class Comparison:
         engine_for(planned.execution.schedule)(job, store)
         if job.noise_floor:
             run_noise_floor(job, planned.execution.schedule, store)
+        if steering_due(job, store):
+            run_steering(job, store)
         return time.perf_counter() - start
 
     def run_shard(self, shard: int, store: Store) -> float:
@@ -178,6 +184,10 @@ class Comparison:
         if self.missing_readings(store):
             raise RuntimeError("cannot assemble: the store holds every shard but not the difference lens's readings "
                                "(computed once every shard's sums are in); run(store) computes them")
+        if missing_steering(planned.job, store):
+            raise RuntimeError("cannot assemble: the store holds every shard but not all of the steering check's "
+                               "sums (computed once the difference lens's mean shift is known); run(store) "
+                               "computes them")
         return assemble(planned.run, planned.job, planned.execution, store, keep_residuals=self.keep_residuals)
 
 

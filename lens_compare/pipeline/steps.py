@@ -22,6 +22,8 @@ import torch
 
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
+from lens_compare.analyses.difference_lens import add_sums
+from lens_compare.analyses.steering import Steering, spread_layers, steering_records
 from lens_compare.config import RunConfig, fingerprinted
 from lens_compare.demo.fine_tune import demo_checkpoint
 from lens_compare.engines import Job
@@ -149,7 +151,29 @@ def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_s
                component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
                lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
                 difference=run.difference_lens if run.difference_lens.on else None,
+                steering=choose_steering(run, execution),
                 noise_floor=run.config.noise_floor, base_lacks=run.tokenized.base_lacks)
+
+
+def choose_steering(run: PreparedRun, execution: Execution) -> Steering | None:
+    """The steering check of a run (``--steer``), or None; refused before anything loads where it
+    cannot run: without the difference lens, at a layer it does not read, or streamed."""
+    config = run.config
+    if not config.steer:
+        return None
+    lens = run.difference_lens
+    if not lens.on or "rest" not in lens.positions:
+        raise ConfigError(f"--steer adds the difference lens's mean shift over the rest tokens, and the difference "
+                          f"lens is off here ({lens.reason}); drop --steer")
+    if execution.schedule == "stream":
+        raise ConfigError("--steer runs the base model through TransformerBridge hooks, which the stream strategy "
+                          "does not load; use --strategy resident or sequential, or drop --steer")
+    outside = [layer for layer in config.steer_layers if layer not in lens.layers]
+    if outside:
+        raise ConfigError(f"--steer-layers {','.join(map(str, outside))}: not captured layers, so no mean shift is "
+                          f"known there; pick from {','.join(map(str, lens.layers))}")
+    layers = tuple(sorted(set(config.steer_layers))) or spread_layers(lens.layers)
+    return Steering(layers, tuple(float(alpha) for alpha in config.steer_alphas))
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -253,6 +277,7 @@ def assemble(
         noise_floor=noise_floor_result(run, job, store, width, provenance, token_strings) if job.noise_floor else None,
         analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
         difference_lens_records=_difference_lens(run, job, store),
+        steering_records=_steering(job, store),
     )
     for warning in result.warnings():
         logger.warning(warning)
@@ -298,6 +323,14 @@ def _difference_lens(run: PreparedRun, job: Job, store: Store) -> list[dict[str,
                                 for item, token in zip(record[direction], readable_tokens(tokenizer, ids), strict=True)]
         out.append(entry)
     return out
+
+
+def _steering(job: Job, store: Store) -> list[dict[str, Any]] | None:
+    """The steering check's records from every shard's sums (None where it did not run)."""
+    if job.steering is None:
+        return None
+    sums = add_sums(store.get(Kind.STEERING, shard=shard) for shard in range(job.layout.count))
+    return steering_records(sums, job.steering.layers, job.steering.alphas, "run")
 
 
 def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:

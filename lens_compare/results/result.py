@@ -42,7 +42,11 @@ SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
 #    (``␣France``, not ``ĠFrance``), each beside its id.
 # 5: ``difference_lens`` (the difference lens's records; null when it did not run) and
 #    ``provenance.difference_lens``.
-SCHEMA_VERSION = 5
+# 6: ``steering`` (the steering check's records, ``--steer``; null when it did not run).
+SCHEMA_VERSION = 6
+# The steering check's DataFrame (``ComparisonResult.steering``): its records' keys.
+STEERING_COLUMNS = ("layer", "alpha", "prompts", "n_tokens", "kl_base", "kl_steered", "fraction_kl", "top1_base",
+                    "top1_steered", "fraction_top1", "best_alpha")
 # The difference lens's DataFrame (``ComparisonResult.difference_lens``).
 DIFFERENCE_LENS_COLUMNS = ("layer", "positions", "reading", "direction", "rank", "token_id", "token", "logit")
 # The DataFrames' hook and metric categories: the residual hooks and metrics, then the analyses'.
@@ -92,6 +96,8 @@ class ComparisonResult:
     # The difference lens's records (``lens_compare.analyses.difference_lens``), token strings
     # included; None when it did not run (or the run predates it).
     difference_lens_records: list[dict[str, Any]] | None = field(default=None, repr=False)
+    # The steering check's records (``lens_compare.analyses.steering``); None when it did not run.
+    steering_records: list[dict[str, Any]] | None = field(default=None, repr=False)
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
     _records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -199,6 +205,7 @@ class ComparisonResult:
                               for name in self.token_classes()} or None,
             "top_tokens": self.top_tokens(),
             "difference_lens": self.difference_lens_records,
+            "steering": self.steering_records,
             "warnings": self.warnings(),
             "cka": self.cka,
             "noise_floor": None if self.noise_floor is None else {
@@ -287,6 +294,18 @@ class ComparisonResult:
                                    ("direction", ("promoted", "suppressed"))):
             frame[column] = pd.Categorical(frame[column], categories=list(categories))
         return frame.astype({"layer": "int64", "rank": "int64", "token_id": "int64", "logit": "float64"})
+
+    def steering(self) -> pd.DataFrame:
+        """The steering check (``lens_compare.analyses.steering``): one row per steered layer and α,
+        with the fraction of KL(p_sft ‖ p_base) and of the top-1 disagreement the steering removes and
+        each layer's ``best_alpha``. Refused for a run without one::
+
+            result.steering().pivot(index="layer", columns="alpha", values="fraction_kl")
+        """
+        if self.steering_records is None:
+            raise LensCompareError("this run has no steering check (it ran without --steer, or was saved before "
+                                   "lens_compare had one: schema_version < 6); re-run it with --steer")
+        return pd.DataFrame(self.steering_records, columns=list(STEERING_COLUMNS))
 
     def split_at_shared_prefix(self) -> tuple[Bool[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
         """The aggregates' tokens split at the shared prefix: every prompt's own tokens, and the

@@ -14,6 +14,7 @@ layer and how many times the pair's drift exceeds it.
 
 import torch
 
+from lens_compare.analyses.steering import spread_layers
 from lens_compare.metrics.aggregate import aggregated_positions
 
 ROWS = 5
@@ -28,8 +29,7 @@ def verdict(result, rows: int = ROWS, noise_floor=None) -> str:
     floor = {} if noise_floor is None else {
         r["layer"]: (r["relative_l2"] or {}).get("mean") for r in noise_floor.layer_records(positions)["resid_post"]}
     layers = list(result.layers)
-    count = min(rows, len(layers))
-    picks = sorted({layers[round(i * (len(layers) - 1) / max(count - 1, 1))] for i in range(count)})
+    picks = list(spread_layers(tuple(layers), rows))
     means = {layer: (records[layer]["relative_l2"] or {}).get("mean") for layer in layers}
     defined = {layer: value for layer, value in means.items() if value is not None}
     worst = max(defined, key=defined.get) if defined else None

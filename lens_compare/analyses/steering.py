@@ -1,0 +1,101 @@
+"""The steering check: how much of the fine-tune the difference lens's mean shift explains.
+
+The base model runs again with α·δ_l added to its residual stream after block l (``resid_post``)
+at every position, δ_l the difference lens's mean SFT-minus-base shift of that layer over the
+``rest`` tokens. Over the ``rest`` tokens (every real token but position 0), each model's final
+next-token distribution is compared with the SFT model's:
+
+- ``kl_base`` = mean KL(p_sft ‖ p_base), ``kl_steered`` = mean KL(p_sft ‖ p_base+αδ) (natural log);
+  ``fraction_kl`` = 1 - kl_steered / kl_base: 1 when steering turns the base model into the SFT
+  one, 0 when it changes nothing the KL sees, negative when it moves away;
+- ``top1_base``, ``top1_steered``: the share of tokens whose top-1 prediction is the SFT model's;
+  ``fraction_top1`` = (top1_steered - top1_base) / (1 - top1_base).
+
+A shard gives sums (``steering_sums``: Σ KL and Σ agreement in float64, the token count), which add
+up over shards (``add_sums`` of the difference lens), and ``steering_records`` divides the run's once.
+Logits are compared in float32 over the ids both models share (the caller slices them).
+
+>>> steering_records({"kl_base": torch.tensor(2.0, dtype=torch.float64), ...}, (1,), (1.0,), "run")  # doctest: +SKIP
+[{'layer': 1, 'alpha': 1.0, 'kl_base': 0.5, 'kl_steered': 0.1, 'fraction_kl': 0.8, ...}]
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+ALPHAS = (0.5, 1.0, 2.0)
+VERDICT_ROWS = 5
+
+
+@dataclass(frozen=True)
+class Steering:
+    """What the steering check does in a run: steer at ``layers`` (each a difference-lens layer) by
+    each of ``alphas`` times that layer's δ over the ``rest`` tokens."""
+
+    layers: tuple[int, ...]
+    alphas: tuple[float, ...] = ALPHAS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON's ``provenance.steering``."""
+        return {"layers": list(self.layers), "alphas": list(self.alphas), "positions": "rest"}
+
+
+def spread_layers(layers: tuple[int, ...], rows: int = VERDICT_ROWS) -> tuple[int, ...]:
+    """Up to ``rows`` of ``layers`` spread evenly from the first to the last, as the verdict picks
+    its rows.
+
+    >>> spread_layers(tuple(range(30)))
+    (0, 7, 14, 22, 29)
+    """
+    count = min(rows, len(layers))
+    return tuple(sorted({layers[round(i * (len(layers) - 1) / max(count - 1, 1))] for i in range(count)}))
+
+
+def token_divergence(
+    sft_logits: Float[Tensor, "batch pos vocab"], logits: Float[Tensor, "batch pos vocab"],
+    mask: Bool[Tensor, "batch pos"],
+) -> tuple[Tensor, Tensor]:
+    """Σ KL(p_sft ‖ p) and Σ [argmax p == argmax p_sft] over the ``mask`` tokens, float64 scalars
+    (each token's in float32).
+
+    >>> logits = torch.randn(1, 3, 5)
+    >>> [float(x) for x in token_divergence(logits, logits, torch.ones(1, 3, dtype=torch.bool))]
+    [0.0, 3.0]
+    """
+    sft = torch.log_softmax(sft_logits[mask].float(), dim=-1)
+    own = torch.log_softmax(logits[mask].float(), dim=-1)
+    kl = (sft.exp() * (sft - own)).sum(dim=-1)
+    agree = sft.argmax(dim=-1) == own.argmax(dim=-1)
+    return kl.double().sum().cpu(), agree.double().sum().cpu()
+
+
+def steering_records(sums: dict[str, Tensor], layers: tuple[int, ...], alphas: tuple[float, ...],
+                     prompts: str) -> list[dict[str, Any]]:
+    """The records of a run's summed ``sums`` (``kl_base``, ``top1_base`` scalars, ``kl`` and ``top1``
+    [layer, alpha], ``count``): one per layer and α, in that order, each with its layer's
+    ``best_alpha`` (the α whose ``fraction_kl`` is largest)."""
+    count = float(sums["count"])
+    if count == 0:
+        return []
+    kl_base = float(sums["kl_base"]) / count
+    top1_base = float(sums["top1_base"]) / count
+    records = []
+    for row, layer in enumerate(layers):
+        found = []
+        for column, alpha in enumerate(alphas):
+            kl = float(sums["kl"][row, column]) / count
+            top1 = float(sums["top1"][row, column]) / count
+            found.append({
+                "layer": layer, "alpha": alpha, "prompts": prompts, "n_tokens": int(count),
+                "kl_base": kl_base, "kl_steered": kl,
+                "fraction_kl": 1.0 - kl / kl_base if kl_base > 0 else float("nan"),
+                "top1_base": top1_base, "top1_steered": top1,
+                "fraction_top1": (top1 - top1_base) / (1.0 - top1_base) if top1_base < 1 else float("nan"),
+            })
+        scored = [record for record in found if record["fraction_kl"] == record["fraction_kl"]]
+        best = max(scored, key=lambda record: record["fraction_kl"])["alpha"] if scored else None
+        records.extend({**record, "best_alpha": best} for record in found)
+    return records
