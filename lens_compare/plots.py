@@ -395,6 +395,25 @@ def cka_matrix(result, estimator: str = "linear", *, ax=None):
     return figure
 
 
+def steering_curves(result, metric: str = "fraction_kl", *, ax=None):
+    """The steering check (``--steer``): the fraction of the fine-tune's KL (``fraction_kl``) or
+    top-1 disagreement (``fraction_top1``) that adding α·δ_l to the base model removes, against the
+    steered layer, one line per α (1: steering there turns the base model into the SFT one)."""
+    if metric not in ("fraction_kl", "fraction_top1"):
+        raise LensCompareError(f"metric {metric!r}: expected 'fraction_kl' or 'fraction_top1'")
+    frame = result.steering()
+    figure, ax = (_subplots((6.2, 4.0)) if ax is None else (ax.figure, ax))
+    for alpha, rows in frame.groupby("alpha", sort=True):
+        ax.plot(rows["layer"], rows[metric], marker="o", label=f"α = {alpha:g}")
+    ax.axhline(1.0, color="0.6", lw=0.8, ls="--")
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlabel("steered layer (resid_post)")
+    ax.set_ylabel("fraction explained" + (" (KL)" if metric == "fraction_kl" else " (top-1)"))
+    ax.set_title(f"{_label(result)}: base + α·δ against the SFT model", fontsize=10)
+    ax.legend(fontsize=7)
+    return figure
+
+
 # What each difference-lens reading is, for a figure's title.
 READING_TITLES = {
     "base": "read by the base model, W_U_base · norm_base(δ)",
@@ -569,6 +588,8 @@ def standard_figures(result, noise_floor: Any = None) -> dict[str, Any]:
         figures["logit_lens"] = logit_lens_curves(result)
     if result.difference_lens_records:
         figures["difference_lens"] = difference_lens_table(result)
+    if result.steering_records:
+        figures["steering"] = steering_curves(result)
     if result.cka is not None:
         figures["cka"] = cka_matrix(result)
     if result.metrics is not None:

@@ -192,13 +192,15 @@ def test_flags_json_saved_runs_and_refusals(perturbed_llama, tmp_path, capsys):
     base, sft, _ = perturbed_llama
     assert main(["--base", str(base), "--sft", str(sft), *(a for p in PROMPTS[:3] for a in ("--prompt", p)),
                  "--logit-lens", "all", "--bootstrap", "0", "--steer", "--steer-layers", "1",
-                 "--steer-alphas", "1,2", "--out", str(tmp_path), "-q"]) == 0
+                 "--steer-alphas", "1,2", "--plots", "--out", str(tmp_path), "-q"]) == 0
     written = [Path(line) for line in capsys.readouterr().out.split()]
     path = next(p for p in written if p.suffix == ".json")
     document = json.loads(path.read_text())
     assert document["schema_version"] == 6
     assert [(r["layer"], r["alpha"]) for r in document["steering"]] == [(1, 1.0), (1, 2.0)]
     assert list(load_run(path).steering()["alpha"]) == [1.0, 2.0]
+    figure = next(p for p in written if p.name.endswith(".steering.png"))
+    assert figure.stat().st_size > 10_000
 
     old = json.loads(json.dumps(document))
     old["schema_version"] = 5
