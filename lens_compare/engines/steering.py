@@ -67,7 +67,6 @@ def shard_steering(job: Job, shard: int, base_bridge, sft_bridge, delta: Float[T
     top1 = torch.zeros_like(kl)
     kl_base = torch.zeros((), dtype=torch.float64)
     top1_base = torch.zeros_like(kl_base)
-    dtype = next(base_bridge.parameters()).dtype
     with torch.inference_mode():
         for start in range(0, token_ids.shape[0], job.batch_size):
             batch_real = real[start:start + job.batch_size]
@@ -82,7 +81,8 @@ def shard_steering(job: Job, shard: int, base_bridge, sft_bridge, delta: Float[T
             for row, layer in enumerate(steering.layers):
                 for column, alpha in enumerate(steering.alphas):
                     def add(resid, hook, shift=alpha * delta[row]):
-                        return resid + shift.to(device=resid.device, dtype=dtype)
+                        # The stream's own dtype, not a parameter's (an NF4 model's weights are uint8).
+                        return resid + shift.to(device=resid.device, dtype=resid.dtype)
 
                     steered = _logits(base_bridge, ids, batch_real, vocab, [(resid_post(layer), add)])
                     found = token_divergence(sft, steered, mask)
