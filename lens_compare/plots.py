@@ -561,10 +561,18 @@ def training_curve(report: dict[str, Any], *, window: int = 5, ax=None):
 
 
 def save_figure(figure, path: Path) -> Path:
-    """Write ``figure`` as a PNG at ``path`` (atomically)."""
+    """Write ``figure`` as a PNG at ``path`` (atomically). A token whose script the font lacks (the
+    difference lens lists CJK tokens) is drawn as boxes, without a warning per glyph."""
+    import warnings
+
     from lens_compare.util.outputs import write_atomically
 
-    return write_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    def save(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+            figure.savefig(tmp, format="png", dpi=110)
+
+    return write_atomically(Path(path), save)
 
 
 STANDARD = ("cosine", "relative_l2", "norms", "cosine_prev", "components", "logit_lens", "difference_lens", "cka",
