@@ -46,3 +46,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_planner_memory.py
 	$(BIN)/python benchmarks/bench_strategies.py
 	$(BIN)/python benchmarks/bench_stream.py
+	$(BIN)/python benchmarks/bench_sweep.py

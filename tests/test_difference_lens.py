@@ -24,7 +24,7 @@ from lens_compare.pipeline.execution import Execution
 from lens_compare.results.saved import load_run
 from lens_compare.run import main
 from tests.fixtures.ranks import ranked_difference
-from tests.fixtures.tiny_models import build_tiny_model
+from tests.fixtures.tiny_models import build_tiny_model, planted_pair
 
 PROMPTS = ("the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding",
            "two plus two is four", "the train leaves the station at seven", "water boils at one hundred degrees")
@@ -123,23 +123,10 @@ def test_readings_against_numpy_from_the_saved_residuals(family, tiny_model_dirs
                     assert [item["token"] for item in found] == list(readable_tokens(tokenizer, order[:4].tolist()))
 
 
-def _planted_pair(root: Path, block: int, token: int, size: float) -> tuple[Path, Path]:
-    """A tiny Llama with MLP biases, and a copy whose block ``block`` adds ``size`` times token
-    ``token``'s unembedding row at every position (its MLP's output bias), the head unchanged."""
-    base = build_tiny_model("llama", root / "base", n_layers=4, config_overrides={"mlp_bias": True})
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    row = model.get_output_embeddings().weight[token].detach()
-    with torch.no_grad():
-        model.model.layers[block].mlp.down_proj.bias.add_(size * row / row.norm())
-    sft = root / "sft"
-    shutil.copytree(base, sft)
-    model.save_pretrained(str(sft))
-    return base, sft
-
-
 def test_a_planted_direction_is_the_top_promoted_token_from_its_block_on(tmp_path):
     block, token = 1, 200
-    base, sft = _planted_pair(tmp_path, block, token, size=100.0)
+    # The SFT copy's block adds a multiple of token 200's unembedding row.
+    base, sft = planted_pair(tmp_path, block, lambda model: model.get_output_embeddings().weight[token], size=100.0)
     result = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS[:3], bootstrap=0, logit_lens="all",
                                   check_memory=False)
     frame = result.difference_lens()

@@ -3,7 +3,6 @@ planted shift that steering at its block explains whole, shards and resumed run 
 options' refusals."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from lens_compare.pipeline.comparison import Comparison, open_run_folder, run_co
 from lens_compare.pipeline.execution import Execution
 from lens_compare.results.saved import load_run
 from lens_compare.run import main
-from tests.fixtures.tiny_models import build_tiny_model
+from tests.fixtures.tiny_models import planted_pair
 
 PROMPTS = ("the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding",
            "two plus two is four", "the train leaves the station at seven", "water boils at one hundred degrees")
@@ -111,22 +110,11 @@ def test_records_against_hf_forwards_with_a_torch_hook(perturbed_llama):
     assert expected[1, 1.0][2] != expected[1, 1.0][0], "the hook really changed the base model's output"
 
 
-def _planted_pair(root: Path, block: int, size: float) -> tuple[Path, Path]:
-    """A tiny Llama with MLP biases, and a copy whose block ``block`` adds one fixed vector at every
-    position (its MLP's output bias): after that block the SFT stream is the base one plus it."""
-    base = build_tiny_model("llama", root / "base", n_layers=4, config_overrides={"mlp_bias": True})
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        model.model.layers[block].mlp.down_proj.bias.add_(size * vector / vector.norm())
-    sft = root / "sft"
-    shutil.copytree(base, sft)
-    model.save_pretrained(str(sft))
-    return base, sft
-
-
 def test_steering_at_the_planted_block_explains_the_whole_fine_tune(tmp_path):
-    base, sft = _planted_pair(tmp_path, block=1, size=20.0)
+    def fixed(model):  # one seeded vector, not a token's row
+        return torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+
+    base, sft = planted_pair(tmp_path, 1, fixed, size=20.0)
     result = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS[:4], bootstrap=0, logit_lens="all",
                                   steer=True, steer_layers=(0, 1), check_memory=False)
     frame = result.steering()

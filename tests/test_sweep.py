@@ -167,12 +167,13 @@ def test_the_progress_bar_counts_runs_moves_with_the_shards_and_writes_a_line_pe
     left = [0, 1, 2, 3]
     seen = []
     with SweepProgress(total=4, initial=1, poll_seconds=0.01) as progress:
-        with progress.capture("tiny", 12, runs=2, pending=lambda: list(left), shards=4):
-            for _ in range(3):
-                left.pop()
-                event = threading.Event()
-                event.wait(0.05)
-                seen.append(progress.done)
+        progress.watch("capture", "tiny", 12, runs=2, pending=lambda: list(left), shards=4)
+        for _ in range(3):
+            left.pop()
+            event = threading.Event()
+            event.wait(0.05)
+            seen.append(progress.done)
+        progress.unwatch("capture")
         assert seen[-1] == pytest.approx(1 + 2 * 3 / 4)
         assert seen == sorted(seen)
         progress.finished(SweepEntry("tiny", 12, "done", json="tiny-12tok.json", captured_at=12, strategy="resident",

@@ -8,15 +8,15 @@ Ray actors on other nodes (they write the same folders), one capture at a time o
 that ends (done, failed or refused) puts the bar at its whole count and writes one line above it.
 
 >>> with SweepProgress(total=8, initial=0) as progress:                  # doctest: +SKIP
-...     with progress.capture("qwen7b", 250, runs=4, pending=lambda: comparison.pending(folder), shards=12):
-...         comparison.run(folder)
+...     progress.watch(key, "qwen7b", 250, runs=4, pending=lambda: comparison.pending(folder), shards=12)
+...     comparison.run(folder)
+...     progress.unwatch(key)
 ...     progress.finished(entry)
 """
 
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from lens_compare.sweeps.index import SweepEntry
@@ -120,17 +120,6 @@ class SweepProgress:
     def unwatch(self, key: Hashable) -> None:
         with self._lock:
             self._watched.pop(key, None)
-
-    @contextmanager
-    def capture(self, pair: str, tokens: int, *, runs: int, pending: Callable[[], list[int]],
-                shards: int) -> Iterator[None]:
-        """``watch`` while the body runs."""
-        key = object()
-        self.watch(key, pair, tokens, runs=runs, pending=pending, shards=shards)
-        try:
-            yield
-        finally:
-            self.unwatch(key)
 
     def finished(self, entry: SweepEntry) -> None:
         """A run has ended: count it whole and write its line."""
