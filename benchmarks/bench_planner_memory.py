@@ -48,7 +48,7 @@ import lens_compare
 from lens_compare.pipeline import comparison
 from lens_compare.pipeline import steps as pipeline
 from lens_compare.pipeline import preflight
-from lens_compare.engines import bridge, stream
+from lens_compare.engines import bridge, loaded, stream
 GIB = 2**30
 case = json.loads(sys.argv[1])
 cuda = case["device"].startswith("cuda")
@@ -105,8 +105,8 @@ def forward_label():
     return f"{'sft' if len(loads) > 1 else 'base'} forward" if seen["schedule"] == "sequential" else "forward"
 
 
-marked(bridge, "load_hf_model", load_label)
-marked(bridge, "capture_states", forward_label)
+marked(loaded, "load_hf_model", load_label)
+marked(loaded, "capture_states", forward_label)
 marked(bridge, "logit_lens_metrics", "lens")
 marked(stream, "logit_lens_metrics", "lens")
 marked(stream.StreamedModel, "embed", "embed")

@@ -153,6 +153,10 @@ class RunConfig:
         metavar="1,4,8")
     steer_alphas: tuple[float, ...] = option((0.5, 1.0, 2.0), "the steering check's multiples of the mean shift",
                                              metavar="0.5,1,2")
+    steer_prompts: str | None = option(
+        None, "held-out prompts for the steering check, read as --prompts-file reads its file and tokenized as the "
+              "run's prompts are: the mean shift comes from the run's prompts, and the check is also reported on "
+              "these (records labelled held_out)", metavar="FILE")
     prefix_lengths: tuple[int, ...] = option(
         (), "shorter token lengths read off this run's capture (set by lens_compare's sweeps): the difference "
             "lens also sums and reads each one's first positions", flag=None, keyword=None)
@@ -275,6 +279,9 @@ class RunConfig:
         if self.steer and self.logit_lens == "off":
             problems.append(f"{path}.steer: the steering check needs the difference lens, which reads through the "
                             "logit lens's heads, and the logit lens is off (--no-logit-lens); drop one of the two")
+        if self.steer_prompts and self.steer is False:
+            problems.append(f"{path}.steer_prompts: held-out prompts are for the steering check, which is off "
+                            "(steer: false); drop one of them")
         if not self.steer_alphas:
             problems.append(f"{path}.steer_alphas: give at least one multiple, e.g. 0.5,1,2")
         if self.shard_size is not None and self.shard_size < 1:

@@ -197,12 +197,12 @@ def _tiny_cpu(monkeypatch) -> None:
 )
 def test_bad_strategy_input_is_one_line_and_leaves_no_file(extra, setup, message, tiny_model_dirs, tmp_path,
                                                           capsys, monkeypatch):
-    from lens_compare.engines import bridge
+    from lens_compare.engines import loaded as model_loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(bridge, "load_hf_model", refuse)
+    monkeypatch.setattr(model_loading, "load_hf_model", refuse)
     setup(monkeypatch)
     model = str(tiny_model_dirs["llama"])
     code, _, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "hello", "--out", "res", *extra)
@@ -298,14 +298,14 @@ def test_unreachable_hub_reads_the_local_cache_at_once(monkeypatch):
 def test_one_token_prompts_are_refused_before_loading_unless_position_0_is_aggregated(tiny_model_dirs, tmp_path,
                                                                                        capsys, monkeypatch):
     """Position 0 is left out of the aggregates: prompts of one token leave nothing to aggregate."""
-    from lens_compare.engines import bridge
+    from lens_compare.engines import loaded as model_loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
     model = str(tiny_model_dirs["llama"])
     with monkeypatch.context() as patch:
-        patch.setattr(bridge, "load_hf_model", no_loading)
+        patch.setattr(model_loading, "load_hf_model", no_loading)
         code, _, err = run_cli(capsys, "--base", model, "--sft", model, "--prompt", "", "--out", "res")
     assert code == 1 and "every prompt is a single token" in err and "--include-first-token" in err
     assert len(err.strip().splitlines()) == 1

@@ -300,7 +300,7 @@ def test_shared_ids_that_name_different_tokens_refuse_the_lens_before_loading(ti
     metrics can run (--no-logit-lens), the lens cannot; it is refused in one line, before loading."""
     import shutil
 
-    from lens_compare.engines import bridge
+    from lens_compare.engines import loaded as model_loading
 
     other = tmp_path / "renamed"
     shutil.copytree(tiny_model_dirs["llama"], other)
@@ -311,7 +311,7 @@ def test_shared_ids_that_name_different_tokens_refuse_the_lens_before_loading(ti
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (other / name).is_file():
             (other / name).write_text((other / name).read_text().replace("<|system|>", "<|tool|>"))
-    monkeypatch.setattr(bridge, "load_hf_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(model_loading, "load_hf_model", lambda *a, **k: pytest.fail("a model was loaded"))
     names = rf"id {index} is '<\|system\|>' in the base tokenizer and '<\|tool\|>' in the"
     with pytest.raises(ConfigError, match=names):
         lens_compare.compare(base=str(tiny_model_dirs["llama"]), sft=str(other), prompts=["hello world"])

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 import lens_compare
-from lens_compare.engines import bridge
+from lens_compare.engines import loaded as model_loading
 from lens_compare.errors import HardwareError
 from lens_compare.hardware import Machine
 from lens_compare.hardware.local_run import GpuFacts
@@ -22,7 +22,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(bridge, "load_hf_model", refuse)
+    monkeypatch.setattr(model_loading, "load_hf_model", refuse)
 
 
 def test_run_that_cannot_fit_is_refused_before_loading(tiny_model_dirs, monkeypatch, no_weights):

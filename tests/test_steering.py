@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import lens_compare
 from lens_compare import RunConfig
+from lens_compare.engines import loaded as loaded_module
 from lens_compare.engines import steering as steering_engine
 from lens_compare.engines.store import Kind
 from lens_compare.errors import ConfigError, LensCompareError
@@ -74,40 +75,106 @@ def _numpy_kl_top1(sft: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     return (np.exp(ls) * (ls - lo)).sum(-1).sum(), (ls.argmax(-1) == lo.argmax(-1)).sum()
 
 
+def _hf_models(base_dir, sft_dir) -> dict:
+    return {role: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+            for role, path in (("base", base_dir), ("sft", sft_dir))}
+
+
+def _hf_expected(models: dict, run_prompts: list, measured: list, layers: tuple, alphas: tuple) -> tuple[dict, int]:
+    """Per (layer, α): mean KL(p_sft ‖ p_base), top-1 agreement, and the same steered, over positions
+    1.. of ``measured``, with δ_l the mean over positions 1.. of ``run_prompts`` of (sft - base) at
+    decoder layer l's output; and the token count."""
+    shifts, n = {}, 0
+    for ids in run_prompts:
+        kept = {role: {} for role in models}
+        for role, model in models.items():
+            _hf_logits(model, ids, keep=kept[role])
+        for layer in layers:
+            shifts[layer] = shifts.get(layer, 0) + (kept["sft"][layer][1:] - kept["base"][layer][1:]).double().sum(0)
+        n += len(ids) - 1
+    count = sum(len(ids) - 1 for ids in measured)
+    expected = {}
+    for layer in layers:
+        for alpha in alphas:
+            shift = (alpha * shifts[layer] / n).float()
+            totals = np.zeros(4)
+            for ids in measured:
+                sft = _hf_logits(models["sft"], ids)
+                totals[:2] += _numpy_kl_top1(sft, _hf_logits(models["base"], ids))
+                totals[2:] += _numpy_kl_top1(sft, _hf_logits(models["base"], ids, layer, shift))
+            expected[layer, alpha] = totals / count
+    return expected, count
+
+
+def _assert_expected(records: list, expected: dict, count: int, prompts: str) -> None:
+    assert len(records) == len(expected)
+    for record in records:
+        kl_base, top1_base, kl, top1 = expected[record["layer"], record["alpha"]]
+        assert record["n_tokens"] == count and record["prompts"] == prompts
+        np.testing.assert_allclose([record["kl_base"], record["kl_steered"]], [kl_base, kl], rtol=1e-4, atol=1e-9)
+        assert (record["top1_base"], record["top1_steered"]) == pytest.approx((top1_base, top1))
+        assert record["fraction_kl"] == pytest.approx(1 - kl / kl_base, rel=1e-4)
+
+
 def test_records_against_hf_forwards_with_a_torch_hook(perturbed_llama):
     base_dir, sft_dir, _ = perturbed_llama
     result = run_comparison(_config(base_dir, sft_dir, steer_layers=(1, 2), steer_alphas=(0.5, 1.0)),
                             preflight=_cpu("resident"))
-    models = {role: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
-              for role, path in (("base", base_dir), ("sft", sft_dir))}
     prompts = [list(ids) for ids in result.tokens.token_ids]
-    # δ_l: the mean over positions 1.. of every prompt of (sft - base) at decoder layer l's output.
-    shifts, n = {}, 0
-    for ids in prompts:
-        kept = {role: {} for role in models}
-        for role, model in models.items():
-            _hf_logits(model, ids, keep=kept[role])
-        for layer in (1, 2):
-            shifts[layer] = shifts.get(layer, 0) + (kept["sft"][layer][1:] - kept["base"][layer][1:]).double().sum(0)
-        n += len(ids) - 1
-    expected = {}
-    for layer in (1, 2):
-        for alpha in (0.5, 1.0):
-            shift = (alpha * shifts[layer] / n).float()
-            totals = np.zeros(4)
-            for ids in prompts:
-                sft = _hf_logits(models["sft"], ids)
-                totals[:2] += _numpy_kl_top1(sft, _hf_logits(models["base"], ids))
-                totals[2:] += _numpy_kl_top1(sft, _hf_logits(models["base"], ids, layer, shift))
-            expected[layer, alpha] = totals / n
-    assert len(result.steering_records) == 4
-    for record in result.steering_records:
-        kl_base, top1_base, kl, top1 = expected[record["layer"], record["alpha"]]
-        assert record["n_tokens"] == n and record["prompts"] == "run"
-        np.testing.assert_allclose([record["kl_base"], record["kl_steered"]], [kl_base, kl], rtol=1e-4, atol=1e-9)
-        assert (record["top1_base"], record["top1_steered"]) == pytest.approx((top1_base, top1))
-        assert record["fraction_kl"] == pytest.approx(1 - kl / kl_base, rel=1e-4)
+    expected, count = _hf_expected(_hf_models(base_dir, sft_dir), prompts, prompts, (1, 2), (0.5, 1.0))
+    _assert_expected(result.steering_records, expected, count, "run")
     assert expected[1, 1.0][2] != expected[1, 1.0][0], "the hook really changed the base model's output"
+
+
+HELD_OUT = ("a cat sat on the mat by the door", "seven eight nine ten eleven twelve", "ok")
+
+
+def test_held_out_prompts_against_hf_forwards_and_the_models_each_schedule_loads(perturbed_llama, tmp_path,
+                                                                                  monkeypatch):
+    base_dir, sft_dir, _ = perturbed_llama
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(HELD_OUT) + "\n")
+    opened, alive, most = [], [], []
+    real_open = loaded_module.open_model
+
+    def counting(job, side):
+        model = real_open(job, side)
+        opened.append(side.role)
+        alive.append(model)
+        most.append(len(alive))
+        real_close = model.close
+        model.close = lambda: alive.remove(model) or real_close()
+        return model
+
+    monkeypatch.setattr(loaded_module, "open_model", counting)
+    config = _config(base_dir, sft_dir, steer_layers=(1, 2), steer_alphas=(1.0, 2.0), steer_prompts=str(held_out),
+                     shard_size=4)
+    found = {}
+    for schedule in ("resident", "sequential"):
+        opened.clear()
+        most.clear()
+        result = run_comparison(config, preflight=_cpu(schedule))
+        found[schedule] = result
+        if schedule == "resident":
+            assert opened == ["base", "sft"] and max(most) == 2, "the check reuses the two models loaded"
+        else:
+            assert opened == ["base", "sft", "base"] and max(most) == 1, \
+                "sequential: the base model once more for the check, never both models at once"
+    result = found["resident"]
+    assert result.provenance.steering["held_out_prompts"] == 3
+    frame = result.steering()
+    assert list(frame["prompts"].unique()) == ["run", "held_out"]
+    _assert_same(found["sequential"].steering_records, result.steering_records)
+
+    models = _hf_models(base_dir, sft_dir)
+    tokenizer = result.tokens
+    run_prompts = [list(ids) for ids in tokenizer.token_ids]
+    from transformers import AutoTokenizer
+    held_ids = [AutoTokenizer.from_pretrained(str(base_dir))(text)["input_ids"] for text in HELD_OUT]
+    expected, count = _hf_expected(models, run_prompts, held_ids, (1, 2), (1.0, 2.0))
+    _assert_expected([r for r in result.steering_records if r["prompts"] == "held_out"], expected, count,
+                     "held_out")
+    assert not any(path.name.startswith("target") for path in tmp_path.rglob("*.safetensors"))
 
 
 def test_steering_at_the_planted_block_explains_the_whole_fine_tune(tmp_path):
@@ -148,9 +215,9 @@ def test_shards_separate_processes_and_a_resume_compute_only_what_is_missing(per
     _assert_same(sharded, one)
 
     calls = []
-    real_shard_steering = steering_engine.shard_steering
-    monkeypatch.setattr(steering_engine, "shard_steering",
-                        lambda job, shard, *args: calls.append(shard) or real_shard_steering(job, shard, *args))
+    real_unit_sums = steering_engine.unit_sums
+    monkeypatch.setattr(steering_engine, "unit_sums",
+                        lambda job, unit, *args: calls.append(unit) or real_unit_sums(job, unit, *args))
 
     def comparison() -> Comparison:
         return Comparison(config, preflight=_cpu("resident"), held_in_memory=False)
@@ -205,6 +272,7 @@ def test_flags_json_saved_runs_and_refusals(perturbed_llama, tmp_path, capsys):
         (["--strategy", "stream"], "stream strategy"),
         (["--steer-layers", "7"], "not captured layers"),
         (["--no-difference-lens"], "difference lens"),
+        (["--steer-prompts", str(tmp_path / "absent.txt")], "does not exist"),
     ]
     for extra, message in refusals:
         capsys.readouterr()
@@ -213,6 +281,8 @@ def test_flags_json_saved_runs_and_refusals(perturbed_llama, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, (extra, err)
         assert not (tmp_path / "refused" / "runs").exists()
+    with pytest.raises(ConfigError, match="steer_prompts"):
+        RunConfig.from_dict({"steer": False, "steer_prompts": "held_out.txt"})
     with pytest.raises(ConfigError, match="steer_alphas"):
         RunConfig.from_dict({"steer": True, "steer_alphas": []})
     with pytest.raises(ConfigError, match="steer"):

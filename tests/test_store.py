@@ -44,6 +44,7 @@ def _value(kind: Kind, seed: int):
                                 "kl": torch.randn(2, 3, generator=generator).double(),
                                 "top1": torch.randn(2, 3, generator=generator).double(),
                                 "count": torch.tensor(7.0, dtype=torch.float64)},
+        Kind.STEERING_TARGET: lambda: {"sft": torch.randn(2, 4, 8, generator=generator)},
         Kind.FACTS: lambda: {"d_model": 8, "untrained": {str(seed): 0.25}},
         Kind.PLAN: lambda: {"estimate": {"gib": seed}, "lens_chunk_bytes": 1024},
         Kind.OUTPUTS: lambda: {"stem": f"lens_compare_{seed}", "seconds": 1.5},
@@ -150,15 +151,16 @@ def test_the_folder_layout_is_the_one_resumed_runs_have(tmp_path):
     assert found == ["difference/00003.safetensors", "difference_lens.json", "layers/00003/kept-sft.json",
                      "layers/00003/metrics-00012.safetensors", "layers/00003/sft-00012.safetensors", "manifest.json",
                      "metrics/00003.safetensors", "models/sft.json", "noise/00003.safetensors", "outputs.json",
-                     "plan.json", "states/sft-00003.safetensors", "steering/00003.safetensors"]
+                     "plan.json", "states/sft-00003.safetensors", "steering/00003.safetensors",
+                     "steering/target-00003.safetensors"]
     for kind in STATE_KINDS + (Kind.STATE_METRICS,):
         folder.drop(kind)
     assert not (folder.path / "layers").exists() and not (folder.path / "states").exists(), \
         "drop leaves no empty folder behind"
     reopened = RunFolder(tmp_path / "run", {"run": 1})
     assert all(_same(reopened.get(kind, **_parts(kind)), _value(kind, 1))
-               for kind in (Kind.METRICS, Kind.NOISE, Kind.DIFFERENCE, Kind.DIFFERENCE_LENS, Kind.STEERING, Kind.FACTS,
-                            Kind.PLAN, Kind.OUTPUTS))
+               for kind in (Kind.METRICS, Kind.NOISE, Kind.DIFFERENCE, Kind.DIFFERENCE_LENS, Kind.STEERING,
+                            Kind.STEERING_TARGET, Kind.FACTS, Kind.PLAN, Kind.OUTPUTS))
 
 
 @pytest.mark.parametrize("kind", [Kind.METRICS, Kind.STATES, Kind.FACTS], ids=lambda kind: kind.label)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lens_compare import RunConfig
-from lens_compare.engines import bridge
+from lens_compare.engines import loaded as model_loading
 from lens_compare.metrics.residual import METRIC_NAMES
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.models.placement import meta_model, placement_units
@@ -89,7 +89,7 @@ def test_sequential_frees_the_first_model_before_loading_the_second(perturbed_ll
     """Nothing of the first model stays reachable; for the logit lens, a copy of its final norm and
     unembedding (a view would keep every page of its memory-mapped checkpoint resident)."""
     base, sft, _ = perturbed_llama
-    real_load = bridge.load_hf_model
+    real_load = model_loading.load_hf_model
     refs: dict[str, list] = {}
     alive_at_sft_load = []
 
@@ -103,7 +103,7 @@ def test_sequential_frees_the_first_model_before_loading_the_second(perturbed_ll
         refs.setdefault("model", [weakref.ref(model)])
         return model
 
-    monkeypatch.setattr(bridge, "load_hf_model", tracking_load)
+    monkeypatch.setattr(model_loading, "load_hf_model", tracking_load)
     cpu = LoadOptions("float32", "cpu")
     run_comparison(_config(base, sft).replace(logit_lens=logit_lens),
                    preflight=_fixed("sequential", "sequential", cpu, cpu))
@@ -115,14 +115,14 @@ def test_sequential_frees_the_first_model_before_loading_the_second(perturbed_ll
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: memory_allocated after the swap")
 def test_sequential_returns_cuda_memory_to_the_baseline(perturbed_llama, monkeypatch):
     base, sft, _ = perturbed_llama
-    real_load = bridge.load_hf_model
+    real_load = model_loading.load_hf_model
     seen = []
 
     def tracking_load(ref, config, options):
         seen.append(torch.cuda.memory_allocated())
         return real_load(ref, config, options)
 
-    monkeypatch.setattr(bridge, "load_hf_model", tracking_load)
+    monkeypatch.setattr(model_loading, "load_hf_model", tracking_load)
     cuda = LoadOptions("float32", "cuda:0")
     run_comparison(_config(base, sft), preflight=_fixed("sequential", "sequential", cuda, cuda))
     assert seen[1] == seen[0]
@@ -197,14 +197,14 @@ def test_nf4_on_the_cpu_quantizes_once_then_reads_the_cache(perturbed_llama, mon
     base, _, _ = perturbed_llama
     ref = resolve_ref(str(base))
     options = LoadOptions("float32", "cpu", quantization="nf4")
-    first = bridge.load_hf_model(ref, load_config(ref), options)
+    first = model_loading.load_hf_model(ref, load_config(ref), options)
     assert quantization.nf4_cache_dir(ref, "float32").is_dir()
 
     def no_quantizing(*args, **kwargs):
         raise AssertionError("quantized again instead of reading the cache")
 
     monkeypatch.setattr(quantization, "_quantize", no_quantizing)
-    second = bridge.load_hf_model(ref, load_config(ref), options)
+    second = model_loading.load_hf_model(ref, load_config(ref), options)
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert [p.name for p in tmp_path.joinpath("nf4").iterdir()] == [quantization.nf4_cache_dir(ref, "float32").name]

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lens_compare
 from lens_compare.config import RunConfig, fingerprinted
-from lens_compare.engines import bridge
+from lens_compare.engines import loaded as model_loading
 from lens_compare.errors import TokenizationError
 from lens_compare.models.tokens import readable_tokens, tokenize_prompts
 from lens_compare.run import main
@@ -46,7 +46,7 @@ def padded_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    monkeypatch.setattr(bridge, "load_hf_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(model_loading, "load_hf_model", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 def _tokenizers(pair) -> tuple:

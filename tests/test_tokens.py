@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lens_compare
-from lens_compare.engines import bridge
+from lens_compare.engines import loaded as model_loading
 from lens_compare.errors import TokenizationError
 from lens_compare.models.tokens import tokenize_prompts, untrained_token_ids
 
@@ -98,7 +98,7 @@ def test_too_long_prompt_fails_before_any_weights_load(tiny_model_dirs, monkeypa
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(bridge, "load_hf_model", refuse)
+    monkeypatch.setattr(model_loading, "load_hf_model", refuse)
     directory = str(tiny_model_dirs["llama"])
     with pytest.raises(TokenizationError, match="context of 256 tokens"):
         lens_compare.compare(base=directory, sft=directory, prompts=["the fox " * 200])

@@ -33,14 +33,18 @@ VERDICT_ROWS = 5
 @dataclass(frozen=True)
 class Steering:
     """What the steering check does in a run: steer at ``layers`` (each a difference-lens layer) by
-    each of ``alphas`` times that layer's δ over the ``rest`` tokens."""
+    each of ``alphas`` times that layer's δ over the ``rest`` tokens of the run's prompts, measured on
+    them and on ``held_out_prompts`` more."""
 
     layers: tuple[int, ...]
     alphas: tuple[float, ...] = ALPHAS
+    # Held-out prompts (``--steer-prompts``) the check is also measured on, with the run's δ; 0 for none.
+    held_out_prompts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON's ``provenance.steering``."""
-        return {"layers": list(self.layers), "alphas": list(self.alphas), "positions": "rest"}
+        return {"layers": list(self.layers), "alphas": list(self.alphas), "positions": "rest",
+                "held_out_prompts": self.held_out_prompts}
 
 
 def spread_layers(layers: tuple[int, ...], rows: int = VERDICT_ROWS) -> tuple[int, ...]:

@@ -6,102 +6,25 @@ the store (a run folder on disk for the CLI), frees it completely, then loads th
 model once and compares shard by shard against the spilled states. So each model is
 loaded once per run however many shards there are, and only one model's weights are
 ever in memory.
+
+The steering check (``lens_compare.engines.steering``) runs at the end of the call that completes
+the difference lens's δ: ``resident`` with the two models it holds, ``sequential`` with its SFT
+model (each unit's last state kept) and then the base model loaded once more, alone.
 """
 
-import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
-
-import torch
 from tqdm import tqdm
 
 from lens_compare.analyses.components import component_metrics
 from lens_compare.analyses.logit_lens import logit_lens_metrics
-from lens_compare.capture.head import Head, head_of
-from lens_compare.capture.states import boot_bridge, capture_states
+from lens_compare.capture.head import Head
 from lens_compare.engines.difference import put_readings, put_sums, readings_due
 from lens_compare.engines.job import Job, lens_progress
+from lens_compare.engines.loaded import loaded
+from lens_compare.engines.steering import put_targets, run_steering, steer_resident, steer_sequential, steering_due
 from lens_compare.engines.store import Kind, Store
 from lens_compare.metrics.per_token import state_metrics
 from lens_compare.metrics.states import ResidualStates
-from lens_compare.models.facts import ModelFacts, model_facts
-from lens_compare.models.families import final_norm_path
-from lens_compare.models.load_options import LoadOptions
-from lens_compare.models.loading import load_hf_model, weights_fingerprint
-from lens_compare.models.placement import model_device_map, summarize_placement
-from lens_compare.util.host_memory import release_host_memory
 from lens_compare.util.progress import progress_bar
-
-logger = logging.getLogger("lens_compare")
-
-
-class LoadedModel:
-    """One model of the pair, loaded and wrapped; ``close()`` drops every reference to it."""
-
-    def __init__(self, role: str, hf_model, bridge, facts: ModelFacts, head: Head | None = None):
-        self.role = role
-        self.hf_model = hf_model
-        self.bridge = bridge
-        self.facts = facts
-        # The final norm and unembedding (the logit lens): views of the model's weights, dropped by
-        # close() with the rest (a run that keeps a head past its model keeps a ``detached()`` copy).
-        self.head = head
-
-    def capture(self, job: Job, shard: int, on_batch: Callable[[int], None] | None) -> ResidualStates:
-        token_ids, real = job.shard_inputs(shard)
-        states = capture_states(self.bridge, token_ids, real, job.states, batch_size=job.batch_size,
-                                label=self.role, on_batch=on_batch, component_layers=job.component_layers)
-        release_host_memory()
-        return states
-
-    def close(self) -> None:
-        self.hf_model = None
-        self.bridge = None
-        self.head = None
-        release_host_memory()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def _quantization_facts(options: LoadOptions) -> dict[str, Any] | None:
-    if options.quantization is None:
-        return None
-    from lens_compare.models.quantization import quantization_facts
-
-    return quantization_facts(options)
-
-
-def open_model(job: Job, side) -> LoadedModel:
-    """Load ``side`` as ``job.loads`` says, with what it learns from the weights (``facts``) and,
-    for the logit lens, its head; ``close()`` frees it."""
-    options = job.loads[side.role]
-    logger.info("loading %s model %s (%s): %s", side.role, side.ref, side.ref.kind, options.describe())
-    hf_model = load_hf_model(side.ref, job.model_configs[side.role], options)
-    # Before the bridge wraps the modules (and renames the final norm's weight).
-    fingerprint = weights_fingerprint(hf_model)
-    head = None
-    if job.logit_lens:
-        head = head_of(hf_model, final_norm_path(hf_model.config.model_type))
-        head = head.shared(job.lens_vocab) if job.lens_vocab else head
-    bridge = boot_bridge(hf_model, side.ref, job.tokenizers[side.role], options)
-    facts = model_facts(
-        side.role, hf_model.get_input_embeddings().weight, job.prompt_ids, fingerprint=fingerprint,
-        load=options.describe(), quantization=_quantization_facts(options), base_lacks=job.base_lacks,
-        placement=summarize_placement(hf_model, model_device_map(hf_model), [block.name for block in bridge.blocks]),
-    )
-    return LoadedModel(side.role, hf_model, bridge, facts, head)
-
-
-@contextmanager
-def loaded(job: Job, side, store: Store) -> Iterator[LoadedModel]:
-    """Load ``side`` as ``job.loads`` says, record its facts in ``store``, free it on exit."""
-    model = open_model(job, side)
-    store.put(Kind.FACTS, model.facts.to_dict(), role=side.role)
-    try:
-        yield model
-    finally:
-        model.close()
 
 
 def shard_metrics(job: Job, shard: int, base: ResidualStates, sft: ResidualStates,
@@ -154,6 +77,8 @@ def run_resident(job: Job, store: Store) -> None:
     pending = _pending(job, store)
     if not pending:
         _difference_readings(job, store, None)
+        if steering_due(job, store):
+            run_steering(job, store, "resident")
         return
     base_side, sft_side = job.sides
     with loaded(job, base_side, store) as base, loaded(job, sft_side, store) as sft:
@@ -167,6 +92,8 @@ def run_resident(job: Job, store: Store) -> None:
                     store.put(Kind.STATES, sft_states, role="sft", shard=shard)
                 _put_shard(job, store, shard, base_states, sft_states, heads)
         _difference_readings(job, store, heads)
+        if steering_due(job, store):
+            steer_resident(job, store, base, sft)
 
 
 def run_sequential(job: Job, store: Store) -> None:
@@ -183,6 +110,8 @@ def run_sequential(job: Job, store: Store) -> None:
             base_head = base.head.detached() if base.head is not None else None
     if not pending:
         _difference_readings(job, store, None)
+        if steering_due(job, store):
+            run_steering(job, store, "sequential")
         return
     if job.logit_lens and base_head is None:
         # Resumed after every base shard was spilled: the lens still needs the base model's head.
@@ -199,3 +128,6 @@ def run_sequential(job: Job, store: Store) -> None:
             if not job.keep_states:
                 store.drop(Kind.STATES, role="base", shard=shard)
         _difference_readings(job, store, heads)
+        sft_head = put_targets(job, store, sft) if steering_due(job, store) else None
+    if sft_head is not None:
+        steer_sequential(job, store, sft_head)

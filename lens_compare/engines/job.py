@@ -52,6 +52,10 @@ class Job:
     difference: DifferenceLens | None = None
     # The steering check (its layers and multiples of δ); None for none. It needs the difference lens.
     steering: Steering | None = None
+    # The steering check's held-out prompts (``--steer-prompts``), padded as ``token_ids`` and ``real``
+    # are; None for none. They are the steering check's last unit (``steering_units``).
+    held_out_ids: Int[Tensor, "held_out held_out_pos"] | None = None
+    held_out_real: Bool[Tensor, "held_out held_out_pos"] | None = None
     # Measure the noise floor after the run (``lens_compare.engines.noise_floor``; needs keep_states).
     noise_floor: bool = False
     # The shards this call runs (None: every one); an engine skips those the store holds already.
@@ -73,6 +77,24 @@ class Job:
         real = self.real[start:stop]
         width = int(real.sum(dim=1).max())
         return self.token_ids[start:stop, :width], real[:, :width]
+
+    def steering_units(self) -> tuple[int, ...]:
+        """The steering check's units: each shard of the run, then (``held_out``) one of the held-out
+        prompts, numbered ``layout.count``; none without the check."""
+        if self.steering is None:
+            return ()
+        return tuple(range(self.layout.count + (self.held_out_ids is not None)))
+
+    def held_out(self, unit: int) -> bool:
+        """Whether steering unit ``unit`` is the held-out prompts (else a shard of the run's)."""
+        return unit == self.layout.count
+
+    def steering_inputs(self, unit: int) -> tuple[Int[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
+        """A steering unit's ids and mask (``steering_units``), trimmed to its longest prompt."""
+        if not self.held_out(unit):
+            return self.shard_inputs(unit)
+        width = int(self.held_out_real.sum(dim=1).max())
+        return self.held_out_ids[:, :width], self.held_out_real[:, :width]
 
     def shard_prompts(self, shard: int) -> int:
         start, stop = self.layout.bounds[shard]

@@ -22,8 +22,8 @@ from dataclasses import replace
 import torch
 
 from lens_compare.capture.streamed import stream_states
-from lens_compare.engines.bridge import open_model
 from lens_compare.engines.job import Job
+from lens_compare.engines.loaded import open_model
 from lens_compare.engines.store import Kind
 from lens_compare.hardware.precision import floor_dtype, model_weight_bytes
 from lens_compare.metrics.per_token import state_metrics

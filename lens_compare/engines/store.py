@@ -22,7 +22,9 @@ A ``RunFolder`` on disk::
       noise/00003.safetensors    the noise floor's per-state metrics of a shard (--noise-floor)
       difference/00003.safetensors  the difference lens's sums of a shard, [layer, class, d_model]
       difference_lens.json       its readings, once every shard's sums are in
-      steering/00003.safetensors  the steering check's sums of a shard (--steer), once δ is known
+      steering/00003.safetensors  the steering check's sums of a shard (--steer), once δ is known; the
+                                  held-out prompts' (--steer-prompts) are the unit after the last shard
+      steering/target-00003.safetensors  a sequential run's SFT last states of a unit, until steered
 
 A streamed run (``--strategy stream``) goes layer by layer: after each block of both
 models it stores the newest state of both (the frontier it resumes from) and that
@@ -80,9 +82,13 @@ class Kind(Enum):
     # {"records": [...], "prefixes": {"N": [...]}}: the difference lens's readings of the run (and of the
     # first N positions of each shorter length a sweep reads off it)
     DIFFERENCE_LENS = "difference_lens", ()
-    # {"kl_base", "top1_base", "count": scalars, "kl", "top1": [layer, alpha]} float64: a shard's steering-check
-    # sums (lens_compare.analyses.steering), computed once the difference lens's δ is known
+    # {"kl_base", "top1_base", "count": scalars, "kl", "top1": [layer, alpha]} float64: a steering unit's
+    # sums (lens_compare.analyses.steering), computed once the difference lens's δ is known. The units
+    # are the run's shards, then the held-out prompts (--steer-prompts) as unit ``count`` (Job.steering_units)
     STEERING = "steering", ("shard",)
+    # {"sft": [prompt, pos, d_model]}: the SFT model's last resid_post of a steering unit, kept by a
+    # sequential run while the base model loads for the steering check (the SFT head reads it there)
+    STEERING_TARGET = "steering_target", ("shard",)
     FACTS = "facts", ("role",)  # dict: what was learnt from a model's weights while it was loaded
     PLAN = "plan", ()  # {"estimate", "lens_chunk_bytes"}: the plan the run started with
     OUTPUTS = "outputs", ()  # {"stem", "seconds"}: where the run's outputs went, and its time
@@ -259,6 +265,7 @@ _LAYOUT = {
     Kind.DIFFERENCE: "difference/{shard}.safetensors",
     Kind.DIFFERENCE_LENS: "difference_lens.json",
     Kind.STEERING: "steering/{shard}.safetensors",
+    Kind.STEERING_TARGET: "steering/target-{shard}.safetensors",
     Kind.FACTS: "models/{role}.json",
     Kind.PLAN: "plan.json",
     Kind.OUTPUTS: "outputs.json",

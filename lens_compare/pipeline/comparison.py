@@ -34,7 +34,6 @@ from lens_compare.engines import Job, engine_for
 from lens_compare.engines.noise_floor import run_noise_floor
 from lens_compare.engines.shards import ShardLayout
 from lens_compare.engines.steering import missing as missing_steering
-from lens_compare.engines.steering import run_steering, steering_due
 from lens_compare.engines.store import Kind, MemoryStore, RunFolder, Store
 from lens_compare.models.fingerprint import document_fingerprint
 from lens_compare.pipeline.execution import Execution
@@ -162,8 +161,6 @@ class Comparison:
         engine_for(planned.execution.schedule)(job, store)
         if job.noise_floor:
             run_noise_floor(job, planned.execution.schedule, store)
-        if steering_due(job, store):
-            run_steering(job, store)
         return time.perf_counter() - start
 
     def run_shard(self, shard: int, store: Store) -> float:

@@ -117,12 +117,18 @@ def read_prompts(config: RunConfig) -> tuple[str, ...]:
         return tuple(config.prompts)
     if not config.prompts_file:
         return ()
-    path = Path(config.prompts_file)
+    return read_prompt_file(config.prompts_file, "prompts file")
+
+
+def read_prompt_file(name: str, what: str) -> tuple[str, ...]:
+    """The prompts of a file: .jsonl (``{"prompt": ...}`` per line) or text, one per line; ``what``
+    names the file in errors (``prompts file``, ``--steer-prompts file``)."""
+    path = Path(name)
     if not path.is_file():
-        raise ConfigError(f"prompts file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if not lines:
-        raise ConfigError(f"prompts file {str(path)!r} holds no prompts (it is empty or blank); "
+        raise ConfigError(f"{what} {str(path)!r} holds no prompts (it is empty or blank); "
                           + ("one JSON object per line, like {\"prompt\": \"...\"}" if path.suffix == ".jsonl"
                              else "one prompt per line"))
     if path.suffix != ".jsonl":
@@ -180,6 +186,8 @@ class PreparedRun:
     logit_lens: LensChoice = OFF
     # The difference lens (``config.difference_lens`` resolved: lens_compare.analyses.difference_lens).
     difference_lens: DifferenceLens = DifferenceLens(None, "off")
+    # The steering check's held-out prompts (``--steer-prompts``), tokenized as the run's are; None for none.
+    held_out: TokenizedPrompts | None = None
 
     @property
     def sides(self) -> tuple[Side, Side]:
@@ -289,8 +297,20 @@ def prepare_run(config: RunConfig, overrides: LoadOverrides | None = None) -> Pr
                                                                    device, gpus, layers))
     difference_lens = choose_difference_lens(config, logit_lens, layers, tokenized)
     _log_lens(logit_lens, difference_lens)
+    held_out = None
+    if config.steer_prompts:
+        held_out = tokenize_prompts(
+            read_prompt_file(config.steer_prompts, "--steer-prompts file"), tokenizers["base"], tokenizers["sft"],
+            chat_template=config.chat_template, n_tokens=config.tokens, filler_text=config.filler_text,
+            tokenizer=config.tokenizer, vocab_sizes=_embedding_rows(model_configs),
+        )
+        for side in (base, sft):
+            check_context(held_out, context_length(model_configs[side.role]), f"{side.role} model {side.ref}")
+        if _aggregated_tokens(held_out, include_first_token=False) == 0:
+            raise TokenizationError("--steer-prompts: every held-out prompt is a single token, and the steering "
+                                    "check compares the rest tokens (position 0 left out); give longer prompts")
     return PreparedRun(config, pair_label, base, sft, device, gpus, model_configs, layers, tokenized,
-                       tokenizers, overrides, logit_lens, difference_lens)
+                       tokenizers, overrides, logit_lens, difference_lens, held_out)
 
 
 def _embedding_rows(model_configs: dict[str, Any]) -> dict[str, int] | None:

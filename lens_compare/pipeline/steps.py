@@ -144,6 +144,8 @@ def build_demo_checkpoints(run: PreparedRun) -> None:
 
 def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
     token_ids, real = run.tokenized.padded(run.pad_id())
+    steering = choose_steering(run, execution)
+    held_out_ids, held_out_real = run.held_out.padded(run.pad_id()) if steering and run.held_out else (None, None)
     return Job(sides=run.sides, model_configs=run.model_configs, tokenizers=run.tokenizers,
                prompt_ids=run.tokenized.token_ids, device=run.device, batch_size=run.config.batch_size,
                loads=execution.loads, layout=layout, states=run_states(run),
@@ -151,7 +153,7 @@ def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_s
                component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
                lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
                 difference=run.difference_lens if run.difference_lens.on else None,
-                steering=choose_steering(run, execution),
+                steering=steering, held_out_ids=held_out_ids, held_out_real=held_out_real,
                 noise_floor=run.config.noise_floor, base_lacks=run.tokenized.base_lacks)
 
 
@@ -173,7 +175,8 @@ def choose_steering(run: PreparedRun, execution: Execution) -> Steering | None:
         raise ConfigError(f"--steer-layers {','.join(map(str, outside))}: not captured layers, so no mean shift is "
                           f"known there; pick from {','.join(map(str, lens.layers))}")
     layers = tuple(sorted(set(config.steer_layers))) or spread_layers(lens.layers)
-    return Steering(layers, tuple(float(alpha) for alpha in config.steer_alphas))
+    held_out = len(run.held_out.token_ids) if run.held_out is not None else 0
+    return Steering(layers, tuple(float(alpha) for alpha in config.steer_alphas), held_out)
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -198,6 +201,8 @@ def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, ke
         "layers": list(run.layers),
         "logit_lens_layers": list(run.logit_lens.layers),
         "token_ids_sha256_16": token_ids_fingerprint(run.tokenized.token_ids),
+        # The held-out prompts' ids (a file edited in place is another run).
+        **({"held_out_token_ids_sha256_16": token_ids_fingerprint(run.held_out.token_ids)} if run.held_out else {}),
         "n_prompts": layout.n_prompts,
         "shard_size": layout.size,
         "keep_states": keep_states,
@@ -326,11 +331,19 @@ def _difference_lens(run: PreparedRun, job: Job, store: Store) -> list[dict[str,
 
 
 def _steering(job: Job, store: Store) -> list[dict[str, Any]] | None:
-    """The steering check's records from every shard's sums (None where it did not run)."""
+    """The steering check's records from every shard's sums, then the held-out prompts' (None where it
+    did not run)."""
     if job.steering is None:
         return None
-    sums = add_sums(store.get(Kind.STEERING, shard=shard) for shard in range(job.layout.count))
-    return steering_records(sums, job.steering.layers, job.steering.alphas, "run")
+    units = job.steering_units()
+    records = steering_records(add_sums(store.get(Kind.STEERING, shard=unit) for unit in units
+                                        if not job.held_out(unit)),
+                               job.steering.layers, job.steering.alphas, "run")
+    for unit in units:
+        if job.held_out(unit):
+            records += steering_records(store.get(Kind.STEERING, shard=unit), job.steering.layers,
+                                        job.steering.alphas, "held_out")
+    return records
 
 
 def _layer_cka(run: PreparedRun, job: Job, store: Store) -> dict[str, Any]:
@@ -417,6 +430,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         bootstrap={"resamples": run.config.bootstrap, "seed": run.config.seed},
         logit_lens=run.logit_lens.to_dict(),
         difference_lens=run.difference_lens.to_dict(),
+        steering=job.steering.to_dict() if job.steering is not None else None,
         plan=execution.estimate,
         timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         config_file=run.config.config_file,
