@@ -58,6 +58,23 @@ def spread_layers(layers: tuple[int, ...], rows: int = VERDICT_ROWS) -> tuple[in
     return tuple(sorted({layers[round(i * (len(layers) - 1) / max(count - 1, 1))] for i in range(count)}))
 
 
+def masked_log_probs(logits: Float[Tensor, "batch pos vocab"],
+                     mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, "token vocab"]:
+    """The ``mask`` tokens' log-probabilities, float32."""
+    return torch.log_softmax(logits[mask].float(), dim=-1)
+
+
+def divergence_from(sft: Float[Tensor, "token vocab"], logits: Float[Tensor, "batch pos vocab"],
+                    mask: Bool[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
+    """Σ KL(p_sft ‖ p) and Σ [argmax p == argmax p_sft] over the ``mask`` tokens, float64 scalars
+    (each token's in float32), from the SFT model's ``masked_log_probs`` there (computed once for
+    the many distributions a batch is compared with)."""
+    own = masked_log_probs(logits, mask)
+    kl = (sft.exp() * (sft - own)).sum(dim=-1)
+    agree = sft.argmax(dim=-1) == own.argmax(dim=-1)
+    return kl.double().sum().cpu(), agree.double().sum().cpu()
+
+
 def token_divergence(
     sft_logits: Float[Tensor, "batch pos vocab"], logits: Float[Tensor, "batch pos vocab"],
     mask: Bool[Tensor, "batch pos"],
@@ -69,11 +86,7 @@ def token_divergence(
     >>> [float(x) for x in token_divergence(logits, logits, torch.ones(1, 3, dtype=torch.bool))]
     [0.0, 3.0]
     """
-    sft = torch.log_softmax(sft_logits[mask].float(), dim=-1)
-    own = torch.log_softmax(logits[mask].float(), dim=-1)
-    kl = (sft.exp() * (sft - own)).sum(dim=-1)
-    agree = sft.argmax(dim=-1) == own.argmax(dim=-1)
-    return kl.double().sum().cpu(), agree.double().sum().cpu()
+    return divergence_from(masked_log_probs(sft_logits, mask), logits, mask)
 
 
 def steering_records(sums: dict[str, Tensor], layers: tuple[int, ...], alphas: tuple[float, ...],
