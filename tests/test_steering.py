@@ -20,6 +20,7 @@ from lens_compare.models.load_options import LoadOptions
 from lens_compare.pipeline.comparison import Comparison, open_run_folder, run_comparison
 from lens_compare.pipeline.execution import Execution
 from lens_compare.results.saved import load_run
+from lens_compare.results.verdict import verdict
 from lens_compare.run import main
 from tests.fixtures.tiny_models import planted_pair
 
@@ -175,6 +176,16 @@ def test_held_out_prompts_against_hf_forwards_and_the_models_each_schedule_loads
     _assert_expected([r for r in result.steering_records if r["prompts"] == "held_out"], expected, count,
                      "held_out")
     assert not any(path.name.startswith("target") for path in tmp_path.rglob("*.safetensors"))
+
+    lines = verdict(result).splitlines()
+    best = max((r for r in result.steering_records if r["prompts"] == "run"), key=lambda r: r["fraction_kl"])
+    held = next(r for r in result.steering_records
+                if r["prompts"] == "held_out" and (r["layer"], r["alpha"]) == (best["layer"], best["alpha"]))
+    at = next(i for i, line in enumerate(lines) if line.startswith("steering check:"))
+    assert f"after layer {best['layer']} closes {best['fraction_kl']:.0%}" in lines[at]
+    assert lines[at + 1].startswith("  on the 3 held-out prompts: ") and f"{held['fraction_kl']:.0%}" in lines[at + 1]
+    assert any(line.startswith("what the mean shift says (difference lens, layer 2, base head): promotes ")
+               for line in lines)
 
 
 def test_steering_at_the_planted_block_explains_the_whole_fine_tune(tmp_path):

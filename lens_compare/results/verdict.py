@@ -6,6 +6,9 @@ resid_post, mean over tokens (position 0 excluded):
      0  1.000000     0.000000
    ...
 largest drift: layer 29 (relative_l2 0.3400, 95% CI 0.3100-0.3700, cosine 0.9400); most-moved token ...
+next-token distributions (the models' outputs, layer 29): KL(sft || base) ...
+what the mean shift says (difference lens, layer 29, base head): promotes '<|im_end|>', ...
+steering check: adding 2x the mean shift after layer 22 closes 48% of KL(sft || base) ...
 
 Given a noise-floor run (``--noise-floor-run``: e.g. a saved ``smollm2-dtype`` run, the same
 weights in two precisions), each row also shows that run's mean relative_l2 at the same
@@ -60,10 +63,46 @@ def verdict(result, rows: int = ROWS, noise_floor=None) -> str:
         lines.append("no drift: resid_post is identical in both models at every captured layer")
         return "\n".join(lines)
     lines.append(_worst_token(result, records[worst]))
-    lens = _lens_line(result, positions)
-    if lens:
-        lines.append(lens)
+    for line in (_lens_line(result, positions), _difference_line(result), *_steering_lines(result)):
+        if line:
+            lines.append(line)
     return "\n".join(lines)
+
+
+def _tokens(items: list[dict], count: int) -> str:
+    return ", ".join(repr(item["token"]) for item in items[:count])
+
+
+def _difference_line(result, count: int = 5) -> str | None:
+    """The difference lens at its deepest layer: what the mean shift over the ``rest`` tokens
+    promotes and suppresses, read through the base model's head."""
+    records = [r for r in (result.difference_lens_records or [])
+               if r["reading"] == "base" and r["positions"] == "rest" and r["promoted"]]
+    if not records:
+        return None
+    record = max(records, key=lambda r: r["layer"])
+    return (f"what the mean shift says (difference lens, layer {record['layer']}, base head): promotes "
+            f"{_tokens(record['promoted'], count)}; suppresses {_tokens(record['suppressed'], count)}")
+
+
+def _steering_lines(result) -> list[str]:
+    """The steering check's best (layer, α) on the run's prompts, and the held-out prompts' there."""
+    records = [r for r in (result.steering_records or []) if r["fraction_kl"] == r["fraction_kl"]]
+    run = [r for r in records if r["prompts"] == "run"]
+    if not run:
+        return []
+    best = max(run, key=lambda r: r["fraction_kl"])
+    lines = [f"steering check: adding {best['alpha']:g}x the mean shift after layer {best['layer']} closes "
+             f"{best['fraction_kl']:.0%} of KL(sft || base) ({best['kl_base']:.4f} nats) and moves top-1 agreement "
+             f"{best['top1_base']:.1%} -> {best['top1_steered']:.1%}"]
+    held = [r for r in records if r["prompts"] == "held_out" and (r["layer"], r["alpha"]) == (best["layer"],
+                                                                                              best["alpha"])]
+    if held:
+        count = (result.provenance.steering or {}).get("held_out_prompts")
+        lines.append(f"  on the {count or ''}{' ' if count else ''}held-out prompts: "
+                     f"{held[0]['fraction_kl']:.0%} of {held[0]['kl_base']:.4f} nats, top-1 "
+                     f"{held[0]['top1_base']:.1%} -> {held[0]['top1_steered']:.1%}")
+    return lines
 
 
 def _lens_line(result, positions: str) -> str | None:
