@@ -23,6 +23,7 @@ from lens_compare.results.saved import load_run
 from lens_compare.results.verdict import verdict
 from lens_compare.results.writers import write_outputs
 from lens_compare.util.outputs import check_export_formats, check_output_dir
+from lens_compare.util.progress import one_bar
 
 logger = logging.getLogger("lens_compare")
 
@@ -37,7 +38,7 @@ def parser() -> Parser:
                    help="a saved run (e.g. of smollm2-dtype) to read the drift against: a column of the "
                         "verdict and a band in the --plots figures")
     p.add_argument("--list-pairs", action="store_true", help="print the registered pairs and exit")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, and no progress bars")
     return p
 
 
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         return (f"; finished shards (and a streamed run's finished blocks) are kept in {opened[0].path}: "
                 "run the same command again to resume")
 
-    return run_command("lens_compare.run", lambda: _run(args, opened), kept)
+    if not args.quiet:
+        return run_command("lens_compare.run", lambda: _run(args, opened), kept)
+    with one_bar():  # -q: no progress bar at all (lens_compare's, or the libraries' weight loads)
+        return run_command("lens_compare.run", lambda: _run(args, opened), kept)
 
 
 if __name__ == "__main__":

@@ -259,7 +259,9 @@ def test_flags_json_saved_runs_and_refusals(perturbed_llama, tmp_path, capsys):
     assert main(["--base", str(base), "--sft", str(sft), *(a for p in PROMPTS[:3] for a in ("--prompt", p)),
                  "--logit-lens", "all", "--bootstrap", "0", "--steer", "--steer-layers", "1",
                  "--steer-alphas", "1,2", "--plots", "--out", str(tmp_path), "-q"]) == 0
-    written = [Path(line) for line in capsys.readouterr().out.split()]
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err, "-q: no progress bar, not even the libraries' weight loads"
+    written = [Path(line) for line in captured.out.split()]
     path = next(p for p in written if p.suffix == ".json")
     document = json.loads(path.read_text())
     assert document["schema_version"] == 6
