@@ -398,13 +398,21 @@ def cka_matrix(result, estimator: str = "linear", *, ax=None):
 def steering_curves(result, metric: str = "fraction_kl", *, ax=None):
     """The steering check (``--steer``): the fraction of the fine-tune's KL (``fraction_kl``) or
     top-1 disagreement (``fraction_top1``) that adding α·δ_l to the base model removes, against the
-    steered layer, one line per α (1: steering there turns the base model into the SFT one)."""
+    steered layer, one line per α (1: steering there turns the base model into the SFT one): solid
+    on the run's prompts, dashed in the same colour on the held-out prompts (``--steer-prompts``)."""
     if metric not in ("fraction_kl", "fraction_top1"):
         raise LensCompareError(f"metric {metric!r}: expected 'fraction_kl' or 'fraction_top1'")
     frame = result.steering()
     figure, ax = (_subplots((6.2, 4.0)) if ax is None else (ax.figure, ax))
-    for alpha, rows in frame.groupby("alpha", sort=True):
-        ax.plot(rows["layer"], rows[metric], marker="o", label=f"α = {alpha:g}")
+    held_out = (frame["prompts"] == "held_out").any()
+    for index, (alpha, by_alpha) in enumerate(frame.groupby("alpha", sort=True)):
+        for prompts, style in (("run", "-"), ("held_out", "--")):
+            rows = by_alpha[by_alpha["prompts"] == prompts]
+            if rows.empty:
+                continue
+            label = f"α = {alpha:g}" + ((", run" if prompts == "run" else ", held-out") if held_out else "")
+            ax.plot(rows["layer"], rows[metric], marker="o" if prompts == "run" else "s", ls=style,
+                    color=f"C{index}", label=label)
     ax.axhline(1.0, color="0.6", lw=0.8, ls="--")
     ax.axhline(0.0, color="0.6", lw=0.8)
     ax.set_xlabel("steered layer (resid_post)")

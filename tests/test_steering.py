@@ -19,6 +19,7 @@ from lens_compare.errors import ConfigError, LensCompareError
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.pipeline.comparison import Comparison, open_run_folder, run_comparison
 from lens_compare.pipeline.execution import Execution
+from lens_compare.plots import steering_curves
 from lens_compare.results.saved import load_run
 from lens_compare.results.verdict import verdict
 from lens_compare.run import main
@@ -176,6 +177,13 @@ def test_held_out_prompts_against_hf_forwards_and_the_models_each_schedule_loads
     _assert_expected([r for r in result.steering_records if r["prompts"] == "held_out"], expected, count,
                      "held_out")
     assert not any(path.name.startswith("target") for path in tmp_path.rglob("*.safetensors"))
+
+    figure = steering_curves(result)
+    curves = [line for line in figure.axes[0].get_lines() if line.get_label()[0] == "α"]
+    drawn = {line.get_label(): line.get_linestyle() for line in curves}
+    assert drawn == {"α = 1, run": "-", "α = 1, held-out": "--", "α = 2, run": "-", "α = 2, held-out": "--"}
+    assert all(len(line.get_xdata()) == 2 for line in curves), \
+        "one point per steered layer on each line: the two prompt sets are not joined"
 
     lines = verdict(result).splitlines()
     best = max((r for r in result.steering_records if r["prompts"] == "run"), key=lambda r: r["fraction_kl"])
