@@ -178,6 +178,14 @@ def test_held_out_prompts_against_hf_forwards_and_the_models_each_schedule_loads
                      "held_out")
     assert not any(path.name.startswith("target") for path in tmp_path.rglob("*.safetensors"))
 
+    comparison = Comparison(config, preflight=_cpu("resident"), held_in_memory=False)
+    folder = open_run_folder(comparison, tmp_path / "resumed")
+    comparison.run(folder)
+    folder.drop(Kind.STEERING, shard=2)  # the held-out prompts' unit, after shards 0 and 1
+    assert comparison.pending(folder) == [1], "a shard that exists, whose call computes the held-out unit"
+    comparison.run_shard(1, folder)
+    assert comparison.pending(folder) == [] and folder.has(Kind.STEERING, shard=2)
+
     figure = steering_curves(result)
     curves = [line for line in figure.axes[0].get_lines() if line.get_label()[0] == "α"]
     drawn = {line.get_label(): line.get_linestyle() for line in curves}

@@ -126,11 +126,14 @@ class Comparison:
         difference lens, a store that holds every shard but not the lens's readings (an interruption
         after the last shard's sums) lists the last shard: running it computes the readings alone.
         With the steering check, a store that holds all that lists the shards that lack their steering
-        sums: running any of them computes every one's (they need the whole run's δ)."""
+        sums (the last shard for the held-out prompts'): running any of them computes every one's (they
+        need the whole run's δ)."""
         missing = self.missing_shards(store)
         if not missing and self.missing_readings(store):
             return [self.plan().layout.count - 1]
-        return missing or missing_steering(self.plan().job, store)
+        # The held-out prompts' unit (numbered after the last shard) is computed by any shard's call.
+        last = self.plan().layout.count - 1
+        return missing or sorted({min(unit, last) for unit in missing_steering(self.plan().job, store)})
 
     def missing_shards(self, store: Store) -> list[int]:
         """The shards whose metrics (and noise floor, where measured) ``store`` lacks."""
