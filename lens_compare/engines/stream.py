@@ -22,18 +22,14 @@ of them); each shard reads both checkpoints once.
 """
 
 import logging
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from lens_compare.analyses.components import COMPONENT_KEYS, block_component_metrics, stack_rows
 from lens_compare.analyses.logit_lens import logit_lens_metrics
 from lens_compare.capture.head import Head
-from lens_compare.capture.streamed import StreamedModel, forward_batches
+from lens_compare.capture.streamed import StreamedModel, forward_batches, prefetched
 from lens_compare.engines.difference import put_readings, put_streamed_sums, readings_due, state_sums
 from lens_compare.engines.job import Job, lens_progress
 from lens_compare.engines.store import ROLES, Kind, Store
@@ -45,31 +41,6 @@ from lens_compare.util.host_memory import trim_heap
 from lens_compare.util.progress import progress_bar
 
 logger = logging.getLogger("lens_compare")
-
-
-@contextmanager
-def prefetched(loads: list[Callable[[], torch.nn.Module]]) -> Iterator[Iterator[torch.nn.Module]]:
-    """Yield the modules ``loads`` make, in order; the next one is read on a background thread
-    while the caller computes with the current one (so at most two are materialised)."""
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lens_compare-read")
-    pending = []
-
-    def modules() -> Iterator[torch.nn.Module]:
-        if not loads:
-            return
-        pending.append(executor.submit(loads[0]))
-        for index in range(len(loads)):
-            module = pending.pop().result()
-            if index + 1 < len(loads):
-                pending.append(executor.submit(loads[index + 1]))
-            yield module
-
-    try:
-        yield modules()
-    finally:
-        for future in pending:
-            future.cancel()
-        executor.shutdown(wait=True)
 
 
 def _open_models(job: Job) -> dict[str, StreamedModel]:
