@@ -112,6 +112,10 @@ class StreamedModel:
         if self.rule.rotary is not None:
             getattr(self.base, self.rule.rotary).to(self.device)
 
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.n_embd)
+
     @classmethod
     def open(cls, role: str, ref, config, options: LoadOptions) -> "StreamedModel":
         if options.quantization is not None or options.split:
@@ -287,8 +291,7 @@ class StreamedModel:
         if on_embedding is not None:
             on_embedding(token.weight)
         n_prompts, width = token_ids.shape
-        out = torch.zeros((n_prompts, width, self.config.hidden_size if hasattr(self.config, "hidden_size")
-                           else self.config.n_embd), dtype=self.dtype)
+        out = torch.zeros((n_prompts, width, self.d_model), dtype=self.dtype)
         with torch.no_grad():
             for start, stop, batch_width in batches:
                 ids = token_ids[start:stop, :batch_width].to(self.device)

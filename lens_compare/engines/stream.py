@@ -32,7 +32,9 @@ from lens_compare.capture.head import Head
 from lens_compare.capture.streamed import StreamedModel, forward_batches, prefetched
 from lens_compare.engines.difference import put_readings, put_streamed_sums, readings_due, state_sums
 from lens_compare.engines.job import Job, lens_progress
+from lens_compare.engines.steering import steering_due
 from lens_compare.engines.store import ROLES, Kind, Store
+from lens_compare.engines.stream_steering import steer_streamed, steering_states
 from lens_compare.metrics.per_token import one_state_metrics, stack_state_rows
 from lens_compare.models.facts import ModelFacts, model_facts
 from lens_compare.models.loading import fingerprint_tensors
@@ -76,7 +78,7 @@ def _resume_point(store: Store, shard: int) -> int | None:
 def run_stream(job: Job, store: Store) -> None:
     """Every pending shard through both models, layer-major (see the module docstring)."""
     pending = [shard for shard in job.selected_shards() if not store.has(Kind.METRICS, shard=shard)]
-    if not pending and not readings_due(job, store):
+    if not pending and not readings_due(job, store) and not steering_due(job, store):
         return
     models = _open_models(job)
     heads, head_bytes = _read_heads(job, models)
@@ -87,6 +89,8 @@ def run_stream(job: Job, store: Store) -> None:
         # for them when no shard was left to run).
         if readings_due(job, store):
             put_readings(job, store, heads)
+        if steering_due(job, store):
+            steer_streamed(job, store, models, heads)
     finally:
         for role, head in (heads or {}).items():
             models[role].free(head.norm)
@@ -171,9 +175,10 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
     put_streamed_sums(job, store, shard)
     store.put(Kind.METRICS, metrics, shard=shard)
     store.drop(Kind.STATE_METRICS, shard=shard)
+    steered = steering_states(job)
     for role in ROLES:
         for key in store.keys(Kind.STATE, role=role, shard=shard):
-            if not (job.keep_states and key.state in job.states):
+            if not (job.keep_states and key.state in job.states) and key.state not in steered[role]:
                 store.drop(Kind.STATE, role=role, shard=shard, state=key.state)
         if job.keep_states:
             store.put(Kind.KEPT, {"n_layers": models[role].n_layers, "states": list(job.states)},
@@ -200,7 +205,8 @@ def _finish_state(
 ) -> None:
     """Store state ``state``'s metrics (with the sublayer metrics of the block that wrote it, from
     ``writes``), then both models' state (the new resume point), then drop the state before it
-    unless it is kept. The order makes every resume point complete."""
+    unless it is kept (``--save-residuals``, the logit lens, the steering check). The order makes
+    every resume point complete."""
     if state in job.states:
         before = (previous["base"], previous["sft"]) if previous is not None and state - 1 in job.states else None
         metrics = one_state_metrics(current["base"], current["sft"], before)
@@ -211,6 +217,7 @@ def _finish_state(
     for role in ROLES:
         store.put(Kind.STATE, current[role], role=role, shard=shard, state=state)
     kept = (job.keep_states and state - 1 in job.states) or state - 1 in lens_states(job)
-    if state > 0 and not kept:
-        for role in ROLES:
+    steered = steering_states(job)
+    for role in ROLES:
+        if state > 0 and not kept and state - 1 not in steered[role]:
             store.drop(Kind.STATE, role=role, shard=shard, state=state - 1)

@@ -159,7 +159,8 @@ def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_s
 
 def choose_steering(run: PreparedRun, execution: Execution) -> Steering | None:
     """The steering check of a run (``--steer``), or None; refused before anything loads where it
-    cannot run: without the difference lens, at a layer it does not read, or streamed."""
+    cannot run: without the difference lens, or at a layer it does not read. Every schedule runs it
+    (``execution`` is not consulted)."""
     config = run.config
     if not config.steer:
         return None
@@ -167,9 +168,6 @@ def choose_steering(run: PreparedRun, execution: Execution) -> Steering | None:
     if not lens.on or "rest" not in lens.positions:
         raise ConfigError(f"--steer adds the difference lens's mean shift over the rest tokens, and the difference "
                           f"lens is off here ({lens.reason}); drop --steer")
-    if execution.schedule == "stream":
-        raise ConfigError("--steer runs the base model through TransformerBridge hooks, which the stream strategy "
-                          "does not load; use --strategy resident or sequential, or drop --steer")
     outside = [layer for layer in config.steer_layers if layer not in lens.layers]
     if outside:
         raise ConfigError(f"--steer-layers {','.join(map(str, outside))}: not captured layers, so no mean shift is "
