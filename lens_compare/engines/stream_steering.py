@@ -150,17 +150,21 @@ def steer_streamed(job: Job, store: Store, models: dict[str, StreamedModel], hea
                 len(job.steering.alphas), len(passes))
     totals: dict[int, dict[str, Tensor]] = {}
     left = dict.fromkeys(units, len(job.steering.layers) * len(job.steering.alphas))
+    seen: set[int] = set()
     for index, step in enumerate(passes):
-        later = {branch.unit for following in passes[index + 1:] for branch in following.branches}
-        found = _run_pass(job, store, models, heads, delta, step, keep=set(step.whole) & later,
-                          unsteered=set(units) - set(totals),
-                          desc="steering" + (f" {index + 1}/{len(passes)}" if len(passes) > 1 else ""))
-        for unit, sums in found.items():
-            totals[unit] = sums if unit not in totals else _add(totals[unit], sums)
+        def finished(unit: int, sums: dict[str, Tensor], step: Pass = step) -> None:
+            """A unit's sums of this pass; stored, and its kept states dropped, once all its branches ran."""
+            totals[unit] = _add(totals[unit], sums) if unit in totals else sums
             left[unit] -= sum(branch.unit == unit for branch in step.branches)
             if left[unit] == 0:
                 store.put(Kind.STEERING, totals.pop(unit), shard=unit)
                 drop_kept(job, store, unit)
+
+        later = {branch.unit for following in passes[index + 1:] for branch in following.branches}
+        _run_pass(job, store, models, heads, delta, step, keep=set(step.whole) & later, unsteered=set(units) - seen,
+                  finished=finished, desc="steering" + (f" {index + 1}/{len(passes)}" if len(passes) > 1 else ""))
+        seen.update(branch.unit for branch in step.branches)
+        seen.update(step.whole)
     logger.info("steering check: read %s from the checkpoints", ", ".join(
         f"{role} {(model.checkpoint.bytes_read - before[role]) / 2**30:.3f} GiB" for role, model in models.items()))
 
@@ -183,9 +187,10 @@ def _steered(state: Float[Tensor, "prompt pos d_model"], shift: Float[Tensor, " 
 
 def _run_pass(job: Job, store: Store, models: dict[str, StreamedModel], heads: dict[str, Head],
               delta: Float[Tensor, "layer d_model"], step: Pass, keep: set[int], unsteered: set[int],
-              desc: str) -> dict[int, dict]:
-    """One pass: its units' sums over its branches (and the ``unsteered`` ones' base model's).
-    ``keep``: units streamed whole whose kept states go to the store for a later pass."""
+              finished: Callable[[int, dict[str, Tensor]], None], desc: str) -> None:
+    """One pass: each of its units' sums over its branches (and the ``unsteered`` ones' base model's)
+    to ``finished`` as soon as they are known. ``keep``: units streamed whole whose kept states go
+    to the store for a later pass."""
     steering = job.steering
     n_layers = models["base"].n_layers
     units = sorted({branch.unit for branch in step.branches} | set(step.whole))
@@ -242,13 +247,11 @@ def _run_pass(job: Job, store: Store, models: dict[str, StreamedModel], heads: d
                 bar.update(1)
             trim_heap()
     start(n_layers)
-    found = {}
     for unit in units:
         last = plain.pop(unit, None) or {role: store.get(Kind.STATE, role=role, shard=unit, state=n_layers)
                                          for role in ROLES}
         mine = {branch: branches.pop(branch) for branch in step.branches if branch.unit == unit}
-        found[unit] = unit_divergences(job, heads, inputs[unit][1], last, mine, unit in unsteered)
-    return found
+        finished(unit, unit_divergences(job, heads, inputs[unit][1], last, mine, unit in unsteered))
 
 
 def unit_divergences(job: Job, heads: dict[str, Head], real: Bool[Tensor, "prompt pos"],
