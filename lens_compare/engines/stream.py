@@ -16,6 +16,15 @@ it needs each of those states until the last one arrives (every layer's distribu
 with the final one): those states stay in the store (the run folder on disk for the CLI, memory
 for ``compare()``; the planner counts them) and the lens reads each back once at the shard's end.
 
+The steering check (``--steer``, ``lens_compare.engines.stream_steering``): a shard also keeps the
+base model's state after each steered layer and both models' last state, until the check has run.
+The call that completes the difference lens's δ then reads the base checkpoint's blocks after the
+first steered layer once more and runs each over every steered branch (α·δ_l added to the stored
+state), comparing the branches' last states with the SFT model's through the heads above; held-out
+prompts (``--steer-prompts``) are streamed through both checkpoints whole in that same pass. Each
+unit's sums go to the store as they are known, so an interrupted check resumes with the missing
+units only.
+
 A shard is still a group of prompts (the CLI makes one shard of every prompt unless
 ``--shard-size`` says otherwise, since a streamed shard's memory is two states, not all
 of them); each shard reads both checkpoints once.
