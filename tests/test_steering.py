@@ -298,7 +298,6 @@ def test_flags_json_saved_runs_and_refusals(perturbed_llama, tmp_path, capsys):
     assert off.to_dict()["steering"] is None, "off by default"
 
     refusals = [
-        (["--strategy", "stream"], "stream strategy"),
         (["--steer-layers", "7"], "not captured layers"),
         (["--no-difference-lens"], "difference lens"),
         (["--steer-prompts", str(tmp_path / "absent.txt")], "does not exist"),

@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from lens_compare import RunConfig
 from lens_compare.capture.states import boot_bridge, capture_states
-from lens_compare.capture.streamed import StreamedModel, stream_states
-from lens_compare.engines import stream as stream_engine
+from lens_compare.capture.streamed import StreamedModel, prefetched, stream_states
 from lens_compare.errors import CaptureError, CheckpointError, UnsupportedArchitectureError
 from lens_compare.metrics.residual import METRIC_NAMES
 from lens_compare.models.checkpoint import SafetensorsCheckpoint
@@ -447,7 +446,7 @@ def test_next_block_is_read_while_the_current_one_computes():
             return index
         return make
 
-    with stream_engine.prefetched([load(i) for i in range(4)]) as modules:
+    with prefetched([load(i) for i in range(4)]) as modules:
         for index in range(4):
             module = next(modules)
             assert module == index

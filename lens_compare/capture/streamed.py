@@ -20,6 +20,9 @@ block takes, fused experts) is data: ``StreamRule`` in ``lens_compare/models/fam
 """
 
 import copy
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +111,10 @@ class StreamedModel:
         self.n_layers = len(self.blocks)
         if self.rule.rotary is not None:
             getattr(self.base, self.rule.rotary).to(self.device)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size if hasattr(self.config, "hidden_size") else self.config.n_embd)
 
     @classmethod
     def open(cls, role: str, ref, config, options: LoadOptions) -> "StreamedModel":
@@ -284,8 +291,7 @@ class StreamedModel:
         if on_embedding is not None:
             on_embedding(token.weight)
         n_prompts, width = token_ids.shape
-        out = torch.zeros((n_prompts, width, self.config.hidden_size if hasattr(self.config, "hidden_size")
-                           else self.config.n_embd), dtype=self.dtype)
+        out = torch.zeros((n_prompts, width, self.d_model), dtype=self.dtype)
         with torch.no_grad():
             for start, stop, batch_width in batches:
                 ids = token_ids[start:stop, :batch_width].to(self.device)
@@ -441,3 +447,28 @@ def stream_states(
     components = torch.stack([parts[layer] for layer in component_layers]) if component_layers else None
     return ResidualStates(n_layers=model.n_layers, states=tuple(states), values=values,
                           component_layers=tuple(component_layers), components=components)
+
+
+@contextmanager
+def prefetched(loads: list[Callable[[], torch.nn.Module]]) -> Iterator[Iterator[torch.nn.Module]]:
+    """Yield the modules ``loads`` make, in order; the next one is read on a background thread
+    while the caller computes with the current one (so at most two are materialised)."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lens_compare-read")
+    pending = []
+
+    def modules() -> Iterator[torch.nn.Module]:
+        if not loads:
+            return
+        pending.append(executor.submit(loads[0]))
+        for index in range(len(loads)):
+            module = pending.pop().result()
+            if index + 1 < len(loads):
+                pending.append(executor.submit(loads[index + 1]))
+            yield module
+
+    try:
+        yield modules()
+    finally:
+        for future in pending:
+            future.cancel()
+        executor.shutdown(wait=True)

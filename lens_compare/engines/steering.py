@@ -15,6 +15,11 @@ never holds both models: its SFT pass leaves each unit's last SFT state in the s
 are read off those states through that head. A call with nothing left to run but the check (a
 resumed run, or shards run by other processes) loads what its schedule loads (``run_steering``);
 it computes only the units the store lacks.
+
+This module runs the check through TransformerBridge hooks (``resident`` and ``sequential``). The
+``stream`` engine runs it with no bridge, from the states its shards keep and the base checkpoint's
+blocks after the first steered layer (``lens_compare.engines.stream_steering``); both store the
+same sums per unit, and share ``deltas``, ``missing`` and ``steering_due``.
 """
 
 import logging

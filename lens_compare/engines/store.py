@@ -32,7 +32,10 @@ state's metrics; when the shard's last block is done its metrics are stacked int
 ``metrics/`` like any other shard's and the layer files are removed (``--save-residuals``
 keeps the captured states there instead, one file per state, listed in ``kept-<role>.json``).
 A streamed state's metrics also carry the difference lens's sums of that state until the
-shard's are stacked into ``difference/``.
+shard's are stacked into ``difference/``. With the steering check (``--steer``) a finished streamed
+shard keeps in ``layers/`` the states the check starts from (the base model's after each steered
+layer, both models' last) until its steering sums are stored; held-out prompts whose check takes
+more than one pass keep theirs there too, as the unit after the last shard.
 
 The difference lens's readings need both models' heads and every shard's sums: whichever
 call finishes the last shard's sums (in any process) computes them, while its models are
@@ -71,7 +74,8 @@ class Kind(Enum):
 
     METRICS = "metrics", ("shard",)  # StateMetrics: a shard's per-token metrics, [state, prompt, pos] each
     STATES = "states", ("role", "shard")  # ResidualStates: one model's captured states of a shard
-    STATE = "state", ("role", "shard", "state")  # Tensor [prompt, pos, d_model]: one state (a stream's)
+    # Tensor [prompt, pos, d_model]: one state (a stream's; or one a streamed steering unit keeps)
+    STATE = "state", ("role", "shard", "state")
     # dict of [prompt, pos] tensors: one state's metrics (and, streamed, its difference-lens sums)
     STATE_METRICS = "state_metrics", ("shard", "state")
     KEPT = "kept", ("role", "shard")  # {"n_layers", "states"}: the STATE entries a stream kept as the STATES

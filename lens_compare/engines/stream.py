@@ -16,27 +16,34 @@ it needs each of those states until the last one arrives (every layer's distribu
 with the final one): those states stay in the store (the run folder on disk for the CLI, memory
 for ``compare()``; the planner counts them) and the lens reads each back once at the shard's end.
 
+The steering check (``--steer``, ``lens_compare.engines.stream_steering``): a shard also keeps the
+base model's state after each steered layer and both models' last state, until the check has run.
+The call that completes the difference lens's δ then reads the base checkpoint's blocks after the
+first steered layer once more and runs each over every steered branch (α·δ_l added to the stored
+state), comparing the branches' last states with the SFT model's through the heads above; held-out
+prompts (``--steer-prompts``) are streamed through both checkpoints whole in that same pass. Each
+unit's sums go to the store as they are known, so an interrupted check resumes with the missing
+units only.
+
 A shard is still a group of prompts (the CLI makes one shard of every prompt unless
 ``--shard-size`` says otherwise, since a streamed shard's memory is two states, not all
 of them); each shard reads both checkpoints once.
 """
 
 import logging
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from lens_compare.analyses.components import COMPONENT_KEYS, block_component_metrics, stack_rows
 from lens_compare.analyses.logit_lens import logit_lens_metrics
 from lens_compare.capture.head import Head
-from lens_compare.capture.streamed import StreamedModel, forward_batches
+from lens_compare.capture.streamed import StreamedModel, forward_batches, prefetched
 from lens_compare.engines.difference import put_readings, put_streamed_sums, readings_due, state_sums
 from lens_compare.engines.job import Job, lens_progress
+from lens_compare.engines.steering import steering_due
 from lens_compare.engines.store import ROLES, Kind, Store
+from lens_compare.engines.stream_steering import steer_streamed, steering_states
 from lens_compare.metrics.per_token import one_state_metrics, stack_state_rows
 from lens_compare.models.facts import ModelFacts, model_facts
 from lens_compare.models.loading import fingerprint_tensors
@@ -45,31 +52,6 @@ from lens_compare.util.host_memory import trim_heap
 from lens_compare.util.progress import progress_bar
 
 logger = logging.getLogger("lens_compare")
-
-
-@contextmanager
-def prefetched(loads: list[Callable[[], torch.nn.Module]]) -> Iterator[Iterator[torch.nn.Module]]:
-    """Yield the modules ``loads`` make, in order; the next one is read on a background thread
-    while the caller computes with the current one (so at most two are materialised)."""
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lens_compare-read")
-    pending = []
-
-    def modules() -> Iterator[torch.nn.Module]:
-        if not loads:
-            return
-        pending.append(executor.submit(loads[0]))
-        for index in range(len(loads)):
-            module = pending.pop().result()
-            if index + 1 < len(loads):
-                pending.append(executor.submit(loads[index + 1]))
-            yield module
-
-    try:
-        yield modules()
-    finally:
-        for future in pending:
-            future.cancel()
-        executor.shutdown(wait=True)
 
 
 def _open_models(job: Job) -> dict[str, StreamedModel]:
@@ -105,7 +87,7 @@ def _resume_point(store: Store, shard: int) -> int | None:
 def run_stream(job: Job, store: Store) -> None:
     """Every pending shard through both models, layer-major (see the module docstring)."""
     pending = [shard for shard in job.selected_shards() if not store.has(Kind.METRICS, shard=shard)]
-    if not pending and not readings_due(job, store):
+    if not pending and not readings_due(job, store) and not steering_due(job, store):
         return
     models = _open_models(job)
     heads, head_bytes = _read_heads(job, models)
@@ -116,6 +98,8 @@ def run_stream(job: Job, store: Store) -> None:
         # for them when no shard was left to run).
         if readings_due(job, store):
             put_readings(job, store, heads)
+        if steering_due(job, store):
+            steer_streamed(job, store, models, heads)
     finally:
         for role, head in (heads or {}).items():
             models[role].free(head.norm)
@@ -200,9 +184,10 @@ def _stream_shard(job: Job, store: Store, models: dict[str, StreamedModel], shar
     put_streamed_sums(job, store, shard)
     store.put(Kind.METRICS, metrics, shard=shard)
     store.drop(Kind.STATE_METRICS, shard=shard)
+    steered = steering_states(job)
     for role in ROLES:
         for key in store.keys(Kind.STATE, role=role, shard=shard):
-            if not (job.keep_states and key.state in job.states):
+            if not (job.keep_states and key.state in job.states) and key.state not in steered[role]:
                 store.drop(Kind.STATE, role=role, shard=shard, state=key.state)
         if job.keep_states:
             store.put(Kind.KEPT, {"n_layers": models[role].n_layers, "states": list(job.states)},
@@ -229,7 +214,8 @@ def _finish_state(
 ) -> None:
     """Store state ``state``'s metrics (with the sublayer metrics of the block that wrote it, from
     ``writes``), then both models' state (the new resume point), then drop the state before it
-    unless it is kept. The order makes every resume point complete."""
+    unless it is kept (``--save-residuals``, the logit lens, the steering check). The order makes
+    every resume point complete."""
     if state in job.states:
         before = (previous["base"], previous["sft"]) if previous is not None and state - 1 in job.states else None
         metrics = one_state_metrics(current["base"], current["sft"], before)
@@ -240,6 +226,7 @@ def _finish_state(
     for role in ROLES:
         store.put(Kind.STATE, current[role], role=role, shard=shard, state=state)
     kept = (job.keep_states and state - 1 in job.states) or state - 1 in lens_states(job)
-    if state > 0 and not kept:
-        for role in ROLES:
+    steered = steering_states(job)
+    for role in ROLES:
+        if state > 0 and not kept and state - 1 not in steered[role]:
             store.drop(Kind.STATE, role=role, shard=shard, state=state - 1)

@@ -29,6 +29,7 @@ from lens_compare.demo.fine_tune import demo_checkpoint
 from lens_compare.engines import Job
 from lens_compare.engines.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
 from lens_compare.engines.store import Kind, Store, stack_metrics, stack_states
+from lens_compare.engines.stream_steering import steering_states
 from lens_compare.errors import ConfigError, HardwareError
 from lens_compare.hardware.precision import floor_dtype
 from lens_compare.metrics.aggregate import aggregated_positions, token_mask
@@ -87,6 +88,15 @@ def lens_kept_states(run: PreparedRun) -> int:
     return len({layer + 1 for layer in run.logit_lens.layers} - {last})
 
 
+def stream_kept_states(run: PreparedRun) -> int:
+    """States per model a streamed run holds beyond the two it streams with, in memory: the logit
+    lens's (``lens_kept_states``) and, with ``--steer``, the base model's resid_post of each steered
+    layer, which every shard keeps with both models' last state until the check has run (counted
+    for both models, as the planner counts these)."""
+    last = run.model_configs["base"].num_hidden_layers
+    return len({layer + 1 for layer in (*run.logit_lens.layers, *steered_layers(run))} - {last})
+
+
 def captured_per_position(run: PreparedRun) -> int:
     """Vectors of ``d_model`` a bridge capture holds per model and token: every distinct residual
     state, and each compared block's two sublayer outputs."""
@@ -114,7 +124,7 @@ def start_run(
     decide = preflight if preflight is not None else default_execution
     layout = shard_layout(run, streamed=config.strategy == "stream")
     facts = replace(run.plan_facts(), held_prompts=layout.n_prompts if held_in_memory else layout.size,
-                    lens_kept_states=lens_kept_states(run) if held_in_memory else 0)
+                    lens_kept_states=stream_kept_states(run) if held_in_memory else 0)
     execution = decide(facts)
     if execution.schedule == "stream" and config.strategy != "stream":
         # auto picked stream, whose shards hold two states per model: larger shards, planned once more
@@ -159,7 +169,8 @@ def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_s
 
 def choose_steering(run: PreparedRun, execution: Execution) -> Steering | None:
     """The steering check of a run (``--steer``), or None; refused before anything loads where it
-    cannot run: without the difference lens, at a layer it does not read, or streamed."""
+    cannot run: without the difference lens, or at a layer it does not read. Every schedule runs it
+    (``execution`` is not consulted)."""
     config = run.config
     if not config.steer:
         return None
@@ -167,16 +178,20 @@ def choose_steering(run: PreparedRun, execution: Execution) -> Steering | None:
     if not lens.on or "rest" not in lens.positions:
         raise ConfigError(f"--steer adds the difference lens's mean shift over the rest tokens, and the difference "
                           f"lens is off here ({lens.reason}); drop --steer")
-    if execution.schedule == "stream":
-        raise ConfigError("--steer runs the base model through TransformerBridge hooks, which the stream strategy "
-                          "does not load; use --strategy resident or sequential, or drop --steer")
     outside = [layer for layer in config.steer_layers if layer not in lens.layers]
     if outside:
         raise ConfigError(f"--steer-layers {','.join(map(str, outside))}: not captured layers, so no mean shift is "
                           f"known there; pick from {','.join(map(str, lens.layers))}")
-    layers = tuple(sorted(set(config.steer_layers))) or spread_layers(lens.layers)
     held_out = len(run.held_out.token_ids) if run.held_out is not None else 0
-    return Steering(layers, tuple(float(alpha) for alpha in config.steer_alphas), held_out)
+    return Steering(steered_layers(run), tuple(float(alpha) for alpha in config.steer_alphas), held_out)
+
+
+def steered_layers(run: PreparedRun) -> tuple[int, ...]:
+    """The layers ``--steer`` steers at: ``--steer-layers``, or the verdict's spread of the difference
+    lens's; none without ``--steer`` or the lens."""
+    if not run.config.steer or not run.difference_lens.on:
+        return ()
+    return tuple(sorted(set(run.config.steer_layers))) or spread_layers(run.difference_lens.layers)
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -211,8 +226,9 @@ def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, ke
 
 def spill_bytes(run: PreparedRun, job: Job, execution: Execution) -> int:
     """Disk a run folder needs for spilled residual states, at most: the base model's for a
-    sequential run, both models' when they are kept (``--save-residuals``), and a streamed
-    run's resume point (two states of both models while the newer one is written)."""
+    sequential run, both models' when they are kept (``--save-residuals``), a streamed
+    run's resume point (two states of both models while the newer one is written) and the states
+    its steering check starts from (``steering_spill``)."""
     streamed = execution.schedule == "stream"
     models = 2 if job.keep_states else (1 if execution.schedule == "sequential" else 0)
     d_model = _d_model(run)
@@ -227,7 +243,23 @@ def spill_bytes(run: PreparedRun, job: Job, execution: Execution) -> int:
         # the states its logit lens reads at the shard's end.
         extra = 0 if job.keep_states else lens_kept_states(run)
         frontier = max(frontier, sum((2 + extra) * per_state * DTYPE_BYTES[side.dtype] for side in run.sides))
-    return total + (frontier if streamed else 0)
+    return total + (frontier + steering_spill(run, job) if streamed else 0)
+
+
+def steering_spill(run: PreparedRun, job: Job) -> int:
+    """The states a streamed run keeps for its steering check (``steering_states``), at most: every
+    shard's until the check has run (unless ``--save-residuals`` keeps them anyway), and the
+    held-out prompts' where their branches take more than one pass."""
+    if job.steering is None:
+        return 0
+    kept = steering_states(job)
+    per_position = _d_model(run) * sum(len(kept[side.role]) * DTYPE_BYTES[side.dtype] for side in run.sides)
+    lengths = run.tokenized.lengths
+    positions = 0 if job.keep_states else sum((stop - start) * max(lengths[start:stop])
+                                              for start, stop in job.layout.bounds)
+    if run.held_out is not None:
+        positions += len(run.held_out.lengths) * max(run.held_out.lengths)
+    return positions * per_position
 
 
 def check_spill_space(run: PreparedRun, job: Job, execution: Execution, directory) -> None:
