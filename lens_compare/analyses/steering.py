@@ -27,31 +27,16 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 ALPHAS = (0.5, 1.0, 2.0)
-VERDICT_ROWS = 5
 
 
 @dataclass(frozen=True)
 class Steering:
     """What the steering check does in a run: steer at ``layers`` (each a difference-lens layer) by
-    each of ``alphas`` times that layer's δ over the ``rest`` tokens."""
+    each of ``alphas`` times that layer's δ over the ``rest`` tokens (whether it runs, and why:
+    ``lens_compare.hardware.steering``)."""
 
     layers: tuple[int, ...]
     alphas: tuple[float, ...] = ALPHAS
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON's ``provenance.steering``."""
-        return {"layers": list(self.layers), "alphas": list(self.alphas), "positions": "rest"}
-
-
-def spread_layers(layers: tuple[int, ...], rows: int = VERDICT_ROWS) -> tuple[int, ...]:
-    """Up to ``rows`` of ``layers`` spread evenly from the first to the last, as the verdict picks
-    its rows.
-
-    >>> spread_layers(tuple(range(30)))
-    (0, 7, 14, 22, 29)
-    """
-    count = min(rows, len(layers))
-    return tuple(sorted({layers[round(i * (len(layers) - 1) / max(count - 1, 1))] for i in range(count)}))
 
 
 def token_divergence(

@@ -3,7 +3,7 @@ what the one before settled.
 
 - ``start_run``: the prepared run (``prepare_run``: everything that needs no weights), its shard
   layout and its ``Execution`` (the preflight, that is the hardware planner: schedule, how each
-  model loads, or a refusal);
+  model loads, or a refusal), and with the engine known, the steering check's choice;
 - ``make_job`` / ``run_manifest``: what the engines run and what a run folder is a fingerprint of;
 - ``spill_bytes`` / ``check_spill_space``: the disk a run folder needs, refused before loading;
 - ``build_demo_checkpoints``: a demo pair's fine-tune, when shards are about to run;
@@ -23,14 +23,16 @@ import torch
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.analyses.difference_lens import add_sums
-from lens_compare.analyses.steering import Steering, spread_layers, steering_records
+from lens_compare.analyses.steering import Steering, steering_records
 from lens_compare.config import RunConfig, fingerprinted
 from lens_compare.demo.fine_tune import demo_checkpoint
 from lens_compare.engines import Job
 from lens_compare.engines.shards import ShardLayout, default_shard_size, state_bytes_per_prompt
 from lens_compare.engines.store import Kind, Store, stack_metrics, stack_states
 from lens_compare.errors import ConfigError, HardwareError
+from lens_compare.hardware.planner import steering_time_estimate
 from lens_compare.hardware.precision import floor_dtype
+from lens_compare.hardware.steering import STREAM, SteeringChoice, decide, describe
 from lens_compare.metrics.aggregate import aggregated_positions, token_mask
 from lens_compare.metrics.bootstrap import Bootstrap
 from lens_compare.metrics.per_token import hook_metrics
@@ -39,11 +41,13 @@ from lens_compare.models.facts import ModelFacts
 from lens_compare.models.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.models.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution
+from lens_compare.pipeline.preflight import machine_for
 from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, prepare_run
 from lens_compare.results.provenance import Provenance, floor_provenance
 from lens_compare.results.result import ComparisonResult
 from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.util.hooks import states_for_layers
+from lens_compare.util.layers import spread_layers
 from lens_compare.util.units import GIB
 from lens_compare.util.versions import recorded_versions
 
@@ -131,7 +135,7 @@ def start_run(
             "noise is the quantization's: compare the model with its own NF4 copy instead (as the smollm2-nf4 pair "
             "does) and pass that run with --noise-floor-run"
         )
-    return run, layout, execution
+    return replace(run, steering=choose_steering(run, execution)), layout, execution
 
 
 def build_demo_checkpoints(run: PreparedRun) -> None:
@@ -151,29 +155,50 @@ def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_s
                component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
                lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
                 difference=run.difference_lens if run.difference_lens.on else None,
-                steering=choose_steering(run, execution),
+                steering=Steering(run.steering.layers, run.steering.alphas) if run.steering.on else None,
                 noise_floor=run.config.noise_floor, base_lacks=run.tokenized.base_lacks)
 
 
-def choose_steering(run: PreparedRun, execution: Execution) -> Steering | None:
-    """The steering check of a run (``--steer``), or None; refused before anything loads where it
-    cannot run: without the difference lens, at a layer it does not read, or streamed."""
+def choose_steering(run: PreparedRun, execution: Execution) -> SteeringChoice:
+    """The steering check of a run (``lens_compare.hardware.steering``: auto weighs the planner's seconds on
+    the run's device and engine), logged in one line unless switched off. An explicit ``--steer`` is
+    refused before anything loads where it cannot run: without the difference lens, at a layer it
+    does not read, or streamed."""
     config = run.config
-    if not config.steer:
-        return None
     lens = run.difference_lens
+    if config.steer is False:
+        return SteeringChoice(False, "--no-steer")
     if not lens.on or "rest" not in lens.positions:
-        raise ConfigError(f"--steer adds the difference lens's mean shift over the rest tokens, and the difference "
-                          f"lens is off here ({lens.reason}); drop --steer")
-    if execution.schedule == "stream":
-        raise ConfigError("--steer runs the base model through TransformerBridge hooks, which the stream strategy "
-                          "does not load; use --strategy resident or sequential, or drop --steer")
+        if config.steer:
+            raise ConfigError(f"--steer adds the difference lens's mean shift over the rest tokens, and the "
+                              f"difference lens is off here ({lens.reason}); drop --steer")
+        choice = SteeringChoice(None, f"the difference lens is off ({lens.reason})")
+    else:
+        choice = _steerable(run, execution)
+    logger.info("%s", describe(choice))
+    return choice
+
+
+def _steerable(run: PreparedRun, execution: Execution) -> SteeringChoice:
+    config = run.config
+    lens = run.difference_lens
     outside = [layer for layer in config.steer_layers if layer not in lens.layers]
     if outside:
         raise ConfigError(f"--steer-layers {','.join(map(str, outside))}: not captured layers, so no mean shift is "
                           f"known there; pick from {','.join(map(str, lens.layers))}")
+    if execution.schedule == "stream":
+        if config.steer:
+            raise ConfigError("--steer runs the base model through TransformerBridge hooks, which the stream "
+                              "strategy does not load; use --strategy resident or sequential, or drop --steer")
+        return SteeringChoice(None, STREAM)
     layers = tuple(sorted(set(config.steer_layers))) or spread_layers(lens.layers)
-    return Steering(layers, tuple(float(alpha) for alpha in config.steer_alphas))
+    estimate = steering_time_estimate(
+        run.model_configs, {side.role: side.dtype for side in run.sides}, machine_for(run.device, run.gpus),
+        tokens=max(run.tokenized.lengths), prompts=len(run.tokenized.token_ids), forward_batch=config.batch_size,
+        lens_layers=len(run.logit_lens.layers), schedule=execution.schedule, layers=layers,
+        alphas=len(config.steer_alphas),
+        quantization={role: options.quantization for role, options in execution.loads.items()})
+    return decide(config.steer, layers, tuple(float(alpha) for alpha in config.steer_alphas), estimate)
 
 
 def run_manifest(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> dict[str, Any]:
@@ -417,6 +442,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         bootstrap={"resamples": run.config.bootstrap, "seed": run.config.seed},
         logit_lens=run.logit_lens.to_dict(),
         difference_lens=run.difference_lens.to_dict(),
+        steering=run.steering.to_dict(),
         plan=execution.estimate,
         timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         config_file=run.config.config_file,

@@ -20,7 +20,7 @@ RUN_KEYS = (
     "versions", "pair", "base_model", "sft_model", "dtype", "device", "gpus", "strategy", "schedule",
     "quantization", "placement", "shards", "n_layers", "model_types", "d_model", "layers", "chat_template",
     "tokenizer", "prompts", "texts", "token_ids", "token_content", "untrained_base_tokens", "bootstrap",
-    "logit_lens", "difference_lens", "plan", "timestamp", "config_file", "config",
+    "logit_lens", "difference_lens", "steering", "plan", "timestamp", "config_file", "config",
 )
 FLOOR_KEYS = ("kind", "pair", "model", "base_model", "sft_model", "dtype", "n_layers", "strategy", "device")
 
@@ -67,6 +67,9 @@ class Provenance(Mapping):
     bootstrap: dict[str, int] | None = None
     logit_lens: dict[str, Any] | None = None
     difference_lens: dict[str, Any] | None = None
+    # Whether the steering check ran, and why (lens_compare.hardware.steering); None in runs saved before
+    # its auto mode.
+    steering: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
     timestamp: str | None = None
     config_file: str | None = None
