@@ -184,6 +184,19 @@ def test_cli_json_keys(capsys):
         for key in ("fits", "min_gpus", "peak_gib_per_gpu", "headroom_gib", "est_seconds", "est_cost_usd"):
             assert key in entry
     assert out["gpus"]["type"] == "H100 SXM 80GB" and out["gpus"]["count"] == 8
+    assert out["steering"]["on"] is False and out["steering"]["reason"].startswith("stream:")
+
+
+def test_cli_says_whether_the_steering_check_would_run_and_what_it_adds(capsys):
+    assert main(["--pair", "qwen7b", "--n-prompts", "16"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("steering check: on (the check takes ~") and "; the run with it ~" in last
+    assert main(["--pair", "qwen7b", "--n-prompts", "16", "--no-steer"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "steering check: off (--no-steer)"
+    assert main(["--pair", "qwen7b", "--n-prompts", "16", "--steer-layers", "3", "--steer-alphas", "1", "--json"]) == 0
+    steering = json.loads(capsys.readouterr().out)["steering"]
+    assert steering["requested"] is None and steering["layers"] == [3] and steering["alphas"] == [1.0]
+    assert steering["estimate"]["steering"] < steering["estimate"]["run"]
 
 
 def test_cli_bad_input_exit_code(capsys):
