@@ -144,10 +144,12 @@ class RunConfig:
                                           "promoted and suppressed each", metavar="K")
     difference_lens_first: int = option(5, "the difference lens's first_content class: each prompt's first K "
                                            "content tokens (0: no such class)", metavar="K")
-    steer: bool = option(
-        False, "the steering check: run the base model again with alpha times the difference lens's mean shift "
-               "added to its stream after each of --steer-layers, and report how much of KL(p_sft || p_base) and "
-               "of the top-1 disagreement it removes (one base forward per layer and alpha; default: off)")
+    steer: bool | None = option(
+        None, "the steering check: run the base model again with alpha times the difference lens's mean shift "
+              "added to its stream after each of --steer-layers, and report how much of KL(p_sft || p_base) and "
+              "of the top-1 disagreement it removes (one base forward per layer and alpha; default: on where the "
+              "planner estimates it takes at most as long as the run itself, off otherwise and on the stream "
+              "strategy)")
     steer_layers: tuple[int, ...] = option(
         (), "layers the steering check steers at (default: the verdict's spread of up to 5 captured layers)",
         metavar="1,4,8")

@@ -14,8 +14,11 @@ import argparse
 import json
 
 from lens_compare.cli import Parser, add_run_options, parse_or_exit, run_command
+from lens_compare.config import RunConfig
 from lens_compare.hardware.machine import catalog_machine, detect_machine
-from lens_compare.hardware.planner import plan_pair
+from lens_compare.hardware.planner import Plan, plan_pair
+from lens_compare.hardware.steering import SteeringChoice, planned_steering
+from lens_compare.hardware.timing import run_cost
 from lens_compare.util.choices import DTYPES, STRATEGIES
 
 NOTHING_FITS = 3
@@ -23,7 +26,7 @@ NOTHING_FITS = 3
 
 def _parser() -> Parser:
     p = Parser(prog="python -m lens_compare.plan", description=__doc__.split("\n")[0])
-    add_run_options(p, ["pair", "base_model", "sft_model"])
+    add_run_options(p, ["pair", "base_model", "sft_model", "steer", "steer_layers", "steer_alphas"])
     p.add_argument("--model-config", metavar="CONFIG_JSON",
                    help="one model's config.json (or its directory), planned for both models")
     p.add_argument("--tokens", type=int, default=250, help="tokens per prompt (default 250)")
@@ -53,8 +56,6 @@ def _dtype(args: argparse.Namespace) -> str | None:
         spec = get_pair(args.pair)
         if spec.base_dtype or spec.sft_dtype:
             return None
-    from lens_compare.config import RunConfig
-
     return RunConfig().dtype
 
 
@@ -72,8 +73,24 @@ def _plan(args: argparse.Namespace) -> int:
         args.pair, base=base, sft=sft, tokens=args.tokens, batch=args.n_prompts, dtype=_dtype(args),
         strategy=args.strategy, states=args.states, machine=machine,
     )
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.explain())
+    alphas = args.steer_alphas or RunConfig().steer_alphas
+    steering = planned_steering(plan, args.steer, tuple(args.steer_layers or ()), tuple(alphas))
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "steering": steering.to_dict()}, indent=2))
+    else:
+        print(plan.explain())
+        print(_steering_line(plan, steering))
     return 0 if plan.strategy else NOTHING_FITS
+
+
+def _steering_line(plan: Plan, steering: SteeringChoice) -> str:
+    """The steering check as a run would decide it, and the run's seconds and dollars with it."""
+    line = f"steering check: {'on' if steering.on else 'off'} ({steering.reason})"
+    if steering.on and plan.chosen is not None and plan.chosen.est_seconds is not None:
+        seconds = plan.chosen.est_seconds + steering.added_seconds
+        cost = run_cost(seconds, plan.machine)
+        line += f"; the run with it ~{seconds:.0f} s" + (f", ~${cost:.4f}" if cost is not None else "")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

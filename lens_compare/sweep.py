@@ -119,7 +119,8 @@ def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
         machine = catalog_machine(args.gpu or DEFAULT_GPU, args.count, None)
     n_prompts = args.n_prompts or len(read_prompts(config)) or 1
     plan = plan_sweep(expand_pairs(args.pairs, extra), parse_lengths(args.tokens), n_prompts=n_prompts,
-                      machine=machine, strategy=None if config.strategy == "auto" else config.strategy, extra=extra)
+                      machine=machine, strategy=None if config.strategy == "auto" else config.strategy, extra=extra,
+                      steer=config.steer, steer_layers=config.steer_layers, steer_alphas=config.steer_alphas)
     print(plan.table())
     return 0
 

@@ -348,7 +348,8 @@ def test_a_rerun_reuses_the_run_folder_and_its_outputs(tiny_model_dirs, tmp_path
 
 def test_a_run_logs_what_applies_and_keeps_the_rest_in_the_json(tiny_model_dirs, capsys, caplog):
     """A few lines before the models load: the config's non-default values, the logit lens's choice, the
-    plan in one line; no note that does not concern the run. The whole plan goes to the JSON."""
+    plan in one line, the steering check's choice; no note that does not concern the run. The whole plan
+    goes to the JSON."""
     import logging
 
     model = str(tiny_model_dirs["llama"])
@@ -357,7 +358,9 @@ def test_a_run_logs_what_applies_and_keeps_the_rest_in_the_json(tiny_model_dirs,
                                  "--out", "res")
     assert code == 0, err
     before = caplog.text.split("loading base model")[0].strip().splitlines()
-    assert len(before) <= 6, before
+    assert len(before) <= 7, before
+    assert any("steering check on at layers 0, 1, 2 x 3 alpha(s) (auto: the check takes ~" in line
+               for line in before), before
     config_line = next(line for line in before if "differ from the built-in defaults" in line)
     assert "base_model=" in config_line and "dtype=" not in config_line and "batch_size" not in config_line
     assert any("logit lens at the output only" in line and "--logit-lens all would add" in line for line in before)

@@ -242,12 +242,13 @@ def test_a_capture_reads_the_prefixes_a_sweep_serves_from_it(perturbed_llama, tm
     folder = open_run_folder(capture, tmp_path)
     capture.run(folder)
     assert set(folder.get(Kind.DIFFERENCE_LENS)["prefixes"]) == {"6"}
-    short = Comparison(config.replace(tokens=6), preflight=_cpu("resident"), held_in_memory=False)
+    # As the sweep reads a length off a capture: without a steering check of its own (sweeps/prefix.py).
+    short = Comparison(config.replace(tokens=6, steer=False), preflight=_cpu("resident"), held_in_memory=False)
     read_off = short.assemble(PrefixView(folder, 6, short.plan().run.tokenized.token_ids))
     separate = run_comparison(config.replace(tokens=6), preflight=_cpu("resident"))
     _assert_same_readings(read_off.difference_lens_records, separate.difference_lens_records)
     # A length the capture was not asked for has no readings: refused, not read off the whole prompts.
-    other = Comparison(config.replace(tokens=8), preflight=_cpu("resident"), held_in_memory=False)
+    other = Comparison(config.replace(tokens=8, steer=False), preflight=_cpu("resident"), held_in_memory=False)
     view = PrefixView(folder, 8, other.plan().run.tokenized.token_ids)
     assert other.pending(view) == [2]
     with pytest.raises(RuntimeError, match="difference lens's readings"):

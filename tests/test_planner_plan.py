@@ -22,7 +22,7 @@ from lens_compare.hardware import (
     weight_bytes,
 )
 from lens_compare.hardware.run_memory import model_run_terms
-from lens_compare.hardware.sources import model_configs
+from lens_compare.hardware.sources import ModelSource, checkpoint_of, model_configs
 from lens_compare.models.params import TensorGroup, model_groups
 from lens_compare.plan import main
 
@@ -184,6 +184,19 @@ def test_cli_json_keys(capsys):
         for key in ("fits", "min_gpus", "peak_gib_per_gpu", "headroom_gib", "est_seconds", "est_cost_usd"):
             assert key in entry
     assert out["gpus"]["type"] == "H100 SXM 80GB" and out["gpus"]["count"] == 8
+    assert out["steering"]["on"] is False and out["steering"]["reason"].startswith("stream:")
+
+
+def test_cli_says_whether_the_steering_check_would_run_and_what_it_adds(capsys):
+    assert main(["--pair", "qwen7b", "--n-prompts", "16"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("steering check: on (the check takes ~") and "; the run with it ~" in last
+    assert main(["--pair", "qwen7b", "--n-prompts", "16", "--no-steer"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "steering check: off (--no-steer)"
+    assert main(["--pair", "qwen7b", "--n-prompts", "16", "--steer-layers", "3", "--steer-alphas", "1", "--json"]) == 0
+    steering = json.loads(capsys.readouterr().out)["steering"]
+    assert steering["requested"] is None and steering["layers"] == [3] and steering["alphas"] == [1.0]
+    assert steering["estimate"]["steering"] < steering["estimate"]["run"]
 
 
 def test_cli_bad_input_exit_code(capsys):
@@ -469,3 +482,55 @@ def test_hub_ids_plan_offline_from_the_shipped_configs_and_others_fail_at_once(m
         assert len(err.strip().splitlines()) == 1
     finally:
         hub_reachable.cache_clear()
+
+
+def test_the_steering_checks_seconds_by_hand():
+    """``steering_time_estimate`` against the cost model written out (lens_compare.hardware.timing's
+    steering_seconds): Qwen2.5-7B steered at layers 0, 14, 27 by 3 multiples, 8 prompts of 100 tokens."""
+    from lens_compare.hardware.planner import steering_time_estimate
+
+    params, vocab, d_model, n_layers = 7_615_616_512, 152_064, 3584, 28
+    tokens, prompts, layers, alphas = 100, 8, (0, 14, 27), 3
+    branches = len(layers) * alphas
+    read = 2 * params / 2e9  # the bfloat16 checkpoint at 2 GB/s
+    share = alphas * ((n_layers - 1) + (n_layers - 15) + 0) / n_layers  # of a base forward, streamed
+    cpu, h100 = Machine("cpu", 1, 64.0, 64.0), catalog_machine("H100 SXM 80GB", 1)
+
+    def estimate(machine, schedule, held=0):
+        return steering_time_estimate({"base": QWEN7B, "sft": QWEN7B}, {"base": "bfloat16", "sft": "bfloat16"},
+                                      machine, tokens=tokens, prompts=prompts, forward_batch=4, lens_layers=1,
+                                      schedule=schedule, layers=layers, alphas=alphas, held_out_prompts=held)
+
+    # The CPU: 100 GFLOP/s; a head at 80% of it.
+    forward = 2 * params * tokens * prompts / 100e9
+    head = 2 * vocab * d_model * tokens * prompts / (100e9 * 0.8)
+    resident = (forward + head) + (1 + branches) * (forward + head)  # SFT, base, the steered branches
+    assert estimate(cpu, "resident")["steering"] == pytest.approx(resident, rel=1e-9)
+    # sequential loads the base model once more: per-model work, the bridge's boot, the read
+    assert estimate(cpu, "sequential")["steering"] == pytest.approx(resident + 0.3 + 0.045 * n_layers + read, rel=1e-9)
+    # 4 held-out prompts cost what 4 of the run's do
+    assert estimate(cpu, "resident", held=4)["steering"] == pytest.approx(resident * 1.5, rel=1e-9)
+    # stream on the CPU: the branches' compute outweighs re-reading the blocks after layer 0
+    heads = (2 + branches) * head
+    assert estimate(cpu, "stream")["steering"] == pytest.approx(share * forward + heads, rel=1e-9)
+    held_forward = forward / 2  # 4 prompts
+    streamed_held = (1 + share) * held_forward + held_forward + heads / 2  # both reads are shorter than these
+    assert estimate(cpu, "stream", held=4)["steering"] == pytest.approx(share * forward + heads + streamed_held,
+                                                                         rel=1e-9)
+
+    # The H100: forwards at 40% of 989 TFLOP/s (more than the weights' read at 3.35 TB/s for 2 batches of 4).
+    rate = 989e12 * 0.4
+    forward = 2 * params * tokens * prompts / rate
+    assert forward > 2 * 2 * params / 3350e9
+    head = 2 * vocab * d_model * tokens * prompts / (rate * 0.8)
+    assert estimate(h100, "resident")["steering"] == pytest.approx((2 + branches) * (forward + head), rel=1e-9)
+    # stream: re-reading blocks 1..27 from disk outweighs the branches' compute
+    assert share * forward < read * 27 / 28
+    assert estimate(h100, "stream")["steering"] == pytest.approx(read * 27 / 28 + (2 + branches) * head, rel=1e-9)
+
+    # The core run it is weighed against is the planner's own figure for the run on that engine.
+    workload = Workload(tokens=tokens, batch=prompts, forward_batch=4, lens_layers=1)
+    source = ModelSource("Qwen/Qwen2.5-7B", QWEN7B, checkpoint_of(QWEN7B))
+    plan = plan_models(source, source, workload, cpu, with_cheapest=False)
+    for schedule in ("resident", "stream"):
+        assert estimate(cpu, schedule)["run"] == pytest.approx(plan.strategies[schedule].est_seconds, rel=1e-9)

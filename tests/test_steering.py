@@ -1,6 +1,6 @@
 """The steering check: its records against plain HF forwards with a torch hook and NumPy KL, a
-planted shift that steering at its block explains whole, shards and resumed run folders, and the
-options' refusals."""
+planted shift that steering at its block explains whole, shards and resumed run folders, the
+options' refusals, and when auto turns it on (the planner's seconds for it against the run's)."""
 
 import json
 from pathlib import Path
@@ -16,9 +16,11 @@ from lens_compare.engines import loaded as loaded_module
 from lens_compare.engines import steering as steering_engine
 from lens_compare.engines.store import Kind
 from lens_compare.errors import ConfigError, LensCompareError
+from lens_compare.hardware.steering import decide
 from lens_compare.models.load_options import LoadOptions
 from lens_compare.pipeline.comparison import Comparison, open_run_folder, run_comparison
 from lens_compare.pipeline.execution import Execution
+from lens_compare.pipeline.preflight import memory_preflight
 from lens_compare.plots import steering_curves
 from lens_compare.results.saved import load_run
 from lens_compare.results.verdict import verdict
@@ -36,7 +38,7 @@ def _cpu(schedule: str):
 
 def _config(base, sft, **extra) -> RunConfig:
     return RunConfig(base_model=str(base), sft_model=str(sft), prompts=PROMPTS, batch_size=2, bootstrap=0,
-                     logit_lens="all", steer=True, **extra)
+                     **{"logit_lens": "all", "steer": True, **extra})
 
 
 def _layer_output(output) -> torch.Tensor:
@@ -294,8 +296,10 @@ def test_flags_json_saved_runs_and_refusals(perturbed_llama, tmp_path, capsys):
         load_run(tmp_path / "old.json").steering()
 
     off = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS[:2], bootstrap=0, logit_lens="all",
-                               check_memory=False)
-    assert off.to_dict()["steering"] is None, "off by default"
+                               steer=False, check_memory=False)
+    assert off.to_dict()["steering"] is None, "--no-steer"
+    assert off.provenance["steering"] == {"requested": False, "on": False, "reason": "--no-steer", "layers": [],
+                                          "alphas": [], "positions": None, "held_out_prompts": 0, "estimate": None}
 
     refusals = [
         (["--steer-layers", "7"], "not captured layers"),
@@ -315,3 +319,51 @@ def test_flags_json_saved_runs_and_refusals(perturbed_llama, tmp_path, capsys):
         RunConfig.from_dict({"steer": True, "steer_alphas": []})
     with pytest.raises(ConfigError, match="steer"):
         RunConfig.from_dict({"steer": True, "logit_lens": False})
+
+
+def test_auto_is_on_where_the_check_costs_less_than_the_run(perturbed_llama, caplog):
+    """Tiny models: loading dominates the run, and the check's forwards cost next to nothing beside it."""
+    base, sft, _ = perturbed_llama
+    with caplog.at_level("INFO", logger="lens_compare"):
+        result = lens_compare.compare(base=str(base), sft=str(sft), prompts=PROMPTS[:3], bootstrap=0,
+                                      logit_lens="all")
+    steering = result.provenance["steering"]
+    assert steering["requested"] is None and steering["on"] and steering["layers"] == [0, 1, 2]
+    assert steering["alphas"] == [0.5, 1.0, 2.0] and steering["positions"] == "rest"
+    estimate = steering["estimate"]
+    assert 0 < estimate["steering"] <= estimate["run"], estimate
+    assert result.provenance["schedule"] == "resident"
+    assert [(r["layer"], r["alpha"]) for r in result.steering_records][:2] == [(0, 0.5), (0, 1.0)]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("steering check"))
+    assert line.startswith("steering check on at layers 0, 1, 2 x 3 alpha(s) (auto: the check takes ~") and \
+        "at most the core run's" in line
+    # Streamed, auto leaves it off and says why (nothing loads: the plan alone).
+    streamed = Comparison(_config(base, sft, steer=None, strategy="stream"), preflight=memory_preflight).plan()
+    assert not streamed.run.steering.on and streamed.run.steering.reason.startswith("stream:")
+    assert streamed.job.steering is None
+    # Without the logit lens there is no difference lens, so no δ to steer by.
+    plain = Comparison(_config(base, sft, steer=None, logit_lens="off"), preflight=memory_preflight).plan()
+    assert not plain.run.steering.on and plain.run.steering.reason.startswith("the difference lens is off")
+    assert not decide(None, (0,), (1.0,), None).on, "no estimate for the family: off"
+    assert decide(None, (0,), (1.0,), None).reason.startswith("no time estimate")
+
+
+def test_auto_is_off_for_smollm2_at_250_tokens_and_an_explicit_steer_still_runs_it(smollm2_safetensors):
+    """SmolLM2-135M, 16 prompts of 250 tokens on the CPU: 5 layers x 3 multiples make 17 forwards with
+    their heads (~231 s), several times the core run (~33 s). Planned only: nothing loads."""
+    def plan(**option):
+        config = RunConfig(base_model=str(smollm2_safetensors), sft_model=str(smollm2_safetensors),
+                           prompts=tuple(f"prompt {i}" for i in range(16)), tokens=250,
+                           filler_text="The history of science", device="cpu", **option)
+        return Comparison(config, preflight=memory_preflight).plan()
+
+    auto = plan()
+    steering = auto.run.steering
+    assert auto.execution.schedule == "resident" and auto.run.logit_lens.mode == "final"
+    assert not steering.on and auto.job.steering is None
+    assert steering.estimate["steering"] == pytest.approx(231, rel=0.02)
+    assert steering.estimate["run"] == pytest.approx(32.5, rel=0.05)
+    assert "--steer runs it" in steering.reason
+    asked = plan(steer=True).run.steering
+    assert asked.on and asked.requested and asked.layers == (0, 7, 14, 22, 29) and asked.estimate == steering.estimate
+    assert not plan(steer=False).run.steering.on

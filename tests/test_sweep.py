@@ -54,7 +54,11 @@ def test_lengths_read_off_one_capture_equal_separate_runs(pairs_file, tmp_path):
     assert len(list((tmp_path / "out" / "runs").iterdir())) == 1, "one capture for both lengths"
     for tokens in (6, 12):
         written = json.loads((tmp_path / "out" / f"tiny-{tokens}tok.json").read_text())
-        separate = run_comparison(config.given({"pair": "tiny", "tokens": tokens}), preflight=_cpu)
+        # The steering check (auto: on for this tiny pair) ran on the capture's whole prompts; the length
+        # read off it has none of its own, as a separate run with --no-steer.
+        assert (written["steering"] is None) == (tokens == 6)
+        steer = {"steer": False} if tokens == 6 else {}
+        separate = run_comparison(config.given({"pair": "tiny", "tokens": tokens, **steer}), preflight=_cpu)
         assert written["provenance"]["config"]["tokens"] == tokens
         # The capture also summed the 6-token prefix for the difference lens, and says so.
         assert written["provenance"]["config"].pop("prefix_lengths") == ([6] if tokens == 12 else [])
@@ -79,6 +83,8 @@ def test_which_lengths_ride_on_a_longer_capture(pairs_file):
     # Runs that need the states themselves capture at every length.
     assert capture_lengths({6: short, 12: long}, _config(pairs_file, cka=True)) == {6: 6, 12: 12}
     assert capture_lengths({6: short, 12: long}, _config(pairs_file, save_residuals=True)) == {6: 6, 12: 12}
+    # So do runs that ask for the steering check, which runs the models again on each length's prompts.
+    assert capture_lengths({6: short, 12: long}, _config(pairs_file, steer=True)) == {6: 6, 12: 12}
 
 
 def test_a_failing_pair_is_recorded_and_a_rerun_redoes_only_what_is_missing(pairs_file, tmp_path, monkeypatch):

@@ -13,6 +13,8 @@ from lens_compare.errors import ConfigError, PairError
 from lens_compare.hardware.machine import Machine, catalog_machine
 from lens_compare.hardware.planner import plan_pair
 from lens_compare.hardware.seed_table import seed_table
+from lens_compare.hardware.steering import planned_steering
+from lens_compare.hardware.timing import run_cost
 from lens_compare.models.pairs import builtin_pairs, parse_pairs
 from lens_compare.sweeps.dry_run import PlannedRun, plan_sweep
 from lens_compare.sweeps.pairs import expand_pairs
@@ -81,10 +83,31 @@ def test_rows_are_the_planners_own_choice():
         narrow = plan_pair(row.pair, tokens=row.tokens, batch=16, machine=H100_X8.with_count(direct.chosen.min_gpus),
                            strategy=direct.strategy)
         chosen = narrow.chosen
+        # With the steering check where a run would do it (auto: where it takes at most the run's time).
+        steering = planned_steering(narrow, None, (), (0.5, 1.0, 2.0)).added_seconds
+        seconds = chosen.est_seconds + steering
         assert row == PlannedRun(row.pair, row.tokens, direct.strategy, chosen.min_gpus, chosen.peak_gib_per_gpu,
-                                 chosen.est_seconds, chosen.est_cost_usd)
+                                 seconds, run_cost(seconds, narrow.machine), steering_seconds=steering)
     # The three sizes take three different answers: one GPU, a split, and a stream.
     assert {(row.strategy, row.gpus) for row in plan.rows} == {("resident", 1), ("resident", 4), ("stream", 1)}
+    # Loading dominates the two resident runs, so the check costs less than they do; stream does not steer yet.
+    assert [row.steering_seconds > 0 for row in plan.rows] == [True, True, True, True, False, False]
+    assert all(0 < row.steering_seconds < row.est_seconds / 2 for row in plan.rows[:4])
+
+
+def test_the_steering_check_counts_where_it_would_run():
+    auto = plan_sweep(["qwen7b"], LENGTHS, n_prompts=16, machine=H100_X8)
+    off = plan_sweep(["qwen7b"], LENGTHS, n_prompts=16, machine=H100_X8, steer=False)
+    assert [row.steering_seconds for row in off.rows] == [0.0, 0.0]
+    for with_it, without in zip(auto.rows, off.rows, strict=True):
+        assert with_it.est_seconds == pytest.approx(without.est_seconds + with_it.steering_seconds)
+    assert "include the steering check in 2 of 2 run(s)" in auto.table()
+    assert "steering" not in off.table()
+    # On the CPU, SmolLM2-sized forwards outweigh its loading: auto leaves the check out, --steer counts it.
+    cpu = plan_sweep(["smollm2-sanity"], [250], n_prompts=16, machine=CPU)
+    asked = plan_sweep(["smollm2-sanity"], [250], n_prompts=16, machine=CPU, steer=True)
+    assert cpu.rows[0].steering_seconds == 0.0
+    assert asked.rows[0].steering_seconds > 4 * cpu.rows[0].est_seconds
 
 
 def test_totals_add_up_the_rows():

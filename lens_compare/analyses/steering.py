@@ -9,7 +9,9 @@ next-token distribution is compared with the SFT model's:
   ``fraction_kl`` = 1 - kl_steered / kl_base: 1 when steering turns the base model into the SFT
   one, 0 when it changes nothing the KL sees, negative when it moves away;
 - ``top1_base``, ``top1_steered``: the share of tokens whose top-1 prediction is the SFT model's;
-  ``fraction_top1`` = (top1_steered - top1_base) / (1 - top1_base).
+  ``fraction_top1`` = (top1_steered - top1_base) / (1 - top1_base);
+- each fraction is None (JSON null) where it is undefined: no divergence to explain
+  (``kl_base`` 0, ``top1_base`` 1), as when the two models agree exactly.
 
 A shard gives sums (``steering_sums``: Σ KL and Σ agreement in float64, the token count), which add
 up over shards (``add_sums`` of the difference lens), and ``steering_records`` divides the run's once.
@@ -27,7 +29,6 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 ALPHAS = (0.5, 1.0, 2.0)
-VERDICT_ROWS = 5
 
 
 @dataclass(frozen=True)
@@ -40,22 +41,6 @@ class Steering:
     alphas: tuple[float, ...] = ALPHAS
     # Held-out prompts (``--steer-prompts``) the check is also measured on, with the run's δ; 0 for none.
     held_out_prompts: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON's ``provenance.steering``."""
-        return {"layers": list(self.layers), "alphas": list(self.alphas), "positions": "rest",
-                "held_out_prompts": self.held_out_prompts}
-
-
-def spread_layers(layers: tuple[int, ...], rows: int = VERDICT_ROWS) -> tuple[int, ...]:
-    """Up to ``rows`` of ``layers`` spread evenly from the first to the last, as the verdict picks
-    its rows.
-
-    >>> spread_layers(tuple(range(30)))
-    (0, 7, 14, 22, 29)
-    """
-    count = min(rows, len(layers))
-    return tuple(sorted({layers[round(i * (len(layers) - 1) / max(count - 1, 1))] for i in range(count)}))
 
 
 def masked_log_probs(logits: Float[Tensor, "batch pos vocab"],
@@ -108,11 +93,11 @@ def steering_records(sums: dict[str, Tensor], layers: tuple[int, ...], alphas: t
             found.append({
                 "layer": layer, "alpha": alpha, "prompts": prompts, "n_tokens": int(count),
                 "kl_base": kl_base, "kl_steered": kl,
-                "fraction_kl": 1.0 - kl / kl_base if kl_base > 0 else float("nan"),
+                "fraction_kl": 1.0 - kl / kl_base if kl_base > 0 else None,
                 "top1_base": top1_base, "top1_steered": top1,
-                "fraction_top1": (top1 - top1_base) / (1.0 - top1_base) if top1_base < 1 else float("nan"),
+                "fraction_top1": (top1 - top1_base) / (1.0 - top1_base) if top1_base < 1 else None,
             })
-        scored = [record for record in found if record["fraction_kl"] == record["fraction_kl"]]
+        scored = [record for record in found if record["fraction_kl"] is not None]
         best = max(scored, key=lambda record: record["fraction_kl"])["alpha"] if scored else None
         records.extend({**record, "best_alpha": best} for record in found)
     return records

@@ -8,7 +8,7 @@
 from dataclasses import dataclass
 from typing import Any
 
-from lens_compare.errors import ConfigError, HardwareError
+from lens_compare.errors import ConfigError, HardwareError, UnsupportedArchitectureError
 from lens_compare.hardware.estimate import ModelEstimate, estimate_model
 from lens_compare.hardware.gpus import gpu_catalog
 from lens_compare.hardware.machine import (
@@ -25,6 +25,7 @@ from lens_compare.hardware.strategies import (
     evaluate,
     min_gpus_anywhere,
 )
+from lens_compare.hardware.timing import forward_seconds, lens_seconds, run_seconds, steering_seconds, stream_seconds
 from lens_compare.models.architecture import architecture_from_config
 from lens_compare.models.pairs import get_pair
 from lens_compare.util.choices import DTYPES, STRATEGIES
@@ -388,26 +389,59 @@ def plan_pair(
                        pair=pair, with_cheapest=with_cheapest, only=only)
 
 
+def _estimates(configs: dict[str, Any], dtypes: dict[str, str], workload: Workload,
+               quantization: dict[str, str | None] | None = None) -> tuple[ModelEstimate, ...] | None:
+    """Both models (base, SFT) from their configs, NF4 where ``quantization`` says so; None when the
+    planner does not model their family."""
+    quantization = quantization or {}
+    try:
+        return tuple(
+            estimate_model(role, architecture_from_config(configs[role]), checkpoint_of(configs[role]), dtypes[role],
+                           quantization.get(role) or dtypes[role], workload)
+            for role in ("base", "sft"))
+    except UnsupportedArchitectureError:
+        return None
+
+
 def lens_time_estimate(configs: dict[str, Any], dtypes: dict[str, str], machine: Machine, *, tokens: int,
                        prompts: int, forward_batch: int, layers: int) -> dict[str, float] | None:
     """The seconds ``auto`` weighs (``lens_compare.analyses.lens_choice``): both models' forward passes
     over every prompt, and the logit lens at all ``layers`` captured layers and at the output alone,
     on ``machine``. None when the planner does not model these models' family."""
-    from lens_compare.errors import UnsupportedArchitectureError
-    from lens_compare.hardware.timing import forward_seconds, lens_seconds
-
     workload = Workload(tokens=max(tokens, 1), batch=max(prompts, 1), forward_batch=max(forward_batch, 1),
                         base_dtype=dtypes["base"], sft_dtype=dtypes["sft"])
-    try:
-        models = tuple(
-            estimate_model(role, architecture_from_config(configs[role]), checkpoint_of(configs[role]), dtypes[role],
-                           dtypes[role], workload)
-            for role in ("base", "sft"))
-    except UnsupportedArchitectureError:
+    models = _estimates(configs, dtypes, workload)
+    if models is None:
         return None
     return {"forwards": sum(forward_seconds(m, None, machine, workload) for m in models),
             "lens_all": lens_seconds(models, machine, workload, layers),
             "lens_final": lens_seconds(models, machine, workload, 1)}
+
+
+def steering_time_estimate(configs: dict[str, Any], dtypes: dict[str, str], machine: Machine, *, tokens: int,
+                           prompts: int, forward_batch: int, lens_layers: int, schedule: str,
+                           layers: tuple[int, ...], alphas: int, held_out_prompts: int = 0,
+                           quantization: dict[str, str | None] | None = None) -> dict[str, float] | None:
+    """The seconds the steering check's ``auto`` weighs (``lens_compare.hardware.steering``) on
+    ``machine``: the check's (``timing.steering_seconds``: steered at ``layers`` by ``alphas`` multiples,
+    on ``schedule``) and the core run's on that schedule (``stream_seconds``, else ``run_seconds``), its
+    logit lens at ``lens_layers`` layers included. ``quantization`` names the sides loaded as NF4. None
+    when the planner does not model these models' family.
+
+    >>> steering_time_estimate(configs, dtypes, cpu, tokens=250, prompts=16, forward_batch=8, lens_layers=1,
+    ...                        schedule="resident", layers=(0, 7, 14, 22, 29), alphas=3)  # doctest: +SKIP
+    {'steering': 231.1, 'run': 32.5}
+    """
+    workload = Workload(tokens=max(tokens, 1), batch=max(prompts, 1), forward_batch=max(forward_batch, 1),
+                        base_dtype=dtypes["base"], sft_dtype=dtypes["sft"], lens_layers=lens_layers)
+    models = _estimates(configs, dtypes, workload, quantization)
+    if models is None:
+        return None
+    run = stream_seconds(models, machine, workload) if schedule == "stream" else \
+        run_seconds(models, None, machine, workload)
+    return {"steering": steering_seconds(models, None, machine, workload, schedule=schedule, layers=layers,
+                                         alphas=alphas, held_out_prompts=held_out_prompts),
+            "run": run}
 
 
 def plan_for_machine(

@@ -18,7 +18,13 @@ background thread while the previous block computes: per model the larger of the
 and the compute, plus the frontier it writes after every block (the newest residual
 state of every prompt, so a killed run resumes there) and the set-up. It builds no
 TransformerBridge, so there is no bridge boot.
+
+The steering check (``steering_seconds``) comes after the core run: forwards of the base model
+steered at a few layers by a few multiples of the difference lens's mean shift, each read through
+its final norm and unembedding, and on ``sequential`` the base model loaded once more.
 """
+
+from dataclasses import replace
 
 from lens_compare.hardware.estimate import ModelEstimate
 from lens_compare.hardware.machine import Machine
@@ -51,6 +57,11 @@ LENS_EFFICIENCY = 0.8
 def _quantized_16bit_bytes(model: ModelEstimate) -> int:
     # absmax: 4 bytes per 64 quantized weights -> the bytes those weights take in 16 bit
     return model.weights["nf4"].constants * 16 * 2
+
+
+def _read_seconds(model: ModelEstimate) -> float:
+    """The whole checkpoint from local disk."""
+    return model.disk_gib * 2**30 / (DISK_GBPS * 1e9)
 
 
 def lens_flops(model: ModelEstimate, workload: Workload, layers: int) -> float:
@@ -93,24 +104,30 @@ def forward_seconds(model: ModelEstimate, precision: str | None, machine: Machin
     return max(compute, batches * weight_bytes / (machine.gpu.bandwidth_gbps * 1e9))
 
 
+def load_seconds(model: ModelEstimate, precision: str | None, machine: Machine) -> float:
+    """Loading ``model`` through TransformerBridge once: the host's per-model work, the bridge's boot and
+    the weights (read from disk, or a cached NF4 copy rebuilt on the CPU), with the GGUF dequantisation
+    and CPU NF4 quantisation a first load does."""
+    nf4 = (precision or model.precision) == "nf4"
+    total = MODEL_OVERHEAD_S + BRIDGE_BOOT_S_PER_BLOCK * model.arch.n_layers
+    if machine.kind == "cpu" and nf4 and model.checkpoint.nf4_cached:
+        return total + model.weights["nf4"].total / (CPU_NF4_LOAD_GBPS * 1e9)
+    total += _read_seconds(model)
+    if model.checkpoint.precision == "gguf" and not model.checkpoint.gguf_cached:
+        # Dequantized once into the cache (lens_compare.models.gguf): on the host, whatever the device.
+        total += GGUF_DEQUANT_S_PER_GPARAM * model.params.total / 1e9
+        total += model.weights["float32"].total / (DISK_WRITE_GBPS * 1e9)
+    if machine.kind == "cpu" and nf4:
+        total += CPU_NF4_QUANTIZE_S_PER_GB * _quantized_16bit_bytes(model) / 1e9
+    return total
+
+
 def run_seconds(
     models: tuple[ModelEstimate, ...], precision: str | None, machine: Machine, workload: Workload,
 ) -> float:
     total = RUN_SETUP_S + lens_seconds(models, machine, workload, workload.lens_layers)
     for m in models:
-        nf4 = (precision or m.precision) == "nf4"
-        total += MODEL_OVERHEAD_S + BRIDGE_BOOT_S_PER_BLOCK * m.arch.n_layers
-        total += forward_seconds(m, precision, machine, workload)
-        if machine.kind == "cpu" and nf4 and m.checkpoint.nf4_cached:
-            total += m.weights["nf4"].total / (CPU_NF4_LOAD_GBPS * 1e9)
-        else:
-            total += m.disk_gib * 2**30 / (DISK_GBPS * 1e9)
-            if m.checkpoint.precision == "gguf" and not m.checkpoint.gguf_cached:
-                # Dequantized once into the cache (lens_compare.models.gguf): on the host, whatever the device.
-                total += GGUF_DEQUANT_S_PER_GPARAM * m.params.total / 1e9
-                total += m.weights["float32"].total / (DISK_WRITE_GBPS * 1e9)
-            if machine.kind == "cpu" and nf4:
-                total += CPU_NF4_QUANTIZE_S_PER_GB * _quantized_16bit_bytes(m) / 1e9
+        total += load_seconds(m, precision, machine) + forward_seconds(m, precision, machine, workload)
     return total
 
 
@@ -124,10 +141,58 @@ def stream_seconds(models: tuple[ModelEstimate, ...], machine: Machine, workload
     prompts = workload.prompts or workload.batch
     total = RUN_SETUP_S + lens_seconds(models, machine, workload, workload.lens_layers)
     for m in models:
-        read = m.disk_gib * 2**30 / (DISK_GBPS * 1e9)
         compute = forward_seconds(m, m.dtype, machine, workload)
         frontier = m.arch.n_layers * prompts * workload.tokens * m.arch.d_model * DTYPE_BYTES[m.dtype]
-        total += MODEL_OVERHEAD_S + max(read, compute) + frontier / (DISK_WRITE_GBPS * 1e9)
+        total += MODEL_OVERHEAD_S + max(_read_seconds(m), compute) + frontier / (DISK_WRITE_GBPS * 1e9)
+    return total
+
+
+def steering_seconds(models: tuple[ModelEstimate, ...], precision: str | None, machine: Machine,
+                     workload: Workload, *, schedule: str, layers: tuple[int, ...], alphas: int,
+                     held_out_prompts: int = 0) -> float:
+    """The steering check (``lens_compare.engines.steering``) after the core run, on ``schedule``:
+    ``models`` are (base, SFT), steered after each block of ``layers`` by ``alphas`` multiples of δ.
+    A head is one model's final norm and unembedding over every prompt's tokens (``lens_flops`` at
+    one layer); B = len(layers) x alphas steered branches.
+
+    - ``resident`` and ``sequential`` (TransformerBridge): per prompt one SFT forward, one base forward
+      and B base forwards, each with its model's head; ``sequential`` loads the base model once more
+      (``load_seconds``, its GGUF or NF4 copy cached by then).
+    - ``stream``: the core pass kept the base model's ``resid_post`` at each steered layer and both
+      models' final states, so it re-reads the base checkpoint's blocks after the first steered layer
+      and runs only the branches, Σ_l alphas x (L - l - 1) / L of a base forward: the larger of that
+      read and that compute (as ``stream_seconds``), plus the 2 + B heads.
+    - ``held_out_prompts`` (the run's tokens each) add, on the bridge engines, the same per prompt; on
+      ``stream``, one more pass of both checkpoints over them with the base model's branches riding
+      along (per model the larger of its full read and its compute; no set-up, no frontier), and their heads.
+
+    >>> steering_seconds(models, None, cpu, workload, schedule="resident", layers=(0, 7, 14, 22, 29),
+    ...                  alphas=3)  # doctest: +SKIP
+    231.1
+    """
+    base, sft = models
+    branches = len(layers) * alphas
+
+    def heads(w: Workload) -> float:
+        return lens_seconds((sft,), machine, w, 1) + (1 + branches) * lens_seconds((base,), machine, w, 1)
+
+    def forward(m: ModelEstimate, w: Workload) -> float:
+        return forward_seconds(m, m.dtype if schedule == "stream" else precision, machine, w)
+
+    held = replace(workload, batch=held_out_prompts, prompts=None) if held_out_prompts else None
+    if schedule != "stream":
+        total = sum(forward(sft, w) + (1 + branches) * forward(base, w) + heads(w) for w in (workload, held) if w)
+        if schedule == "sequential":
+            cached = replace(base.checkpoint, gguf_cached=True, nf4_cached=True)
+            total += load_seconds(replace(base, checkpoint=cached), precision, machine)
+        return total
+    n_layers = base.arch.n_layers
+    share = sum(alphas * (n_layers - layer - 1) / n_layers for layer in layers)
+    after_first = (n_layers - min(layers) - 1) / n_layers if layers else 0.0
+    total = max(_read_seconds(base) * after_first, share * forward(base, workload)) + heads(workload)
+    if held is not None:
+        total += max(_read_seconds(base), (1 + share) * forward(base, held))
+        total += max(_read_seconds(sft), forward(sft, held)) + heads(held)
     return total
 
 

@@ -17,6 +17,7 @@ from lens_compare.analyses.difference_lens import DifferenceLens, choose_differe
 from lens_compare.analyses.lens_choice import OFF, LensChoice, choose_logit_lens
 from lens_compare.config import RunConfig
 from lens_compare.errors import ConfigError, TokenizationError
+from lens_compare.hardware.steering import SteeringChoice
 from lens_compare.metrics.aggregate import aggregated_positions, token_mask
 from lens_compare.models.loading import (
     ModelRef,
@@ -188,6 +189,9 @@ class PreparedRun:
     difference_lens: DifferenceLens = DifferenceLens(None, "off")
     # The steering check's held-out prompts (``--steer-prompts``), tokenized as the run's are; None for none.
     held_out: TokenizedPrompts | None = None
+    # The steering check (``config.steer`` resolved once the run's engine is known, in
+    # lens_compare.pipeline.steps.start_run: lens_compare.hardware.steering).
+    steering: SteeringChoice = SteeringChoice(None, "not decided yet")
 
     @property
     def sides(self) -> tuple[Side, Side]:

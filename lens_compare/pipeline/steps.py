@@ -3,7 +3,7 @@ what the one before settled.
 
 - ``start_run``: the prepared run (``prepare_run``: everything that needs no weights), its shard
   layout and its ``Execution`` (the preflight, that is the hardware planner: schedule, how each
-  model loads, or a refusal);
+  model loads, or a refusal), and with the engine known, the steering check's choice;
 - ``make_job`` / ``run_manifest``: what the engines run and what a run folder is a fingerprint of;
 - ``spill_bytes`` / ``check_spill_space``: the disk a run folder needs, refused before loading;
 - ``build_demo_checkpoints``: a demo pair's fine-tune, when shards are about to run;
@@ -23,7 +23,7 @@ import torch
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.analyses.difference_lens import add_sums
-from lens_compare.analyses.steering import Steering, spread_layers, steering_records
+from lens_compare.analyses.steering import Steering, steering_records
 from lens_compare.config import RunConfig, fingerprinted
 from lens_compare.demo.fine_tune import demo_checkpoint
 from lens_compare.engines import Job
@@ -31,7 +31,9 @@ from lens_compare.engines.shards import ShardLayout, default_shard_size, state_b
 from lens_compare.engines.store import Kind, Store, stack_metrics, stack_states
 from lens_compare.engines.stream_steering import steering_states
 from lens_compare.errors import ConfigError, HardwareError
+from lens_compare.hardware.planner import steering_time_estimate
 from lens_compare.hardware.precision import floor_dtype
+from lens_compare.hardware.steering import STREAM, SteeringChoice, decide, describe
 from lens_compare.metrics.aggregate import aggregated_positions, token_mask
 from lens_compare.metrics.bootstrap import Bootstrap
 from lens_compare.metrics.per_token import hook_metrics
@@ -40,11 +42,13 @@ from lens_compare.models.facts import ModelFacts
 from lens_compare.models.fingerprint import checkpoint_fingerprint, code_fingerprint, token_ids_fingerprint
 from lens_compare.models.tokens import UNTRAINED_NORM_RATIO, readable_tokens
 from lens_compare.pipeline.execution import Execution, PlanFacts, default_execution
+from lens_compare.pipeline.preflight import machine_for
 from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, prepare_run
 from lens_compare.results.provenance import Provenance, floor_provenance
 from lens_compare.results.result import ComparisonResult
 from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.util.hooks import states_for_layers
+from lens_compare.util.layers import spread_layers
 from lens_compare.util.units import GIB
 from lens_compare.util.versions import recorded_versions
 
@@ -141,7 +145,7 @@ def start_run(
             "noise is the quantization's: compare the model with its own NF4 copy instead (as the smollm2-nf4 pair "
             "does) and pass that run with --noise-floor-run"
         )
-    return run, layout, execution
+    return replace(run, steering=choose_steering(run, execution)), layout, execution
 
 
 def build_demo_checkpoints(run: PreparedRun) -> None:
@@ -154,42 +158,73 @@ def build_demo_checkpoints(run: PreparedRun) -> None:
 
 def make_job(run: PreparedRun, layout: ShardLayout, execution: Execution, keep_states: bool) -> Job:
     token_ids, real = run.tokenized.padded(run.pad_id())
-    steering = choose_steering(run, execution)
-    held_out_ids, held_out_real = run.held_out.padded(run.pad_id()) if steering and run.held_out else (None, None)
+    choice = run.steering
+    held_out = run.held_out if choice.on else None
+    held_out_ids, held_out_real = held_out.padded(run.pad_id()) if held_out is not None else (None, None)
+    steering = Steering(choice.layers, choice.alphas, choice.held_out_prompts) if choice.on else None
     return Job(sides=run.sides, model_configs=run.model_configs, tokenizers=run.tokenizers,
                prompt_ids=run.tokenized.token_ids, device=run.device, batch_size=run.config.batch_size,
                loads=execution.loads, layout=layout, states=run_states(run),
                keep_states=keep_states or run.config.noise_floor, token_ids=token_ids, real=real,
                component_layers=component_layers(run), lens_layers=run.logit_lens.layers,
                lens_chunk_bytes=execution.lens_chunk_bytes, lens_vocab=run.logit_lens.shared_vocab,
-                difference=run.difference_lens if run.difference_lens.on else None,
-                steering=steering, held_out_ids=held_out_ids, held_out_real=held_out_real,
-                noise_floor=run.config.noise_floor, base_lacks=run.tokenized.base_lacks)
+               difference=run.difference_lens if run.difference_lens.on else None,
+               steering=steering, held_out_ids=held_out_ids, held_out_real=held_out_real,
+               noise_floor=run.config.noise_floor, base_lacks=run.tokenized.base_lacks)
 
 
-def choose_steering(run: PreparedRun, execution: Execution) -> Steering | None:
-    """The steering check of a run (``--steer``), or None; refused before anything loads where it
-    cannot run: without the difference lens, or at a layer it does not read. Every schedule runs it
-    (``execution`` is not consulted)."""
+def steer_requested(config: RunConfig) -> bool | None:
+    """The ``steer`` option as asked: held-out prompts (``--steer-prompts``) ask for the check too."""
+    return True if config.steer is None and config.steer_prompts else config.steer
+
+
+def choose_steering(run: PreparedRun, execution: Execution) -> SteeringChoice:
+    """The steering check of a run (``lens_compare.hardware.steering``: auto weighs the planner's seconds on
+    the run's device and engine), logged in one line. An explicit ``--steer`` (or ``--steer-prompts``)
+    is refused before anything loads where it cannot run: without the difference lens, or at a layer
+    it does not read."""
     config = run.config
-    if not config.steer:
-        return None
     lens = run.difference_lens
+    requested = steer_requested(config)
+    if requested is False:
+        return SteeringChoice(False, "--no-steer")
     if not lens.on or "rest" not in lens.positions:
-        raise ConfigError(f"--steer adds the difference lens's mean shift over the rest tokens, and the difference "
-                          f"lens is off here ({lens.reason}); drop --steer")
+        if requested:
+            raise ConfigError(f"--steer adds the difference lens's mean shift over the rest tokens, and the "
+                              f"difference lens is off here ({lens.reason}); drop --steer")
+        choice = SteeringChoice(None, f"the difference lens is off ({lens.reason})")
+    else:
+        choice = _steerable(run, execution, requested)
+    logger.info("%s", describe(choice))
+    return choice
+
+
+def _steerable(run: PreparedRun, execution: Execution, requested: bool | None) -> SteeringChoice:
+    config = run.config
+    lens = run.difference_lens
     outside = [layer for layer in config.steer_layers if layer not in lens.layers]
     if outside:
         raise ConfigError(f"--steer-layers {','.join(map(str, outside))}: not captured layers, so no mean shift is "
                           f"known there; pick from {','.join(map(str, lens.layers))}")
+    if execution.schedule == "stream" and not requested:
+        return SteeringChoice(None, STREAM)
+    layers = tuple(sorted(set(config.steer_layers))) or spread_layers(lens.layers)
     held_out = len(run.held_out.token_ids) if run.held_out is not None else 0
-    return Steering(steered_layers(run), tuple(float(alpha) for alpha in config.steer_alphas), held_out)
+    estimate = steering_time_estimate(
+        run.model_configs, {side.role: side.dtype for side in run.sides}, machine_for(run.device, run.gpus),
+        tokens=max(run.tokenized.lengths), prompts=len(run.tokenized.token_ids), forward_batch=config.batch_size,
+        lens_layers=len(run.logit_lens.layers), schedule=execution.schedule, layers=layers,
+        alphas=len(config.steer_alphas), held_out_prompts=held_out,
+        quantization={role: options.quantization for role, options in execution.loads.items()})
+    choice = decide(requested, layers, tuple(float(alpha) for alpha in config.steer_alphas), estimate)
+    return replace(choice, held_out_prompts=held_out) if choice.on else choice
 
 
 def steered_layers(run: PreparedRun) -> tuple[int, ...]:
-    """The layers ``--steer`` steers at: ``--steer-layers``, or the verdict's spread of the difference
-    lens's; none without ``--steer`` or the lens."""
-    if not run.config.steer or not run.difference_lens.on:
+    """The layers an explicit ``--steer`` (or ``--steer-prompts``) steers at, known before the plan
+    (a streamed run's memory counts the states kept for them; ``auto`` leaves the check off on
+    stream): ``--steer-layers``, or the verdict's spread of the difference lens's; none otherwise."""
+    if not steer_requested(run.config) or not run.difference_lens.on:
         return ()
     return tuple(sorted(set(run.config.steer_layers))) or spread_layers(run.difference_lens.layers)
 
@@ -462,7 +497,7 @@ def _provenance(run: PreparedRun, job: Job, execution: Execution, facts: dict[st
         bootstrap={"resamples": run.config.bootstrap, "seed": run.config.seed},
         logit_lens=run.logit_lens.to_dict(),
         difference_lens=run.difference_lens.to_dict(),
-        steering=job.steering.to_dict() if job.steering is not None else None,
+        steering=run.steering.to_dict(),
         plan=execution.estimate,
         timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         config_file=run.config.config_file,

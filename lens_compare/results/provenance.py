@@ -67,7 +67,8 @@ class Provenance(Mapping):
     bootstrap: dict[str, int] | None = None
     logit_lens: dict[str, Any] | None = None
     difference_lens: dict[str, Any] | None = None
-    # The steering check's layers, multiples and held-out prompts (analyses.steering.Steering); None: off.
+    # Whether the steering check ran, and why, its layers, multiples and held-out prompts
+    # (lens_compare.hardware.steering); None in runs saved before its auto mode.
     steering: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
     timestamp: str | None = None

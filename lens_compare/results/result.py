@@ -303,9 +303,12 @@ class ComparisonResult:
             result.steering().pivot(index="layer", columns="alpha", values="fraction_kl")
         """
         if self.steering_records is None:
-            raise LensCompareError("this run has no steering check (it ran without --steer, or was saved before "
-                                   "lens_compare had one: schema_version < 6); re-run it with --steer")
-        return pd.DataFrame(self.steering_records, columns=list(STEERING_COLUMNS))
+            raise LensCompareError("this run has no steering check (it was off: provenance.steering says why, or the "
+                                   "run was saved before lens_compare had one: schema_version < 6); re-run it with "
+                                   "--steer")
+        frame = pd.DataFrame(self.steering_records, columns=list(STEERING_COLUMNS))
+        # A fraction is null where undefined (the models agree exactly): NaN here, whatever the column holds.
+        return frame.astype({"fraction_kl": "float64", "fraction_top1": "float64", "best_alpha": "float64"})
 
     def split_at_shared_prefix(self) -> tuple[Bool[Tensor, "prompt pos"], Bool[Tensor, "prompt pos"]]:
         """The aggregates' tokens split at the shared prefix: every prompt's own tokens, and the

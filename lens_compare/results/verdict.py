@@ -17,8 +17,8 @@ layer and how many times the pair's drift exceeds it.
 
 import torch
 
-from lens_compare.analyses.steering import spread_layers
 from lens_compare.metrics.aggregate import aggregated_positions
+from lens_compare.util.layers import spread_layers
 
 ROWS = 5
 

@@ -2,7 +2,9 @@
 
 One row per pair and token length: the strategy the planner picks, the GPUs it needs, its peak
 memory per GPU, minutes and dollars; or, where nothing fits or the planner cannot model the
-pair, the one-line reason. This is the seed's hardware table turned into a plan of work.
+pair, the one-line reason. This is the seed's hardware table turned into a plan of work. The
+minutes and dollars include the steering check where a run would do it (``--steer``, or auto:
+where it takes at most the run's own time; ``lens_compare.hardware.steering``).
 
 >>> from lens_compare.hardware.machine import catalog_machine
 >>> plan = plan_sweep(["qwen7b"], [10, 250], n_prompts=16, machine=catalog_machine("h100", 8))
@@ -14,12 +16,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lens_compare.config import RunConfig
 from lens_compare.errors import ConfigError, LensCompareError
 from lens_compare.hardware.machine import Machine
 from lens_compare.hardware.planner import Plan, plan_models, plan_pair
 from lens_compare.hardware.precision import check_precision
 from lens_compare.hardware.run_memory import Workload
 from lens_compare.hardware.sources import pair_sources
+from lens_compare.hardware.steering import planned_steering
+from lens_compare.hardware.timing import run_cost
 from lens_compare.models.pairs import PairSpec, builtin_pairs, get_pair
 from lens_compare.util.choices import DTYPES, STRATEGIES
 
@@ -37,6 +42,8 @@ class PlannedRun:
     # The GPUs it runs on x their hourly price x seconds; None where the machine has no price (the CPU).
     est_cost_usd: float | None = None
     reason: str | None = None
+    # The steering check's share of ``est_seconds`` (0: off for this run).
+    steering_seconds: float = 0.0
 
     @property
     def fits(self) -> bool:
@@ -108,7 +115,12 @@ class SweepPlan:
                 cells = [f"refused: {row.reason}", "-", "-", "-", "-"]
             lines.append(f"| {row.pair} | {row.tokens} | " + " | ".join(cells) + " |")
         t = self.totals()
+        steered = [row for row in self.rows if row.steering_seconds]
         lines.append("")
+        if steered:
+            lines.append(f"minutes and $ include the steering check in {len(steered)} of {t.runs_fit} run(s), "
+                         f"{_minutes(sum(row.steering_seconds for row in steered))} min in all (auto: where it "
+                         "takes at most the run's own time, never streamed; --no-steer leaves it out)")
         lines.append(
             f"{t.runs} run{'s' if t.runs != 1 else ''} on {self.machine.label}, {self.n_prompts} prompt(s) each: "
             f"{t.runs_fit} fit, {t.runs_refused} refused; {_minutes(t.seconds)} min, {_dollars(t.cost_usd)} "
@@ -159,6 +171,17 @@ def _refusal(plan: Plan) -> str:
     return f"nothing fits on {plan.machine.label}: " + "; ".join(reasons)
 
 
+def _planned(spec: PairSpec, plan: Plan, steer: bool | None, steer_layers: tuple[int, ...],
+             steer_alphas: tuple[float, ...]) -> PlannedRun:
+    """A row for a plan that fits, the steering check counted where it would run."""
+    run = plan.chosen
+    steering = planned_steering(plan, steer, steer_layers, steer_alphas).added_seconds
+    seconds = run.est_seconds + steering if run.est_seconds is not None else None
+    cost = run_cost(seconds, plan.machine) if seconds is not None else None
+    return PlannedRun(spec.key, plan.workload.tokens, run.name, run.min_gpus, run.peak_gib_per_gpu, seconds, cost,
+                      steering_seconds=steering)
+
+
 def _plan_run(spec: PairSpec, tokens: int, n_prompts: int, machine: Machine, dtype: str | None,
               strategy: str | None) -> Plan:
     if builtin_pairs().get(spec.key) is spec:
@@ -200,8 +223,12 @@ def plan_sweep(
     dtype: str | None = None,
     strategy: str | None = None,
     extra: dict[str, PairSpec] | None = None,
+    steer: bool | None = None,
+    steer_layers: tuple[int, ...] = (),
+    steer_alphas: tuple[float, ...] = RunConfig().steer_alphas,
 ) -> SweepPlan:
-    """Plan every pair at every length on ``machine`` (``strategy`` None or ``auto``: the planner's pick).
+    """Plan every pair at every length on ``machine`` (``strategy`` None or ``auto``: the planner's pick),
+    each with the steering check as ``steer`` asks (None: auto) at ``steer_layers`` by ``steer_alphas``.
 
     ``pairs`` are keys as ``expand_pairs`` returns them (``extra``: the pairs of ``--pairs-file``).
     Unknown keys and impossible lengths are refused at once; a pair the planner cannot model
@@ -223,11 +250,10 @@ def plan_sweep(
             if run is not None and machine.kind == "cuda" and run.min_gpus and run.min_gpus < machine.count:
                 # As a run does (the preflight): on no more GPUs than it needs, so that the others
                 # take other runs side by side (--executor ray); its peak and cost are those GPUs'.
-                narrow = _plan_run(spec, tokens, n_prompts, machine.with_count(run.min_gpus), dtype, run.name).chosen
-                run = narrow or run
+                narrow = _plan_run(spec, tokens, n_prompts, machine.with_count(run.min_gpus), dtype, run.name)
+                plan = narrow if narrow.chosen is not None else plan
             if run is None:
                 rows.append(PlannedRun(spec.key, tokens, None, reason=_refusal(plan)))
             else:
-                rows.append(PlannedRun(spec.key, tokens, run.name, run.min_gpus, run.peak_gib_per_gpu,
-                                       run.est_seconds, run.est_cost_usd))
+                rows.append(_planned(spec, plan, steer, steer_layers, steer_alphas))
     return SweepPlan(machine, n_prompts, tuple(rows))

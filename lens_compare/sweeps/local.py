@@ -125,8 +125,10 @@ class Sweep:
                 if tokens == capture.longest:
                     comparison, store = capture.comparison, capture.folder
                 else:
-                    # The shorter run with the capture's shards, read through a view cut to its length.
-                    config = capture.comparisons[tokens].config.replace(shard_size=capture_plan.layout.size)
+                    # The shorter run with the capture's shards, read through a view cut to its length; the
+                    # steering check ran on the capture's whole prompts, not this length's (prefix.py).
+                    config = capture.comparisons[tokens].config.replace(shard_size=capture_plan.layout.size,
+                                                                        steer=False, steer_prompts=None)
                     comparison = Comparison(config, preflight=self.preflight, held_in_memory=False)
                     store = PrefixView(capture.folder, tokens, comparison.plan().run.tokenized.token_ids)
                 entry = _write(comparison.assemble(store), comparison, capture.folder, self.out_dir, capture.pair,

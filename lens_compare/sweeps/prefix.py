@@ -9,7 +9,10 @@ provenance, the longer run's per-token metrics cut to N positions, and the diffe
 readings of the longer run's first N positions (the capture computes them when its config's
 ``prefix_lengths`` names N: its sums cover whole prompts and cannot be cut afterwards). Where the
 ids differ (a chat template wraps the prompt after it is cut), or the run needs the states
-themselves (CKA, saved residuals), the length runs on its own.
+themselves (CKA, saved residuals), the length runs on its own. The steering check runs the models
+again on whole prompts, so a length read off a longer capture has none of its own (its JSON's
+``config.steer`` is false; the capture's own length has it where auto turns it on); ``--steer``
+gives every length its own capture.
 
 >>> view = PrefixView(store, 10, token_ids)          # doctest: +SKIP
 >>> Comparison(config_at_10).assemble(view)           # doctest: +SKIP
@@ -35,6 +38,8 @@ def needs_own_capture(config: RunConfig) -> str | None:
         return "CKA reads every token's state, not per-token values"
     if config.save_residuals:
         return "--save-residuals writes the states themselves"
+    if config.steer:
+        return "--steer runs the steering check on each length's own prompts"
     return None
 
 
