@@ -77,6 +77,9 @@ class DifferenceLens:
     # Shorter token lengths read off this run's capture (a sweep's): each also summed and read over
     # its first positions alone (``prefix_lengths``).
     cuts: tuple[int, ...] = ()
+    # The tokens listed per layer and class whose difference aligns most with δ (0: none;
+    # ``lens_compare.analyses.difference_positions``).
+    top_positions: int = 5
 
     @property
     def on(self) -> bool:
@@ -87,6 +90,11 @@ class DifferenceLens:
         """The residual states it reads: each layer's ``resid_post``."""
         return tuple(layer + 1 for layer in self.layers)
 
+    @property
+    def ranks_positions(self) -> bool:
+        """Whether it lists positions, and so keeps each token's difference until δ is known."""
+        return self.on and self.top_positions > 0
+
     def n_tokens(self) -> dict[str, int]:
         if self.masks is None:
             return {}
@@ -96,7 +104,8 @@ class DifferenceLens:
     def to_dict(self) -> dict[str, Any]:
         """The JSON's ``provenance.difference_lens``."""
         return {"requested": self.requested, "on": self.on, "reason": self.reason, "layers": list(self.layers),
-                "n_tokens": self.n_tokens(), "top": self.top, "first_content": self.first_content}
+                "n_tokens": self.n_tokens(), "top": self.top, "first_content": self.first_content,
+                "top_positions": self.top_positions}
 
 
 def class_masks(real: Bool[Tensor, "prompt pos"], content: tuple[tuple[bool, ...], ...] | None,
@@ -122,20 +131,22 @@ def choose_difference_lens(config: RunConfig, logit_lens: LensChoice, layers: tu
     reads through the heads the lens loads). Asked for (``difference_lens: true``) where the lens
     is off, it refuses the run, before anything loads."""
     requested, top, first = config.difference_lens, config.difference_lens_top, config.difference_lens_first
+    options = {"top": top, "first_content": first, "top_positions": config.difference_lens_positions}
     if requested is False:
-        return DifferenceLens(requested, "--no-difference-lens", top=top, first_content=first)
+        return DifferenceLens(requested, "--no-difference-lens", **options)
     if not logit_lens.on:
         if requested:
             raise ConfigError(f"--difference-lens reads through the heads the logit lens loads, and the logit lens "
                               f"is off here ({logit_lens.reason}); drop --difference-lens")
-        return DifferenceLens(requested, f"the logit lens is off: {logit_lens.reason}", top=top, first_content=first)
+        return DifferenceLens(requested, f"the logit lens is off: {logit_lens.reason}", **options)
     _, real = tokenized.padded(pad_id=0)  # the pad id does not change which tokens are real
     found = {name: mask for name, mask in class_masks(real, tokenized.content, first).items() if mask.any()}
     if not found:
         return DifferenceLens(requested, "no prompt has a token past position 0: no token class to average over",
-                              top=top, first_content=first)
+                              **options)
     return DifferenceLens(requested, "asked for" if requested else "on wherever the logit lens runs", tuple(layers),
-                          tuple(found), torch.stack(list(found.values())), top, first, tuple(config.prefix_lengths))
+                          tuple(found), torch.stack(list(found.values())), cuts=tuple(config.prefix_lengths),
+                          **options)
 
 
 def describe(lens: DifferenceLens) -> str:
@@ -147,8 +158,10 @@ def describe(lens: DifferenceLens) -> str:
     if not lens.on:
         return f"difference lens off ({lens.reason})"
     classes = ", ".join(f"{name} ({n} tokens)" for name, n in lens.n_tokens().items())
+    positions = (f", and the {lens.top_positions} positions whose own difference aligns most with it"
+                 if lens.top_positions else "")
     return (f"difference lens at {len(lens.layers)} layer(s) over {classes}: the {lens.top} tokens each mean "
-            "SFT-minus-base shift promotes and suppresses most")
+            f"SFT-minus-base shift promotes and suppresses most{positions}")
 
 
 def class_sums(

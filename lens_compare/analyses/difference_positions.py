@@ -1,0 +1,97 @@
+"""Where the difference lens's mean shift lives: the prompts' own tokens whose difference points along it.
+
+For each difference-lens layer and token class, with d_t = (sft - base) of ``resid_post`` at token t
+and δ the class's mean of d_t (``lens_compare.analyses.difference_lens``), the ``n`` tokens of the
+class, over every prompt of the run, with the largest cosine(d_t, δ); each with |d_t| / |δ|
+(``norm_ratio``: how far that token moved against the mean shift).
+
+δ is known only once every shard is in, so each shard keeps its tokens' differences for a second
+look (``unit_differences``): d_t / |d_t| as float16 (a unit vector's entries lie in [-1, 1], where
+float16 keeps 11 significant bits) and |d_t| in float32, token by token over the real tokens but
+position 0 (every class's). The readings rank them a shard at a time (``Ranking``), the cosines in
+float64 from the stored float16 (whose rounding, about 5e-4 of each entry, is what limits them).
+
+A token whose difference is exactly 0 (both models agree there) has no direction and is not ranked;
+a class whose δ is 0 lists none. Ties rank by prompt, then position, so that however the prompts
+were cut into shards the list is the same.
+
+>>> spill = unit_differences(base[3], sft[3], tokens, first_prompt=0)       # doctest: +SKIP
+>>> ranking = Ranking(deltas, n=5); ranking.add(spill, members)             # doctest: +SKIP
+>>> ranking.top()[0]                                                         # doctest: +SKIP
+[(0.93, 2, 7, 1.8), ...]   # (cosine, prompt, position, norm_ratio), best first
+"""
+
+from dataclasses import dataclass, field
+
+import einops
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+# Bytes a token's spill takes at one layer beside its float16 unit vector: |d_t| (float32) and its
+# prompt and position (int64).
+TOKEN_BYTES = 4 + 8 + 8
+
+
+def unit_differences(base: Float[Tensor, "prompt pos d_model"], sft: Float[Tensor, "prompt pos d_model"],
+                     tokens: Bool[Tensor, "prompt pos"], first_prompt: int) -> dict[str, Tensor]:
+    """One state's spill over ``tokens`` of a shard whose first prompt is the run's ``first_prompt``:
+    ``units`` [token, d_model] float16 (zeros where d_t = 0), ``norms`` [token] float32, ``prompt``
+    (in the run) and ``position`` [token] int64, tokens in prompt-then-position order. The difference
+    is taken in float32, as the difference lens's sums take it."""
+    prompt, position = tokens.nonzero(as_tuple=True)
+    where = (prompt.to(base.device), position.to(base.device))
+    shift = sft[where].to(torch.float32) - base[where].to(torch.float32)
+    norms = torch.linalg.vector_norm(shift, dim=-1)
+    units = shift / torch.where(norms > 0, norms, 1.0)[:, None]
+    return {"units": units.to(torch.float16).cpu(), "norms": norms.cpu(), "prompt": prompt + first_prompt,
+            "position": position}
+
+
+def spill_bytes(n_tokens: int, n_layers: int, d_model: int) -> int:
+    """What ``unit_differences`` keeps for ``n_tokens`` tokens at ``n_layers`` layers."""
+    return n_tokens * n_layers * (2 * d_model + TOKEN_BYTES)
+
+
+@dataclass
+class Ranking:
+    """The running top ``n`` of each group (a class, over all or a prefix of the positions) at one
+    layer, against the groups' mean shifts ``deltas``. ``add`` a shard's spill at a time, in the
+    run's prompt order; ``top`` the lists."""
+
+    deltas: Float[Tensor, "group d_model"]
+    n: int
+    # |δ| per group, float64.
+    delta_norms: Float[Tensor, " group"] = field(init=False)
+    # Per group, the best (cosine, prompt, position, |d_t|) so far, best first.
+    best: list[list[tuple[float, int, int, float]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.deltas = self.deltas.to(torch.float64)
+        self.delta_norms = torch.linalg.vector_norm(self.deltas, dim=-1)
+        self.best = [[] for _ in range(self.deltas.shape[0])]
+
+    def add(self, spill: dict[str, Tensor], members: Bool[Tensor, "group token"]) -> None:
+        """Rank a shard's tokens: ``members`` says which of them each group covers."""
+        units = spill["units"].to(torch.float64)
+        # The stored unit vectors renormalised: float16's rounding leaves their length off 1 by up to ~1e-4.
+        lengths = torch.linalg.vector_norm(units, dim=-1)
+        directions = self.deltas / torch.where(self.delta_norms > 0, self.delta_norms, 1.0)[:, None]
+        cosines = einops.einsum(units, directions, "token d_model, group d_model -> group token")
+        cosines = cosines / torch.where(lengths > 0, lengths, 1.0)[None]
+        ranked = members & (spill["norms"] > 0)[None] & (self.delta_norms > 0)[:, None]
+        prompts, positions, norms = spill["prompt"].tolist(), spill["position"].tolist(), spill["norms"].tolist()
+        for group, best in enumerate(self.best):
+            found = ranked[group].nonzero().flatten()
+            if not found.numel():
+                continue
+            # A stable sort keeps equal cosines in prompt-then-position order, behind earlier shards'.
+            picked = found[torch.sort(cosines[group, found], descending=True, stable=True).indices[: self.n]]
+            found_here = [(value, prompts[i], positions[i], norms[i])
+                          for value, i in zip(cosines[group, picked].tolist(), picked.tolist(), strict=True)]
+            self.best[group] = sorted(best + found_here, key=lambda entry: -entry[0])[: self.n]
+
+    def top(self) -> list[list[tuple[float, int, int, float]]]:
+        """Per group, ``(cosine, prompt, position, norm_ratio)`` best first (empty where δ is 0)."""
+        return [[(value, prompt, position, norm / delta) for value, prompt, position, norm in best]
+                for best, delta in zip(self.best, self.delta_norms.tolist(), strict=True)]
