@@ -156,6 +156,21 @@ def test_three_shards_rank_exactly_what_one_does(perturbed_llama, reference):
     assert len(reference) == 2 * 2 * 5
 
 
+def test_repeated_prompts_tie_and_rank_by_prompt_however_they_are_sharded(perturbed_llama):
+    """A repeated prompt's tokens have the very same differences: exact ties, listed in prompt order,
+    whichever shard each copy is in and however many tokens its shard has."""
+    base, sft, _ = perturbed_llama
+    prompts = (PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[0])
+    found = {size: run_comparison(_config(base, sft, shard_size=size, difference_lens_positions=6)
+                                  .replace(prompts=prompts, batch_size=1),
+                                  preflight=_cpu("resident")).difference_positions_records
+             for size in (1, 3)}
+    assert found[1] == found[3]
+    rest = [r for r in found[1] if r["positions"] == "rest" and r["layer"] == 2]
+    assert [r["prompt"] for r in rest] == [0, 1, 3, 0, 1, 3]
+    assert rest[0]["cosine"] == rest[1]["cosine"] == rest[2]["cosine"] and rest[0]["position"] == rest[2]["position"]
+
+
 @pytest.mark.parametrize("schedule,extra", [("sequential", {}), ("stream", {}), ("stream", {"shard_size": 4})])
 def test_every_engine_ranks_the_resident_positions(perturbed_llama, reference, schedule, extra):
     base, sft, _ = perturbed_llama

@@ -9,7 +9,8 @@ class, over every prompt of the run, with the largest cosine(d_t, δ); each with
 look (``unit_differences``): d_t / |d_t| as float16 (a unit vector's entries lie in [-1, 1], where
 float16 keeps 11 significant bits) and |d_t| in float32, token by token over the real tokens but
 position 0 (every class's). The readings rank them a shard at a time (``Ranking``), the cosines in
-float64 from the stored float16 (whose rounding, about 5e-4 of each entry, is what limits them).
+float64 from the stored float16, whose rounding (at most 2^-12 of each entry) moves a cosine by at
+most 2^-11: the readings' precision.
 
 A token whose difference is exactly 0 (both models agree there) has no direction and is not ranked;
 a class whose δ is 0 lists none. Ties rank by prompt, then position, so that however the prompts
@@ -38,13 +39,15 @@ def unit_differences(base: Float[Tensor, "prompt pos d_model"], sft: Float[Tenso
     """One state's spill over ``tokens`` of a shard whose first prompt is the run's ``first_prompt``:
     ``units`` [token, d_model] float16 (zeros where d_t = 0), ``norms`` [token] float32, ``prompt``
     (in the run) and ``position`` [token] int64, tokens in prompt-then-position order. The difference
-    is taken in float32, as the difference lens's sums take it."""
+    is taken in float32, as the difference lens's sums take it, and its norm on the CPU, whose row
+    by row reduction gives a token the same norm whichever shard it is in (a GPU's reduction
+    kernels are chosen by the tensor's shape)."""
     prompt, position = tokens.nonzero(as_tuple=True)
     where = (prompt.to(base.device), position.to(base.device))
-    shift = sft[where].to(torch.float32) - base[where].to(torch.float32)
+    shift = (sft[where].to(torch.float32) - base[where].to(torch.float32)).cpu()
     norms = torch.linalg.vector_norm(shift, dim=-1)
     units = shift / torch.where(norms > 0, norms, 1.0)[:, None]
-    return {"units": units.to(torch.float16).cpu(), "norms": norms.cpu(), "prompt": prompt + first_prompt,
+    return {"units": units.to(torch.float16), "norms": norms, "prompt": prompt + first_prompt,
             "position": position}
 
 
@@ -77,7 +80,10 @@ class Ranking:
         # The stored unit vectors renormalised: float16's rounding leaves their length off 1 by up to ~1e-4.
         lengths = torch.linalg.vector_norm(units, dim=-1)
         directions = self.deltas / torch.where(self.delta_norms > 0, self.delta_norms, 1.0)[:, None]
-        cosines = einops.einsum(units, directions, "token d_model, group d_model -> group token")
+        # Products summed row by row, not a matrix product: a BLAS kernel's sum for one row depends on
+        # how many rows it is given, and a token's cosine must not depend on its shard.
+        cosines = torch.stack([einops.reduce(units * direction, "token d_model -> token", "sum")
+                               for direction in directions])
         cosines = cosines / torch.where(lengths > 0, lengths, 1.0)[None]
         ranked = members & (spill["norms"] > 0)[None] & (self.delta_norms > 0)[:, None]
         prompts, positions, norms = spill["prompt"].tolist(), spill["position"].tolist(), spill["norms"].tolist()
