@@ -16,18 +16,21 @@ A token whose difference is exactly 0 (both models agree there) has no direction
 a class whose δ is 0 lists none. Ties rank by prompt, then position, so that however the prompts
 were cut into shards the list is the same.
 
->>> spill = unit_differences(base[3], sft[3], tokens, first_prompt=0)       # doctest: +SKIP
->>> ranking = Ranking(deltas, n=5); ranking.add(spill, members)             # doctest: +SKIP
->>> ranking.top()[0]                                                         # doctest: +SKIP
-[(0.93, 2, 7, 1.8), ...]   # (cosine, prompt, position, norm_ratio), best first
+>>> spill = {l: unit_differences(base[l + 1], sft[l + 1], tokens, 0) for l in lens.layers}  # doctest: +SKIP
+>>> rank_positions(lambda layer: [spill[layer]], sums, lens, token_ids)[None][0]  # doctest: +SKIP
+{'layer': 0, 'positions': 'rest', 'rank': 1, 'prompt': 2, 'position': 7, 'token_id': 263, 'cosine': 0.93, ...}
 """
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import einops
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from lens_compare.analyses.difference_lens import DifferenceLens, sums_at
 
 # Bytes a token's spill takes at one layer beside its float16 unit vector: |d_t| (float32) and its
 # prompt and position (int64).
@@ -101,3 +104,40 @@ class Ranking:
         """Per group, ``(cosine, prompt, position, norm_ratio)`` best first (empty where δ is 0)."""
         return [[(value, prompt, position, norm / delta) for value, prompt, position, norm in best]
                 for best, delta in zip(self.best, self.delta_norms.tolist(), strict=True)]
+
+
+def rank_positions(spills: Callable[[int], Iterable[dict[str, Tensor]]], sums: dict[str, Tensor],
+                   lens: DifferenceLens, token_ids: Int[Tensor, "prompt pos"],
+                   ) -> dict[int | None, list[dict[str, Any]] | None]:
+    """The top positions of a run whose summed ``sums`` (``add_sums``) give δ, over whole prompts
+    (key None) and over the first N positions of each of the lens's cuts (key N): ``spills(layer)``
+    gives every shard's ``unit_differences`` at that layer, in prompt order, each read once for all
+    the classes and cuts. Records ``{"layer", "positions", "rank", "prompt", "position", "token_id",
+    "cosine", "norm_ratio"}`` by class, layer and rank; None for each where the lens ranks none."""
+    cuts = (None, *lens.cuts)
+    if not lens.ranks_positions:
+        return dict.fromkeys(cuts)
+    found: dict[int | None, list[dict[str, Any]]] = {cut: [] for cut in cuts}
+    for row, layer in enumerate(lens.layers):
+        # A group per cut and class with tokens: that class over the cut's positions, and its own δ.
+        groups, deltas = [], []
+        for cut in cuts:
+            at = sums_at(sums, cut)
+            for index in range(len(lens.positions)):
+                if at["count"][index] > 0:
+                    groups.append((cut, index))
+                    deltas.append(at["difference"][row, index] / at["count"][index].double())
+        ranking = Ranking(torch.stack(deltas), lens.top_positions)
+        for spill in spills(layer):
+            classes = lens.masks[:, spill["prompt"], spill["position"]]
+            members = [classes[index] if cut is None else classes[index] & (spill["position"] < cut)
+                       for cut, index in groups]
+            ranking.add(spill, torch.stack(members))
+        for (cut, index), best in zip(groups, ranking.top(), strict=True):
+            found[cut] += [{"layer": layer, "positions": lens.positions[index], "rank": rank, "prompt": prompt,
+                            "position": position, "token_id": int(token_ids[prompt, position]),
+                            "cosine": cosine, "norm_ratio": ratio}
+                           for rank, (cosine, prompt, position, ratio) in enumerate(best, 1)]
+    order = {name: index for index, name in enumerate(lens.positions)}
+    return {cut: sorted(records, key=lambda r: (order[r["positions"]], r["layer"], r["rank"]))
+            for cut, records in found.items()}

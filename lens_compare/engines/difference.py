@@ -20,6 +20,7 @@ them, from the store alone, and drop them once the readings are stored. A proces
 spill gone while it ranks (another one stored the readings meanwhile) leaves the readings to it.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
 import einops
@@ -28,7 +29,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from lens_compare.analyses.difference_lens import add_sums, read_difference, shard_sums, stack_sums, sums_at
-from lens_compare.analyses.difference_positions import Ranking, unit_differences
+from lens_compare.analyses.difference_positions import rank_positions, unit_differences
 from lens_compare.capture.head import Head
 from lens_compare.engines.job import Job
 from lens_compare.engines.store import Kind, Store
@@ -96,39 +97,11 @@ def readings_due(job: Job, store: Store) -> bool:
 
 
 def top_positions(job: Job, store: Store, sums: dict[str, Tensor]) -> dict[int | None, list[dict[str, Any]] | None]:
-    """The top positions over whole prompts (key None) and over the first N positions of each cut
-    (key N), from every shard's spill: per lens layer, each shard's entry read once for them all.
-    Records ``{"layer", "positions", "rank", "prompt", "position", "token_id", "cosine", "norm_ratio"}``
-    by class, layer and rank; None for each where the lens ranks no positions."""
-    lens = job.difference
-    cuts = (None, *lens.cuts)
-    if not lens.ranks_positions:
-        return dict.fromkeys(cuts)
-    found: dict[int | None, list[dict[str, Any]]] = {cut: [] for cut in cuts}
-    for row, layer in enumerate(lens.layers):
-        # A group per cut and class with tokens: that class over the cut's positions, and its own δ.
-        groups, deltas = [], []
-        for cut in cuts:
-            at = sums_at(sums, cut)
-            for index in range(len(lens.positions)):
-                if at["count"][index] > 0:
-                    groups.append((cut, index))
-                    deltas.append(at["difference"][row, index] / at["count"][index].double())
-        ranking = Ranking(torch.stack(deltas), lens.top_positions)
-        for shard in range(job.layout.count):
-            spill = store.get(Kind.DIFFERENCE_UNITS, shard=shard, state=layer + 1)
-            classes = lens.masks[:, spill["prompt"], spill["position"]]
-            members = [classes[index] if cut is None else classes[index] & (spill["position"] < cut)
-                       for cut, index in groups]
-            ranking.add(spill, torch.stack(members))
-        for (cut, index), best in zip(groups, ranking.top(), strict=True):
-            found[cut] += [{"layer": layer, "positions": lens.positions[index], "rank": rank, "prompt": prompt,
-                            "position": position, "token_id": int(job.token_ids[prompt, position]),
-                            "cosine": cosine, "norm_ratio": ratio}
-                           for rank, (cosine, prompt, position, ratio) in enumerate(best, 1)]
-    order = {name: index for index, name in enumerate(lens.positions)}
-    return {cut: sorted(records, key=lambda r: (order[r["positions"]], r["layer"], r["rank"]))
-            for cut, records in found.items()}
+    """The top positions (``rank_positions``) from every shard's spill in the store."""
+    def spills(layer: int) -> Iterator[dict[str, Tensor]]:
+        return (store.get(Kind.DIFFERENCE_UNITS, shard=shard, state=layer + 1) for shard in range(job.layout.count))
+
+    return rank_positions(spills, sums, job.difference, job.token_ids)
 
 
 def put_readings(job: Job, store: Store, heads: dict[str, Head]) -> None:
