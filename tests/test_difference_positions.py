@@ -182,6 +182,33 @@ def test_every_engine_ranks_the_resident_positions(perturbed_llama, reference, s
     assert ranked_positions_difference(reference, found, 1e-4, 1e-5) is None
 
 
+def test_a_process_that_finds_the_spill_gone_leaves_the_readings_to_the_one_that_stored_them(perturbed_llama):
+    """Two processes that both finish a shard last both rank: the first to store the readings drops
+    the spill, and the other, finding it gone, leaves the readings stored; a spill missing with no
+    readings stored is an error, not an empty list."""
+    base, sft, _ = perturbed_llama
+    config = _config(base, sft).replace(prompts=PROMPTS[:2])
+    theirs = {"records": [], "prefixes": {}, "positions": [], "prefix_positions": {}}
+    store = MemoryStore()
+    get = store.get
+
+    def other_process_first(kind, **parts):
+        if kind is Kind.DIFFERENCE_UNITS and not store.has(Kind.DIFFERENCE_LENS):
+            store.put(Kind.DIFFERENCE_LENS, theirs)
+            store.drop(Kind.DIFFERENCE_UNITS)
+        return get(kind, **parts)
+
+    store.get = other_process_first
+    Comparison(config, preflight=_cpu("resident")).run(store)
+    assert store.get(Kind.DIFFERENCE_LENS) is theirs
+
+    lost = MemoryStore()
+    put = lost.put
+    lost.put = lambda kind, value, **parts: None if kind is Kind.DIFFERENCE_UNITS else put(kind, value, **parts)
+    with pytest.raises(KeyError, match="difference_units"):
+        Comparison(config, preflight=_cpu("resident")).run(lost)
+
+
 def test_json_dataframe_saved_runs_and_the_option(perturbed_llama, tmp_path, capsys):
     base, sft, _ = perturbed_llama
     assert main(["--base", str(base), "--sft", str(sft), *(a for p in PROMPTS[:3] for a in ("--prompt", p)),

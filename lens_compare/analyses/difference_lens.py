@@ -27,7 +27,8 @@ both models' states agree exactly, before the first block fine-tuning changed) l
 Σ base per layer and class, each prompt's in float32, added up in float64, and the token
 counts), which add up, and the readings divide the run's sums once (``read_difference``):
 however the prompts were cut into shards, they read the same. The readings are float32: the norm on a float32 copy, a
-16-bit unembedding upcast slice by slice.
+16-bit unembedding upcast slice by slice. Where δ lives among the prompts' own tokens (the ``top_positions``
+whose difference has the largest cosine with it): ``lens_compare.analyses.difference_positions``.
 
 >>> lens = choose_difference_lens(config, logit_lens, layers, tokenized)   # doctest: +SKIP
 >>> sums = shard_sums(base.values, sft.values, rows, lens.masks, real)      # doctest: +SKIP
