@@ -90,16 +90,19 @@ def test_positions_against_numpy_from_the_saved_residuals(tiny_model_dirs, tmp_p
     states = {role: (r.states, r.values.double().numpy()) for role, r in zip(("base", "sft"), result.residuals,
                                                                             strict=True)}
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    shared = result.tokens.shared_prefix
+    assert shared > 1, "the chat template's system prompt: every prompt's first tokens"
     expected = []
     for positions, mask in _numpy_masks(result, 3).items():
         prompts, places = np.nonzero(mask)  # prompt-then-position order
+        once = ~((prompts > 0) & (places < shared))  # the shared prefix ranked once, in prompt 0
         for layer in result.layers:
             resid = {role: values[list(found).index(layer + 1)] for role, (found, values) in states.items()}
             differences = resid["sft"][mask] - resid["base"][mask]
             delta = differences.mean(axis=0)
             norms = np.linalg.norm(differences, axis=1)
             cosines = differences @ delta / (np.where(norms > 0, norms, 1.0) * np.linalg.norm(delta))
-            order = [i for i in np.lexsort((places, prompts, -cosines)) if norms[i] > 0][:n]
+            order = [i for i in np.lexsort((places, prompts, -cosines)) if norms[i] > 0 and once[i]][:n]
             ids = [result.tokens.token_ids[prompts[i]][places[i]] for i in order]
             expected += [{"layer": layer, "positions": positions, "rank": rank, "prompt": int(prompts[i]),
                           "position": int(places[i]), "token_id": token_id, "token": token,

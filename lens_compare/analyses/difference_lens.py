@@ -81,6 +81,9 @@ class DifferenceLens:
     # The tokens listed per layer and class whose difference aligns most with δ (0: none;
     # ``lens_compare.analyses.difference_positions``).
     top_positions: int = 5
+    # The leading tokens every prompt shares (``TokenizedPrompts.shared_prefix``): the same states in
+    # every prompt, so the top positions list them once, in prompt 0.
+    shared_prefix: int = 0
 
     @property
     def on(self) -> bool:
@@ -147,7 +150,7 @@ def choose_difference_lens(config: RunConfig, logit_lens: LensChoice, layers: tu
                               **options)
     return DifferenceLens(requested, "asked for" if requested else "on wherever the logit lens runs", tuple(layers),
                           tuple(found), torch.stack(list(found.values())), cuts=tuple(config.prefix_lengths),
-                          **options)
+                          shared_prefix=tokenized.shared_prefix, **options)
 
 
 def describe(lens: DifferenceLens) -> str:

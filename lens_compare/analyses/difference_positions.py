@@ -14,7 +14,10 @@ most 2^-11 (Cauchy-Schwarz; float32's own sums add about 1e-6): the listed cosin
 
 A token whose difference is exactly 0 (both models agree there) has no direction and is not ranked;
 a class whose δ is 0 lists none. Ties rank by prompt, then position, so that however the prompts
-were cut into shards the list is the same.
+were cut into shards the list is the same. The leading tokens every prompt shares (a chat template's
+system prompt: ``TokenizedPrompts.shared_prefix``) have the same states in every prompt, so they are
+ranked once, in prompt 0, as ``top_tokens`` ranks them (δ still counts every prompt's copy): else a
+shared token would fill the list with one copy per prompt.
 
 >>> spill = {l: unit_differences(base[l + 1], sft[l + 1], tokens, 0) for l in lens.layers}  # doctest: +SKIP
 >>> rank_positions(lambda layer: [spill[layer]], sums, lens, token_ids)[None][0]  # doctest: +SKIP
@@ -127,7 +130,8 @@ def rank_positions(spills: Callable[[int], Iterable[dict[str, Tensor]]], sums: d
                     deltas.append(at["difference"][row, index] / at["count"][index].double())
         ranking = Ranking(torch.stack(deltas), lens.top_positions)
         for spill in spills(layer):
-            classes = lens.masks[:, spill["prompt"], spill["position"]]
+            copies = (spill["prompt"] > 0) & (spill["position"] < lens.shared_prefix)
+            classes = lens.masks[:, spill["prompt"], spill["position"]] & ~copies
             members = [classes[index] if cut is None else classes[index] & (spill["position"] < cut)
                        for cut, index in groups]
             ranking.add(spill, torch.stack(members))
