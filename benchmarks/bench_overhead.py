@@ -17,16 +17,18 @@ And the analyses against the core run, side by side in the same loop:
   logit lens at every layer; the 95% bootstrap interval of every per-layer mean, 1000
   resamples) and their per-layer records, on the smollm2-ft pair (the base SmolLM2 and its
   demo fine-tune, built on first use); the core run there is the pipeline without them;
-- differenced: analysed plus the difference lens (its sums at every layer and class, and its
-  readings through both heads): what a default run does now, against analysed, which has the
+- differenced: analysed plus the difference lens (its sums at every layer and class, its
+  readings through both heads, and its top positions: every token's unit difference spilled as
+  float16, then ranked against δ): what a default run does now, against analysed, which has the
   logit lens but not the difference lens.
 
 Prints one JSON line at the end: pipeline_s, bare_s, ratio (of the medians),
 paired_ratio_median (median of the per-repeat ratios, a cross-check), load_s,
 bare_load_s, load_ratio, analysed_s, analyses_ratio (analysed / pipeline, medians) and
 analyses_parts_s (each analysis timed alone once, after the loop) and difference_lens_overhead
-(differenced against analysed: medians, their ratio, the median of the per-repeat ratios, and the
-difference lens alone). Targets: ratio <= 1.10, load_ratio <= 1.25, analyses_ratio <= 1.3,
+(differenced against analysed: medians, their ratio, the median of the per-repeat ratios, the
+difference lens alone, and within it the top positions alone, in memory and with the spill written
+to and read back from a run folder on disk). Targets: ratio <= 1.10, load_ratio <= 1.25, analyses_ratio <= 1.3,
 difference_lens_overhead.ratio <= 1.05.
 
     python benchmarks/bench_overhead.py [--repeats 7] [--prompts 4] [--tokens 250]
@@ -60,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -68,6 +71,7 @@ from transformers import AutoModelForCausalLM, GgufConfig  # noqa: E402
 
 from lens_compare.analyses.components import component_metrics  # noqa: E402
 from lens_compare.analyses.difference_lens import read_difference, shard_sums  # noqa: E402
+from lens_compare.analyses.difference_positions import rank_positions, unit_differences  # noqa: E402
 from lens_compare.analyses.logit_lens import chunk_tokens, logit_lens_metrics  # noqa: E402
 from lens_compare.capture.head import head_of  # noqa: E402
 from lens_compare.capture.norm_statistics import restore_transformer_lens_norms  # noqa: E402
@@ -77,6 +81,7 @@ from lens_compare.capture.states import (
 )
 from lens_compare.config import RunConfig  # noqa: E402
 from lens_compare.demo.fine_tune import demo_checkpoint  # noqa: E402
+from lens_compare.engines.store import Kind, RunFolder  # noqa: E402
 from lens_compare.metrics.aggregate import analysis_records, layer_records, token_mask  # noqa: E402
 from lens_compare.metrics.bootstrap import Bootstrap  # noqa: E402
 from lens_compare.metrics.per_token import token_metrics  # noqa: E402
@@ -401,11 +406,30 @@ def pipeline_and_analyses(args) -> None:
     difference = run.difference_lens
 
     def difference_of(captured):
-        """The difference lens of both captures: every layer's sums, then the readings."""
+        """The difference lens of both captures: every layer's sums, the readings, the top positions."""
         base, sft = captured
         rows = tuple(base.states.index(state) for state in difference.states)
         sums = shard_sums(base.values, sft.values, rows, difference.masks, real)
-        return read_difference(heads, sums, difference.layers, difference.positions, difference.top)
+        return (read_difference(heads, sums, difference.layers, difference.positions, difference.top),
+                positions_of(captured, sums))
+
+    def positions_of(captured, sums, store=None):
+        """The top positions: each lens layer's spill, then the ranking (through ``store``, a run
+        folder, when given: written, then read back, as a CLI run does)."""
+        base, sft = captured
+        tokens = difference.masks.any(dim=0)
+        spill = {}
+        for layer in difference.layers:
+            row = base.states.index(layer + 1)
+            spill[layer] = unit_differences(base.values[row], sft.values[row], tokens, 0)
+            if store is not None:
+                store.put(Kind.DIFFERENCE_UNITS, spill[layer], shard=0, state=layer + 1)
+        if store is None:
+            return rank_positions(lambda layer: [spill[layer]], sums, difference, ids)
+        found = rank_positions(lambda layer: [store.get(Kind.DIFFERENCE_UNITS, shard=0, state=layer + 1)], sums,
+                               difference, ids)
+        store.drop(Kind.DIFFERENCE_UNITS)
+        return found
 
     def differenced():
         captured = [capture_states(b, ids, real, every_state, batch_size=args.prompts, label="differenced",
@@ -477,6 +501,16 @@ def pipeline_and_analyses(args) -> None:
     if lens_layers:
         result["lens_ratio"] = round(result["lens_gflops"] / result["matmul_gflops"], 3)
     if difference.on:
+        import tempfile
+
+        rows = tuple(captured[0].states.index(state) for state in difference.states)
+        sums = shard_sums(captured[0].values, captured[1].values, rows, difference.masks, real)
+        positions_times, folder_times = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = RunFolder(Path(tmp) / "run", {"bench": 1})
+            for _ in range(args.repeats):
+                positions_times.append(timed(lambda: positions_of(captured, sums))[0])
+                folder_times.append(timed(lambda: positions_of(captured, sums, folder))[0])
         with_lens = statistics.median(times[analysed])
         result["difference_lens_overhead"] = {
             "layers": len(difference.layers), "classes": list(difference.positions), "top": difference.top,
@@ -486,6 +520,11 @@ def pipeline_and_analyses(args) -> None:
                 d / a for d, a in zip(times[differenced], times[analysed], strict=True)), 4),
             "alone_s": round(statistics.median(times[difference_alone]), 4),
             "alone_share": round(statistics.median(times[difference_alone]) / with_lens, 4),
+            "positions": difference.top_positions,
+            "positions_alone_s": round(statistics.median(positions_times), 4),
+            "positions_share": round(statistics.median(positions_times) / with_lens, 4),
+            "positions_run_folder_s": round(statistics.median(folder_times), 4),
+            "positions_run_folder_share": round(statistics.median(folder_times) / with_lens, 4),
         }
     print(json.dumps(result))
 

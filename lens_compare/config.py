@@ -144,6 +144,9 @@ class RunConfig:
                                           "promoted and suppressed each", metavar="K")
     difference_lens_first: int = option(5, "the difference lens's first_content class: each prompt's first K "
                                            "content tokens (0: no such class)", metavar="K")
+    difference_lens_positions: int = option(
+        5, "the difference lens also lists, per layer and class, the N tokens of the run's prompts whose "
+           "SFT-minus-base difference has the largest cosine with the mean shift (0: none)", metavar="N")
     steer: bool | None = option(
         None, "the steering check: run the base model again with alpha times the difference lens's mean shift "
               "added to its stream after each of --steer-layers, and report how much of KL(p_sft || p_base) and "
@@ -266,6 +269,9 @@ class RunConfig:
             problems.append(f"{path}.top_tokens: must be >= 0 tokens per layer (0: none), got {self.top_tokens}")
         if self.difference_lens_top < 1:
             problems.append(f"{path}.difference_lens_top: must be >= 1 token, got {self.difference_lens_top}")
+        if self.difference_lens_positions < 0:
+            problems.append(f"{path}.difference_lens_positions: must be >= 0 tokens (0: none), "
+                            f"got {self.difference_lens_positions}")
         if self.difference_lens_first < 0:
             problems.append(f"{path}.difference_lens_first: must be >= 0 tokens (0: no first_content class), "
                             f"got {self.difference_lens_first}")

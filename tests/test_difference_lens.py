@@ -1,7 +1,7 @@
 """The difference lens: its readings against a NumPy reference from the saved residuals, a planted
 direction found from the block that adds it on, every engine and sharding giving the same readings,
-shards run by separate comparisons and a run resumed without its readings, the JSON, DataFrame and
-figure, and the option's refusals."""
+shards run by separate comparisons and a run killed before its readings then resumed (readings and
+top positions), a sweep's prefixes, the JSON, DataFrame and figure, and the option's refusals."""
 
 import json
 import shutil
@@ -23,7 +23,7 @@ from lens_compare.pipeline.comparison import Comparison, open_run_folder, run_co
 from lens_compare.pipeline.execution import Execution
 from lens_compare.results.saved import load_run
 from lens_compare.run import main
-from tests.fixtures.ranks import ranked_difference
+from tests.fixtures.ranks import ranked_difference, ranked_positions_difference
 from tests.fixtures.tiny_models import build_tiny_model, planted_pair
 
 PROMPTS = ("the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding",
@@ -141,9 +141,19 @@ def test_a_planted_direction_is_the_top_promoted_token_from_its_block_on(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def reference(perturbed_llama) -> list:
+def reference_result(perturbed_llama):
     base, sft, _ = perturbed_llama
-    return run_comparison(_config(base, sft), preflight=_cpu("resident")).difference_lens_records
+    return run_comparison(_config(base, sft), preflight=_cpu("resident"))
+
+
+@pytest.fixture(scope="module")
+def reference(reference_result) -> list:
+    return reference_result.difference_lens_records
+
+
+@pytest.fixture(scope="module")
+def reference_positions(reference_result) -> list:
+    return reference_result.difference_positions_records
 
 
 def _config(base, sft, **extra) -> RunConfig:
@@ -180,12 +190,32 @@ def test_every_engine_gives_the_resident_readings(perturbed_llama, reference, sc
     _assert_same_readings(found, expected)
 
 
+class Killed(Exception):
+    """The process dies here (a test's stand-in for SIGKILL)."""
+
+
+def _killed_before_the_readings(monkeypatch, error: type[BaseException] = Killed) -> list[int]:
+    """Make the next readings die after ranking the positions, before anything is stored; the
+    returned list counts the tries."""
+    from lens_compare.engines import difference
+
+    tries = []
+
+    def die(*args, **kwargs):
+        tries.append(1)
+        raise error
+
+    monkeypatch.setattr(difference, "read_difference", die)
+    return tries
+
+
 @pytest.mark.parametrize("schedule", ["resident", "sequential", "stream"])
-def test_shards_of_separate_comparisons_and_a_resume_without_readings(perturbed_llama, reference, schedule,
-                                                                       tmp_path):
+def test_shards_of_separate_comparisons_and_a_resume_without_readings(perturbed_llama, reference, reference_positions,
+                                                                       schedule, tmp_path, monkeypatch):
     """What a sweep's workers do: each its shards into one run folder; the one that finishes the last
-    shard computes the readings. Then a run folder that holds every shard but not the readings
-    (interrupted between them) lists its last shard as pending and computes them alone."""
+    shard computes the readings. Killed there, between its sums and the readings, the run folder holds
+    every shard and their spill but not the readings: it lists its last shard as pending, and a
+    resumed run computes the readings and top positions alone, from the folder, then drops the spill."""
     base, sft, _ = perturbed_llama
     config = _config(base, sft, shard_size=2)
 
@@ -197,37 +227,50 @@ def test_shards_of_separate_comparisons_and_a_resume_without_readings(perturbed_
     first = comparison()
     first.run_shards((0, 2), open_run_folder(first, tmp_path))
     assert driver.pending(folder) == [1] and not folder.has(Kind.DIFFERENCE_LENS)
+    assert {(key.shard, key.state) for key in folder.keys(Kind.DIFFERENCE_UNITS)} == {
+        (shard, state) for shard in (0, 2) for state in (1, 2, 3)}, "each finished shard's spill, every lens state"
+    tries = _killed_before_the_readings(monkeypatch)
     second = comparison()
-    second.run_shard(1, open_run_folder(second, tmp_path))
-    assert driver.pending(folder) == [] and folder.has(Kind.DIFFERENCE_LENS)
-    _assert_same_readings(driver.assemble(folder).difference_lens_records, reference)
-
-    folder.drop(Kind.DIFFERENCE_LENS)
+    with pytest.raises(Killed):
+        second.run_shard(1, open_run_folder(second, tmp_path))
+    assert tries == [1], "the process that finished the last shard computed the readings"
+    monkeypatch.undo()
     assert driver.pending(folder) == [2], "every shard is in: the last one stands for the readings"
+    assert len(folder.keys(Kind.DIFFERENCE_UNITS)) == 3 * 3 and not folder.has(Kind.DIFFERENCE_LENS)
     with pytest.raises(RuntimeError, match="not the difference lens's readings"):
         driver.assemble(folder)
     resumed = comparison()
     resumed.run(open_run_folder(resumed, tmp_path))
-    assert driver.pending(folder) == []
-    _assert_same_readings(driver.assemble(folder).difference_lens_records, reference)
+    assert driver.pending(folder) == [] and not folder.keys(Kind.DIFFERENCE_UNITS)
+    assert not (folder.path / "difference_units").exists()
+    result = driver.assemble(folder)
+    _assert_same_readings(result.difference_lens_records, reference)
+    assert ranked_positions_difference(reference_positions, result.difference_positions_records, 1e-4, 1e-5) is None
 
 
-def test_the_cli_resumes_a_run_folder_that_lacks_only_the_readings(perturbed_llama, tmp_path, capsys, caplog):
+def test_the_cli_resumes_a_run_folder_that_lacks_only_the_readings(perturbed_llama, tmp_path, capsys, caplog,
+                                                                    monkeypatch):
     import logging
 
     base, sft, _ = perturbed_llama
     args = ["--base", str(base), "--sft", str(sft), *(a for p in PROMPTS[:4] for a in ("--prompt", p)),
-            "--shard-size", "2", "--bootstrap", "0", "--out", str(tmp_path)]
-    assert main(args) == 0
-    written = next(Path(line) for line in capsys.readouterr().out.split() if line.endswith(".json"))
-    first = json.loads(written.read_text())
+            "--shard-size", "2", "--bootstrap", "0"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads(next(Path(line) for line in capsys.readouterr().out.split() if line.endswith(".json"))
+                       .read_text())
+    _killed_before_the_readings(monkeypatch, KeyboardInterrupt)  # after the last shard's sums, before the readings
+    assert main([*args, "--out", str(tmp_path)]) == 130
+    monkeypatch.undo()
     [folder] = (tmp_path / "runs").iterdir()
-    (folder / "difference_lens.json").unlink()  # killed after the last shard's sums, before the readings
+    assert not (folder / "difference_lens.json").exists() and (folder / "difference_units").is_dir()
     with caplog.at_level(logging.INFO, logger="lens_compare"):
-        assert main(args) == 0
+        assert main([*args, "--out", str(tmp_path)]) == 0
     assert "2 of 2 shard(s) already finished; all finished but the difference lens's readings" in caplog.text
-    again = json.loads(written.read_text())
-    assert again["difference_lens"] == first["difference_lens"] and first["difference_lens"]
+    resumed = json.loads(next(Path(line) for line in capsys.readouterr().out.split() if line.endswith(".json"))
+                         .read_text())
+    assert resumed["difference_lens"] == whole["difference_lens"] and whole["difference_lens"]
+    assert resumed["difference_positions"] == whole["difference_positions"] and whole["difference_positions"]
+    assert not (folder / "difference_units").exists()
 
 
 @pytest.mark.parametrize("schedule", ["resident", "stream"])
@@ -247,6 +290,10 @@ def test_a_capture_reads_the_prefixes_a_sweep_serves_from_it(perturbed_llama, tm
     read_off = short.assemble(PrefixView(folder, 6, short.plan().run.tokenized.token_ids))
     separate = run_comparison(config.replace(tokens=6), preflight=_cpu("resident"))
     _assert_same_readings(read_off.difference_lens_records, separate.difference_lens_records)
+    # The top positions too: over the prefix's tokens, against the prefix's own mean shift.
+    assert max(r["position"] for r in read_off.difference_positions_records) < 6
+    assert ranked_positions_difference(separate.difference_positions_records, read_off.difference_positions_records,
+                                       1e-4, 1e-5) is None
     # A length the capture was not asked for has no readings: refused, not read off the whole prompts.
     other = Comparison(config.replace(tokens=8, steer=False), preflight=_cpu("resident"), held_in_memory=False)
     view = PrefixView(folder, 8, other.plan().run.tokenized.token_ids)
@@ -282,7 +329,7 @@ def test_json_dataframe_figure_and_saved_runs(perturbed_llama, tmp_path, capsys)
                  "--out", str(tmp_path), "-q"]) == 0
     written = [Path(line) for line in capsys.readouterr().out.split()]
     document = json.loads(next(p for p in written if p.suffix == ".json").read_text())
-    assert document["schema_version"] == 6
+    assert document["schema_version"] == 7
     provenance = document["provenance"]["difference_lens"]
     assert provenance["on"] and provenance["top"] == 3 and provenance["layers"] == [0, 1, 2]
     assert set(provenance["n_tokens"]) == {"rest", "first_content"}

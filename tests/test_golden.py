@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from lens_compare.run import main
-from tests.fixtures.ranks import ranked_difference
+from tests.fixtures.ranks import ranked_difference, ranked_positions_difference
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +82,9 @@ def first_difference(expected: Any, actual: Any, path: str = "") -> str | None:
     if path.startswith("difference_lens[") and path.endswith(("promoted", "suppressed")):
         # Ranked tokens: a tie within the tolerance may swap on another CPU.
         return ranked_difference(expected, actual, RTOL, ATOL, path)
+    if path == "difference_positions" and isinstance(expected, list) and isinstance(actual, list):
+        # Ranked positions, likewise, list by list.
+        return ranked_positions_difference(expected, actual, RTOL, ATOL, path)
     if isinstance(expected, dict) and isinstance(actual, dict):
         if expected.keys() != actual.keys():
             return (f"{path or '<top>'}: keys only in the golden file {sorted(expected.keys() - actual.keys())}, "

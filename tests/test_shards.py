@@ -223,6 +223,12 @@ def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, ca
         planned = Comparison(config, preflight=_cpu(schedule), keep_residuals=keep_residuals).plan()
         return spill_bytes(planned.run, planned.job, planned.execution), planned
 
+    # The difference lens's spill for its top positions: every real token but position 0 at each of
+    # the 3 layers, a float16 unit vector (d 64) and 20 bytes beside it; none without the positions.
+    units = sum(length - 1 for length in Comparison(config, preflight=_cpu("resident")).plan().run.tokenized.lengths
+                ) * 3 * (2 * 64 + 20)
+    assert spilled(config, "resident")[0] == units
+    config = config.replace(difference_lens_positions=0)
     sequential, planned = spilled(config, "sequential")
     lengths = planned.run.tokenized.lengths
     widths = [max(lengths[a:b]) for a, b in planned.layout.bounds]

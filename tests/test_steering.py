@@ -22,6 +22,7 @@ from lens_compare.pipeline.comparison import Comparison, open_run_folder, run_co
 from lens_compare.pipeline.execution import Execution
 from lens_compare.pipeline.preflight import memory_preflight
 from lens_compare.plots import steering_curves
+from lens_compare.results.result import SCHEMA_VERSION
 from lens_compare.results.saved import load_run
 from lens_compare.results.verdict import verdict
 from lens_compare.run import main
@@ -282,7 +283,7 @@ def test_flags_json_saved_runs_and_refusals(perturbed_llama, tmp_path, capsys):
     written = [Path(line) for line in captured.out.split()]
     path = next(p for p in written if p.suffix == ".json")
     document = json.loads(path.read_text())
-    assert document["schema_version"] == 6
+    assert document["schema_version"] == SCHEMA_VERSION
     assert [(r["layer"], r["alpha"]) for r in document["steering"]] == [(1, 1.0), (1, 2.0)]
     assert list(load_run(path).steering()["alpha"]) == [1.0, 2.0]
     figure = next(p for p in written if p.name.endswith(".steering.png"))

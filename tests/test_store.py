@@ -37,8 +37,14 @@ def _value(kind: Kind, seed: int):
         Kind.DIFFERENCE: lambda: {"difference": torch.randn(3, 2, 8, generator=generator),
                                   "base": torch.randn(3, 2, 8, generator=generator),
                                   "count": torch.tensor([5, seed])},
+        Kind.DIFFERENCE_UNITS: lambda: {"units": torch.randn(5, 8, generator=generator).half(),
+                                        "norms": torch.rand(5, generator=generator),
+                                        "prompt": torch.tensor([0, 0, 1, 1, seed]), "position": torch.arange(5)},
         Kind.DIFFERENCE_LENS: lambda: {"records": [{"layer": 0, "positions": "rest", "reading": "base",
-                                                    "promoted": [{"token_id": seed, "logit": 1.5}], "suppressed": []}]},
+                                                    "promoted": [{"token_id": seed, "logit": 1.5}], "suppressed": []}],
+                                       "positions": [{"layer": 0, "positions": "rest", "rank": 1, "prompt": seed,
+                                                      "position": 3, "token_id": 7, "cosine": 0.5,
+                                                      "norm_ratio": 2.0}]},
         Kind.STEERING: lambda: {"kl_base": torch.tensor(1.5, dtype=torch.float64),
                                 "top1_base": torch.tensor(float(seed), dtype=torch.float64),
                                 "kl": torch.randn(2, 3, generator=generator).double(),
@@ -148,7 +154,8 @@ def test_the_folder_layout_is_the_one_resumed_runs_have(tmp_path):
     for kind in Kind:
         folder.put(kind, _value(kind, 1), **_parts(kind))
     found = sorted(p.relative_to(folder.path).as_posix() for p in folder.path.rglob("*") if p.is_file())
-    assert found == ["difference/00003.safetensors", "difference_lens.json", "layers/00003/kept-sft.json",
+    assert found == ["difference/00003.safetensors", "difference_lens.json",
+                     "difference_units/00003-00012.safetensors", "layers/00003/kept-sft.json",
                      "layers/00003/metrics-00012.safetensors", "layers/00003/sft-00012.safetensors", "manifest.json",
                      "metrics/00003.safetensors", "models/sft.json", "noise/00003.safetensors", "outputs.json",
                      "plan.json", "states/sft-00003.safetensors", "steering/00003.safetensors",
@@ -159,8 +166,8 @@ def test_the_folder_layout_is_the_one_resumed_runs_have(tmp_path):
         "drop leaves no empty folder behind"
     reopened = RunFolder(tmp_path / "run", {"run": 1})
     assert all(_same(reopened.get(kind, **_parts(kind)), _value(kind, 1))
-               for kind in (Kind.METRICS, Kind.NOISE, Kind.DIFFERENCE, Kind.DIFFERENCE_LENS, Kind.STEERING,
-                            Kind.STEERING_TARGET, Kind.FACTS, Kind.PLAN, Kind.OUTPUTS))
+               for kind in (Kind.METRICS, Kind.NOISE, Kind.DIFFERENCE, Kind.DIFFERENCE_UNITS, Kind.DIFFERENCE_LENS,
+                            Kind.STEERING, Kind.STEERING_TARGET, Kind.FACTS, Kind.PLAN, Kind.OUTPUTS))
 
 
 @pytest.mark.parametrize("kind", [Kind.METRICS, Kind.STATES, Kind.FACTS], ids=lambda kind: kind.label)

@@ -27,7 +27,8 @@ both models' states agree exactly, before the first block fine-tuning changed) l
 Σ base per layer and class, each prompt's in float32, added up in float64, and the token
 counts), which add up, and the readings divide the run's sums once (``read_difference``):
 however the prompts were cut into shards, they read the same. The readings are float32: the norm on a float32 copy, a
-16-bit unembedding upcast slice by slice.
+16-bit unembedding upcast slice by slice. Where δ lives among the prompts' own tokens (the ``top_positions``
+whose difference has the largest cosine with it): ``lens_compare.analyses.difference_positions``.
 
 >>> lens = choose_difference_lens(config, logit_lens, layers, tokenized)   # doctest: +SKIP
 >>> sums = shard_sums(base.values, sft.values, rows, lens.masks, real)      # doctest: +SKIP
@@ -77,6 +78,12 @@ class DifferenceLens:
     # Shorter token lengths read off this run's capture (a sweep's): each also summed and read over
     # its first positions alone (``prefix_lengths``).
     cuts: tuple[int, ...] = ()
+    # The tokens listed per layer and class whose difference aligns most with δ (0: none;
+    # ``lens_compare.analyses.difference_positions``).
+    top_positions: int = 5
+    # The leading tokens every prompt shares (``TokenizedPrompts.shared_prefix``): the same states in
+    # every prompt, so the top positions list them once, in prompt 0.
+    shared_prefix: int = 0
 
     @property
     def on(self) -> bool:
@@ -87,6 +94,11 @@ class DifferenceLens:
         """The residual states it reads: each layer's ``resid_post``."""
         return tuple(layer + 1 for layer in self.layers)
 
+    @property
+    def ranks_positions(self) -> bool:
+        """Whether it lists positions, and so keeps each token's difference until δ is known."""
+        return self.on and self.top_positions > 0
+
     def n_tokens(self) -> dict[str, int]:
         if self.masks is None:
             return {}
@@ -96,7 +108,8 @@ class DifferenceLens:
     def to_dict(self) -> dict[str, Any]:
         """The JSON's ``provenance.difference_lens``."""
         return {"requested": self.requested, "on": self.on, "reason": self.reason, "layers": list(self.layers),
-                "n_tokens": self.n_tokens(), "top": self.top, "first_content": self.first_content}
+                "n_tokens": self.n_tokens(), "top": self.top, "first_content": self.first_content,
+                "top_positions": self.top_positions}
 
 
 def class_masks(real: Bool[Tensor, "prompt pos"], content: tuple[tuple[bool, ...], ...] | None,
@@ -122,20 +135,22 @@ def choose_difference_lens(config: RunConfig, logit_lens: LensChoice, layers: tu
     reads through the heads the lens loads). Asked for (``difference_lens: true``) where the lens
     is off, it refuses the run, before anything loads."""
     requested, top, first = config.difference_lens, config.difference_lens_top, config.difference_lens_first
+    options = {"top": top, "first_content": first, "top_positions": config.difference_lens_positions}
     if requested is False:
-        return DifferenceLens(requested, "--no-difference-lens", top=top, first_content=first)
+        return DifferenceLens(requested, "--no-difference-lens", **options)
     if not logit_lens.on:
         if requested:
             raise ConfigError(f"--difference-lens reads through the heads the logit lens loads, and the logit lens "
                               f"is off here ({logit_lens.reason}); drop --difference-lens")
-        return DifferenceLens(requested, f"the logit lens is off: {logit_lens.reason}", top=top, first_content=first)
+        return DifferenceLens(requested, f"the logit lens is off: {logit_lens.reason}", **options)
     _, real = tokenized.padded(pad_id=0)  # the pad id does not change which tokens are real
     found = {name: mask for name, mask in class_masks(real, tokenized.content, first).items() if mask.any()}
     if not found:
         return DifferenceLens(requested, "no prompt has a token past position 0: no token class to average over",
-                              top=top, first_content=first)
+                              **options)
     return DifferenceLens(requested, "asked for" if requested else "on wherever the logit lens runs", tuple(layers),
-                          tuple(found), torch.stack(list(found.values())), top, first, tuple(config.prefix_lengths))
+                          tuple(found), torch.stack(list(found.values())), cuts=tuple(config.prefix_lengths),
+                          shared_prefix=tokenized.shared_prefix, **options)
 
 
 def describe(lens: DifferenceLens) -> str:
@@ -147,8 +162,10 @@ def describe(lens: DifferenceLens) -> str:
     if not lens.on:
         return f"difference lens off ({lens.reason})"
     classes = ", ".join(f"{name} ({n} tokens)" for name, n in lens.n_tokens().items())
+    positions = (f", and the {lens.top_positions} positions whose own difference aligns most with it"
+                 if lens.top_positions else "")
     return (f"difference lens at {len(lens.layers)} layer(s) over {classes}: the {lens.top} tokens each mean "
-            "SFT-minus-base shift promotes and suppresses most")
+            f"SFT-minus-base shift promotes and suppresses most{positions}")
 
 
 def class_sums(

@@ -21,7 +21,9 @@ A ``RunFolder`` on disk::
       layers/00003/kept-base.json  the states of a finished streamed shard kept one file each
       noise/00003.safetensors    the noise floor's per-state metrics of a shard (--noise-floor)
       difference/00003.safetensors  the difference lens's sums of a shard, [layer, class, d_model]
-      difference_lens.json       its readings, once every shard's sums are in
+      difference_units/00003-00012.safetensors  each token's difference at state 12 of a shard, as a
+                                 float16 unit vector and its float32 norm, until the readings rank them
+      difference_lens.json       its readings (and top positions), once every shard's sums are in
       steering/00003.safetensors  the steering check's sums of a shard (--steer), once δ is known; the
                                   held-out prompts' (--steer-prompts) are the unit after the last shard
       steering/target-00003.safetensors  a sequential run's SFT last states of a unit, until steered
@@ -40,6 +42,9 @@ more than one pass keep theirs there too, as the unit after the last shard.
 The difference lens's readings need both models' heads and every shard's sums: whichever
 call finishes the last shard's sums (in any process) computes them, while its models are
 loaded, and stores them once for the run; a duplicate computation writes the same file.
+Its top positions need each token's difference a second time, once the mean shift is known:
+each shard's are kept (``difference_units/``, written before its sums) until the readings
+are stored, then dropped.
 
 Every file is written to a temporary name and renamed into place, so a killed run
 (SIGKILL included) leaves only whole files; leftover temporary files are removed
@@ -83,8 +88,13 @@ class Kind(Enum):
     # {"difference", "base": [layer, class, d_model] float64 sums, "count": [class]} (and each cut's,
     # "difference.N", ...): a shard's difference-lens sums (lens_compare.analyses.difference_lens.shard_sums)
     DIFFERENCE = "difference", ("shard",)
-    # {"records": [...], "prefixes": {"N": [...]}}: the difference lens's readings of the run (and of the
-    # first N positions of each shorter length a sweep reads off it)
+    # {"units": [token, d_model] float16, "norms": [token] float32, "prompt", "position": [token] int64}:
+    # each token's SFT-minus-base difference at one lens state of a shard, kept until the difference lens
+    # ranks its positions (lens_compare.analyses.difference_positions.unit_differences)
+    DIFFERENCE_UNITS = "difference_units", ("shard", "state")
+    # {"records": [...], "prefixes": {"N": [...]}, "positions": [...] | None, "prefix_positions": {"N": ...}}:
+    # the difference lens's readings and top positions of the run (and of the first N positions of each
+    # shorter length a sweep reads off it)
     DIFFERENCE_LENS = "difference_lens", ()
     # {"kl_base", "top1_base", "count": scalars, "kl", "top1": [layer, alpha]} float64: a steering unit's
     # sums (lens_compare.analyses.steering), computed once the difference lens's δ is known. The units
@@ -267,6 +277,7 @@ _LAYOUT = {
     Kind.KEPT: "layers/{shard}/kept-{role}.json",
     Kind.NOISE: "noise/{shard}.safetensors",
     Kind.DIFFERENCE: "difference/{shard}.safetensors",
+    Kind.DIFFERENCE_UNITS: "difference_units/{shard}-{state}.safetensors",
     Kind.DIFFERENCE_LENS: "difference_lens.json",
     Kind.STEERING: "steering/{shard}.safetensors",
     Kind.STEERING_TARGET: "steering/target-{shard}.safetensors",

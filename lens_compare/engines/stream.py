@@ -39,7 +39,7 @@ from lens_compare.analyses.components import COMPONENT_KEYS, block_component_met
 from lens_compare.analyses.logit_lens import logit_lens_metrics
 from lens_compare.capture.head import Head
 from lens_compare.capture.streamed import StreamedModel, forward_batches, prefetched
-from lens_compare.engines.difference import put_readings, put_streamed_sums, readings_due, state_sums
+from lens_compare.engines.difference import put_readings, put_streamed_sums, put_units, readings_due, state_sums
 from lens_compare.engines.job import Job, lens_progress
 from lens_compare.engines.steering import steering_due
 from lens_compare.engines.store import ROLES, Kind, Store
@@ -222,6 +222,8 @@ def _finish_state(
         if writes:
             metrics.update(block_component_metrics(writes["base"], writes["sft"]))
         metrics.update(state_sums(job, shard, state, current["base"], current["sft"]))
+        # The state's spill for the difference lens's top positions, before the metrics that carry its sums.
+        put_units(job, store, shard, state, current["base"], current["sft"])
         store.put(Kind.STATE_METRICS, metrics, shard=shard, state=state)
     for role in ROLES:
         store.put(Kind.STATE, current[role], role=role, shard=shard, state=state)

@@ -31,8 +31,8 @@ def compare(
     Every per-layer mean gets a 95% percentile bootstrap interval (``ci_low``, ``ci_high``)
     from ``bootstrap`` resamples of the prompts (of the tokens, with one prompt), drawn with
     ``seed``. ``result.analysis_records("components")``, ``summary(hook="mlp_out")``,
-    ``result.top_tokens()``, ``result.difference_lens()``, ``result.cka`` and ``result.noise_floor``
-    hold the analyses.
+    ``result.top_tokens()``, ``result.difference_lens()``, ``result.difference_positions()``,
+    ``result.cka`` and ``result.noise_floor`` hold the analyses.
 
     ``keep_residuals`` keeps both models' captured states in ``result.residuals``.
     ``check_memory`` asks the hardware planner first and refuses a run whose weights cannot fit

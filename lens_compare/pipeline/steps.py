@@ -23,6 +23,7 @@ import torch
 from lens_compare.analyses import ANALYSIS_KEYS
 from lens_compare.analyses.cka import layer_cka
 from lens_compare.analyses.difference_lens import add_sums
+from lens_compare.analyses.difference_positions import spill_bytes as difference_spill_bytes
 from lens_compare.analyses.steering import Steering, steering_records
 from lens_compare.config import RunConfig, fingerprinted
 from lens_compare.demo.fine_tune import demo_checkpoint
@@ -45,7 +46,7 @@ from lens_compare.pipeline.execution import Execution, PlanFacts, default_execut
 from lens_compare.pipeline.preflight import machine_for
 from lens_compare.pipeline.prepare import LoadOverrides, PreparedRun, prepare_run
 from lens_compare.results.provenance import Provenance, floor_provenance
-from lens_compare.results.result import ComparisonResult
+from lens_compare.results.result import DIFFERENCE_POSITIONS_COLUMNS, ComparisonResult
 from lens_compare.util.choices import DTYPE_BYTES
 from lens_compare.util.hooks import states_for_layers
 from lens_compare.util.layers import spread_layers
@@ -263,7 +264,9 @@ def spill_bytes(run: PreparedRun, job: Job, execution: Execution) -> int:
     """Disk a run folder needs for spilled residual states, at most: the base model's for a
     sequential run, both models' when they are kept (``--save-residuals``), a streamed
     run's resume point (two states of both models while the newer one is written) and the states
-    its steering check starts from (``steering_spill``)."""
+    its steering check starts from (``steering_spill``; a sequential run's, the SFT model's last
+    states), and the difference lens's spill for its top positions (every shard's, until the
+    readings)."""
     streamed = execution.schedule == "stream"
     models = 2 if job.keep_states else (1 if execution.schedule == "sequential" else 0)
     d_model = _d_model(run)
@@ -278,7 +281,15 @@ def spill_bytes(run: PreparedRun, job: Job, execution: Execution) -> int:
         # the states its logit lens reads at the shard's end.
         extra = 0 if job.keep_states else lens_kept_states(run)
         frontier = max(frontier, sum((2 + extra) * per_state * DTYPE_BYTES[side.dtype] for side in run.sides))
-    return total + (frontier + steering_spill(run, job) if streamed else 0)
+    lens = job.difference
+    units = 0 if lens is None or not lens.ranks_positions else difference_spill_bytes(
+        int(lens.masks.any(dim=0).sum()), len(lens.layers), d_model)
+    targets = 0
+    if job.steering is not None and execution.schedule == "sequential":
+        # The SFT model's last state of every steering unit, kept from its pass until the base model's.
+        lengths = [*run.tokenized.lengths, *(run.held_out.lengths if run.held_out is not None else ())]
+        targets = len(lengths) * max(lengths) * d_model * DTYPE_BYTES[run.sft.dtype]
+    return total + units + targets + (frontier + steering_spill(run, job) if streamed else 0)
 
 
 def steering_spill(run: PreparedRun, job: Job) -> int:
@@ -349,6 +360,7 @@ def assemble(
         noise_floor=noise_floor_result(run, job, store, width, provenance, token_strings) if job.noise_floor else None,
         analysis_layers={"components": component_layers(run), "logit_lens": run.logit_lens.layers},
         difference_lens_records=_difference_lens(run, job, store),
+        difference_positions_records=_difference_positions(run, job, store),
         steering_records=_steering(job, store),
     )
     for warning in result.warnings():
@@ -395,6 +407,19 @@ def _difference_lens(run: PreparedRun, job: Job, store: Store) -> list[dict[str,
                                 for item, token in zip(record[direction], readable_tokens(tokenizer, ids), strict=True)]
         out.append(entry)
     return out
+
+
+def _difference_positions(run: PreparedRun, job: Job, store: Store) -> list[dict[str, Any]] | None:
+    """The difference lens's top positions with their tokens' strings, as the run's own tokens read
+    (the tokenizer that gave the ids); None where it ranked none."""
+    if job.difference is None:
+        return None
+    records = store.get(Kind.DIFFERENCE_LENS)["positions"]
+    if records is None:
+        return None
+    tokens = readable_tokens(run.fed_tokenizer, [record["token_id"] for record in records])
+    return [{key: token if key == "token" else record[key] for key in DIFFERENCE_POSITIONS_COLUMNS}
+            for record, token in zip(records, tokens, strict=True)]
 
 
 def _steering(job: Job, store: Store) -> list[dict[str, Any]] | None:

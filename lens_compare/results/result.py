@@ -43,12 +43,17 @@ SUMMARY_STATS = ("mean", "ci_low", "ci_high", "std", "min", "max")
 # 5: ``difference_lens`` (the difference lens's records; null when it did not run) and
 #    ``provenance.difference_lens``.
 # 6: ``steering`` (the steering check's records, ``--steer``; null when it did not run).
-SCHEMA_VERSION = 6
+# 7: ``difference_positions`` (the prompts' tokens whose difference aligns most with the difference
+#    lens's mean shift; null when it did not run) and ``provenance.difference_lens.top_positions``.
+SCHEMA_VERSION = 7
 # The steering check's DataFrame (``ComparisonResult.steering``): its records' keys.
 STEERING_COLUMNS = ("layer", "alpha", "prompts", "n_tokens", "kl_base", "kl_steered", "fraction_kl", "top1_base",
                     "top1_steered", "fraction_top1", "best_alpha")
 # The difference lens's DataFrame (``ComparisonResult.difference_lens``).
 DIFFERENCE_LENS_COLUMNS = ("layer", "positions", "reading", "direction", "rank", "token_id", "token", "logit")
+# The difference lens's top positions (``ComparisonResult.difference_positions``): its records' keys.
+DIFFERENCE_POSITIONS_COLUMNS = ("layer", "positions", "rank", "prompt", "position", "token_id", "token", "cosine",
+                                "norm_ratio")
 # The DataFrames' hook and metric categories: the residual hooks and metrics, then the analyses'.
 HOOK_COLUMN = (*HOOK_KINDS, *COMPONENTS)
 METRIC_COLUMN = tuple(dict.fromkeys(
@@ -96,6 +101,9 @@ class ComparisonResult:
     # The difference lens's records (``lens_compare.analyses.difference_lens``), token strings
     # included; None when it did not run (or the run predates it).
     difference_lens_records: list[dict[str, Any]] | None = field(default=None, repr=False)
+    # Its top positions (``lens_compare.analyses.difference_positions``), one record per listed token;
+    # None when they were not ranked (the lens off, ``difference_lens_positions`` 0, or an older run).
+    difference_positions_records: list[dict[str, Any]] | None = field(default=None, repr=False)
     # The steering check's records (``lens_compare.analyses.steering``); None when it did not run.
     steering_records: list[dict[str, Any]] | None = field(default=None, repr=False)
     # layer_records computed once per positions (repr, summary, plots and the verdict all read them).
@@ -205,6 +213,7 @@ class ComparisonResult:
                               for name in self.token_classes()} or None,
             "top_tokens": self.top_tokens(),
             "difference_lens": self.difference_lens_records,
+            "difference_positions": self.difference_positions_records,
             "steering": self.steering_records,
             "warnings": self.warnings(),
             "cka": self.cka,
@@ -294,6 +303,30 @@ class ComparisonResult:
                                    ("direction", ("promoted", "suppressed"))):
             frame[column] = pd.Categorical(frame[column], categories=list(categories))
         return frame.astype({"layer": "int64", "rank": "int64", "token_id": "int64", "logit": "float64"})
+
+    def difference_positions(self) -> pd.DataFrame:
+        """Where the difference lens's mean shift δ lives: per layer and token class (``positions``),
+        the prompts' own tokens whose SFT-minus-base difference d_t has the largest cosine with δ,
+        ``rank`` 1 first, each with its ``prompt`` (index in the run), ``position``, ``token_id``,
+        readable ``token``, ``cosine`` and ``norm_ratio`` (|d_t| / |δ|). Refused, with the reason, for
+        a run without them::
+
+            result.difference_positions().query("positions == 'rest' and rank <= 3")
+        """
+        if self.difference_positions_records is None:
+            recorded = self.provenance.difference_lens
+            if recorded is None or "top_positions" not in recorded:
+                why = "this run was saved before the difference lens ranked positions (schema_version < 7)"
+            elif not recorded["on"]:
+                why = f"this run's difference lens is off: {recorded['reason']}"
+            else:
+                why = "this run ranked no positions (difference_lens_positions: 0)"
+            raise LensCompareError(f"{why}; re-run it with the difference lens on and difference_lens_positions "
+                                   "above 0 (--difference-lens-positions N)")
+        frame = pd.DataFrame(self.difference_positions_records, columns=list(DIFFERENCE_POSITIONS_COLUMNS))
+        frame["positions"] = pd.Categorical(frame["positions"], categories=list(DIFFERENCE_POSITIONS))
+        return frame.astype({"layer": "int64", "rank": "int64", "prompt": "int64", "position": "int64",
+                             "token_id": "int64", "cosine": "float64", "norm_ratio": "float64"})
 
     def steering(self) -> pd.DataFrame:
         """The steering check (``lens_compare.analyses.steering``): one row per steered layer and α,

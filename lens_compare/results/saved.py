@@ -31,8 +31,9 @@ from lens_compare.util.hooks import HOOK_KINDS, hook_name, states_for_layers
 
 # Schema 1 runs (before the bootstrap intervals) read the same, without ci_low/ci_high;
 # schema 1 and 2 runs have no analyses; schema 3 runs have a logit lens at every layer when any;
-# runs before schema 5 have no difference lens, before schema 6 no steering check.
-READABLE_VERSIONS = (1, 2, 3, 4, 5, SCHEMA_VERSION)
+# runs before schema 5 have no difference lens, before schema 6 no steering check, before schema 7
+# no difference-lens positions.
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, SCHEMA_VERSION)
 
 
 def _stem(path: Path) -> Path:
@@ -93,6 +94,7 @@ def load_run(path: str | Path) -> ComparisonResult:
         noise_floor=_noise_floor(document, provenance, layers, tokens, real, include_first, main),
         analysis_layers=analysis_layers,
         difference_lens_records=document.get("difference_lens"),
+        difference_positions_records=document.get("difference_positions"),
         steering_records=document.get("steering"),
     )
 

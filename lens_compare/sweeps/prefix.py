@@ -6,8 +6,9 @@ same prompts, whenever its token ids are the first N of the longer run's (the pr
 padded with filler text whose tokens do not change where the cut falls). Then the shorter run is
 assembled from the longer run's store through ``PrefixView``: its own plan, shard layout and
 provenance, the longer run's per-token metrics cut to N positions, and the difference lens's
-readings of the longer run's first N positions (the capture computes them when its config's
-``prefix_lengths`` names N: its sums cover whole prompts and cannot be cut afterwards). Where the
+readings and top positions of the longer run's first N positions (the capture computes them when
+its config's ``prefix_lengths`` names N: its sums cover whole prompts and cannot be cut afterwards,
+and its top positions rank against the prefix's own mean shift). Where the
 ids differ (a chat template wraps the prompt after it is cut), or the run needs the states
 themselves (CKA, saved residuals), the length runs on its own. The steering check runs the models
 again on whole prompts, so a length read off a longer capture has none of its own (its JSON's
@@ -74,8 +75,8 @@ def capture_lengths(tokenized: Mapping[int, TokenizedPrompts], config: RunConfig
 class PrefixView:
     """A read-only ``Store`` over a longer run's store, as the run at ``length`` tokens would have
     filled it: metrics and noise floor cut to the first ``length`` positions, each model's untrained
-    ids kept where ``token_ids`` (the shorter run's) have them, the difference lens's readings of
-    the first ``length`` positions (there when the capture was asked for them)."""
+    ids kept where ``token_ids`` (the shorter run's) have them, the difference lens's readings and
+    top positions of the first ``length`` positions (there when the capture was asked for them)."""
 
     def __init__(self, store: Store, length: int, token_ids: tuple[tuple[int, ...], ...]):
         self._store = store
@@ -95,7 +96,8 @@ class PrefixView:
         if kind is Kind.FACTS:
             return {**value, "untrained": {t: r for t, r in value.get("untrained", {}).items() if t in self._seen}}
         if kind is Kind.DIFFERENCE_LENS:
-            return {"records": value["prefixes"][str(self._length)]}
+            return {"records": value["prefixes"][str(self._length)],
+                    "positions": value["prefix_positions"][str(self._length)]}
         return value
 
     def has(self, kind: Kind, *, role: str | None = None, shard: int | None = None,
