@@ -97,7 +97,9 @@ def test_cli_plots_writes_the_standard_figures(perturbed_llama, tmp_path, capsys
     assert main(["--base", str(base), "--sft", str(sft), "--prompt", PROMPTS[0], "--plots", "--cka", "--out",
                  str(tmp_path), "-q"]) == 0
     written = [line for line in capsys.readouterr().out.split() if line.endswith(".png")]
-    assert sorted(p.rsplit(".", 2)[1] for p in written) == sorted(plots.STANDARD)
+    # The steering check's figure too: auto runs the check on this tiny pair (the planner says it
+    # costs less than the run).
+    assert sorted(p.rsplit(".", 2)[1] for p in written) == sorted((*plots.STANDARD, "steering"))
     for path in written:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -228,7 +228,7 @@ def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, ca
     units = sum(length - 1 for length in Comparison(config, preflight=_cpu("resident")).plan().run.tokenized.lengths
                 ) * 3 * (2 * 64 + 20)
     assert spilled(config, "resident")[0] == units
-    config = config.replace(difference_lens_positions=0)
+    config = config.replace(difference_lens_positions=0, steer=False)
     sequential, planned = spilled(config, "sequential")
     lengths = planned.run.tokenized.lengths
     widths = [max(lengths[a:b]) for a, b in planned.layout.bounds]
@@ -238,6 +238,10 @@ def test_spill_bytes_and_disk_refusal(perturbed_llama, tmp_path, monkeypatch, ca
     assert spilled(config.replace(components=False), "sequential")[0] == expected * 4 // 10
     assert spilled(config, "sequential", keep_residuals=True)[0] == 2 * expected
     assert spilled(config, "resident")[0] == 0
+    # With the steering check, a sequential run also keeps the SFT model's last state of each unit
+    # (every prompt at the longest prompt's width) until the base model has run again.
+    steered = spilled(config.replace(steer=True), "sequential")[0]
+    assert steered - expected == len(lengths) * max(lengths) * 64 * 4
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1))
