@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float
+from einops import einsum
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 ALPHAS = (0.5, 1.0, 2.0)
@@ -43,21 +44,33 @@ class Steering:
     held_out_prompts: int = 0
 
 
-def masked_log_probs(logits: Float[Tensor, "batch pos vocab"],
-                     mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, "token vocab"]:
-    """The ``mask`` tokens' log-probabilities, float32."""
-    return torch.log_softmax(logits[mask].float(), dim=-1)
+@dataclass(frozen=True)
+class Target:
+    """The SFT model's next-token distribution over a batch, float32, worked out once for the many
+    distributions the batch is compared with (the unsteered base model's, each steered one's)."""
+
+    log_probs: Float[Tensor, "batch pos vocab"]
+    probs: Float[Tensor, "batch pos vocab"]
+    top1: Int[Tensor, "batch pos"]
+
+    @classmethod
+    def of(cls, logits: Float[Tensor, "batch pos vocab"]) -> "Target":
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return cls(log_probs, log_probs.exp(), log_probs.argmax(dim=-1))
 
 
-def divergence_from(sft: Float[Tensor, "token vocab"], logits: Float[Tensor, "batch pos vocab"],
+def divergence_from(target: Target, logits: Float[Tensor, "batch pos vocab"],
                     mask: Bool[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
     """Σ KL(p_sft ‖ p) and Σ [argmax p == argmax p_sft] over the ``mask`` tokens, float64 scalars
-    (each token's in float32), from the SFT model's ``masked_log_probs`` there (computed once for
-    the many distributions a batch is compared with)."""
-    own = masked_log_probs(logits, mask)
-    kl = (sft.exp() * (sft - own)).sum(dim=-1)
-    agree = sft.argmax(dim=-1) == own.argmax(dim=-1)
-    return kl.double().sum().cpu(), agree.double().sum().cpu()
+    (each token's in float32), p the distribution of ``logits``. Every position is computed and the
+    mask applied to the per-token results: no copy of the masked logits, and log p_sft - log p is
+    formed in place of log p."""
+    gap = torch.log_softmax(logits.float(), dim=-1)
+    top1 = gap.argmax(dim=-1)
+    gap.neg_().add_(target.log_probs)
+    kl = einsum(target.probs, gap, "batch pos vocab, batch pos vocab -> batch pos")
+    mask = mask.to(kl.device)
+    return kl[mask].double().sum().cpu(), (top1 == target.top1)[mask].double().sum().cpu()
 
 
 def token_divergence(
@@ -71,7 +84,7 @@ def token_divergence(
     >>> [float(x) for x in token_divergence(logits, logits, torch.ones(1, 3, dtype=torch.bool))]
     [0.0, 3.0]
     """
-    return divergence_from(masked_log_probs(sft_logits, mask), logits, mask)
+    return divergence_from(Target.of(sft_logits), logits, mask)
 
 
 def steering_records(sums: dict[str, Tensor], layers: tuple[int, ...], alphas: tuple[float, ...],

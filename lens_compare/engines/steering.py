@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_compare.analyses.difference_lens import add_sums
-from lens_compare.analyses.steering import divergence_from, masked_log_probs
+from lens_compare.analyses.steering import Target, divergence_from
 from lens_compare.capture.head import Head
 from lens_compare.capture.states import capture_states
 from lens_compare.engines.job import Job
@@ -94,11 +94,10 @@ def unit_sums(job: Job, unit: int, base_bridge, sft_logits: SftLogits, delta: Fl
             batch_real = real[start:start + job.batch_size]
             width = int(batch_real.sum(dim=1).max())
             ids, batch_real = token_ids[start:start + job.batch_size, :width], batch_real[:, :width]
-            sft_full = sft_logits(unit, start, ids, batch_real)[..., :vocab]
-            mask = token_mask(batch_real, "rest").to(sft_full.device)
-            sft = masked_log_probs(sft_full, mask)
-            del sft_full
-            found = divergence_from(sft, _logits(base_bridge, ids, batch_real, vocab, []).to(sft.device), mask)
+            sft = Target.of(sft_logits(unit, start, ids, batch_real)[..., :vocab])
+            mask = token_mask(batch_real, "rest")
+            device = sft.probs.device
+            found = divergence_from(sft, _logits(base_bridge, ids, batch_real, vocab, []).to(device), mask)
             kl_base += found[0]
             top1_base += found[1]
             for row, layer in enumerate(steering.layers):
@@ -108,7 +107,7 @@ def unit_sums(job: Job, unit: int, base_bridge, sft_logits: SftLogits, delta: Fl
                         return resid + shift.to(device=resid.device, dtype=resid.dtype)
 
                     steered = _logits(base_bridge, ids, batch_real, vocab, [(resid_post(layer), add)])
-                    found = divergence_from(sft, steered.to(sft.device), mask)
+                    found = divergence_from(sft, steered.to(device), mask)
                     kl[row, column] += found[0]
                     top1[row, column] += found[1]
     count = token_mask(real, "rest").sum().double()

@@ -37,7 +37,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from lens_compare.analyses.logit_lens import chunk_tokens
-from lens_compare.analyses.steering import divergence_from, masked_log_probs
+from lens_compare.analyses.steering import Target, divergence_from
 from lens_compare.capture.head import Head
 from lens_compare.capture.streamed import StreamedModel, forward_batches, prefetched
 from lens_compare.engines.job import Job
@@ -273,11 +273,9 @@ def unit_divergences(job: Job, heads: dict[str, Head], real: Bool[Tensor, "promp
     with torch.inference_mode():
         for begin in range(0, len(prompts), step):
             at = prompts[begin:begin + step], positions[begin:begin + step]
-            sft_logits = heads["sft"].logits(last["sft"][at])[None, :, :vocab]
-            everywhere = torch.ones(sft_logits.shape[:2], dtype=torch.bool, device=sft_logits.device)
-            # The SFT log-probabilities once per chunk, for the many distributions compared with them.
-            sft = masked_log_probs(sft_logits, everywhere)
-            del sft_logits
+            # The SFT distribution once per chunk, for the many distributions compared with it.
+            sft = Target.of(heads["sft"].logits(last["sft"][at])[None, :, :vocab])
+            everywhere = torch.ones(sft.top1.shape, dtype=torch.bool)
 
             def against(state: Tensor, sft=sft, at=at, everywhere=everywhere) -> tuple[Tensor, Tensor]:
                 return divergence_from(sft, heads["base"].logits(state[at])[None, :, :vocab], everywhere)
