@@ -47,3 +47,5 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_strategies.py
 	$(BIN)/python benchmarks/bench_stream.py
 	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_steering.py
+	$(BIN)/python benchmarks/bench_positions.py
