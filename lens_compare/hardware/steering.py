@@ -74,7 +74,7 @@ def decide(requested: bool | None, layers: tuple[int, ...], alphas: tuple[float,
     if requested:
         seconds = "" if estimate is None else \
             f"; ~{_seconds(estimate['steering'])} beside the core run's ~{_seconds(estimate['run'])}"
-        return SteeringChoice(True, f"asked for (--steer){seconds}", layers, alphas, estimate)
+        return SteeringChoice(True, f"asked for{seconds}", layers, alphas, estimate)
     if estimate is None:
         return SteeringChoice(None, "no time estimate for these models; --steer runs it")
     steering, run = estimate["steering"], estimate["run"]
