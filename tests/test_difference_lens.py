@@ -25,6 +25,7 @@ from lens_compare.results.saved import load_run
 from lens_compare.run import main
 from tests.fixtures.ranks import ranked_difference, ranked_positions_difference
 from tests.fixtures.tiny_models import build_tiny_model, planted_pair
+from tests.fixtures.token_classes import numpy_masks
 
 PROMPTS = ("the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding",
            "two plus two is four", "the train leaves the station at seven", "water boils at one hundred degrees")
@@ -68,20 +69,6 @@ def _numpy_norm(hf_model, family: str):
     return lambda x: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
 
 
-def _numpy_masks(result, first: int) -> dict[str, np.ndarray]:
-    """The token classes from the run's content flags, written out prompt by prompt."""
-    real = result.real_tokens.numpy()
-    content = np.zeros_like(real)
-    for row, flags in enumerate(result.tokens.content):
-        content[row, : len(flags)] = flags
-    rest = real.copy()
-    rest[:, 0] = False
-    first_content = np.zeros_like(real)
-    for row in range(real.shape[0]):
-        first_content[row, np.flatnonzero(rest[row] & content[row])[:first]] = True
-    return {"rest": rest, "first_content": first_content, "template": rest & ~content}
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_readings_against_numpy_from_the_saved_residuals(family, tiny_model_dirs, other_seed):
     base_dir, sft_dir = tiny_model_dirs[family], other_seed[family]
@@ -95,7 +82,7 @@ def test_readings_against_numpy_from_the_saved_residuals(family, tiny_model_dirs
     unembed = {role: model.get_output_embeddings().weight.double().detach().numpy() for role, model in models.items()}
     states = {role: (r.states, r.values.double().numpy()) for role, r in zip(("base", "sft"), result.residuals,
                                                                             strict=True)}
-    masks = _numpy_masks(result, 3)
+    masks = numpy_masks(result, 3)
     tokenizers = {role: AutoTokenizer.from_pretrained(str(path)) for role, path in (("base", base_dir),
                                                                                      ("sft", sft_dir))}
     records = {(r["layer"], r["positions"], r["reading"]): r for r in result.difference_lens_records}

@@ -26,6 +26,7 @@ from lens_compare.results.saved import load_run
 from lens_compare.run import main
 from tests.fixtures.ranks import ranked_positions_difference
 from tests.fixtures.tiny_models import build_tiny_model, planted_token_pair
+from tests.fixtures.token_classes import numpy_masks
 
 PROMPTS = ("the quick brown fox jumps over the lazy dog", "a model", "hello world, this is a test of padding",
            "two plus two is four", "the train leaves the station at seven", "water boils at one hundred degrees")
@@ -65,20 +66,6 @@ def test_the_ranking_breaks_ties_by_prompt_and_position_and_skips_zero_differenc
     assert second == []
 
 
-def _numpy_masks(result, first: int) -> dict[str, np.ndarray]:
-    """The token classes from the run's content flags, written out prompt by prompt."""
-    real = result.real_tokens.numpy()
-    content = np.zeros_like(real)
-    for row, flags in enumerate(result.tokens.content):
-        content[row, : len(flags)] = flags
-    rest = real.copy()
-    rest[:, 0] = False
-    first_content = np.zeros_like(real)
-    for row in range(real.shape[0]):
-        first_content[row, np.flatnonzero(rest[row] & content[row])[:first]] = True
-    return {"rest": rest, "first_content": first_content, "template": rest & ~content}
-
-
 def test_positions_against_numpy_from_the_saved_residuals(tiny_model_dirs, tmp_path):
     base_dir = tiny_model_dirs["llama"]
     sft_dir = build_tiny_model("llama", tmp_path / "other", seed=1)
@@ -93,7 +80,7 @@ def test_positions_against_numpy_from_the_saved_residuals(tiny_model_dirs, tmp_p
     shared = result.tokens.shared_prefix
     assert shared > 1, "the chat template's system prompt: every prompt's first tokens"
     expected = []
-    for positions, mask in _numpy_masks(result, 3).items():
+    for positions, mask in numpy_masks(result, 3).items():
         prompts, places = np.nonzero(mask)  # prompt-then-position order
         once = ~((prompts > 0) & (places < shared))  # the shared prefix ranked once, in prompt 0
         for layer in result.layers:

@@ -64,27 +64,18 @@ def divergence_from(target: Target, logits: Float[Tensor, "batch pos vocab"],
     """Σ KL(p_sft ‖ p) and Σ [argmax p == argmax p_sft] over the ``mask`` tokens, float64 scalars
     (each token's in float32), p the distribution of ``logits``. Every position is computed and the
     mask applied to the per-token results: no copy of the masked logits, and log p_sft - log p is
-    formed in place of log p."""
+    formed in place of log p.
+
+    >>> logits = torch.randn(1, 3, 5)
+    >>> [float(x) for x in divergence_from(Target.of(logits), logits, torch.ones(1, 3, dtype=torch.bool))]
+    [0.0, 3.0]
+    """
     gap = torch.log_softmax(logits.float(), dim=-1)
     top1 = gap.argmax(dim=-1)
     gap.neg_().add_(target.log_probs)
     kl = einsum(target.probs, gap, "batch pos vocab, batch pos vocab -> batch pos")
     mask = mask.to(kl.device)
     return kl[mask].double().sum().cpu(), (top1 == target.top1)[mask].double().sum().cpu()
-
-
-def token_divergence(
-    sft_logits: Float[Tensor, "batch pos vocab"], logits: Float[Tensor, "batch pos vocab"],
-    mask: Bool[Tensor, "batch pos"],
-) -> tuple[Tensor, Tensor]:
-    """Σ KL(p_sft ‖ p) and Σ [argmax p == argmax p_sft] over the ``mask`` tokens, float64 scalars
-    (each token's in float32).
-
-    >>> logits = torch.randn(1, 3, 5)
-    >>> [float(x) for x in token_divergence(logits, logits, torch.ones(1, 3, dtype=torch.bool))]
-    [0.0, 3.0]
-    """
-    return divergence_from(Target.of(sft_logits), logits, mask)
 
 
 def steering_records(sums: dict[str, Tensor], layers: tuple[int, ...], alphas: tuple[float, ...],
